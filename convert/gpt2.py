@@ -1,0 +1,152 @@
+"""Hugging Face GPT-2 <-> energon GPT-2: config validation, the name map, and its transforms.
+
+HF stores attention / MLP weights as Conv1D, i.e. [in, out] (already the orientation of
+our einsum kernels); we only split the fused QKV output axis into (3, heads, head_dim).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from energon_jax.config import GPT2Config
+from energon_jax.convert.hf_files import CheckpointError
+
+# HF config options that change the numbers and that this module does not implement: value accepted.
+_REJECTED_IF_SET = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+_ACCEPTED_ACTIVATIONS = ("gelu_new",)
+
+
+class UnsupportedConfigError(ValueError):
+    """A config option whose numbers this library would not reproduce."""
+
+
+def config_from_hf(hf: dict) -> GPT2Config:
+    model_type = hf.get("model_type")
+    if model_type != "gpt2":
+        raise UnsupportedConfigError(f"model_type={model_type!r} is not GPT-2 (expected 'gpt2')")
+    for option, accepted in _REJECTED_IF_SET.items():
+        if option in hf and hf[option] != accepted:
+            raise UnsupportedConfigError(
+                f"unsupported GPT-2 config option {option}={hf[option]!r}; only {accepted!r} is implemented")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _ACCEPTED_ACTIVATIONS:
+        raise UnsupportedConfigError(
+            f"unsupported GPT-2 config option activation_function={act!r}; accepted: {list(_ACCEPTED_ACTIVATIONS)}")
+    eos = hf.get("eos_token_id")
+    return GPT2Config(
+        vocab_size=hf["vocab_size"],
+        n_positions=hf.get("n_positions", 1024),
+        n_embd=hf.get("n_embd", 768),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_inner=hf.get("n_inner"),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        scale_attn_weights=hf.get("scale_attn_weights", True),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+    )
+
+
+def config_to_hf(cfg: GPT2Config) -> dict:
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.n_inner,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon, "scale_attn_weights": cfg.scale_attn_weights,
+        "activation_function": "gelu_new", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "tie_word_embeddings": True,
+    }
+
+
+def _identity(x, cfg):
+    return x
+
+
+def _split_qkv_kernel(x, cfg):  # [E, 3E] -> [E, 3, N, D]
+    return x.reshape(cfg.n_embd, 3, cfg.n_head, cfg.head_dim)
+
+
+def _split_qkv_bias(x, cfg):  # [3E] -> [3, N, D]
+    return x.reshape(3, cfg.n_head, cfg.head_dim)
+
+
+def _split_out_kernel(x, cfg):  # [E_in = N*D, E] -> [N, D, E]
+    return x.reshape(cfg.n_head, cfg.head_dim, cfg.n_embd)
+
+
+# (HF name without the "transformer." prefix, our path, HF shape, transform). "{i}" = layer index.
+Entry = tuple[str, tuple[str, ...], Callable[[GPT2Config], tuple[int, ...]], Callable]
+NAME_MAP: list[Entry] = [
+    ("wte.weight", ("wte",), lambda c: (c.vocab_size, c.n_embd), _identity),
+    ("wpe.weight", ("wpe",), lambda c: (c.n_positions, c.n_embd), _identity),
+    ("ln_f.weight", ("ln_f", "scale"), lambda c: (c.n_embd,), _identity),
+    ("ln_f.bias", ("ln_f", "bias"), lambda c: (c.n_embd,), _identity),
+    ("h.{i}.ln_1.weight", ("h", "blocks", "ln_1", "scale"), lambda c: (c.n_embd,), _identity),
+    ("h.{i}.ln_1.bias", ("h", "blocks", "ln_1", "bias"), lambda c: (c.n_embd,), _identity),
+    ("h.{i}.attn.c_attn.weight", ("h", "blocks", "attn", "qkv_kernel"), lambda c: (c.n_embd, 3 * c.n_embd), _split_qkv_kernel),
+    ("h.{i}.attn.c_attn.bias", ("h", "blocks", "attn", "qkv_bias"), lambda c: (3 * c.n_embd,), _split_qkv_bias),
+    ("h.{i}.attn.c_proj.weight", ("h", "blocks", "attn", "out_kernel"), lambda c: (c.n_embd, c.n_embd), _split_out_kernel),
+    ("h.{i}.attn.c_proj.bias", ("h", "blocks", "attn", "out_bias"), lambda c: (c.n_embd,), _identity),
+    ("h.{i}.ln_2.weight", ("h", "blocks", "ln_2", "scale"), lambda c: (c.n_embd,), _identity),
+    ("h.{i}.ln_2.bias", ("h", "blocks", "ln_2", "bias"), lambda c: (c.n_embd,), _identity),
+    ("h.{i}.mlp.c_fc.weight", ("h", "blocks", "mlp", "fc_kernel"), lambda c: (c.n_embd, c.mlp_dim), _identity),
+    ("h.{i}.mlp.c_fc.bias", ("h", "blocks", "mlp", "fc_bias"), lambda c: (c.mlp_dim,), _identity),
+    ("h.{i}.mlp.c_proj.weight", ("h", "blocks", "mlp", "proj_kernel"), lambda c: (c.mlp_dim, c.n_embd), _identity),
+    ("h.{i}.mlp.c_proj.bias", ("h", "blocks", "mlp", "proj_bias"), lambda c: (c.n_embd,), _identity),
+]
+
+# Non-parameter buffers some GPT-2 checkpoints carry; the tied lm_head duplicates wte.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+def _hf_prefix(names) -> str:
+    return "transformer." if any(n.startswith("transformer.") for n in names) else ""
+
+
+def iter_params(source, cfg: GPT2Config):
+    """Yield (our path, layer index or None, array in our layout) one HF tensor at a time.
+
+    `source` has `keys()`, `shape(name)` and `get(name)` (see `hf_files.TensorSource`).
+    Shapes are asserted against the config before any transform.
+    """
+    names = set(source.keys())
+    prefix = _hf_prefix(names)
+    used = set()
+    for hf_name, path, shape_fn, transform in NAME_MAP:
+        layers = range(cfg.n_layer) if "{i}" in hf_name else [None]
+        for i in layers:
+            name = prefix + (hf_name.format(i=i) if i is not None else hf_name)
+            if name not in names:
+                raise CheckpointError(f"tensor {name!r} missing from the checkpoint")
+            expected = shape_fn(cfg)
+            if tuple(source.shape(name)) != expected:
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(source.shape(name))}, expected {expected} "
+                                      f"from config.json")
+            used.add(name)
+            yield path, i, transform(np.asarray(source.get(name)), cfg)
+    unknown = sorted(n for n in names - used if not n.endswith(_IGNORED_SUFFIXES))
+    if unknown:
+        raise CheckpointError(f"checkpoint has tensors this GPT-2 does not use: {unknown[:5]}"
+                              f"{' ...' if len(unknown) > 5 else ''}")
+
+
+def to_hf_state_dict(params: dict, cfg: GPT2Config) -> dict[str, np.ndarray]:
+    """Inverse of the name map: our (stacked) params -> HF GPT2LMHeadModel tensors."""
+    out = {}
+    for hf_name, path, shape_fn, _ in NAME_MAP:
+        arr = params
+        for key in path:
+            arr = arr[key]
+        arr = np.asarray(arr)
+        if "{i}" in hf_name:
+            for i in range(cfg.n_layer):
+                out["transformer." + hf_name.format(i=i)] = np.ascontiguousarray(arr[i].reshape(shape_fn(cfg)))
+        else:
+            out["transformer." + hf_name] = np.ascontiguousarray(arr.reshape(shape_fn(cfg)))
+    return out

@@ -1,0 +1,156 @@
+"""Reading Hugging Face model folders: config.json and weight files, one tensor at a time.
+
+Safetensors are parsed here directly (8-byte header length, JSON header, raw bytes) and
+memory-mapped, so a tensor is read only when asked for, bfloat16 included (via ml_dtypes),
+and a truncated file is reported with the tensor that runs past its end.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+    """A model folder or weight file that cannot be read; the message names the file or tensor."""
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config.json not found; a Hugging Face model folder needs one")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+class SafetensorsFile:
+    """Lazy, memory-mapped view of one .safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file (header of {n} bytes, file {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + n
+        self._entries = header
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if self._data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated safetensors file: tensor {name!r} ends at byte "
+                    f"{self._data_start + end} but the file has {size}")
+            if entry["dtype"] not in _ST_DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        self._mmap = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(_ST_DTYPES[self._entries[name]["dtype"]])
+
+    def get(self, name: str) -> np.ndarray:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        arr = np.frombuffer(self._mmap, dtype=self.dtype(name), count=(end - begin) // self.dtype(name).itemsize,
+                            offset=self._data_start + begin)
+        return arr.reshape(entry["shape"])
+
+
+class TensorSource:
+    """All tensors of a model folder by name, whatever the file layout.
+
+    Accepts model.safetensors, sharded safetensors with model.safetensors.index.json, or
+    pytorch_model.bin (loaded with torch, `weights_only=True`).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._where: dict[str, object] = {}
+        self.files: list[Path] = []
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = {f: SafetensorsFile(self.folder / f) for f in sorted(set(weight_map.values()))}
+            self._where = {name: shards[f] for name, f in weight_map.items()}
+            self.files = [self.folder / f for f in shards]
+        elif single.is_file():
+            st = SafetensorsFile(single)
+            self._where = {name: st for name in st.keys()}
+            self.files = [single]
+        elif (self.folder / "pytorch_model.bin").is_file():
+            path = self.folder / "pytorch_model.bin"
+            state = _load_torch_bin(path)
+            self._where = {name: state for name in state}
+            self.files = [path]
+        else:
+            raise CheckpointError(
+                f"{self.folder}: no weight file; expected model.safetensors, model.safetensors.index.json "
+                f"or pytorch_model.bin")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        src = self._where[name]
+        return src.shape(name) if isinstance(src, SafetensorsFile) else tuple(src[name].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} missing from the checkpoint")
+        src = self._where[name]
+        return src.get(name) if isinstance(src, SafetensorsFile) else src[name]
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self._where:
+            yield name, self.get(name)
+
+
+def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch (pip install torch); "
+                              "or convert the folder to safetensors") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt pickles / zip archives
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    out = {}
+    for name, t in state.items():
+        t = t.detach()
+        out[name] = t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+    return out

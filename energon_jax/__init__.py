@@ -1,0 +1,11 @@
+"""energon-jax: serve Bert- and GPT-style models sharded over a JAX device mesh."""
+from energon_jax.config import GPT2Config, ParallelConfig
+from energon_jax.engine.gpt import GenerationOutput, GPTModel
+from energon_jax.loading import list_presets, load_sharded_model
+from energon_jax.runtime.mesh import make_mesh
+
+__all__ = [
+    "GPT2Config", "GPTModel", "GenerationOutput", "ParallelConfig",
+    "list_presets", "load_sharded_model", "make_mesh",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""GPT models as users see them: `generate` and `logits`."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from energon_jax.engine.base import ShardedModel
+from energon_jax.engine.sampling import SamplingParams, validate_sampling
+from energon_jax.engine.steps import CompileCounter, bucket, make_forward, make_generate
+from energon_jax.models.gpt2 import GPT2
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    text: str | None  # None in token-id mode (no tokenizer)
+    token_ids: list[int]  # new tokens only; a stop token that ended generation is included
+    finish_reason: str  # "length" | "stop"
+
+
+def _is_token_list(p) -> bool:
+    return isinstance(p, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in p)
+
+
+class GPTModel(ShardedModel):
+    def __init__(self, config, params, mesh, tokenizer, *, max_seq_len, source=""):
+        super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
+        self.module = GPT2(config, param_dtype=self.dtype)
+        self.compile_counts = CompileCounter()
+        self._forward = make_forward(self.module, self.compile_counts)
+        self._generate = make_generate(self.module, self.compile_counts, self.dtype)
+
+    # ----------------------------------------------------------------- inputs
+    def _check_ids(self, ids: Sequence[int], where: str) -> list[int]:
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def encode_prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or _is_token_list(prompts) and len(prompts) and not isinstance(prompts[0], (list, tuple)):
+            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}"
+                            f" {str(prompts)[:40]!r}; wrap a single prompt in a list")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty; pass at least one prompt")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids = self._require_tokenizer(f"prompts[{i}]={p[:30]!r}").encode(p)
+            elif _is_token_list(p):
+                ids = self._check_ids(p, f"prompts[{i}]")
+            else:
+                raise TypeError(f"prompts[{i}] is {type(p).__name__}; expected str or list[int]")
+            if not ids:
+                raise ValueError(f"prompts[{i}] is empty ({p!r}); a prompt needs at least one token")
+            out.append(ids)
+        return out
+
+    # ----------------------------------------------------------------- logits
+    def logits(self, token_ids) -> np.ndarray:
+        """[B, T] int token ids -> float32 logits [B, T, vocab]."""
+        arr = np.asarray(token_ids)
+        if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"token_ids must be a non-empty int array [B, T], got shape {arr.shape} dtype {arr.dtype}")
+        b, t = arr.shape
+        if t > self.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds the context of {self.max_seq_len} tokens")
+        self._check_ids(arr.ravel(), "token_ids")
+        tb = bucket(t, self.max_seq_len)
+        padded = np.zeros((b, tb), np.int32)
+        padded[:, :t] = arr
+        out = self._forward(self.params, jnp.asarray(padded), jnp.full((b,), t, jnp.int32))
+        return np.asarray(out[:, :t], dtype=np.float32)
+
+    # --------------------------------------------------------------- generate
+    def stop_token_ids(self, stop) -> tuple[list[int], list[str]]:
+        ids, strings = [], []
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else self.config.eos_token_id
+        if eos is not None:
+            ids.append(int(eos))
+        for s in [] if stop is None else ([stop] if isinstance(stop, (str, int)) else list(stop)):
+            if isinstance(s, str):
+                if not s:
+                    raise ValueError("stop contains an empty string")
+                strings.append(s)
+            elif isinstance(s, (int, np.integer)):
+                ids.extend(self._check_ids([s], "stop"))
+            else:
+                raise TypeError(f"stop entries must be str or int token ids, got {type(s).__name__} {s!r}")
+        return ids, strings
+
+    def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop=None) -> list[GenerationOutput]:
+        """Generate up to `max_new_tokens` for each prompt (list[str] or list[list[int]]) in one dispatch."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+        validate_sampling(temperature, top_k, top_p)
+        ids = self.encode_prompts(prompts)
+        for i, p in enumerate(ids):
+            if len(p) + max_new_tokens > self.max_seq_len:
+                raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                                 f"{len(p) + max_new_tokens} > the context of {self.max_seq_len} tokens")
+        stop_ids, stop_strings = self.stop_token_ids(stop)
+        if max_new_tokens == 0:
+            return [GenerationOutput("" if self.tokenizer else None, [], "length") for _ in ids]
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") >> 1
+
+        n = len(ids)
+        b = bucket(n, minimum=1)  # padded rows generate nothing (max_new 0)
+        t = bucket(max(len(p) for p in ids), self.max_seq_len)
+        out_len = bucket(max_new_tokens, minimum=8)
+        cache_len = bucket(t + out_len, self.max_seq_len)
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.ones((b,), np.int32)
+        for i, p in enumerate(ids):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        max_new = np.zeros((b,), np.int32)
+        max_new[:n] = max_new_tokens
+        stop_k = np.asarray(stop_ids or [-1], np.int32)
+        seeds = (np.uint32(seed) + np.arange(b, dtype=np.uint32)).astype(np.uint32)
+        out, num, stopped = self._generate(
+            self.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(max_new),
+            SamplingParams.make(b, temperature, top_k, top_p), jnp.asarray(seeds), jnp.asarray(stop_k),
+            cache_len=cache_len, out_len=out_len)
+        out, num, stopped = np.asarray(out), np.asarray(num), np.asarray(stopped)
+        return [self._finish(out[i, : num[i]].tolist(), bool(stopped[i]), stop_ids, stop_strings) for i in range(n)]
+
+    def _finish(self, new_ids: list[int], stopped: bool, stop_ids, stop_strings) -> GenerationOutput:
+        if self.tokenizer is None:
+            return GenerationOutput(None, new_ids, "stop" if stopped else "length")
+        body = new_ids[:-1] if stopped and new_ids and new_ids[-1] in stop_ids else new_ids
+        text = self.tokenizer.decode(body)
+        hits = [(text.find(s), s) for s in stop_strings if s in text]
+        if hits:
+            cut, s = min(hits)
+            # keep the fewest tokens whose text reaches the end of the stop string
+            for k in range(1, len(body) + 1):
+                if len(self.tokenizer.decode(body[:k])) >= cut + len(s):
+                    break
+            return GenerationOutput(text[:cut], body[:k], "stop")
+        return GenerationOutput(text, new_ids, "stop" if stopped else "length")

@@ -1,0 +1,67 @@
+"""Next-token sampling with per-row traced parameters (changing them never recompiles).
+
+temperature 0 -> greedy; top_k 0 -> off; top_p 1.0 -> off. Each row has its own PRNG key,
+so a row's samples depend only on its seed and step, not on the rest of the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: jax.Array  # f32 [B]
+    top_k: jax.Array  # i32 [B]
+    top_p: jax.Array  # f32 [B]
+
+    @classmethod
+    def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0) -> "SamplingParams":
+        return cls(jnp.full((batch,), temperature, jnp.float32), jnp.full((batch,), top_k, jnp.int32),
+                   jnp.full((batch,), top_p, jnp.float32))
+
+
+def validate_sampling(temperature, top_k, top_p) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 is greedy)")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 is off)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 is off)")
+
+
+def _filtered_sample(logits_bv, params: SamplingParams, keys_b):
+    v = logits_bv.shape[-1]
+    scaled_bv = logits_bv / jnp.maximum(params.temperature, 1e-6)[:, None]
+    sorted_bv, order_bv = jax.lax.sort_key_val(-scaled_bv, jnp.broadcast_to(jnp.arange(v), scaled_bv.shape))
+    sorted_bv = -sorted_bv  # descending
+    rank_v = jnp.arange(v)
+    keep_k = (params.top_k[:, None] <= 0) | (rank_v[None, :] < params.top_k[:, None])
+    probs_bv = jax.nn.softmax(jnp.where(keep_k, sorted_bv, -jnp.inf), axis=-1)
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    keep_p = mass_before_bv < params.top_p[:, None]  # the top token is always kept
+    filtered_bv = jnp.where(keep_k & keep_p, sorted_bv, -jnp.inf)
+    pick_b = jax.vmap(jax.random.categorical)(keys_b, filtered_bv)
+    return jnp.take_along_axis(order_bv, pick_b[:, None], axis=-1)[:, 0]
+
+
+def sample(logits_bv, params: SamplingParams, keys_b) -> jax.Array:
+    """[B, V] float32 logits -> [B] int32 tokens."""
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    stochastic = params.temperature > 0
+    # The sort over the vocabulary is skipped entirely when every row is greedy.
+    sampled_b = jax.lax.cond(jnp.any(stochastic), lambda: _filtered_sample(logits_bv, params, keys_b).astype(jnp.int32),
+                             lambda: greedy_b)
+    return jnp.where(stochastic, sampled_b, greedy_b)
+
+
+def row_keys(seeds_b) -> jax.Array:
+    """One PRNG key per row from int seeds [B]."""
+    return jax.vmap(jax.random.key)(seeds_b)
+
+
+def step_keys(keys_b, step) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b)

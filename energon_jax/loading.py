@@ -1,0 +1,136 @@
+"""`load_sharded_model`: a Hugging Face folder, a converted folder or a preset -> a sharded model."""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from energon_jax.convert import gpt2 as gpt2_convert
+from energon_jax.convert.hf_files import CheckpointError, TensorSource, read_config
+from energon_jax.runtime.compile_cache import enable_compilation_cache
+from energon_jax.runtime.mesh import make_mesh
+from energon_jax.runtime.sharding import logical_to_sharding
+from energon_jax.tokenizer import Tokenizer
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name for p in PRESETS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if isinstance(path, str) and (PRESETS_DIR / path / "config.json").is_file():
+        return PRESETS_DIR / path
+    raise FileNotFoundError(f"{str(path)!r} is neither a model folder nor a preset name; presets: {list_presets()}")
+
+
+def resolve_dtype(dtype):
+    if dtype is None:
+        return None
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; accepted: None, {list(DTYPES)}")
+    return DTYPES[name]
+
+
+# model_type in config.json -> "module:function(folder, hf_config, mesh, dtype, max_seq_len)"
+ARCHITECTURES = {
+    "gpt2": "energon_jax.loading:_load_gpt2",
+    "bert": "energon_jax.engine.bert:load_bert",
+}
+
+
+def stack_layers(pieces, num_layers: int) -> dict:
+    """(path, layer, array) triples -> nested dict with per-layer arrays stacked on axis 0."""
+    tree, per_layer = {}, {}
+    for path, layer, arr in pieces:
+        if layer is None:
+            _set(tree, path, arr)
+        else:
+            per_layer.setdefault(path, [None] * num_layers)[layer] = arr
+    for path, arrs in per_layer.items():
+        _set(tree, path, np.stack(arrs))
+    return tree
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_sharded_model(path, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype=None, max_seq_len=None, mesh=None):
+    """Load a GPT-2 or Bert model and place its parameters on a device mesh.
+
+    path: a Hugging Face model folder, a folder written by `energon convert`, or a preset name.
+    dtype: None keeps the checkpoint's dtype; "bfloat16", "float16" or "float32".
+    """
+    enable_compilation_cache()
+    folder = resolve_path(path)
+    dtype = resolve_dtype(dtype)
+    if mesh is None:
+        if (tp, pp, dp) != (1, 1, 1):
+            raise NotImplementedError(f"tp={tp}, pp={pp}, dp={dp}: multi-device sharding is not implemented yet; "
+                                      "use tp=pp=dp=1")
+        mesh = make_mesh(1, 1, 1)
+    hf_config = read_config(folder)
+    model_type = hf_config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"{folder}: model_type={model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    module_name, fn_name = ARCHITECTURES[model_type].split(":")
+    loader = getattr(importlib.import_module(module_name), fn_name)
+    return loader(folder, hf_config, mesh, dtype, max_seq_len)
+
+
+def check_max_seq_len(max_seq_len, limit: int) -> int:
+    if max_seq_len is None:
+        return limit
+    if not (isinstance(max_seq_len, int) and 1 <= max_seq_len <= limit):
+        raise ValueError(f"max_seq_len={max_seq_len!r} must be an int in [1, {limit}] (the model's positions)")
+    return max_seq_len
+
+
+def place_params(host_tree: dict, module, example_args, mesh, dtype) -> dict:
+    """Host arrays (nested dict in the module's layout) -> jax.Arrays in their NamedShardings.
+
+    Shapes are checked against the module's own parameter shapes before anything moves.
+    """
+    import flax.linen as nn
+
+    boxed = jax.eval_shape(module.init, jax.random.key(0), *example_args)["params"]
+    axes = nn.get_partition_spec(boxed)
+    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed))
+    host_flat = dict(jax.tree_util.tree_flatten_with_path(host_tree)[0])
+    want_flat = dict(jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0])
+    if set(host_flat) != set(want_flat):
+        missing = sorted(map(jax.tree_util.keystr, set(want_flat) - set(host_flat)))
+        extra = sorted(map(jax.tree_util.keystr, set(host_flat) - set(want_flat)))
+        raise CheckpointError(f"parameter tree mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, arr in host_flat.items():
+        if tuple(arr.shape) != tuple(want_flat[key]):
+            raise CheckpointError(f"parameter {jax.tree_util.keystr(key)} has shape {tuple(arr.shape)}, "
+                                  f"the model expects {tuple(want_flat[key])}")
+    return jax.tree.map(lambda arr, spec: jax.device_put(np.asarray(arr).astype(dtype), logical_to_sharding(spec, mesh)),
+                        host_tree, axes, is_leaf=lambda x: isinstance(x, np.ndarray))
+
+
+def _load_gpt2(folder, hf_config, mesh, dtype, max_seq_len):
+    from energon_jax.engine.gpt import GPTModel
+    from energon_jax.models.gpt2 import GPT2
+
+    cfg = gpt2_convert.config_from_hf(hf_config)
+    max_seq_len = check_max_seq_len(max_seq_len, cfg.n_positions)
+    host = stack_layers(gpt2_convert.iter_params(TensorSource(folder), cfg), cfg.n_layer)
+    dtype = dtype or jnp.dtype(host["wte"].dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = place_params(host, GPT2(cfg, param_dtype=dtype), (tokens, tokens), mesh, dtype)
+    return GPTModel(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len=max_seq_len, source=str(folder))

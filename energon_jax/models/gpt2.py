@@ -1,0 +1,168 @@
+"""GPT-2 as a Flax Linen module with Hugging Face `GPT2LMHeadModel` semantics.
+
+Reading order: Attention, MLP, Block, GPT2. Learned positions, pre-LN blocks, `gelu_new`,
+LM head tied to the token embedding. Layers are stacked on a leading "layers" axis
+(`nn.scan`) so that pipeline stages can own contiguous slices of them.
+
+Two call modes (no jit here; `engine/` owns the jit boundaries):
+* prefill: `cache=None`. Causal attention over `tokens` (right-padded, `lengths` real tokens
+  per row). Returns the fresh KV fragment `{"k","v"}: [L, B, N, T, D]`.
+* decode: `cache={"k","v"}: [L, B, N, S, D]`, one token per row written at `positions[:, 0]`
+  and attending to cache positions `<= positions[b]`. Returns the updated cache.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from energon_jax.config import GPT2Config
+from energon_jax.models.layers import LayerNorm, attention_scale, gelu_new, masked_attention, param
+
+Cache = dict  # {"k": [L, B, N, S, D], "v": [L, B, N, S, D]}
+
+
+def decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale):
+    """One query per row against its cache; row b sees positions [0, lengths[b])."""
+    s = k_bnsd.shape[2]
+    mask_b1s = (jnp.arange(s)[None, :] < lengths_b[:, None])[:, None, :]
+    k_bsnd = jnp.swapaxes(k_bnsd, 1, 2)
+    v_bsnd = jnp.swapaxes(v_bnsd, 1, 2)
+    return masked_attention(q_bnd[:, None], k_bsnd, v_bsnd, mask_b1s, scale)[:, 0]
+
+
+class Attention(nn.Module):
+    config: GPT2Config
+    param_dtype: jnp.dtype = jnp.float32
+    decode_attention: object = None  # (q_bnd, k_bnsd, v_bnsd, lengths_b, scale) -> [B, N, D]
+
+    @nn.compact
+    def __call__(self, x_bte, positions_bt, lengths_b, layer_cache):
+        cfg = self.config
+        e, n, d = cfg.n_embd, cfg.n_head, cfg.head_dim
+        w_qkv = param(self, "qkv_kernel", (e, 3, n, d), ("embed", "qkv", "heads", "kv"), dtype=self.param_dtype)
+        b_qkv = param(self, "qkv_bias", (3, n, d), ("qkv", "heads", "kv"), nn.initializers.zeros, self.param_dtype)
+        w_out = param(self, "out_kernel", (n, d, e), ("heads", "kv", "embed"), dtype=self.param_dtype)
+        b_out = param(self, "out_bias", (e,), ("embed",), nn.initializers.zeros, self.param_dtype)
+
+        qkv_btcnd = jnp.einsum("BTE,ECND->BTCND", x_bte, w_qkv) + b_qkv
+        q_btnd, k_btnd, v_btnd = qkv_btcnd[:, :, 0], qkv_btcnd[:, :, 1], qkv_btcnd[:, :, 2]
+        scale = attention_scale(d, cfg.scale_attn_weights)
+
+        if layer_cache is None:  # prefill: causal within each row's real tokens
+            t = x_bte.shape[1]
+            causal_tt = jnp.tril(jnp.ones((t, t), dtype=bool))
+            valid_bt = jnp.arange(t)[None, :] < lengths_b[:, None]
+            mask_bts = causal_tt[None] & valid_bt[:, None, :]
+            out_btnd = masked_attention(q_btnd, k_btnd, v_btnd, mask_bts, scale)
+            new_kv = (jnp.swapaxes(k_btnd, 1, 2), jnp.swapaxes(v_btnd, 1, 2))  # [B, N, T, D]
+        else:  # decode: write this token's K/V into the cache, then attend over it
+            k_all, v_all, layer = layer_cache
+            b = x_bte.shape[0]
+            rows, pos = jnp.arange(b), positions_bt[:, 0]
+            k_all = k_all.at[layer, rows, :, pos, :].set(k_btnd[:, 0].astype(k_all.dtype))
+            v_all = v_all.at[layer, rows, :, pos, :].set(v_btnd[:, 0].astype(v_all.dtype))
+            k_bnsd = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+            v_bnsd = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+            attend = self.decode_attention or decode_attention_xla
+            out_btnd = attend(q_btnd[:, 0], k_bnsd, v_bnsd, pos + 1, scale)[:, None]
+            new_kv = (k_all, v_all)
+        out_bte = jnp.einsum("BTND,NDE->BTE", out_btnd, w_out) + b_out
+        return out_bte, new_kv
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bte):
+        e, f = self.config.n_embd, self.config.mlp_dim
+        w_fc = param(self, "fc_kernel", (e, f), ("embed", "mlp"), dtype=self.param_dtype)
+        b_fc = param(self, "fc_bias", (f,), ("mlp",), nn.initializers.zeros, self.param_dtype)
+        w_proj = param(self, "proj_kernel", (f, e), ("mlp", "embed"), dtype=self.param_dtype)
+        b_proj = param(self, "proj_bias", (e,), ("embed",), nn.initializers.zeros, self.param_dtype)
+        h_btf = gelu_new(jnp.einsum("BTE,EF->BTF", x_bte, w_fc) + b_fc)
+        return jnp.einsum("BTF,FE->BTE", h_btf, w_proj) + b_proj
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; scanned over layers with carry (x, k_cache, v_cache, layer)."""
+
+    config: GPT2Config
+    param_dtype: jnp.dtype = jnp.float32
+    decode_attention: object = None
+
+    @nn.compact
+    def __call__(self, carry, positions_bt, lengths_b):
+        x_bte, k_all, v_all, layer = carry
+        eps = self.config.layer_norm_epsilon
+        layer_cache = None if k_all is None else (k_all, v_all, layer)
+        h_bte, new_kv = Attention(self.config, self.param_dtype, self.decode_attention, name="attn")(
+            LayerNorm(eps, self.param_dtype, name="ln_1")(x_bte), positions_bt, lengths_b, layer_cache)
+        x_bte = x_bte + h_bte
+        x_bte = x_bte + MLP(self.config, self.param_dtype, name="mlp")(
+            LayerNorm(eps, self.param_dtype, name="ln_2")(x_bte))
+        if k_all is None:
+            return (x_bte, None, None, layer + 1), new_kv  # prefill: per-layer K/V stacked as ys
+        return (x_bte, new_kv[0], new_kv[1], layer + 1), None
+
+
+class BlockStack(nn.Module):
+    """`num_layers` blocks with parameters stacked on a leading "layers" axis."""
+
+    config: GPT2Config
+    num_layers: int
+    param_dtype: jnp.dtype = jnp.float32
+    decode_attention: object = None
+
+    @nn.compact
+    def __call__(self, x_bte, positions_bt, lengths_b, cache: Cache | None):
+        scanned = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(self.config, self.param_dtype, self.decode_attention, name="blocks")
+        k_all = None if cache is None else cache["k"]
+        v_all = None if cache is None else cache["v"]
+        (x_bte, k_all, v_all, _), ys = scanned((x_bte, k_all, v_all, jnp.int32(0)), positions_bt, lengths_b)
+        if cache is None:
+            k_lbntd, v_lbntd = ys
+            return x_bte, {"k": k_lbntd, "v": v_lbntd}
+        return x_bte, {"k": k_all, "v": v_all}
+
+
+class GPT2(nn.Module):
+    config: GPT2Config
+    param_dtype: jnp.dtype = jnp.float32
+    decode_attention: object = None
+
+    def setup(self):
+        cfg = self.config
+        self.wte = self.param("wte", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                              (cfg.vocab_size, cfg.n_embd), self.param_dtype)
+        self.wpe = self.param("wpe", nn.with_logical_partitioning(nn.initializers.normal(0.01), ("positions", "embed")),
+                              (cfg.n_positions, cfg.n_embd), self.param_dtype)
+        self.h = BlockStack(cfg, cfg.n_layer, self.param_dtype, self.decode_attention)
+        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.param_dtype)
+
+    def embed(self, tokens_bt, positions_bt):
+        return jnp.take(self.wte, tokens_bt, axis=0) + jnp.take(self.wpe, positions_bt, axis=0)
+
+    def head(self, x_bte):
+        """Final layer norm and the tied LM head; logits in float32."""
+        return jnp.einsum("BTE,VE->BTV", self.ln_f(x_bte), self.wte, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_bt, positions_bt, lengths_b=None, cache: Cache | None = None, logit_index_b=None):
+        """Returns (logits, kv). `logit_index_b` [B] picks one position per row (saves the
+        [B, T, vocab] matmul when only the next token is needed)."""
+        if lengths_b is None:
+            lengths_b = jnp.full((tokens_bt.shape[0],), tokens_bt.shape[1], jnp.int32)
+        x_bte = self.embed(tokens_bt, positions_bt)
+        x_bte, kv = self.h(x_bte, positions_bt, lengths_b, cache)
+        if logit_index_b is not None:
+            x_bte = jnp.take_along_axis(x_bte, logit_index_b[:, None, None], axis=1)  # [B, 1, E]
+        return self.head(x_bte), kv

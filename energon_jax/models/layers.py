@@ -1,0 +1,82 @@
+"""Building blocks shared by the GPT-2 and Bert modules: layer norm, activations, attention math.
+
+Every parameter is created with logical axis names (see `runtime/sharding.py`), so the
+sharding of a model follows from its module tree and one rules table.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+# Masked scores use a large finite negative (not -inf) so a fully masked row yields zeros, not NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+          init: Initializer = nn.initializers.normal(0.02), dtype=jnp.float32) -> jax.Array:
+    """A parameter tagged with its logical axes."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with statistics in float32 whatever the activation dtype."""
+
+    eps: float
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, self.param_dtype)
+        bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu_new(x):
+    """GPT-2's tanh approximation of GELU (HF `gelu_new`)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x):
+    """Erf GELU (HF `gelu`, Bert's default)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu": gelu_exact,
+    "relu": jax.nn.relu,
+}
+
+
+def attention_scale(head_dim: int, scaled: bool = True) -> float:
+    return 1.0 / math.sqrt(head_dim) if scaled else 1.0
+
+
+def masked_attention(q_btnd, k_bsnd, v_bsnd, mask_bts, scale: float):
+    """Reference softmax attention. mask_bts: True where query t may see key s.
+
+    Scores and softmax in float32 (as HF computes them for fp32 weights; for bf16 this is the
+    numerically safer choice); the output is cast back to q's dtype.
+    """
+    scores_bnts = jnp.einsum("BTND,BSND->BNTS", q_btnd, k_bsnd,
+                             preferred_element_type=jnp.float32) * scale
+    scores_bnts = jnp.where(mask_bts[:, None, :, :], scores_bnts, MASK_VALUE)
+    probs_bnts = jax.nn.softmax(scores_bnts, axis=-1)
+    probs_bnts = jnp.where(mask_bts[:, None, :, :], probs_bnts, 0.0)
+    out_btnd = jnp.einsum("BNTS,BSND->BTND", probs_bnts.astype(v_bsnd.dtype), v_bsnd,
+                          preferred_element_type=jnp.float32)
+    return out_btnd.astype(q_btnd.dtype)
+

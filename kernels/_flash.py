@@ -1,0 +1,50 @@
+"""The flash-attention inner loop shared by the prefill (causal) and varlen (bidirectional) kernels.
+
+One program holds a block of BLOCK_M query rows and streams the keys and values of its
+sequence through in blocks of BLOCK_N, keeping a running max and sum per row (online
+softmax), so the [T, T] score matrix never reaches memory.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_rows(
+    q,  # [BLOCK_M, HEAD_DIM] query rows, input dtype
+    k_base, v_base,  # pointers to key / value row 0 of this sequence and head
+    row_stride,  # elements between consecutive tokens of k and v
+    offs_m,  # [BLOCK_M] query positions within the sequence
+    kv_len,  # keys at positions >= kv_len are not attended
+    hi,  # keys are visited up to hi (exclusive); 0 skips the loop
+    scale_log2,  # softmax scale times log2(e): scores live in base 2 (exp2 is cheaper)
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Return softmax(q k^T) v for the rows, float32 [BLOCK_M, HEAD_DIM]; 0 for rows that saw no key."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_seq = offs_n < kv_len
+        kv_offs = offs_n[:, None] * row_stride + offs_d[None, :]  # [BLOCK_N, D]
+        k = tl.load(k_base + kv_offs, mask=in_seq[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N] f32
+        keep = in_seq[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(keep, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row with no key yet keeps m = -inf: subtract 0 there instead, or -inf - -inf = NaN
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        v = tl.load(v_base + kv_offs, mask=in_seq[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

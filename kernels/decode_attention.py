@@ -1,0 +1,203 @@
+"""Decode attention (one new query per slot against its KV cache), flash-decoding style.
+
+The key axis of each (slot, head) is cut into chunks handled by different programs, so a
+batch of few slots still fills the GPU; each program writes its unnormalised output with
+its running max and sum, and a small JAX step merges the chunks. Reading K and V once is
+the whole cost: the kernel is bound by memory bandwidth.
+
+Layout: q [B, N, D], k_cache / v_cache [B, N, S, D] (slot, head, cache position, head dim),
+lengths [B] int32; slot b attends to positions [0, lengths[b]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton
+import triton.language as tl
+from jax.sharding import PartitionSpec as P
+
+from ._dispatch import (
+    check_head_dim,
+    from_torch,
+    interpreted,
+    jax_triton,
+    over_mesh,
+    resolve_impl,
+    to_torch,
+)
+
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTiles:
+    """Tile sizes: block_s cache positions per loop step, chunk positions per program."""
+
+    block_s: int = 64
+    chunk: int = 512
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.chunk % self.block_s:
+            raise ValueError(f"chunk={self.chunk} must be a multiple of block_s={self.block_s}")
+
+    def num_splits(self, cache_len: int) -> int:
+        return triton.cdiv(cache_len, self.chunk)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr,  # q [B*N, D], k/v [B*N, S, D], lengths [B]
+    scale_log2,  # softmax scale times log2(e): the kernel works in base 2 (exp2 is cheaper)
+    cache_len,
+    o_ptr, m_ptr, l_ptr,  # per chunk: o [B*N, P, D] unnormalised, m / l [B*N, P]
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    bn = tl.program_id(0).to(tl.int64)  # slot * NUM_HEADS + head; int64 keeps big caches addressable
+    split = tl.program_id(1)
+    length = tl.load(len_ptr + bn // NUM_HEADS)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, length)
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + bn * HEAD_DIM + offs_d).to(tl.float32) * scale_log2
+    k_base = k_ptr + bn * cache_len * HEAD_DIM
+    v_base = v_ptr + bn * cache_len * HEAD_DIM
+
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_S):
+        offs_s = start + tl.arange(0, BLOCK_S)
+        live = offs_s < hi
+        kv_offs = offs_s[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_S, D]
+        k = tl.load(k_base + kv_offs, mask=live[:, None], other=0.0).to(tl.float32)
+        s = tl.where(live, tl.sum(k * q[None, :], axis=1), -float("inf"))  # [BLOCK_S]
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every step has a live position
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        v = tl.load(v_base + kv_offs, mask=live[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+
+    part = bn * NUM_SPLITS + split
+    tl.store(o_ptr + part * HEAD_DIM + offs_d, acc)
+    tl.store(m_ptr + part, m_i)
+    tl.store(l_ptr + part, l_i)
+
+
+def _combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Merge per-chunk partials o [..., P, D], m / l [..., P] (base-2 max) into [..., D] f32.
+
+    A slot with no live position (length 0) has m = -inf and l = 0 everywhere: it gives zeros.
+    """
+    m_max = jnp.max(m, axis=-1, keepdims=True)
+    m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)  # avoids -inf - -inf = NaN
+    w = jnp.exp2(m - m_max)  # [..., P]; 0 for empty chunks
+    # weighted sums as elementwise products: an f32 einsum may run in tf32 on a GPU
+    num = jnp.sum(w[..., None] * o, axis=-2)
+    den = jnp.sum(w * l, axis=-1, keepdims=True)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def _check_shapes(q, k_cache, v_cache, lengths):
+    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be [B, N, S, D]"
+        )
+    b, n, _, d = k_cache.shape
+    if q.shape != (b, n, d):
+        raise ValueError(f"q has shape {q.shape}; expected [B, N, D] = {(b, n, d)}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths has shape {lengths.shape}; expected [B] = {(b,)}")
+
+
+def _decode_triton(q, k_cache, v_cache, lengths, *, scale, tiles):
+    b, n, s, d = k_cache.shape
+    check_head_dim(d)
+    splits = tiles.num_splits(s)
+    partial = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    o, m, l = jax_triton().triton_call(
+        # np.float32: jax-triton passes a python float as fp64, which would promote the math
+        q, k_cache, v_cache, lengths.astype(jnp.int32), np.float32(scale * LOG2E), s,
+        kernel=_decode_kernel,
+        out_shape=(partial(b, n, splits, d), partial(b, n, splits), partial(b, n, splits)),
+        grid=(b * n, splits),
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        NUM_HEADS=n, NUM_SPLITS=splits, HEAD_DIM=d, CHUNK=tiles.chunk, BLOCK_S=tiles.block_s,
+    )
+    return _combine_splits(o, m, l).astype(q.dtype)
+
+
+def _launch_torch(q, k_cache, v_cache, lengths, *, scale, tiles=DecodeTiles()):
+    """Run _decode_kernel under Triton's interpreter on torch CPU copies (tests use this)."""
+    import torch
+
+    _check_shapes(q, k_cache, v_cache, lengths)
+    b, n, s, d = k_cache.shape
+    splits = tiles.num_splits(s)
+    # NaN poison: a partial the kernel forgot to write shows up in the result
+    o = torch.full((b, n, splits, d), float("nan"))
+    m = torch.full((b, n, splits), float("nan"))
+    l = torch.full((b, n, splits), float("nan"))
+    interpreted(_decode_kernel)[(b * n, splits)](
+        to_torch(q), to_torch(k_cache), to_torch(v_cache), to_torch(lengths.astype(jnp.int32)),
+        scale * LOG2E, s, o, m, l,
+        NUM_HEADS=n, NUM_SPLITS=splits, HEAD_DIM=d, CHUNK=tiles.chunk, BLOCK_S=tiles.block_s,
+    )
+    parts = [from_torch(t, jnp.float32) for t in (o, m, l)]
+    return _combine_splits(*parts).astype(q.dtype)
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    impl: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    tiles: DecodeTiles = DecodeTiles(),
+) -> jax.Array:
+    """Attention of one query per slot over its cache: q [B, N, D] -> [B, N, D] in q's dtype.
+
+    k_cache / v_cache [B, N, S, D]; slot b sees cache positions [0, lengths[b]); a slot of
+    length 0 gives zeros. Softmax in float32. impl: "auto" (Triton on a GPU, else XLA),
+    "triton" or "xla". With a mesh, slots split over "data" and heads over "tensor".
+    """
+    _check_shapes(q, k_cache, v_cache, lengths)
+    if resolve_impl(impl) == "triton":
+        fn = lambda *a: _decode_triton(*a, scale=scale, tiles=tiles)  # noqa: E731
+    else:
+        fn = lambda *a: decode_attention_reference(*a, scale=scale)  # noqa: E731
+    heads = P("data", "tensor", None)
+    cache = P("data", "tensor", None, None)
+    return over_mesh(fn, mesh, (heads, cache, cache, P("data")), heads,
+                     q, k_cache, v_cache, lengths)
+
+
+def decode_attention_reference(q, k_cache, v_cache, lengths, *, scale):
+    """Plain-JAX decode attention, same contract as decode_attention, softmax in float32."""
+    f32 = jnp.float32
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("bnd,bnsd->bns", q.astype(f32), k_cache.astype(f32), precision=hi) * scale
+    live = jnp.arange(k_cache.shape[2])[None, :] < lengths[:, None]  # [B, S]
+    s = jnp.where(live[:, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))  # [B, N, S]; 0 where not live
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bns,bnsd->bnd", p, v_cache.astype(f32), precision=hi)
+    return jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(q.dtype)
