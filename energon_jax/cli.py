@@ -1,0 +1,83 @@
+"""`energon` command line: thin verbs over the library.
+
+Each verb lives with its level: `generate` here, `convert`/`inspect` in `energon_jax.convert.cli_verbs`,
+`serve`/`service` in `energon_jax.serving.cli_verbs`. A module registers its verbs with
+`add_parsers(subparsers)`; each parser sets `func(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+VERB_MODULES = ("energon_jax.convert.cli_verbs", "energon_jax.serving.cli_verbs")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: the checkpoint's)")
+
+
+def _generate(args) -> int:
+    import energon_jax as ej
+
+    t0 = time.perf_counter()
+    model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype)
+    prompt = args.prompt
+    if model.tokenizer is None:
+        try:
+            prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"{args.model} has no tokenizer: give the prompt as token ids, e.g. \"1 2 3\"") from None
+    out = model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)[0]
+    print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, {time.perf_counter() - t0:.2f} s "
+          f"including load and compile]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="energon", description="Serve GPT-2 / Bert models sharded over a JAX mesh.")
+    parser.add_argument("--cache-dir", default=None,
+                        help="JAX persistent compilation cache folder ('off' disables; default: user cache dir)")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("model", help="HF folder, converted folder or preset name (e.g. tiny-gpt2-pydoc)")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    add_parallel_args(g)
+    g.set_defaults(func=_generate)
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside the module
+                raise
+            continue
+        module.add_parsers(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cache_dir is not None:
+        from energon_jax.runtime.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(args.cache_dir)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, TypeError) as e:
+        print(f"energon {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
