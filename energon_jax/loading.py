@@ -42,6 +42,9 @@ def resolve_dtype(dtype):
     return DTYPES[name]
 
 
+# A folder written by `energon convert` carries this file (see convert/orbax_io.py).
+CONVERTED_MARKER = "energon_config.json"
+
 # model_type in config.json -> "module:function(folder, hf_config, mesh, dtype, max_seq_len)"
 ARCHITECTURES = {
     "gpt2": "energon_jax.loading:_load_gpt2",
@@ -82,6 +85,10 @@ def load_sharded_model(path, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype=Non
             raise NotImplementedError(f"tp={tp}, pp={pp}, dp={dp}: multi-device sharding is not implemented yet; "
                                       "use tp=pp=dp=1")
         mesh = make_mesh(1, 1, 1)
+    if (folder / CONVERTED_MARKER).is_file():
+        from energon_jax.convert.orbax_io import load_converted
+
+        return load_converted(folder, mesh=mesh, dtype=dtype, max_seq_len=max_seq_len)
     hf_config = read_config(folder)
     model_type = hf_config.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -99,16 +106,27 @@ def check_max_seq_len(max_seq_len, limit: int) -> int:
     return max_seq_len
 
 
+def param_specs(module, example_args) -> tuple[dict, dict]:
+    """(logical axes, shapes) of every parameter, read off the module's own annotations."""
+    import flax.linen as nn
+
+    boxed = jax.eval_shape(module.init, jax.random.key(0), *example_args)["params"]
+    return nn.get_partition_spec(boxed), jax.tree.map(lambda x: x.shape, nn.unbox(boxed))
+
+
+def param_shardings(module, example_args, mesh) -> dict:
+    """NamedSharding of every parameter on `mesh` (the one rules table decides)."""
+    axes, _ = param_specs(module, example_args)
+    return jax.tree.map(lambda spec: logical_to_sharding(spec, mesh), axes,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
 def place_params(host_tree: dict, module, example_args, mesh, dtype) -> dict:
     """Host arrays (nested dict in the module's layout) -> jax.Arrays in their NamedShardings.
 
     Shapes are checked against the module's own parameter shapes before anything moves.
     """
-    import flax.linen as nn
-
-    boxed = jax.eval_shape(module.init, jax.random.key(0), *example_args)["params"]
-    axes = nn.get_partition_spec(boxed)
-    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed))
+    axes, shapes = param_specs(module, example_args)
     host_flat = dict(jax.tree_util.tree_flatten_with_path(host_tree)[0])
     want_flat = dict(jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0])
     if set(host_flat) != set(want_flat):
