@@ -1,0 +1,474 @@
+"""Converted checkpoints: Hugging Face folder -> Orbax checkpoint, and back onto any mesh.
+
+On-disk layout of a converted folder OUT:
+
+    OUT/energon_config.json   architecture, HF config, dtype, layout, parameter manifest, source hashes
+    OUT/checkpoint/           one Orbax checkpoint (OCDBT); per-layer tensors are separate leaves
+    OUT/config.json, tokenizer files   copied from the source folder
+
+Why per-layer leaves: the model stacks layers on a leading "layers" axis, but a stacked
+tensor is as large as all its layers together. Writing layer leaves lets the converter hold
+one tensor (plus a small write buffer) at a time, through Orbax's partial save (each call adds
+leaves to one pending checkpoint; `finalize` commits it). At load every layer leaf is restored
+straight into the devices of the pipeline stage that owns it, already split over "tensor", and
+the stage's layers are stacked on each device: no host ever holds more than one device's shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import json
+import mmap
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from energon_jax.convert.hf_files import CheckpointError, SafetensorsFile, TensorSource, read_config
+
+FORMAT = "energon-jax-orbax"
+FORMAT_VERSION = 1
+CONFIG_FILE = "energon_config.json"  # the marker loading.CONVERTED_MARKER looks for
+CHECKPOINT_DIR = "checkpoint"
+DTYPES = ("bfloat16", "float16", "float32")
+# Files carried over beside the checkpoint so the tokenizer loads from OUT as from the HF folder.
+_CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
+_LAYER_KEY = "layer_{:04d}"
+# Storage chunks of at most this size: a device reading its slice reads little more than the slice.
+_CHUNK_BYTES = 16 << 20
+
+
+# ---------------------------------------------------------------------------------- architectures
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What conversion and loading need to know about one model family (model_type in config.json).
+
+    converter: module with `config_from_hf(hf_dict) -> cfg` and `iter_params(source, cfg)`.
+    num_layers, num_heads: read off cfg (checked against --pp / --tp).
+    module: (cfg, param dtype) -> (flax module, example call args) whose params are the target tree.
+    model: (cfg, params, mesh, tokenizer, max_seq_len, source) -> the user-facing model object.
+    """
+
+    converter: str
+    num_layers: Callable
+    num_heads: Callable
+    module: Callable
+    model: Callable
+
+
+def _gpt2_module(cfg, dtype):
+    from energon_jax.models.gpt2 import GPT2
+
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return GPT2(cfg, param_dtype=dtype), (tokens, tokens)
+
+
+def _gpt2_model(cfg, params, mesh, tokenizer, max_seq_len, source):
+    from energon_jax.engine.gpt import GPTModel
+
+    return GPTModel(cfg, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture("energon_jax.convert.gpt2", lambda c: c.n_layer, lambda c: c.n_head,
+                         _gpt2_module, _gpt2_model),
+}
+
+
+def architecture(model_type, where) -> Architecture:
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"{where}: model_type={model_type!r} cannot be converted; supported: "
+                              f"{sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]
+
+
+def _converter(arch: Architecture):
+    return importlib.import_module(arch.converter)
+
+
+def _key(path: tuple) -> str:
+    return "/".join(path)
+
+
+# ---------------------------------------------------------------------------------- writing
+@dataclasses.dataclass(frozen=True)
+class ConvertSummary:
+    out: Path
+    architecture: str
+    num_params: int
+    num_tensors: int
+    bytes: int
+    dtype: str
+    seconds: float
+
+    def line(self) -> str:
+        return (f"converted {self.architecture}: {self.num_params / 1e6:.2f}M params, {self.num_tensors} tensors, "
+                f"{self.bytes / 2**20:.1f} MiB {self.dtype} in {self.seconds:.1f} s -> {self.out}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _drop_mapped_pages(source: TensorSource) -> None:
+    """Unmap-in-effect the pages of safetensors files read so far.
+
+    Pages of a memory-mapped file count in this process's RSS once touched, so streaming a
+    whole file would show the model size in RSS even though no copy is held. MADV_DONTNEED on
+    a read-only file mapping only drops them from this process (the page cache keeps them).
+    """
+    for st in {id(s): s for s in source._where.values() if isinstance(s, SafetensorsFile)}.values():
+        m = getattr(st, "_mmap", None)
+        if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
+
+
+def _check_layout(arch: Architecture, cfg, tp: int, pp: int) -> None:
+    for name, value in (("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--{name}={value!r} must be a positive int")
+    if arch.num_layers(cfg) % pp:
+        raise ValueError(f"--pp={pp} does not divide the model's {arch.num_layers(cfg)} layers")
+    if arch.num_heads(cfg) % tp:
+        raise ValueError(f"--tp={tp} does not divide the model's {arch.num_heads(cfg)} attention heads")
+
+
+def _temp_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_stale_temp_dirs(out: Path) -> None:
+    """Temp folders of earlier runs that were killed (SIGKILL leaves no chance to clean up)."""
+    for p in out.parent.glob(f".{out.name}.tmp-*-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: int = 1, force: bool = False,
+                       buffer_bytes: int = 64 << 20, progress: bool = True) -> ConvertSummary:
+    """Convert a Hugging Face folder `src` to a converted folder `out` (see the module docstring).
+
+    dtype: None keeps the checkpoint's dtype; else one of DTYPES (floating tensors are cast).
+    tp, pp: the layout the checkpoint is written for (recorded; it loads on any mesh).
+    buffer_bytes: converted tensors are buffered up to this size between Orbax writes, so peak
+    host memory is about the largest tensor plus this buffer, whatever the model size.
+    Writes into a temporary folder beside `out` and renames it at the end; on any failure
+    (or KeyboardInterrupt / SystemExit) the temporary folder is removed and `out` is untouched.
+    """
+    from orbax.checkpoint.experimental.v1 import partial as orbax_partial
+
+    t0 = time.perf_counter()
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: source folder not found (SRC must be a Hugging Face model folder)")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype={dtype!r} is not supported; accepted: {list(DTYPES)}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: output already exists; pass --force to replace it")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"{out}: OUT must differ from SRC")
+    hf = read_config(src)
+    arch = architecture(hf.get("model_type"), src / "config.json")
+    cfg = _converter(arch).config_from_hf(hf)
+    _check_layout(arch, cfg, tp, pp)
+    source = TensorSource(src)
+
+    # The module's own parameter tree says which tensors exist, their shapes and which are per-layer.
+    from energon_jax.loading import param_specs
+
+    module, example = arch.module(cfg, jnp.float32)
+    axes, shapes = param_specs(module, example)
+    expected = {_key(tuple(k.key for k in path)): tuple(shape) for path, shape in
+                jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
+    num_params = sum(int(np.prod(s)) for s in expected.values())
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(out)
+    tmp = _temp_dir_for(out)
+    tmp.mkdir()
+    try:
+        manifest, out_dtype, nbytes, ntensors = _write_params(
+            source, cfg, arch, expected, tmp / CHECKPOINT_DIR, dtype, buffer_bytes, num_params, progress,
+            orbax_partial)
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "converter_version": _converter_version(),
+            "architecture": hf["model_type"],
+            "hf_config": hf,
+            "dims": dataclasses.asdict(cfg),
+            "dtype": out_dtype,
+            "layout": {"tp": tp, "pp": pp},
+            "num_params": num_params,
+            "bytes": nbytes,
+            "params": manifest,
+            "source": {"folder": str(src.resolve()),
+                       "sha256": {p.name: _sha256(p) for p in [src / "config.json", *source.files]}},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+        for name in _CARRIED_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertSummary(out, hf["model_type"], num_params, ntensors, nbytes, out_dtype, time.perf_counter() - t0)
+
+
+def _converter_version() -> str:
+    import energon_jax
+
+    return f"energon-jax {energon_jax.__version__} / format {FORMAT_VERSION}"
+
+
+def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, num_params, progress, orbax_partial):
+    """Stream `iter_params` into one Orbax checkpoint; returns (manifest, dtype name, bytes, tensors)."""
+    import orbax.checkpoint.experimental.v1 as ocp
+    from tqdm import tqdm
+
+    manifest: dict[str, dict] = {}
+    out_dtype = None
+    buffer, buffered = {}, 0
+    nbytes = ntensors = 0
+    # Random / trained weights hardly compress; plain storage is faster and its size predictable.
+    ctx = ocp.Context()
+    ctx.array.saving.use_compression = False
+    ctx.array.saving.storage_options.chunk_byte_size = _CHUNK_BYTES
+    # Each save below is synchronous and nothing mutates the arrays, so Orbax's defensive copy of
+    # host arrays would only double the peak (the option exists from orbax 0.12.8; older ones copy).
+    memory = getattr(ctx, "memory", None)
+    if hasattr(memory, "deepcopy_host_arrays"):
+        memory.deepcopy_host_arrays = False
+    bar = tqdm(total=num_params, unit="param", unit_scale=True, desc="convert", disable=not progress,
+               dynamic_ncols=True)
+
+    def flush():
+        nonlocal buffer, buffered
+        if buffer:
+            with ctx:
+                orbax_partial.save(ckpt_dir, buffer)
+            buffer, buffered = {}, 0
+            _drop_mapped_pages(source)
+
+    with bar:
+        for path, layer, arr in _converter(arch).iter_params(source, cfg):
+            key = _key(path)
+            if key not in expected:
+                raise CheckpointError(f"converter produced {key!r}, which the {cfg.model_type} module does not have")
+            want = expected[key][1:] if layer is not None else expected[key]
+            if tuple(arr.shape) != want:
+                raise CheckpointError(f"tensor for {key!r}{'' if layer is None else f' layer {layer}'} has shape "
+                                      f"{tuple(arr.shape)} after conversion, the model expects {want}")
+            if out_dtype is None:
+                out_dtype = dtype or np.dtype(arr.dtype).name
+            if jnp.issubdtype(arr.dtype, jnp.floating):
+                arr = arr.astype(out_dtype, copy=False)
+            leaf_path = path if layer is None else (*path, _LAYER_KEY.format(layer))
+            node = buffer
+            for k in leaf_path[:-1]:
+                node = node.setdefault(k, {})
+            node[leaf_path[-1]] = arr
+            entry = manifest.setdefault(key, {"shape": list(expected[key]), "dtype": np.dtype(arr.dtype).name,
+                                              "layers": [] if layer is not None else None})
+            if layer is not None:
+                entry["layers"].append(layer)
+            buffered += arr.nbytes
+            nbytes += arr.nbytes
+            ntensors += 1
+            bar.update(arr.size)
+            if buffered >= buffer_bytes:
+                flush()
+        flush()
+    missing = sorted(set(expected) - set(manifest))
+    if missing:
+        raise CheckpointError(f"{source.folder}: no tensors for {missing[:5]}")
+    for key, entry in manifest.items():
+        if entry["layers"] is not None:
+            entry["layers"] = len(entry["layers"])
+    orbax_partial.finalize(ckpt_dir)
+    return manifest, out_dtype, nbytes, ntensors
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename tmp -> out; an existing out (allowed by --force) is moved aside first, then removed."""
+    if out.exists() or out.is_symlink():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
+    else:
+        os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------------------------- reading
+def read_converted_config(folder) -> dict:
+    """energon_config.json of a converted folder, checked for format and version."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found; {folder} is not a folder written by `energon convert`") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r} "
+                              f"is not readable by this version (reads {FORMAT!r} version {FORMAT_VERSION})")
+    return meta
+
+
+def _layer_shardings(target: NamedSharding, num_layers: int) -> list[NamedSharding]:
+    """Sharding of each layer's leaf: the devices of the mesh slice owning that layer, split the same way.
+
+    `target` shards a stacked [L, ...] array; its first spec entry names the mesh axis that splits
+    layers (the pipeline "stage") or None (every device holds every layer).
+    """
+    spec = tuple(target.spec)
+    layer_axis, rest = (spec[0] if spec else None), PartitionSpec(*spec[1:])
+    mesh = target.mesh
+    if layer_axis is None:
+        return [NamedSharding(mesh, rest)] * num_layers
+    if not isinstance(layer_axis, str):
+        raise NotImplementedError(f"layers split over several mesh axes {layer_axis!r}; only one axis is supported")
+    groups = mesh.shape[layer_axis]
+    if num_layers % groups:
+        raise ValueError(f"{num_layers} layers cannot be split evenly over {groups} devices of mesh axis "
+                         f"{layer_axis!r}")
+    i = mesh.axis_names.index(layer_axis)
+    names = tuple(n for n in mesh.axis_names if n != layer_axis)
+    sub = [NamedSharding(Mesh(np.take(mesh.devices, g, axis=i), names), rest) for g in range(groups)]
+    per_group = num_layers // groups
+    return [sub[layer // per_group] for layer in range(num_layers)]
+
+
+def _stack_on_devices(layers: list[jax.Array], target: NamedSharding, shape: tuple) -> jax.Array:
+    """Per-layer arrays (already on their stage's devices) -> one stacked array in `target`."""
+    by_device = [{s.device: s for s in a.addressable_shards} for a in layers]
+    pieces = []
+    for device, index in target.addressable_devices_indices_map(shape).items():
+        wanted = range(*index[0].indices(shape[0]))
+        shards = [by_device[layer][device] for layer in wanted]
+        for s in shards:  # the layer sharding was derived from target, so the slices must agree
+            assert s.index == tuple(index[1:]), (s.index, index)
+        pieces.append(jnp.stack([s.data for s in shards]))
+    return jax.make_array_from_single_device_arrays(shape, target, pieces)
+
+
+def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
+    """Load a folder written by `energon convert` onto `mesh` (any tp/pp/dp, whatever the recorded layout).
+
+    Each array is restored by Orbax straight into its target NamedSharding (layer leaves into the
+    devices of their pipeline stage); dtype None keeps the stored dtype, else arrays are cast as
+    they are read. Returns the same model object as loading the Hugging Face folder.
+    """
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    from energon_jax.loading import check_max_seq_len, param_shardings, param_specs
+    from energon_jax.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    meta = read_converted_config(folder)
+    arch = architecture(meta["architecture"], folder / CONFIG_FILE)
+    cfg = _converter(arch).config_from_hf(meta["hf_config"])
+    max_seq_len = check_max_seq_len(max_seq_len, cfg.max_seq_len)
+    dtype = jnp.dtype(dtype or meta["dtype"])
+    module, example = arch.module(cfg, dtype)
+    shardings = param_shardings(module, example, mesh)
+    _, shapes = param_specs(module, example)
+
+    flat_shardings = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
+    flat_shapes = dict(jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0])
+    manifest = meta["params"]
+    abstract, stacked = {}, {}
+    for path, shape in flat_shapes.items():
+        key = _key(tuple(k.key for k in path))
+        entry = manifest.get(key)
+        if entry is None or tuple(entry["shape"]) != tuple(shape):
+            raise CheckpointError(f"{folder / CONFIG_FILE}: parameter {key!r} is "
+                                  f"{'missing' if entry is None else 'of shape ' + str(tuple(entry['shape']))}; "
+                                  f"the model expects {tuple(shape)}")
+        node = abstract
+        for k in key.split("/")[:-1]:
+            node = node.setdefault(k, {})
+        leaf = key.split("/")[-1]
+        if entry["layers"] is None:
+            node[leaf] = jax.ShapeDtypeStruct(shape, dtype, sharding=flat_shardings[path])
+        else:
+            per_layer = _layer_shardings(flat_shardings[path], shape[0])
+            node[leaf] = {_LAYER_KEY.format(i): jax.ShapeDtypeStruct(shape[1:], dtype, sharding=s)
+                          for i, s in enumerate(per_layer)}
+            stacked[key] = (flat_shardings[path], tuple(shape))
+    try:
+        restored = ocp.load(folder / CHECKPOINT_DIR, abstract)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder / CHECKPOINT_DIR}: cannot restore the checkpoint ({type(e).__name__}: {e})") \
+            from None
+
+    params = {}
+    for key in (_key(tuple(k.key for k in p)) for p in flat_shapes):
+        parts = key.split("/")
+        node = restored
+        for k in parts:
+            node = node[k]
+        if key in stacked:
+            target, shape = stacked[key]
+            layers = [node[_LAYER_KEY.format(i)] for i in range(shape[0])]
+            node = _stack_on_devices(layers, target, shape)
+            del layers
+        dest = params
+        for k in parts[:-1]:
+            dest = dest.setdefault(k, {})
+        dest[parts[-1]] = node
+    return arch.model(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len, str(folder))
+
+
+# ---------------------------------------------------------------------------------- inspecting
+def describe(path) -> dict:
+    """What `energon inspect` prints: architecture, dims, dtype, params, bytes, layout of a folder."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face or a converted model folder)")
+    if (folder / CONFIG_FILE).is_file():
+        meta = read_converted_config(folder)
+        disk = sum(p.stat().st_size for p in (folder / CHECKPOINT_DIR).rglob("*") if p.is_file())
+        return {"kind": "converted", "path": str(folder), "architecture": meta["architecture"],
+                "dims": meta["dims"], "dtype": meta["dtype"], "num_params": meta["num_params"],
+                "bytes": meta["bytes"], "bytes_on_disk": disk, "layout": meta["layout"],
+                "converter_version": meta["converter_version"], "source": meta["source"]}
+    hf = read_config(folder)
+    arch = architecture(hf.get("model_type"), folder / "config.json")
+    cfg = _converter(arch).config_from_hf(hf)
+    source = TensorSource(folder)
+    from energon_jax.loading import param_specs
+
+    _, shapes = param_specs(*arch.module(cfg, jnp.float32))
+    num_params = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    first = source.keys()[0]
+    dtype = np.dtype(source.get(first).dtype).name
+    return {"kind": "huggingface", "path": str(folder), "architecture": hf["model_type"],
+            "dims": dataclasses.asdict(cfg), "dtype": dtype, "num_params": num_params,
+            "bytes": num_params * np.dtype(dtype).itemsize,
+            "bytes_on_disk": sum(p.stat().st_size for p in source.files),
+            "layout": None, "files": [p.name for p in source.files]}
