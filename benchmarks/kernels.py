@@ -1,0 +1,229 @@
+"""GPU check and timing of the Triton attention kernels (through jax-triton) against their XLA references.
+
+Run on a CUDA machine from the repository root:  python3 benchmarks/kernels.py [--sweep]
+Prints each kernel's error against its reference, then a markdown table of times; writes the
+output to $OUT/kernels.txt too when OUT is set. --sweep also times several tile configurations.
+
+Floors (H100, ~3.0 TB/s copy, ~790 TFLOP/s bf16 matmul): decode reads K+V once, so its time is
+bytes / bandwidth; prefill and varlen are matmul work, reported in TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+# The repository is not pip-installed on the GPU machine: import kernels/ as a package from the
+# root, put first so that it wins over this script's own name (benchmarks/kernels.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from kernels import decode_attention as da  # noqa: E402
+from kernels import prefill_attention as pa  # noqa: E402
+from kernels import varlen_attention as va  # noqa: E402
+
+HBM_BYTES_PER_S = 3.0e12  # device copy measured on the H100 (shared/DEVICE.md)
+LINES = []
+
+
+def say(line=""):
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def time_us(fn, *args, inner=20, repeats=7):
+    """Median microseconds per call of a jitted fn: warm up, then time back-to-back calls."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - t0) / inner * 1e6)
+    return statistics.median(runs)
+
+
+def errors(out, ref):
+    """(max abs error, relative L2 error, any NaN) of out against ref, in float32."""
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    rel = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
+    return float(np.abs(out - ref).max()), float(rel), bool(np.isnan(out).any())
+
+
+def report_check(name, out, ref, limit):
+    mx, rel, nan = errors(out, ref)
+    ok = not nan and rel < limit
+    say(f"check {name}: max abs err {mx:.3e}, rel L2 err {rel:.3e}, NaN {nan} -> {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def randn(key, shape, dtype):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+# ---- decode: batch 32, context 2048, GPT-2 XL heads (25 x 64), bf16 ----
+
+def decode_case(dtype=jnp.bfloat16, b=32, n=25, s=2048, d=64, lengths=None, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    return randn(kq, (b, n, d), dtype), randn(kk, (b, n, s, d), dtype), randn(kv, (b, n, s, d), dtype), lengths
+
+
+def check_decode():
+    ok = True
+    for dtype, limit in ((jnp.bfloat16, 2e-2), (jnp.float32, 1e-5)):
+        args = decode_case(dtype, b=6, n=5, s=1000, lengths=[0, 1, 7, 129, 999, 1000], seed=1)
+        out = jax.jit(lambda *a: da.decode_attention(*a, scale=0.125, impl="triton"))(*args)
+        ref = da.decode_attention_reference(*args, scale=0.125)
+        ok &= report_check(f"decode {jnp.dtype(dtype).name}", out, ref, limit)
+    return ok
+
+
+def bench_decode(tiles_list):
+    args = decode_case()
+    b, n, s, d = args[1].shape
+    kv_bytes = 2 * b * n * s * d * args[1].dtype.itemsize
+    rows = []
+    ref = jax.jit(lambda *a: da.decode_attention(*a, scale=0.125, impl="xla"))
+    t = time_us(ref, *args)
+    rows.append(("decode", "xla reference", t, f"{kv_bytes / t / 1e6:.0f} GB/s ({kv_bytes / t / 1e6 / (HBM_BYTES_PER_S / 1e9):.0%} of HBM)"))
+    for tiles in tiles_list:
+        fn = jax.jit(lambda *a, tiles=tiles: da.decode_attention(*a, scale=0.125, impl="triton", tiles=tiles))
+        t = time_us(fn, *args)
+        rows.append(("decode", f"triton {tiles}", t, f"{kv_bytes / t / 1e6:.0f} GB/s ({kv_bytes / t / 1e6 / (HBM_BYTES_PER_S / 1e9):.0%} of HBM)"))
+    return rows
+
+
+# ---- prefill: batch 8, T 1024, 16 heads x 64, bf16, causal ----
+
+def prefill_case(dtype=jnp.bfloat16, b=8, t=1024, n=16, d=64, lengths=None, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    return (*(randn(k, (b, t, n, d), dtype) for k in keys), lengths)
+
+
+def check_prefill():
+    ok = True
+    # float32 dots run as tf32 on the GPU (as XLA's default precision does): a looser bound
+    for dtype, limit in ((jnp.bfloat16, 2e-2), (jnp.float32, 5e-3)):
+        args = prefill_case(dtype, b=4, t=300, n=3, lengths=[0, 1, 129, 300], seed=2)
+        out = jax.jit(lambda *a: pa.prefill_attention(*a, scale=0.125, impl="triton"))(*args)
+        ref = pa.prefill_attention_reference(*args, scale=0.125)
+        ok &= report_check(f"prefill {jnp.dtype(dtype).name}", out, ref, limit)
+    return ok
+
+
+def bench_prefill(tiles_list):
+    args = prefill_case()
+    b, t, n, d = args[0].shape
+    flops = 4 * b * n * d * t * (t + 1) / 2  # QK^T and PV over the causal half
+    rows = []
+    ref = jax.jit(lambda *a: pa.prefill_attention(*a, scale=0.125, impl="xla"))
+    tm = time_us(ref, *args, inner=5)
+    rows.append(("prefill", "xla reference (f32 softmax)", tm, f"{flops / tm / 1e6:.1f} TFLOP/s"))
+    try:  # the fast XLA/cuDNN path users would otherwise call
+        cudnn = jax.jit(lambda q, k, v, lengths: jax.nn.dot_product_attention(
+            q, k, v, scale=0.125, is_causal=True, implementation="cudnn"))
+        tm = time_us(cudnn, *args)
+        rows.append(("prefill", "jax.nn.dot_product_attention cudnn", tm, f"{flops / tm / 1e6:.1f} TFLOP/s"))
+    except Exception as e:  # noqa: BLE001 - a missing cuDNN path is reported, not fatal
+        say(f"cudnn prefill baseline unavailable: {type(e).__name__}: {str(e)[:200]}")
+    for tiles in tiles_list:
+        fn = jax.jit(lambda *a, tiles=tiles: pa.prefill_attention(*a, scale=0.125, impl="triton", tiles=tiles))
+        tm = time_us(fn, *args)
+        rows.append(("prefill", f"triton {tiles}", tm, f"{flops / tm / 1e6:.1f} TFLOP/s"))
+    return rows
+
+
+# ---- varlen: bert-base (12 heads x 64), 64 sequences of length U[16, 512], bf16 ----
+
+def varlen_case(dtype=jnp.bfloat16, seq_lens=None, n=12, d=64, pad=0, seed=0):
+    rng = np.random.default_rng(seed)
+    seq_lens = rng.integers(16, 513, size=64) if seq_lens is None else np.asarray(seq_lens)
+    t = int(seq_lens.sum()) + pad
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(seq_lens)]), jnp.int32)
+    return (*(randn(k, (t, n, d), dtype) for k in keys), cu), seq_lens
+
+
+def check_varlen():
+    ok = True
+    for dtype, limit in ((jnp.bfloat16, 2e-2), (jnp.float32, 5e-3)):
+        args, lens = varlen_case(dtype, seq_lens=[1, 7, 129, 0, 500, 64], n=3, pad=11, seed=3)
+        fn = jax.jit(lambda *a: va.varlen_attention(*a, scale=0.125, max_seqlen=500, impl="triton"))
+        out = fn(*args)
+        ref = va.varlen_attention_reference(*args, scale=0.125, max_seqlen=500)
+        ok &= report_check(f"varlen {jnp.dtype(dtype).name}", out, ref, limit)
+    return ok
+
+
+def bench_varlen(tiles_list):
+    args, lens = varlen_case()
+    n, d = args[0].shape[1:]
+    flops = 4 * n * d * float(np.sum(lens.astype(np.float64) ** 2))
+    rows = []
+    ref = jax.jit(lambda *a: va.varlen_attention(*a, scale=0.125, max_seqlen=512, impl="xla"))
+    tm = time_us(ref, *args, inner=5)
+    rows.append(("varlen", f"xla reference ({len(lens)} seqs, {int(lens.sum())} tokens)", tm, f"{flops / tm / 1e6:.1f} TFLOP/s"))
+    for tiles in tiles_list:
+        fn = jax.jit(lambda *a, tiles=tiles: va.varlen_attention(*a, scale=0.125, max_seqlen=512, impl="triton", tiles=tiles))
+        tm = time_us(fn, *args)
+        rows.append(("varlen", f"triton {tiles}", tm, f"{flops / tm / 1e6:.1f} TFLOP/s"))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time several tile configurations")
+    sweep = parser.parse_args().sweep
+
+    dev = jax.devices()[0]
+    say(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    if jax.default_backend() != "gpu":
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+    ok = check_decode() & check_prefill() & check_varlen()
+
+    decode_tiles = [da.DecodeTiles()]
+    flash_tiles = [pa.PrefillTiles()]
+    varlen_tiles = [va.VarlenTiles()]
+    if sweep:
+        decode_tiles += [da.DecodeTiles(block_s=bs, chunk=c, num_warps=w, num_stages=st)
+                         for bs, c, w, st in ((128, 512, 4, 3), (64, 256, 4, 3), (128, 1024, 8, 3),
+                                              (32, 256, 4, 4), (128, 256, 4, 2), (256, 1024, 8, 3))]
+        more = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))
+        flash_tiles += [pa.PrefillTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
+        varlen_tiles += [va.VarlenTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
+
+    rows = []
+    for bench, tiles in ((bench_decode, decode_tiles), (bench_prefill, flash_tiles), (bench_varlen, varlen_tiles)):
+        try:
+            rows += bench(tiles)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next kernel
+            say(f"{bench.__name__} failed: {type(e).__name__}: {str(e)[:400]}")
+            ok = False
+
+    say()
+    say("| kernel | implementation | time (us) | rate |")
+    say("|---|---|---|---|")
+    for kernel, impl, t, rate in rows:
+        say(f"| {kernel} | {impl} | {t:.1f} | {rate} |")
+    say(f"\nall checks ok: {ok}")
+    if os.environ.get("OUT"):
+        with io.open(os.path.join(os.environ["OUT"], "kernels.txt"), "w") as f:
+            f.write("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()
