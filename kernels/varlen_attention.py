@@ -55,10 +55,11 @@ def _varlen_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     sn = tl.program_id(1)  # sequence * NUM_HEADS + head
     seq = sn // NUM_HEADS
-    first = tl.load(cu_ptr + seq).to(tl.int64)  # int64 keeps offsets of long streams from overflowing
+    first = tl.load(cu_ptr + seq)
     seq_len = tl.load(cu_ptr + seq + 1) - first
     row_stride = NUM_HEADS * HEAD_DIM
-    base = first * row_stride + (sn % NUM_HEADS) * HEAD_DIM
+    # int64: T * N * D can pass 2**31 in a long packed stream
+    base = first.to(tl.int64) * row_stride + (sn % NUM_HEADS) * HEAD_DIM
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
