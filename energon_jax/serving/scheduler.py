@@ -1,0 +1,336 @@
+"""Continuous-batching scheduler for decode slots. Pure Python: no jax, testable with a fake engine.
+
+The serving core is three calls per iteration (vLLM v1 style), with plain dataclasses between:
+
+    out = scheduler.schedule()                 # who is prefilled into which slot, how many decode steps
+    result = executor.execute(out)             # the engine runs it (EngineOutput)
+    scheduler.update_from_output(out, result)  # tokens appended, stop conditions, slots freed
+
+A finished request's slot is refilled at the very next `schedule()` (continuous batching).
+Admission is FIFO. `add_request` and `cancel` may be called from other threads.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+import threading
+import time
+from typing import Callable, Sequence
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; retry after `retry_after` seconds (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The server no longer admits requests (HTTP 503)."""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+# finish_reason values: "length" and "stop" as in GPTModel.generate; the rest end a request early.
+EARLY_REASONS = ("cancelled", "timeout", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # a hit ends the request; the token is kept in token_ids, not in text
+    stop_strings: tuple[str, ...] = ()  # a hit ends the request; text is cut before it
+
+
+@dataclasses.dataclass
+class Delta:
+    """What one update added to a request's stream (text is None in token-id mode)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str | None
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    options: SamplingOptions
+    sink: Callable[[Delta], None] | None = None  # called from the scheduler's thread
+    deadline: float | None = None  # time.monotonic() after which the request is ended with "timeout"
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    slot: int | None = None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""  # text of output_ids so far, after any stop-string cut
+    emitted_text: str = ""  # the part of `text` already sent to the sink
+    emitted_ids: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cancel_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillWork:
+    request_id: str
+    slot: int
+    token_ids: list[int]
+    options: SamplingOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerOutput:
+    prefills: list[PrefillWork]
+    decode_steps: int  # 0: no decode this iteration
+    active: list[bool]  # [num_slots]: slots whose decode output is wanted
+    slot_requests: dict[int, Request]  # the occupant of each active slot when this was scheduled
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefills and not self.decode_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOutput:
+    first_tokens: dict[str, int]  # request_id -> token sampled from its prefill
+    decode_tokens: Sequence[Sequence[int]] = ()  # [decode_steps][num_slots]
+
+
+class Scheduler:
+    """FIFO admission into `num_slots` decode slots, with a bounded waiting queue.
+
+    detokenize: ids -> text (None: token-id mode; stop strings are then refused).
+    decode_step_options: the decode step counts the engine has compiled (ascending powers of two);
+      a decode dispatch runs the largest that wastes no slot-steps while requests wait.
+    max_prefill_tokens: prompt tokens admitted per iteration beyond the first request, so that
+      long prompt bursts interleave with the decode of running requests.
+    context_len: prompt + max_tokens must fit (the decode cache length).
+    """
+
+    def __init__(self, num_slots: int, *, max_queue: int = 64, context_len: int,
+                 detokenize: Callable[[list[int]], str] | None = None,
+                 decode_step_options: Sequence[int] = (1,), max_prefill_tokens: int = 4096,
+                 clock: Callable[[], float] = time.monotonic):
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots} must be >= 1")
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue} must be >= 0")
+        self.num_slots = num_slots
+        self.max_queue = max_queue
+        self.context_len = context_len
+        self.detokenize = detokenize
+        self.decode_step_options = sorted(set(int(k) for k in decode_step_options))
+        if not self.decode_step_options or self.decode_step_options[0] != 1:
+            raise ValueError(f"decode_step_options={list(decode_step_options)} must include 1")
+        self.max_prefill_tokens = max_prefill_tokens
+        self.clock = clock
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.slots: list[Request | None] = [None] * num_slots
+        self.requests: dict[str, Request] = {}
+        self.accepting = True
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self.work_available = threading.Condition(self._lock)  # notified when a request arrives
+
+    # ------------------------------------------------------------ submission
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(self, prompt_ids: list[int], options: SamplingOptions, *, sink=None,
+                    request_id: str | None = None, timeout: float | None = None) -> Request:
+        """Queue a request; raises ValueError (bad input), QueueFull or ShuttingDown."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; it needs at least one token")
+        if not isinstance(options.max_tokens, int) or options.max_tokens < 1:
+            raise ValueError(f"max_tokens={options.max_tokens!r} must be an int >= 1")
+        total = len(prompt_ids) + options.max_tokens
+        if total > self.context_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={options.max_tokens} that is "
+                             f"{total} > the context of {self.context_len} tokens")
+        if options.stop_strings and self.detokenize is None:
+            raise ValueError("stop strings need a tokenizer; this model runs in token-id mode (use stop token ids)")
+        with self._lock:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down and admits no new requests")
+            # Requests that will take a free slot at the next step are not queued behind anyone.
+            if len(self.waiting) >= self.max_queue + sum(r is None for r in self.slots):
+                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests); retry later",
+                                retry_after=self._retry_after())
+            req = Request(request_id or self.new_request_id(), list(prompt_ids), options, sink,
+                          None if timeout is None else self.clock() + timeout, arrival=self.clock())
+            if req.request_id in self.requests:
+                raise ValueError(f"request_id {req.request_id!r} is already in use")
+            self.requests[req.request_id] = req
+            self.waiting.append(req)
+            self.work_available.notify_all()
+        return req
+
+    def _retry_after(self) -> float:
+        """Seconds until a queue place is likely free: the oldest running request's age, at least 1."""
+        now = self.clock()
+        ages = [now - r.arrival for r in self.slots if r is not None]
+        return max(1.0, min(ages) if ages else 1.0)
+
+    def cancel(self, request_id: str, reason: str = "cancelled", error: str | None = None) -> bool:
+        """End a request now; its slot is free for the next `schedule()`. False if already finished."""
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is None or req.finished:
+                return False
+            self._finish(req, reason, error)
+            return True
+
+    # ------------------------------------------------------------- inspection
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.waiting) or self.slots_in_use > 0
+
+    # -------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        with self._lock:
+            self._expire()
+            prefills: list[PrefillWork] = []
+            budget = self.max_prefill_tokens
+            free = [i for i, r in enumerate(self.slots) if r is None]
+            while self.waiting and free and (not prefills or budget >= len(self.waiting[0].prompt_ids)):
+                req = self.waiting.popleft()
+                slot = free.pop(0)
+                req.slot, req.status = slot, Status.RUNNING
+                self.slots[slot] = req
+                budget -= len(req.prompt_ids)
+                prefills.append(PrefillWork(req.request_id, slot, req.prompt_ids, req.options))
+            active = [r is not None for r in self.slots]
+            occupants = {i: r for i, r in enumerate(self.slots) if r is not None}
+            steps = self._decode_steps(occupants, {p.request_id for p in prefills}) if occupants else 0
+            return SchedulerOutput(prefills, steps, active, occupants)
+
+    def _decode_steps(self, occupants: dict[int, Request], prefilled: set[str]) -> int:
+        # A request prefilled this iteration gets its first token from the prefill.
+        remaining = [r.options.max_tokens - len(r.output_ids) - (r.request_id in prefilled) for r in occupants.values()]
+        if max(remaining) <= 0:
+            return 0
+        if not self.waiting:  # the fewest steps that finish every running request, in one dispatch
+            longest = max(remaining)
+            return next((k for k in self.decode_step_options if k >= longest), self.decode_step_options[-1])
+        # Requests wait: stop at the first slot that frees up, so none idles while they wait.
+        soonest = min(k for k in remaining if k > 0)
+        return max(k for k in self.decode_step_options if k <= soonest)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for req in [r for r in self.requests.values() if r.deadline is not None and now > r.deadline]:
+            self._finish(req, "timeout")
+
+    # ---------------------------------------------------------------- update
+    def update_from_output(self, out: SchedulerOutput, result: EngineOutput) -> list[Request]:
+        """Append the engine's tokens; returns the requests that finished in this update."""
+        done = []
+        with self._lock:
+            new_ids: dict[str, list[int]] = collections.defaultdict(list)
+            for p in out.prefills:
+                if p.request_id in result.first_tokens:
+                    new_ids[p.request_id].append(int(result.first_tokens[p.request_id]))
+            for row in result.decode_tokens:
+                for slot, req in out.slot_requests.items():
+                    new_ids[req.request_id].append(int(row[slot]))
+            now = self.clock()
+            for req in out.slot_requests.values():
+                if req.finished or not new_ids[req.request_id]:
+                    continue
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                reason = self._append(req, new_ids[req.request_id])
+                if reason:
+                    self._finish(req, reason)
+                    done.append(req)
+                else:
+                    self._emit(req)
+        return done
+
+    def _append(self, req: Request, ids: list[int]) -> str | None:
+        """Append tokens up to the first stop condition; returns the finish reason or None."""
+        opts, reason = req.options, None
+        for t in ids:
+            req.output_ids.append(t)
+            if t in opts.stop_token_ids:
+                reason = "stop"
+                break
+            if len(req.output_ids) >= opts.max_tokens:
+                reason = "length"
+                break
+        if self.detokenize is None:
+            return reason
+        body = req.output_ids[:-1] if reason == "stop" else req.output_ids
+        req.text = self.detokenize(body)
+        if opts.stop_strings:
+            hits = [(req.text.find(s), s) for s in opts.stop_strings if s in req.text]
+            if hits:
+                cut, s = min(hits)
+                # keep the fewest tokens whose text reaches the end of the stop string (as GPTModel.generate)
+                k = next(k for k in range(1, len(body) + 1) if len(self.detokenize(body[:k])) >= cut + len(s))
+                req.output_ids, req.text, reason = body[:k], req.text[:cut], "stop"
+        return reason
+
+    def _emit(self, req: Request, final: bool = False) -> None:
+        text = None
+        if self.detokenize is not None:
+            safe = req.text
+            if not final:
+                # Hold back a possibly incomplete UTF-8 character and a possible stop-string prefix.
+                safe = safe.rstrip("\ufffd")
+                hold = max((len(s) - 1 for s in req.options.stop_strings), default=0)
+                safe = safe[: max(len(req.emitted_text), len(safe) - hold)]
+            text = safe[len(req.emitted_text):]
+            req.emitted_text += text
+        ids = req.output_ids[req.emitted_ids:]
+        req.emitted_ids = len(req.output_ids)
+        if req.sink is not None and (ids or text or final):
+            req.sink(Delta(req.request_id, ids, text, final, req.finish_reason if final else None, req.error))
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+        elif req.slot is not None and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+        req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, self.clock()
+        req.error = error if error is not None else req.error
+        self.requests.pop(req.request_id, None)
+        self._emit(req, final=True)
+
+    def fail_all(self, reason: str = "error", error: str = "the server stopped") -> None:
+        """End every waiting and running request (engine failure or shutdown)."""
+        with self._lock:
+            for req in list(self.requests.values()):
+                self._finish(req, reason, error)
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self.accepting = False

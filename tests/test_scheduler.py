@@ -1,0 +1,178 @@
+"""The continuous-batching scheduler with a fake engine (no jax, no model)."""
+import pytest
+
+from energon_jax.serving.scheduler import (EngineOutput, QueueFull, SamplingOptions, Scheduler, ShuttingDown,
+                                           Status)
+
+
+class FakeEngine:
+    """Slot s generates prompt[-1] + 1, + 2, ... (so every output names its request)."""
+
+    def __init__(self, num_slots):
+        self.next = [None] * num_slots
+        self.prefilled = []
+        self.decode_calls = []
+
+    def execute(self, out):
+        firsts = {}
+        for p in out.prefills:
+            self.prefilled.append(p.request_id)
+            firsts[p.request_id] = p.token_ids[-1] + 1
+            self.next[p.slot] = p.token_ids[-1] + 2
+        rows = []
+        for _ in range(out.decode_steps):
+            row = []
+            for s, live in enumerate(out.active):
+                row.append(self.next[s] if live else -1)
+                if live:
+                    self.next[s] += 1
+            rows.append(row)
+        self.decode_calls.append(out.decode_steps)
+        return EngineOutput(firsts, rows)
+
+
+def run(sched, engine, max_iters=100):
+    for _ in range(max_iters):
+        if not sched.has_work():
+            return
+        out = sched.schedule()
+        sched.update_from_output(out, engine.execute(out))
+    raise AssertionError("scheduler did not finish")
+
+
+def detok(ids):
+    return "".join(chr(ord("a") + t % 26) for t in ids)
+
+
+def make(num_slots=2, **kw):
+    kw.setdefault("context_len", 64)
+    return Scheduler(num_slots, **kw), FakeEngine(num_slots)
+
+
+def test_outputs_and_length_stop():
+    sched, eng = make(2, decode_step_options=(1, 2, 4))
+    reqs = [sched.add_request([10 * (i + 1)], SamplingOptions(max_tokens=5)) for i in range(3)]
+    run(sched, eng)
+    for i, r in enumerate(reqs):
+        base = 10 * (i + 1)
+        assert r.output_ids == [base + 1 + k for k in range(5)]
+        assert r.finish_reason == "length" and r.status is Status.FINISHED
+
+
+def test_finished_slot_refilled_next_step_fifo():
+    sched, eng = make(2, decode_step_options=(1,))
+    short = sched.add_request([1], SamplingOptions(max_tokens=2))
+    long = sched.add_request([2], SamplingOptions(max_tokens=6))
+    waiting = [sched.add_request([3 + i], SamplingOptions(max_tokens=1)) for i in range(3)]
+    out = sched.schedule()
+    assert [p.request_id for p in out.prefills] == [short.request_id, long.request_id]
+    sched.update_from_output(out, eng.execute(out))  # prefill + 1 decode step: short is done
+    assert short.finished and not long.finished and sched.slots_in_use == 1
+    out = sched.schedule()  # its slot goes to the oldest waiting request at once
+    assert [p.request_id for p in out.prefills] == [waiting[0].request_id]
+    assert out.prefills[0].slot == short.slot
+    sched.update_from_output(out, eng.execute(out))
+    run(sched, eng)
+    assert eng.prefilled == [short.request_id, long.request_id] + [w.request_id for w in waiting]  # FIFO
+
+
+def test_stop_token_and_stop_string():
+    sched, eng = make(2, detokenize=detok)
+    # prompt 40 -> 41, 42, 43 ...: stop token 43 is kept in token_ids but not in text
+    a = sched.add_request([40], SamplingOptions(max_tokens=10, stop_token_ids=(43,)))
+    # prompt 0 -> 1, 2, 3, 4 = "bcde": stop string "cd" cuts text to "b", keeps tokens through "d"
+    b = sched.add_request([0], SamplingOptions(max_tokens=10, stop_strings=("cd",)))
+    streamed = []
+    b.sink = lambda d: streamed.append(d)
+    run(sched, eng)
+    assert a.output_ids == [41, 42, 43] and a.finish_reason == "stop" and a.text == detok([41, 42])
+    assert b.finish_reason == "stop" and b.text == "b" and b.output_ids == [1, 2, 3]
+    assert "".join(d.text for d in streamed) == "b"  # the held-back "c" never leaked out
+    assert streamed[-1].finished and streamed[-1].finish_reason == "stop"
+
+
+def test_decode_steps_stop_where_a_waiting_request_can_enter():
+    sched, eng = make(1, decode_step_options=(1, 2, 4, 8))
+    first = sched.add_request([1], SamplingOptions(max_tokens=4))
+    sched.add_request([2], SamplingOptions(max_tokens=20))
+    out = sched.schedule()
+    # first has 3 tokens left after its prefill and someone waits: 2 steps (no slot-step wasted), not 8
+    assert out.decode_steps == 2
+    sched.update_from_output(out, eng.execute(out))
+    run(sched, eng)
+    assert first.output_ids == [2, 3, 4, 5]
+    # then nobody waits: the fewest dispatches that finish the 19 tokens left (8 + 8 + 4, not 8 + 8 + 8)
+    assert eng.decode_calls == [2, 1, 8, 8, 4]
+
+
+def test_cancel_frees_slot_and_ends_stream():
+    sched, eng = make(1)
+    deltas = []
+    a = sched.add_request([1], SamplingOptions(max_tokens=50), sink=deltas.append)
+    b = sched.add_request([5], SamplingOptions(max_tokens=3))
+    out = sched.schedule()
+    sched.update_from_output(out, eng.execute(out))
+    assert sched.cancel(a.request_id)
+    assert not sched.cancel(a.request_id)  # already finished
+    assert deltas[-1].finished and deltas[-1].finish_reason == "cancelled"
+    out = sched.schedule()
+    assert [p.request_id for p in out.prefills] == [b.request_id] and out.prefills[0].slot == a.slot
+    sched.update_from_output(out, eng.execute(out))
+    run(sched, eng)
+    assert b.output_ids == [6, 7, 8]
+
+
+def test_cancel_waiting_and_in_flight_output_is_dropped():
+    sched, eng = make(1)
+    a = sched.add_request([1], SamplingOptions(max_tokens=50))
+    b = sched.add_request([9], SamplingOptions(max_tokens=2))
+    sched.cancel(b.request_id)
+    assert b.finish_reason == "cancelled" and sched.queue_depth == 1  # only a waits
+    out = sched.schedule()
+    result = eng.execute(out)
+    sched.cancel(a.request_id)  # cancelled while its step was on the device
+    sched.update_from_output(out, result)
+    assert a.output_ids == [] and sched.slots_in_use == 0 and not sched.has_work()
+
+
+def test_queue_bound_and_shutdown():
+    sched, eng = make(2, max_queue=3)
+    for i in range(5):  # 2 take the free slots, 3 wait
+        sched.add_request([i + 1], SamplingOptions(max_tokens=2))
+    with pytest.raises(QueueFull) as e:
+        sched.add_request([1], SamplingOptions(max_tokens=2))
+    assert e.value.retry_after >= 1
+    run(sched, eng)
+    sched.add_request([1], SamplingOptions(max_tokens=2))  # room again
+    sched.stop_accepting()
+    with pytest.raises(ShuttingDown):
+        sched.add_request([1], SamplingOptions(max_tokens=2))
+    sched.fail_all()
+    assert not sched.has_work()
+
+
+def test_deadline_expires_waiting_and_running():
+    now = [0.0]
+    sched, eng = make(1, clock=lambda: now[0])
+    a = sched.add_request([1], SamplingOptions(max_tokens=50), timeout=5)
+    b = sched.add_request([2], SamplingOptions(max_tokens=50), timeout=1)
+    out = sched.schedule()
+    sched.update_from_output(out, eng.execute(out))
+    now[0] = 2.0
+    sched.schedule()
+    assert b.finish_reason == "timeout" and not a.finished
+    now[0] = 6.0
+    sched.schedule()
+    assert a.finish_reason == "timeout" and a.output_ids and sched.slots_in_use == 0
+
+
+def test_bad_requests():
+    sched, _ = make(1, context_len=16)
+    with pytest.raises(ValueError, match="empty"):
+        sched.add_request([], SamplingOptions())
+    with pytest.raises(ValueError, match="max_tokens"):
+        sched.add_request([1], SamplingOptions(max_tokens=0))
+    with pytest.raises(ValueError, match="context of 16"):
+        sched.add_request([1] * 10, SamplingOptions(max_tokens=7))
+    with pytest.raises(ValueError, match="token-id mode"):
+        sched.add_request([1], SamplingOptions(max_tokens=2, stop_strings=("x",)))
