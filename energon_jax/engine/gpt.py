@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -22,6 +23,16 @@ class GenerationOutput:
     finish_reason: str  # "length" | "stop"
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_steps(config, dtype):
+    """One set of jitted steps per (config, dtype): models loaded twice share their compiled programs.
+
+    `compile_counts` is therefore shared by such models too."""
+    module = GPT2(config, param_dtype=dtype)
+    counter = CompileCounter()
+    return module, counter, make_forward(module, counter), make_generate(module, counter, dtype)
+
+
 def _is_token_list(p) -> bool:
     return isinstance(p, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in p)
 
@@ -29,10 +40,7 @@ def _is_token_list(p) -> bool:
 class GPTModel(ShardedModel):
     def __init__(self, config, params, mesh, tokenizer, *, max_seq_len, source=""):
         super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
-        self.module = GPT2(config, param_dtype=self.dtype)
-        self.compile_counts = CompileCounter()
-        self._forward = make_forward(self.module, self.compile_counts)
-        self._generate = make_generate(self.module, self.compile_counts, self.dtype)
+        self.module, self.compile_counts, self._forward, self._generate = _compiled_steps(config, self.dtype)
 
     # ----------------------------------------------------------------- inputs
     def _check_ids(self, ids: Sequence[int], where: str) -> list[int]:

@@ -1,0 +1,198 @@
+"""GPT-2: parity with Hugging Face PyTorch, generation semantics, bucketing, bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import energon_jax as ej
+from energon_jax.convert.gpt2 import UnsupportedConfigError
+from energon_jax.convert.hf_files import CheckpointError
+
+CONFIGS = [
+    dict(n_layer=2, n_head=4, n_embd=32, vocab_size=101),
+    dict(n_layer=3, n_head=2, n_embd=48, vocab_size=257, n_inner=80, layer_norm_epsilon=1e-6),
+    dict(n_layer=1, n_head=8, n_embd=64, vocab_size=64, scale_attn_weights=False, n_positions=96,
+         bos_token_id=63, eos_token_id=63),
+]
+
+
+def _hf_greedy(hf, prompt, n):
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                      pad_token_id=hf.config.eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("overrides", CONFIGS, ids=["l2h4", "l3h2-inner", "l1h8-noscale"])
+def test_parity_with_hf(tiny_gpt2_factory, overrides):
+    folder, hf = tiny_gpt2_factory(**overrides)
+    model = ej.load_sharded_model(folder)
+    rng = np.random.RandomState(1)
+    ids = rng.randint(0, overrides["vocab_size"], (3, 17))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    got = model.logits(ids)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.abs(got - ref).max() <= 1e-4
+    for prompt in (ids[0, :5].tolist(), ids[1].tolist()):
+        ours = model.generate([prompt], max_new_tokens=32)[0]
+        theirs = _hf_greedy(hf, prompt, 32)
+        assert ours.token_ids == theirs
+        assert ours.finish_reason == ("stop" if len(theirs) < 32 else "length")
+
+
+def test_mixed_lengths_equal_alone(tiny_gpt2_factory):
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    rng = np.random.RandomState(2)
+    prompts = [rng.randint(0, 100, n).tolist() for n in (1, 4, 9, 16, 23)]
+    together = model.generate(prompts, max_new_tokens=12)
+    for prompt, out in zip(prompts, together):
+        assert out.token_ids == model.generate([prompt], max_new_tokens=12)[0].token_ids
+
+
+def test_seeds_and_top_k(tiny_gpt2_factory):
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    prompts = [[1, 2, 3], [7, 8]]
+    a = model.generate(prompts, max_new_tokens=16, temperature=1.0, seed=11)
+    b = model.generate(prompts, max_new_tokens=16, temperature=1.0, seed=11)
+    c = model.generate(prompts, max_new_tokens=16, temperature=1.0, seed=12)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    greedy = model.generate(prompts, max_new_tokens=16)
+    top1 = model.generate(prompts, max_new_tokens=16, temperature=1.3, top_k=1, seed=5)
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+    tiny_p = model.generate(prompts, max_new_tokens=16, temperature=1.3, top_p=1e-6, seed=5)
+    assert [o.token_ids for o in tiny_p] == [o.token_ids for o in greedy]
+
+
+def test_sampling_settings_never_recompile(tiny_gpt2_factory):
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    model.generate([[1, 2, 3]], max_new_tokens=8)
+    before = model.compile_counts["generate"]
+    for kwargs in (dict(temperature=0.7, top_k=5, seed=1), dict(temperature=1.5, top_p=0.5, seed=2),
+                   dict(temperature=0.0)):
+        model.generate([[1, 2, 3]], max_new_tokens=8, **kwargs)
+    assert model.compile_counts["generate"] == before
+
+
+def test_prompt_lengths_in_one_bucket_compile_once(tiny_gpt2_factory):
+    folder, _ = tiny_gpt2_factory(n_embd=40)  # a config no other test compiles: counts start at 0
+    model = ej.load_sharded_model(folder)
+    for n in (3, 9, 14):  # all in the 16-token bucket
+        model.generate([list(range(1, n + 1))], max_new_tokens=4)
+    assert model.compile_counts["generate"] == 1
+    for n in (2, 5, 11):
+        model.logits(np.arange(1, n + 1)[None])
+    assert model.compile_counts["forward"] == 1
+
+
+def test_stop_token_ids_and_eos(tiny_gpt2_factory, tmp_path):
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    free = model.generate([[5, 6, 7]], max_new_tokens=20)[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    target = free.token_ids[6]
+    first = free.token_ids.index(target)
+    stopped = model.generate([[5, 6, 7]], max_new_tokens=20, stop=[target])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    # The same token declared as EOS in config.json stops generation without `stop`.
+    eos_folder = tmp_path / "eos"
+    shutil.copytree(folder, eos_folder)
+    cfg = json.loads((eos_folder / "config.json").read_text())
+    cfg["eos_token_id"] = int(target)
+    (eos_folder / "config.json").write_text(json.dumps(cfg))
+    eos_model = ej.load_sharded_model(eos_folder)
+    out = eos_model.generate([[5, 6, 7], [5, 6, 7]], max_new_tokens=20)
+    assert [o.token_ids for o in out] == [stopped.token_ids] * 2
+    assert all(o.finish_reason == "stop" for o in out)
+
+
+def test_stop_strings_with_tokenizer(gpt2_with_tokenizer):
+    model = ej.load_sharded_model(gpt2_with_tokenizer)
+    free = model.generate(["the cat"], max_new_tokens=24)[0]
+    assert isinstance(free.text, str) and free.text
+    assert free.token_ids and free.finish_reason == "length"
+    # choose a stop string that occurs in the free text, after its first character
+    stop = free.text[3:6]
+    out = model.generate(["the cat"], max_new_tokens=24, stop=[stop])[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[: free.text.index(stop)]
+    assert out.token_ids == free.token_ids[: len(out.token_ids)]
+    assert stop in model.tokenizer.decode(out.token_ids)
+
+
+def test_bad_input(tiny_gpt2_factory, tmp_path):
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate([])
+    with pytest.raises(ValueError, match="max_new_tokens=-1"):
+        model.generate([[1]], max_new_tokens=-1)
+    with pytest.raises(ValueError, match="context of 128"):
+        model.generate([[1] * 100], max_new_tokens=29)
+    with pytest.raises(ValueError, match="without a tokenizer"):
+        model.generate(["hello"])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate([[1, 101]])
+    with pytest.raises(ValueError, match="top_p=0"):
+        model.generate([[1]], top_p=0.0)
+    with pytest.raises(TypeError, match="wrap a single prompt"):
+        model.generate("hello")
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        ej.load_sharded_model(folder, dtype="int8")
+    with pytest.raises(NotImplementedError, match="tp=2"):
+        ej.load_sharded_model(folder, tp=2)
+    with pytest.raises(FileNotFoundError, match="nor a preset"):
+        ej.load_sharded_model(tmp_path / "nope")
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    shutil.copy(folder / "config.json", missing)
+    with pytest.raises(CheckpointError, match="no weight file"):
+        ej.load_sharded_model(missing)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(folder, corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated safetensors"):
+        ej.load_sharded_model(corrupt)
+
+    for option, value in (("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),
+                          ("activation_function", "relu")):
+        bad = tmp_path / f"bad_{option}"
+        shutil.copytree(folder, bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg[option] = value
+        (bad / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(UnsupportedConfigError, match=option):
+            ej.load_sharded_model(bad)
+
+
+def test_pytorch_bin_and_sharded_safetensors(tiny_gpt2_factory, tmp_path):
+    folder, hf = tiny_gpt2_factory()
+    ids = np.arange(1, 12)[None]
+    expected = ej.load_sharded_model(folder).logits(ids)
+    (tmp_path / "bin").mkdir()
+    shutil.copy(folder / "config.json", tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # transformers 5 writes only safetensors
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "bin" / "pytorch_model.bin").is_file()
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    for sub in ("bin", "sharded"):
+        np.testing.assert_allclose(ej.load_sharded_model(tmp_path / sub).logits(ids), expected, atol=1e-6)
+
+
+def test_bfloat16_load(tiny_gpt2_factory):
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder, dtype="bfloat16")
+    assert str(model.dtype) == "bfloat16"
+    ref = ej.load_sharded_model(folder).logits(np.arange(1, 9)[None])
+    assert np.abs(model.logits(np.arange(1, 9)[None]) - ref).max() < 0.5
+    assert len(model.generate([[1, 2]], max_new_tokens=5)[0].token_ids) == 5
