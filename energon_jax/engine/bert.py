@@ -1,0 +1,272 @@
+"""Bert models as users see them: `encode` (packed, padding-free) and masked-LM `logits`.
+
+A call tokenizes, packs the sequences into length-sorted chunks of at most
+`max_tokens_per_chunk` tokens (engine/packing.py), and runs one compiled step per chunk.
+Steps are compiled per (token bucket, sequence bucket, max-length bucket, head), so a few
+programs serve every batch; `compile_counts["bert"]` counts them and `last_stats` says how
+many real and computed (bucket-padded) tokens the last call had.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from energon_jax.convert import bert as bert_convert
+from energon_jax.convert.hf_files import TensorSource
+from energon_jax.engine.base import ShardedModel
+from energon_jax.engine.packing import PackedChunk, pack
+from energon_jax.engine.steps import CompileCounter, bucket
+from energon_jax.loading import check_max_seq_len, place_params, stack_layers
+from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, PackedAttention
+from energon_jax.tokenizer import Tokenizer
+
+POOLINGS = ("mean", "cls", "pooler", "none")
+DEFAULT_MAX_TOKENS = 8192
+_HEADS = POOLINGS + ("mlm",)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeStats:
+    """Work done by one `encode` / `logits` call."""
+
+    sequences: int
+    real_tokens: int  # tokens of the inputs
+    computed_tokens: int  # tokens the dense layers ran on: real + each chunk's bucket padding
+    chunks: int
+    shapes: tuple[tuple[int, int, int], ...]  # (token bucket, sequence bucket, max-length bucket) per chunk
+
+    @property
+    def padding_tokens(self) -> int:
+        return self.computed_tokens - self.real_tokens
+
+
+def make_bert_step(config: BertConfig, param_dtype, counter: CompileCounter):
+    """step(params, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s, attention=, head=).
+
+    head: "mean" | "cls" | "pooler" -> [S, E]; "none" -> [T, E]; "mlm" -> [T, vocab]; all float32.
+    """
+
+    @functools.partial(jax.jit, static_argnames=("attention", "head"))
+    def step(params, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s, *, attention: PackedAttention,
+             head: str):
+        counter["bert"] += 1
+        module = Bert(config, param_dtype, attention)
+        variables = {"params": params}
+        x_te = module.apply(variables, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s)
+        if head == "none":
+            return x_te.astype(jnp.float32)
+        if head == "cls":
+            return jnp.take(x_te, cu_seqlens_s[:-1], axis=0, mode="clip").astype(jnp.float32)
+        if head == "pooler":
+            return module.apply(variables, x_te, cu_seqlens_s, method=Bert.pool)
+        if head == "mlm":
+            return module.apply(variables, x_te, method=Bert.mlm_logits)
+        # mean over each sequence's real tokens (padding has segment -1: dropped by segment_sum)
+        num_s = cu_seqlens_s.shape[0] - 1
+        sum_se = jax.ops.segment_sum(x_te.astype(jnp.float32), segments_t, num_segments=num_s)
+        count_s = jnp.maximum(jnp.diff(cu_seqlens_s), 1).astype(jnp.float32)
+        return sum_se / count_s[:, None]
+
+    return step
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in x)
+
+
+def _is_pair(x) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(s, str) for s in x)
+
+
+class BertModel(ShardedModel):
+    """A loaded Bert: `encode(texts_or_ids, pooling=..., normalize=...)` and, for masked-LM
+    checkpoints, `logits(token_ids)`.
+
+    attention_impl: "xla" (segment-masked attention), "auto" or "triton" (the fused varlen
+    kernel of `energon_jax.kernels`). max_tokens_per_chunk: token budget of one packed step.
+    """
+
+    def __init__(self, config: BertConfig, params, mesh, tokenizer, *, max_seq_len: int, source: str = "",
+                 attention_impl: str = "xla", max_tokens_per_chunk: int | None = None):
+        super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
+        self.attention_impl = attention_impl
+        self.max_tokens_per_chunk = max_tokens_per_chunk or max(DEFAULT_MAX_TOKENS, bucket(max_seq_len))
+        self.compile_counts = CompileCounter()
+        self.last_stats: EncodeStats | None = None
+        self._step = make_bert_step(config, self.dtype, self.compile_counts)
+
+    @property
+    def attention_impl(self) -> str:
+        return self._attention_impl
+
+    @attention_impl.setter
+    def attention_impl(self, impl: str):
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={impl!r} is not supported; accepted: {ATTENTION_IMPLS}")
+        self._attention_impl = impl
+
+    @property
+    def max_tokens_per_chunk(self) -> int:
+        return self._max_tokens
+
+    @max_tokens_per_chunk.setter
+    def max_tokens_per_chunk(self, n: int):
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < self.max_seq_len:
+            raise ValueError(f"max_tokens_per_chunk={n!r} must be an int >= max_seq_len={self.max_seq_len} "
+                             "(one sequence must fit in a chunk)")
+        self._max_tokens = int(n)
+
+    # ----------------------------------------------------------------- inputs
+    def _check_ids(self, ids, where: str) -> list[int]:
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def _tokenize_text(self, i: int, a: str, b: str | None, truncate: bool) -> tuple[list[int], list[int]]:
+        for part in (a, b):
+            if part is not None and not part.strip():
+                raise ValueError(f"texts[{i}] is empty ({part!r}); each text needs at least one non-space character")
+        tok = self._require_tokenizer(f"texts[{i}]={a[:30]!r}")
+        ids, types = tok.encode_with_types(a, b)
+        if len(ids) > self.max_seq_len and truncate:
+            # HF truncation keeps [CLS]/[SEP] and trims the longer text of a pair first
+            enc = tok.hf(a, b, truncation=True, max_length=self.max_seq_len, return_token_type_ids=True)
+            ids, types = list(enc["input_ids"]), list(enc["token_type_ids"])
+        return ids, types
+
+    def tokenize(self, texts_or_ids, *, truncate: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+        """Inputs -> (token ids, token types) per sequence, validated against the model's limits.
+
+        Items: str (special tokens added), (a, b) str pairs (token types 0 / 1), or token-id
+        lists (used as given, token type 0). Sequences longer than `max_seq_len` raise unless
+        `truncate=True` (token-id lists are then cut to `max_seq_len`).
+        """
+        if isinstance(texts_or_ids, (str, bytes)) or (_is_token_list(texts_or_ids) and len(texts_or_ids)):
+            raise TypeError(f"texts_or_ids must be a list of str, (str, str) pairs or token-id lists, got "
+                            f"{type(texts_or_ids).__name__} {str(texts_or_ids)[:40]!r}; wrap a single input in a list")
+        items = list(texts_or_ids)
+        if not items:
+            raise ValueError("texts_or_ids is empty; pass at least one text or token-id list")
+        all_ids, all_types = [], []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                ids, types = self._tokenize_text(i, item, None, truncate)
+            elif _is_pair(item):
+                ids, types = self._tokenize_text(i, item[0], item[1], truncate)
+            elif _is_token_list(item):
+                ids = self._check_ids(item, f"texts_or_ids[{i}]")
+                if not ids:
+                    raise ValueError(f"texts_or_ids[{i}] is an empty token list; a sequence needs at least one token")
+                ids = ids[: self.max_seq_len] if truncate else ids
+                types = [0] * len(ids)
+            else:
+                raise TypeError(f"texts_or_ids[{i}] is {type(item).__name__} {str(item)[:40]!r}; expected str, "
+                                "a (str, str) pair or a list of int token ids")
+            if len(ids) > self.max_seq_len:
+                raise ValueError(f"texts_or_ids[{i}] has {len(ids)} tokens, more than max_seq_len={self.max_seq_len}"
+                                 " (the model's positions); pass truncate=True to cut it")
+            if max(types) >= self.config.type_vocab_size:
+                raise ValueError(f"texts_or_ids[{i}] uses token type {max(types)} but this model has "
+                                 f"type_vocab_size={self.config.type_vocab_size} (sentence pairs need 2)")
+            all_ids.append(ids)
+            all_types.append(types)
+        return all_ids, all_types
+
+    # ----------------------------------------------------------------- running
+    def _run(self, ids, types, head: str) -> list[tuple[PackedChunk, np.ndarray]]:
+        """Run every packed chunk through the step; results fetched one chunk behind the dispatch."""
+        chunks = pack(ids, types, max_tokens=self.max_tokens_per_chunk)
+        results, pending = [], None
+        shapes = []
+        for chunk in chunks:
+            max_len = bucket(chunk.max_len, cap=self.max_seq_len)
+            attention = PackedAttention(max_len, self.attention_impl, self.mesh if self.mesh.size > 1 else None)
+            out = self._step(self.params, chunk.tokens, chunk.positions, chunk.token_types, chunk.segments,
+                             chunk.cu_seqlens, attention=attention, head=head)
+            shapes.append((chunk.computed_tokens, len(chunk.cu_seqlens) - 1, max_len))
+            if pending is not None:  # the device works on `out` while the host copies the previous chunk
+                results.append((pending[0], np.asarray(pending[1])))
+            pending = (chunk, out)
+        results.append((pending[0], np.asarray(pending[1])))
+        self.last_stats = EncodeStats(
+            sequences=len(ids), real_tokens=sum(c.real_tokens for c in chunks),
+            computed_tokens=sum(c.computed_tokens for c in chunks), chunks=len(chunks), shapes=tuple(shapes))
+        return results
+
+    def encode(self, texts_or_ids, *, pooling: str = "mean", normalize: bool = False, truncate: bool = False):
+        """Embed each input: np.ndarray [B, hidden] float32, or for pooling="none" a list of
+        [T_i, hidden] arrays (last hidden states).
+
+        texts_or_ids: list of str, (str, str) sentence pairs, or token-id lists.
+        pooling: "mean" (over each sequence's real tokens, as sentence-transformers does),
+        "cls" (first token's hidden state), "pooler" (HF pooler_output: tanh(dense(CLS)),
+        checkpoints with a pooler only) or "none".
+        normalize: L2-normalise each embedding (each token vector for pooling="none").
+        truncate: cut inputs longer than max_seq_len instead of raising.
+        Sequences are packed without padding; the result equals encoding each alone.
+        """
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not supported; accepted: {POOLINGS}")
+        if pooling == "pooler" and not self.config.has_pooler:
+            raise ValueError("pooling='pooler' needs a checkpoint with a pooler (pooler.dense.*); this one has none")
+        ids, types = self.tokenize(texts_or_ids, truncate=truncate)
+        results = self._run(ids, types, pooling)
+        if pooling == "none":
+            out = [None] * len(ids)
+            for chunk, x_te in results:
+                for j, row in enumerate(chunk.rows):
+                    out[row] = _l2(x_te[chunk.cu_seqlens[j]: chunk.cu_seqlens[j + 1]], normalize)
+            return out
+        emb = np.empty((len(ids), self.config.hidden_size), np.float32)
+        for chunk, x_se in results:
+            emb[chunk.rows] = x_se[: chunk.num_seqs]
+        return _l2(emb, normalize)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Masked-LM logits: [B, T] int token ids -> float32 [B, T, vocab] (rows are separate sequences)."""
+        if not self.config.has_mlm_head:
+            raise ValueError(f"logits() needs a masked-LM head (cls.predictions.*), which {self.source or 'this model'}"
+                             " does not have; use encode()")
+        arr = np.asarray(token_ids)
+        if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"token_ids must be a non-empty int array [B, T], got shape {arr.shape} dtype {arr.dtype}")
+        b, t = arr.shape
+        if t > self.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.max_seq_len}")
+        ids = [self._check_ids(row, f"token_ids[{i}]") for i, row in enumerate(arr)]
+        out = np.empty((b, t, self.config.vocab_size), np.float32)
+        for chunk, logits_tv in self._run(ids, [[0] * t] * b, "mlm"):
+            for j, row in enumerate(chunk.rows):
+                out[row] = logits_tv[chunk.cu_seqlens[j]: chunk.cu_seqlens[j + 1]]
+        return out
+
+
+def _l2(x: np.ndarray, normalize: bool) -> np.ndarray:
+    if not normalize:
+        return x
+    # as torch.nn.functional.normalize (what sentence-transformers uses): x / max(||x||, 1e-12)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def example_args(num_tokens: int = 1):
+    """Abstract-free example inputs for `Bert.init` (parameter shapes do not depend on them)."""
+    z = jnp.zeros((num_tokens,), jnp.int32)
+    return z, z, z, z, jnp.array([0, num_tokens], jnp.int32)
+
+
+def load_bert(folder, hf_config: dict, mesh, dtype, max_seq_len):
+    """HF Bert folder (BertModel or BertFor*) -> BertModel with params placed on `mesh`."""
+    source = TensorSource(folder)
+    cfg = bert_convert.config_from_hf(hf_config, source.keys())
+    max_seq_len = check_max_seq_len(max_seq_len, cfg.max_position_embeddings)
+    host = stack_layers(bert_convert.iter_params(source, cfg), cfg.num_hidden_layers)
+    dtype = dtype or jnp.dtype(host["word_embeddings"].dtype)
+    params = place_params(host, Bert(cfg, dtype), example_args(), mesh, dtype)
+    return BertModel(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len=max_seq_len, source=str(folder))

@@ -1,0 +1,101 @@
+"""Padding-free batches for encoders: sequences packed back to back into one token stream.
+
+Energon's "redundant computation elimination": rather than padding B sequences to the
+longest, their tokens are concatenated into a [T] stream that is padded only up to a bucket
+of total tokens (few compiled shapes). Sequence i holds tokens [cu_seqlens[i], cu_seqlens[i+1]);
+per-token `segments` (sequence index, -1 on the bucket's padding) and `positions` (restarting
+at 0 for each sequence) let the model keep attention inside each sequence.
+
+Large batches are split into chunks of at most `max_tokens` tokens, after sorting by length
+so that each chunk holds sequences of similar length (a tight static `max_len` bound for
+attention, and similar shapes from call to call).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from energon_jax.engine.steps import bucket
+
+MIN_SEQ_BUCKET = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedChunk:
+    """One packed stream; arrays are host numpy, int32."""
+
+    rows: np.ndarray  # [S] index of each packed sequence in the caller's list
+    tokens: np.ndarray  # [T] token ids (0 on padding)
+    positions: np.ndarray  # [T] position within its sequence
+    token_types: np.ndarray  # [T]
+    segments: np.ndarray  # [T] sequence index within the chunk, -1 on padding
+    cu_seqlens: np.ndarray  # [S_bucket + 1]; slots past S repeat the real token count (empty sequences)
+    max_len: int  # longest sequence in the chunk
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.rows)
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.cu_seqlens[self.num_seqs])
+
+    @property
+    def computed_tokens(self) -> int:
+        return len(self.tokens)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.cu_seqlens[: self.num_seqs + 1])
+
+
+def plan_chunks(lengths: Sequence[int], max_tokens: int) -> list[np.ndarray]:
+    """Group sequence indices into chunks of <= max_tokens tokens, shortest sequences first."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > max_tokens:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens exceeds the chunk budget max_tokens={max_tokens}")
+    order = np.argsort(lengths, kind="stable")
+    chunks, start, used = [], 0, 0
+    for k, i in enumerate(order):
+        if used + lengths[i] > max_tokens:
+            chunks.append(order[start:k])
+            start, used = k, 0
+        used += lengths[i]
+    if start < len(order):
+        chunks.append(order[start:])
+    return chunks
+
+
+def pack_chunk(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]],
+               *, max_tokens: int, min_bucket: int = 16) -> PackedChunk:
+    """Pack sequences ids[r] (with token types types[r]) for r in rows into one bucketed stream."""
+    lens = np.array([len(ids[r]) for r in rows], dtype=np.int64)
+    total = int(lens.sum())
+    t = bucket(total, cap=max_tokens, minimum=min_bucket)
+    s = len(rows)
+    cu = np.full(bucket(s, minimum=MIN_SEQ_BUCKET) + 1, total, dtype=np.int32)
+    cu[: s + 1] = np.concatenate([[0], np.cumsum(lens)])
+    tokens = np.zeros(t, np.int32)
+    token_types = np.zeros(t, np.int32)
+    positions = np.zeros(t, np.int32)
+    segments = np.full(t, -1, np.int32)
+    tokens[:total] = np.concatenate([np.asarray(ids[r], np.int32) for r in rows])
+    token_types[:total] = np.concatenate([np.asarray(types[r], np.int32) for r in rows])
+    segments[:total] = np.repeat(np.arange(s, dtype=np.int32), lens)
+    positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(cu[:s], lens)
+    return PackedChunk(np.asarray(rows), tokens, positions, token_types, segments, cu, int(lens.max()))
+
+
+def pack(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]], *, max_tokens: int,
+         min_bucket: int = 16) -> list[PackedChunk]:
+    """All sequences -> packed chunks (sorted by length; see `plan_chunks`)."""
+    if len(ids) != len(types):
+        raise ValueError(f"{len(ids)} id sequences but {len(types)} token-type sequences")
+    for i, (a, b) in enumerate(zip(ids, types)):
+        if len(a) != len(b):
+            raise ValueError(f"sequence {i}: {len(a)} token ids but {len(b)} token types")
+        if not len(a):
+            raise ValueError(f"sequence {i} is empty; every sequence needs at least one token")
+    return [pack_chunk(rows, ids, types, max_tokens=max_tokens, min_bucket=min_bucket)
+            for rows in plan_chunks([len(a) for a in ids], max_tokens)]
