@@ -1,0 +1,242 @@
+"""In-process serving for scripts and notebooks: `Server` around a loaded model.
+
+    with ej.Server(model, max_batch_size=16) as server:       # compiles every bucket, starts the loop
+        handle = server.submit("def add(a, b):", max_tokens=32)
+        for delta in handle:                                   # streamed as tokens arrive
+            print(delta.text, end="")
+        print(handle.result().finish_reason)
+        outs = server.generate(["a", "b"], max_tokens=8)      # many requests, continuously batched
+
+`server.serve_http(host, port)` puts the same server behind the HTTP routes (serving/http.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+
+from energon_jax.engine.gpt import GenerationOutput
+from energon_jax.engine.sampling import validate_sampling
+from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "cls", "none")
+
+
+class RequestHandle:
+    """One submitted generation: iterate for `Delta`s (blocking, or `async for` when submitted with
+    an asyncio loop), `result()` for the whole output, `cancel()` to free its slot."""
+
+    def __init__(self, server: "Server", prompt_ids: list[int], aio_loop: asyncio.AbstractEventLoop | None = None):
+        self._server = server
+        self.prompt_ids = prompt_ids
+        self.request_id: str | None = None
+        self.token_ids: list[int] = []
+        self.text: str | None = None if server.detokenize is None else ""
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._aio_loop = aio_loop
+        self._queue = asyncio.Queue() if aio_loop is not None else queue.Queue()
+
+    def _sink(self, delta: Delta) -> None:  # the engine loop's thread
+        self.token_ids.extend(delta.token_ids)
+        if delta.text is not None:
+            self.text += delta.text
+        if delta.finished:
+            self.finish_reason, self.error = delta.finish_reason, delta.error
+            self._done.set()
+        if self._aio_loop is not None:
+            try:
+                self._aio_loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+        else:
+            self._queue.put(delta)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self):
+        while True:
+            delta = self._queue.get()
+            yield delta
+            if delta.finished:
+                return
+
+    async def __aiter__(self):
+        while True:
+            delta = await self._queue.get()
+            yield delta
+            if delta.finished:
+                return
+
+    def result(self, timeout: float | None = None) -> GenerationOutput:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        if self.error:
+            raise RuntimeError(f"request {self.request_id} failed: {self.error}")
+        return GenerationOutput(self.text, list(self.token_ids), self.finish_reason)
+
+    def cancel(self) -> bool:
+        return self._server.cancel(self.request_id)
+
+
+class Server:
+    """Serve one loaded model in this process: continuous batching for GPT models (decode slots),
+    batched encoding for Bert models.
+
+    max_batch_size: decode slots (concurrent generations). max_queue: requests waiting for a slot
+    beyond that (a full queue raises QueueFull). decode_steps: most decode steps per dispatch.
+    cache_len: positions per slot (default: the model's max_seq_len); prompt + max_tokens must fit.
+    request_timeout: seconds after which a request is ended with finish_reason "timeout".
+    """
+
+    def __init__(self, model, *, max_batch_size: int = 16, max_queue: int = 64, decode_steps: int = 8,
+                 cache_len: int | None = None, request_timeout: float | None = None,
+                 max_prefill_tokens: int = 4096, embed_max_wait: float = 0.005, name: str | None = None):
+        from energon_jax.serving.metrics import Metrics
+
+        self.model = model
+        self.name = name or os.path.basename(str(getattr(model, "source", "")).rstrip("/")) or "model"
+        self.kind = "gpt" if hasattr(model, "generate") else "bert" if hasattr(model, "encode") else None
+        if self.kind is None:
+            raise TypeError(f"{type(model).__name__} has neither generate (GPT) nor encode (Bert)")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue={max_queue!r} must be an int >= 0")
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        tok = getattr(model, "tokenizer", None)
+        self.detokenize = tok.decode if tok is not None else None
+        self.ready = False
+        self.stopping = False
+        self.warmup_seconds: float | None = None
+        self.engine = self.scheduler = self.loop = self.batcher = None
+        if self.kind == "gpt":
+            from energon_jax.engine.slots import SlotEngine
+
+            self.engine = SlotEngine(model, max_batch_size, decode_steps=decode_steps, cache_len=cache_len)
+            self.context_len = self.engine.cache_len
+            self.scheduler = Scheduler(max_batch_size, max_queue=max_queue, context_len=self.context_len,
+                                       detokenize=self.detokenize, decode_step_options=self.engine.step_options,
+                                       max_prefill_tokens=max_prefill_tokens)
+            self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.slots_in_use,
+                                   max_batch_size)
+        else:
+            self.context_len = model.max_seq_len
+            self.metrics = Metrics(num_slots=max_batch_size)
+            self._embed_args = dict(max_batch=max_batch_size, max_wait=embed_max_wait, max_queue=max_queue)
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self, warmup: bool = True) -> "Server":
+        """Compile every bucket (unless warmup=False), then start the background loop."""
+        from energon_jax.serving.loop import EmbeddingBatcher, EngineLoop, SlotExecutor
+
+        t0 = time.perf_counter()
+        if self.kind == "gpt":
+            if warmup:
+                self.engine.warmup()
+            self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics)
+            self.loop.start()
+        else:
+            if warmup and hasattr(self.model, "warmup"):
+                self.model.warmup()
+            self.batcher = EmbeddingBatcher(self.model, metrics=self.metrics, **self._embed_args)
+            self.batcher.start()
+        self.warmup_seconds = time.perf_counter() - t0
+        self.metrics.warmup_seconds.set(self.warmup_seconds)
+        log.info("%s (%s) ready in %.1f s: %d slots, queue %d", self.name, self.kind, self.warmup_seconds,
+                 self.max_batch_size, self.max_queue)
+        self.ready = True
+        return self
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        """Stop admitting, let requests in flight finish for up to `drain_timeout` s, then end the rest
+        (finish_reason "error")."""
+        self.stopping = True
+        if self.loop is not None:
+            if drain_timeout > 0:
+                self.loop.drain(drain_timeout)
+            self.loop.stop()
+        if self.batcher is not None:
+            self.batcher.stop()
+        self.ready = False
+
+    def __enter__(self) -> "Server":
+        return self.start() if not self.ready else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready and not self.stopping
+
+    # ------------------------------------------------------------ generation
+    def _require(self, kind: str, what: str) -> None:
+        if self.kind != kind:
+            raise ValueError(f"{what} needs a {'GPT' if kind == 'gpt' else 'Bert'} model; "
+                             f"{self.name} is a {self.kind} model")
+        if not self.ready or self.stopping:
+            raise ShuttingDown(f"the server for {self.name} is not running")
+
+    def submit(self, prompt, *, max_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, stop=None, timeout: float | None = None,
+               aio_loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue one prompt (str, or a list of token ids). Raises ValueError for bad input, QueueFull
+        when the queue is full, ShuttingDown when stopped."""
+        self._require("gpt", "generation")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens!r} must be an int >= 1")
+        validate_sampling(temperature, top_k, top_p)
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise ValueError("prompt is empty; it needs at least one token")
+        prompt_ids = self.model.encode_prompts([prompt])[0]
+        stop_ids, stop_strings = self.model.stop_token_ids(stop)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") >> 1
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be an int >= 0")
+        options = SamplingOptions(max_tokens, float(temperature), int(top_k), float(top_p), seed,
+                                  tuple(stop_ids), tuple(stop_strings))
+        handle = RequestHandle(self, prompt_ids, aio_loop)
+        req = self.scheduler.add_request(prompt_ids, options, sink=handle._sink,
+                                         timeout=timeout if timeout is not None else self.request_timeout)
+        handle.request_id = req.request_id
+        return handle
+
+    def cancel(self, request_id: str | None) -> bool:
+        return request_id is not None and self.scheduler is not None and self.scheduler.cancel(request_id)
+
+    def generate(self, prompts, **kwargs) -> list[GenerationOutput]:
+        """Submit every prompt at once and wait for all (same sampling settings for each)."""
+        handles = [self.submit(p, **kwargs) for p in prompts]
+        return [h.result() for h in handles]
+
+    # ------------------------------------------------------------- encoding
+    def embed_async(self, inputs, *, pooling: str = "mean", normalize: bool = False):
+        """A concurrent.futures.Future of `model.encode(inputs, pooling=, normalize=)`, batched with
+        other requests."""
+        self._require("bert", "embeddings")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}; accepted: {list(POOLINGS)}")
+        return self.batcher.submit(inputs, pooling, normalize)
+
+    def embed(self, inputs, *, pooling: str = "mean", normalize: bool = False, timeout: float | None = None):
+        return self.embed_async(inputs, pooling=pooling, normalize=normalize).result(timeout)
+
+    # ----------------------------------------------------------------- HTTP
+    def serve_http(self, host: str = "127.0.0.1", port: int = 8005, log_level: str = "info",
+                   shutdown_timeout: float = 30.0) -> None:
+        """Serve the HTTP routes until SIGINT/SIGTERM (blocking); starts this server if needed."""
+        from energon_jax.serving.http import run_http
+
+        run_http(self, host=host, port=port, log_level=log_level, shutdown_timeout=shutdown_timeout)

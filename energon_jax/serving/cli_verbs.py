@@ -1,0 +1,129 @@
+"""`energon serve MODEL ...` and Energon's `energon service init --config_file=cfg.py`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import runpy
+import types
+
+from energon_jax.cli import add_parallel_args
+
+log = logging.getLogger("energon_jax.serving")
+
+# Energon's config-file keys (DESIGN.md), with the type each must have.
+CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
+    "model_class": str, "checkpoint": str, "model_type": str, "max_batch_size": int, "tp_init_size": int,
+    "pp_init_size": int, "half": bool, "tokenizer_path": str, "server_host": str, "server_port": int,
+    "log_level": str, "rm_padding": bool,
+}
+# Energon's torch-RPC keys: they configure worker processes that a JAX controller does not have.
+IGNORED_KEYS = ("host", "port", "backend", "engine_server")
+MODEL_TYPES = ("gpt", "bert")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="serve a model over HTTP (Energon's and OpenAI-style routes)")
+    s.add_argument("model", help="HF folder, converted folder or preset name")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8005)
+    add_parallel_args(s)
+    s.add_argument("--max-batch-size", type=int, default=16, help="decode slots (concurrent generations)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 429")
+    s.add_argument("--decode-steps", type=int, default=8, help="most decode steps per dispatch (a power of two)")
+    s.add_argument("--max-seq-len", type=int, default=None, help="positions per slot (default: the model's)")
+    s.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is ended")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let requests in flight finish")
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    s.set_defaults(func=_serve)
+
+    svc = sub.add_parser("service", help="Energon's service verbs")
+    verbs = svc.add_subparsers(dest="service_verb", required=True)
+    init = verbs.add_parser("init", help="start a server from an Energon config file")
+    init.add_argument("--config_file", "--config-file", dest="config_file", required=True,
+                      help="Python file with Energon's keys: " + ", ".join(CONFIG_KEYS))
+    init.set_defaults(func=_service_init)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO) if level != "trace" else logging.DEBUG,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, request_timeout=None,
+         shutdown_timeout=30.0, log_level="info", name=None) -> int:
+    from energon_jax.serving.api import Server
+
+    server = Server(model, max_batch_size=max_batch_size, max_queue=max_queue, decode_steps=decode_steps,
+                    request_timeout=request_timeout, name=name)
+    log.info("serving %r on http://%s:%d (compiling before /health reports ready)", model, host, port)
+    server.serve_http(host=host, port=port, log_level=log_level if log_level != "trace" else "debug",
+                      shutdown_timeout=shutdown_timeout)
+    return 0
+
+
+def _serve(args) -> int:
+    import energon_jax as ej
+
+    _setup_logging(args.log_level)
+    model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
+                                  max_seq_len=args.max_seq_len)
+    return _run(model, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                decode_steps=args.decode_steps, request_timeout=args.request_timeout,
+                shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, name=str(args.model))
+
+
+def read_config(path: str) -> dict:
+    """An Energon config file -> {key: value}, checked: unknown keys and wrong types raise ValueError."""
+    try:
+        raw = runpy.run_path(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path!r} does not exist") from None
+    keys = {k: v for k, v in raw.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    unknown = sorted(set(keys) - set(CONFIG_KEYS) - set(IGNORED_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}; accepted: {sorted(CONFIG_KEYS)}")
+    for k in IGNORED_KEYS:
+        if keys.pop(k, None) is not None:
+            log.warning("%s: %r configures Energon's RPC workers; a JAX controller has none, so it is ignored", path, k)
+    for k, v in keys.items():
+        want = CONFIG_KEYS[k]
+        if k == "model_class" and callable(v):
+            raise ValueError(f"{path}: model_class={v!r} is an Energon model builder; give a model folder or "
+                             "preset name (str), or use checkpoint=")
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ValueError(f"{path}: {k}={v!r} must be {want.__name__}")
+    if "model_class" not in keys and "checkpoint" not in keys:
+        raise ValueError(f"{path}: needs model_class (a preset name or folder) or checkpoint (a folder)")
+    if keys.get("model_type", "gpt") not in MODEL_TYPES:
+        raise ValueError(f"{path}: model_type={keys['model_type']!r}; accepted: {list(MODEL_TYPES)}")
+    if keys.get("log_level", "info").lower() not in LOG_LEVELS:
+        raise ValueError(f"{path}: log_level={keys['log_level']!r}; accepted: {list(LOG_LEVELS)}")
+    return keys
+
+
+def _service_init(args) -> int:
+    import energon_jax as ej
+    from energon_jax.tokenizer import Tokenizer
+
+    cfg = read_config(args.config_file)
+    level = cfg.get("log_level", "info").lower()
+    _setup_logging(level)
+    path = cfg.get("checkpoint") or cfg["model_class"]
+    if "checkpoint" in cfg and "model_class" in cfg and cfg["model_class"] != cfg["checkpoint"]:
+        log.info("model_class=%r and checkpoint=%r: loading the checkpoint", cfg["model_class"], cfg["checkpoint"])
+    model = ej.load_sharded_model(path, tp=cfg.get("tp_init_size", 1), pp=cfg.get("pp_init_size", 1),
+                                  dtype="float16" if cfg.get("half") else None)
+    kind = "gpt" if hasattr(model, "generate") else "bert"
+    if "model_type" in cfg and cfg["model_type"] != kind:
+        raise ValueError(f"{args.config_file}: model_type={cfg['model_type']!r} but {path} holds a {kind} model")
+    if "tokenizer_path" in cfg:
+        tok = Tokenizer.from_folder(cfg["tokenizer_path"])
+        if tok is None:
+            raise FileNotFoundError(f"{args.config_file}: tokenizer_path={cfg['tokenizer_path']!r} has no tokenizer files")
+        model.tokenizer = tok
+    if cfg.get("rm_padding") is False and kind == "bert":
+        log.info("rm_padding=False: sequences are packed anyway (the results equal padded encoding)")
+    return _run(model, host=cfg.get("server_host", "127.0.0.1"), port=cfg.get("server_port", 8005),
+                max_batch_size=cfg.get("max_batch_size", 16), max_queue=64, log_level=level, name=str(path))

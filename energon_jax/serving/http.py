@@ -1,0 +1,359 @@
+"""HTTP front end (FastAPI + uvicorn) over a `Server`: Energon's routes, OpenAI-style routes,
+SSE streaming, backpressure (429 + Retry-After), /health and Prometheus /metrics.
+
+Routes (DESIGN.md):
+  GET  /run_hf_gpt2/{text}?max_seq_length=16   Energon's hf_gpt2 example: prompt + generated text
+  GET  /run/{text}                             Energon's README: the same for GPT, the embedding for Bert
+  POST /generation                             Energon's OPT server: {prompt, max_tokens, top_k?, top_p?, temperature?}
+  POST /v1/completions                         OpenAI-shaped; "stream": true answers with SSE
+  POST /v1/embeddings                          OpenAI-shaped; Bert models
+  GET  /health, GET /metrics
+
+Bad input answers 4xx with a message naming the problem; only a server fault answers 5xx.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from energon_jax.serving.scheduler import QueueFull, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.5
+
+
+# ------------------------------------------------------------------ schemas
+class GenerationBody(BaseModel):
+    """Energon's OPT server request."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    max_tokens: int
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+
+
+class CompletionBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields with default values
+    model: str | None = None
+    prompt: str | list[int] | list[str]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class EmbeddingBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    encoding_format: Literal["float"] = "float"
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+def _error_response(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+def _validation_message(e: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts[:5])
+
+
+async def _parse(request: Request, schema: type[BaseModel]) -> BaseModel:
+    raw = await request.body()
+    if not raw:
+        raise HTTPError(400, f"the request body is empty; expected a JSON object with fields {list(schema.model_fields)}")
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as e:
+        if any(err.get("type") == "json_invalid" for err in e.errors()):
+            raise HTTPError(400, f"the body is not valid UTF-8 JSON: {_validation_message(e)}") from None
+        raise HTTPError(400, f"invalid request: {_validation_message(e)}") from None
+
+
+def _schema(schema: type[BaseModel]) -> dict:
+    """openapi_extra that documents a body parsed by hand (so /docs shows it)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+
+
+# ---------------------------------------------------------------------- app
+def create_app(server) -> FastAPI:
+    """The FastAPI app for a `Server`; the app starts the server (warm-up in the background) and
+    /health answers 503 until it is ready."""
+
+    def warm():
+        try:
+            server.start()
+        except Exception:  # the log says why; /health stays 503
+            log.exception("start-up failed")
+
+    async def lifespan(app):
+        if not server.ready:
+            threading.Thread(target=warm, name="energon-warmup", daemon=True).start()
+        yield
+        await asyncio.to_thread(server.stop, 0.0)
+
+    app = FastAPI(title="energon-jax", version="0.1.0", lifespan=lifespan,
+                  description=f"Serving {server.name} ({server.kind}).")
+    metrics = server.metrics
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, e: HTTPError):
+        return _error_response(e.status, e.message, e.retry_after)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return _error_response(400, f"invalid request: {_validation_message(e)}")
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.http.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    # ------------------------------------------------------------- helpers
+    def check_ready():
+        if server.stopping:
+            raise HTTPError(503, "the server is shutting down and admits no new requests", retry_after=5)
+        if not server.ready:
+            raise HTTPError(503, "the model is still compiling (see /health); retry shortly", retry_after=5)
+
+    def submit(prompt, aio_loop, **kw):
+        check_ready()
+        if server.kind != "gpt":
+            raise HTTPError(400, f"{server.name} is a {server.kind} model: it encodes (POST /v1/embeddings) "
+                                 "and cannot generate text")
+        try:
+            return server.submit(prompt, aio_loop=aio_loop, **kw)
+        except QueueFull as e:
+            raise HTTPError(429, str(e), retry_after=e.retry_after) from None
+        except ShuttingDown as e:
+            raise HTTPError(503, str(e), retry_after=5) from None
+        except (ValueError, TypeError) as e:
+            raise HTTPError(400, str(e)) from None
+
+    async def collect(handle, request: Request):
+        """Wait for the whole generation; a client that goes away cancels it."""
+        while not handle.done:  # the handle's fields are final once done is set
+            try:
+                await asyncio.wait_for(handle._queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    handle.cancel()
+                    raise HTTPError(499, "client disconnected") from None
+        if handle.finish_reason == "error":
+            raise HTTPError(503, f"generation failed: {handle.error}", retry_after=5)
+        if handle.finish_reason == "timeout" and not handle.token_ids:
+            raise HTTPError(503, "the request timed out waiting for a decode slot", retry_after=5)
+        return handle
+
+    def sampling_from_energon(top_k, top_p, temperature) -> dict:
+        # Energon's OPT server: unset fields mean "off"; any sampling field set means sampling.
+        sampled = any(v is not None for v in (top_k, top_p, temperature))
+        return dict(temperature=(1.0 if temperature is None else temperature) if sampled else 0.0,
+                    top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
+
+    def text_or_ids(handle) -> str:
+        return handle.text if handle.text is not None else " ".join(map(str, handle.token_ids))
+
+    # -------------------------------------------------------------- routes
+    @app.get("/health")
+    async def health():
+        if server.ready and server.accepting:
+            return {"status": "ok", "model": server.name, "kind": server.kind, "warmup_seconds": server.warmup_seconds}
+        state = "stopping" if server.stopping else "starting"
+        return JSONResponse({"status": state, "model": server.name}, 503, headers={"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def run_text(text: str, max_seq_length: int, request: Request):
+        if server.kind == "bert":
+            return {"text": text, "embedding": (await embed([text], "mean", False))[0]}
+        if not text:
+            raise HTTPError(400, "the text is empty")
+        try:
+            tokens = len(server.model.encode_prompts([text])[0])
+        except (ValueError, TypeError) as e:
+            raise HTTPError(400, str(e)) from None
+        if max_seq_length <= tokens:
+            raise HTTPError(400, f"max_seq_length={max_seq_length} must exceed the prompt's {tokens} tokens "
+                                 "(it counts prompt + generated tokens)")
+        handle = await collect(submit(text, asyncio.get_running_loop(), max_tokens=max_seq_length - tokens), request)
+        return {"text": text + text_or_ids(handle), "generated": text_or_ids(handle),
+                "finish_reason": handle.finish_reason}
+
+    @app.get("/run_hf_gpt2/{text:path}")
+    async def run_hf_gpt2(text: str, request: Request, max_seq_length: int = 16):
+        """Energon's hf_gpt2 example: the prompt followed by its continuation, up to max_seq_length tokens in all."""
+        return await run_text(text, max_seq_length, request)
+
+    @app.get("/run/{text:path}")
+    async def run(text: str, request: Request, max_seq_length: int = 16):
+        """Energon's README route: generation for GPT models, the mean-pooled embedding for Bert models."""
+        return await run_text(text, max_seq_length, request)
+
+    @app.post("/generation", openapi_extra=_schema(GenerationBody))
+    async def generation(request: Request):
+        """Energon's OPT server: {"text": generated continuation}."""
+        body = await _parse(request, GenerationBody)
+        handle = submit(body.prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens,
+                        **sampling_from_energon(body.top_k, body.top_p, body.temperature))
+        await collect(handle, request)
+        return {"text": text_or_ids(handle)}
+
+    @app.post("/v1/completions", openapi_extra=_schema(CompletionBody))
+    async def completions(request: Request):
+        body = await _parse(request, CompletionBody)
+        if body.n != 1 or body.echo or body.logprobs is not None:
+            raise HTTPError(400, f"n={body.n}, echo={body.echo}, logprobs={body.logprobs}: only n=1, echo=false "
+                                 "and logprobs=null are supported")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise HTTPError(400, f"prompt is a list of {len(prompt)} strings; send one prompt per request")
+            prompt = prompt[0]
+        handle = submit(prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens, temperature=body.temperature,
+                        top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        model_name = body.model or server.name
+
+        def envelope(choice: dict, usage: dict | None = None) -> dict:
+            out = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": [dict(index=0, logprobs=None, **choice)]}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        def usage() -> dict:
+            n_prompt, n_out = len(handle.prompt_ids), len(handle.token_ids)
+            return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+        if not body.stream:
+            await collect(handle, request)
+            return envelope({"text": text_or_ids(handle), "token_ids": handle.token_ids,
+                             "finish_reason": handle.finish_reason}, usage())
+
+        async def events():
+            async for delta in handle:
+                if delta.finished and delta.finish_reason in ("error", "timeout", "cancelled"):
+                    err = {"message": f"generation ended: {delta.finish_reason}"
+                                      + (f" ({delta.error})" if delta.error else ""), "type": "server_error"}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    break
+                text = delta.text if delta.text is not None else "".join(f" {t}" for t in delta.token_ids)
+                chunk = envelope({"text": text, "token_ids": delta.token_ids,
+                                  "finish_reason": delta.finish_reason if delta.finished else None},
+                                 usage() if delta.finished else None)
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return _CancellingStream(events(), handle.cancel)
+
+    async def embed(inputs, pooling, normalize):
+        check_ready()
+        if server.kind != "bert":
+            raise HTTPError(400, f"{server.name} is a {server.kind} model; /v1/embeddings needs a Bert model")
+        try:
+            fut = server.embed_async(inputs, pooling=pooling, normalize=normalize)
+        except QueueFull as e:
+            raise HTTPError(429, str(e), retry_after=e.retry_after) from None
+        except ShuttingDown as e:
+            raise HTTPError(503, str(e), retry_after=5) from None
+        except (ValueError, TypeError) as e:
+            raise HTTPError(400, str(e)) from None
+        try:
+            out = await asyncio.wrap_future(fut)
+        except (ValueError, TypeError) as e:
+            raise HTTPError(400, str(e)) from None
+        except ShuttingDown as e:
+            raise HTTPError(503, str(e), retry_after=5) from None
+        return [[float(x) for x in row] for row in out]
+
+    @app.post("/v1/embeddings", openapi_extra=_schema(EmbeddingBody))
+    async def embeddings(request: Request):
+        body = await _parse(request, EmbeddingBody)
+        inputs = body.input
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not inputs:
+            raise HTTPError(400, "input is empty; give a string, a list of strings or token-id lists")
+        vectors = await embed(inputs, body.pooling, body.normalize)
+        tok = getattr(server.model, "tokenizer", None)
+        n_tokens = sum(len(x) if isinstance(x, list) else len(tok.encode(x)) if tok else 0 for x in inputs)
+        return {"object": "list", "model": body.model or server.name,
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    return app
+
+
+class _CancellingStream(StreamingResponse):
+    """SSE response that cancels its request however the stream ends (done, error, client gone)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+# ---------------------------------------------------------------- running
+def run_http(server, *, host: str = "127.0.0.1", port: int = 8005, log_level: str = "info",
+             shutdown_timeout: float = 30.0) -> None:
+    """Serve until SIGINT/SIGTERM. On the signal: stop admitting (503), let requests in flight finish
+    for up to `shutdown_timeout` s, end the rest with an error response, then exit."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig, frame):
+            if not self.draining:
+                self.draining = True
+                log.info("signal %s: draining requests in flight (up to %.0f s)", sig, shutdown_timeout)
+                threading.Thread(target=server.stop, args=(shutdown_timeout,), name="energon-drain",
+                                 daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + 5, access_log=log_level == "debug")
+    _Server(config).run()

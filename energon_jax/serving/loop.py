@@ -1,0 +1,191 @@
+"""Background threads that drive the engines: the decode loop (scheduler + slot engine) and the
+embedding batcher (requests gathered for a short wait, then encoded together)."""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+
+import jax
+import numpy as np
+
+from energon_jax.serving.scheduler import EngineOutput, QueueFull, Scheduler, SchedulerOutput, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+class SlotExecutor:
+    """Runs a SchedulerOutput on a SlotEngine: every prefill, then one decode dispatch, then one read-back."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def execute(self, out: SchedulerOutput) -> EngineOutput:
+        firsts = {}
+        for p in out.prefills:  # dispatched asynchronously; the decode below uses their state on device
+            o = p.options
+            firsts[p.request_id] = self.engine.prefill(p.slot, p.token_ids, temperature=o.temperature, top_k=o.top_k,
+                                                       top_p=o.top_p, seed=o.seed)
+        tokens = self.engine.decode(out.decode_steps, out.active) if out.decode_steps else None
+        firsts_host, tokens_host = jax.device_get((firsts, tokens))
+        return EngineOutput({k: int(v) for k, v in firsts_host.items()},
+                            np.asarray(tokens_host) if tokens is not None else ())
+
+    def reset(self) -> None:
+        """A failed dispatch may have consumed the donated state: start from a fresh one."""
+        self.engine.state = self.engine.fresh_state()
+
+
+class EngineLoop:
+    """schedule() -> execute() -> update_from_output(), on a daemon thread, until stopped."""
+
+    def __init__(self, scheduler: Scheduler, executor, metrics=None, name: str = "energon-engine-loop"):
+        self.scheduler = scheduler
+        self.executor = executor
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.iterations = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        sched = self.scheduler
+        while not self._stop.is_set():
+            with sched.work_available:
+                if not sched.has_work():
+                    sched.work_available.wait(timeout=0.1)
+                    continue
+            out = sched.schedule()
+            if out.empty:
+                time.sleep(0.001)
+                continue
+            try:
+                result = self.executor.execute(out)
+            except Exception as e:  # an engine failure ends the requests in flight, not the server
+                log.exception("engine step failed; failing %d requests", len(out.slot_requests))
+                for req in out.slot_requests.values():
+                    sched.cancel(req.request_id, "error", f"engine error: {type(e).__name__}: {e}")
+                self.executor.reset()
+                continue
+            finished = sched.update_from_output(out, result)
+            self.iterations += 1
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in out.prefills))
+                self.metrics.record_tokens(len(result.first_tokens) + len(result.decode_tokens) * len(out.slot_requests))
+                for req in finished:
+                    self.metrics.record_finished(req)
+
+    def drain(self, timeout: float) -> bool:
+        """Stop admitting; wait up to `timeout` s for the requests in flight. True if all finished."""
+        self.scheduler.stop_accepting()
+        end = time.monotonic() + timeout
+        while self.scheduler.has_work() and time.monotonic() < end and self.alive:
+            time.sleep(0.01)
+        return not self.scheduler.has_work()
+
+    def stop(self) -> None:
+        """Stop the thread; requests still in flight end with finish_reason "error"."""
+        self.scheduler.stop_accepting()
+        self._stop.set()
+        with self.scheduler.work_available:
+            self.scheduler.work_available.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self.scheduler.fail_all("error", "the server stopped before this request finished")
+
+
+class EmbeddingBatcher:
+    """Gathers embedding requests for up to `max_wait` s (or `max_batch` sequences), then one
+    `encoder.encode(all_sequences, pooling=, normalize=)` per (pooling, normalize) group.
+
+    The encoder packs sequences by total tokens with no padding computed (BertModel.encode), so
+    gathering concurrent requests fills one packed batch instead of many small ones.
+    """
+
+    def __init__(self, encoder, *, max_batch: int = 64, max_wait: float = 0.005, max_queue: int = 256,
+                 metrics=None):
+        self.encoder = encoder
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._queue: queue.Queue = queue.Queue()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="energon-embedding-batcher", daemon=True)
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, inputs: list, pooling: str = "mean", normalize: bool = False) -> concurrent.futures.Future:
+        """inputs: list of str or list of token-id lists. The future gives what encode returns for them."""
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down and admits no new requests")
+        if self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"the embedding queue is full ({self.max_queue} requests); retry later")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((list(inputs), pooling, bool(normalize), fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, count = [item], len(item[0])
+            end = time.monotonic() + self.max_wait
+            while count < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, end - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+                count += len(nxt[0])
+            self._encode(batch)
+
+    def _encode(self, batch) -> None:
+        groups: dict[tuple[str, bool], list] = {}
+        for item in batch:
+            groups.setdefault((item[1], item[2]), []).append(item)
+        for (pooling, normalize), items in groups.items():
+            flat = [x for inputs, _, _, _ in items for x in inputs]
+            try:
+                out = self.encoder.encode(flat, pooling=pooling, normalize=normalize)
+            except Exception as e:  # bad input in one request must not fail the others
+                if len(items) > 1:
+                    for item in items:
+                        self._encode([item])
+                else:
+                    items[0][3].set_exception(e)
+                continue
+            self.batches += 1
+            if self.metrics is not None:
+                self.metrics.embedded.inc(len(flat))
+            i = 0
+            for inputs, _, _, fut in items:
+                fut.set_result(out[i: i + len(inputs)])
+                i += len(inputs)
+
+    def stop(self) -> None:
+        self._accepting = False
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        while True:  # anything left behind the sentinel
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[3].set_exception(ShuttingDown("the server stopped before this request was encoded"))

@@ -1,0 +1,390 @@
+"""Serving end to end: a real uvicorn server on 127.0.0.1 (random free port) around a tiny GPT-2
+with a byte-level BPE tokenizer, plus the slot engine, embeddings batching and SIGTERM shutdown."""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+MAX_TOKENS = 8
+CACHE_LEN = 64
+CORPUS = [
+    "def add(a, b):\n    return a + b\n", "I do not like green eggs and ham.\n",
+    "The quick brown fox jumps over the lazy dog.\n", "for i in range(10):\n    print(i * i)\n",
+    "Serving many users from one compiled model without recompiling.\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+] * 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gpt_folder(tiny_gpt2_factory):
+    """A tiny random GPT-2 whose folder also holds a byte-level BPE tokenizer trained here."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    eos = bpe.token_to_id("<|endoftext|>")
+    folder, _ = tiny_gpt2_factory(seed=7, vocab_size=bpe.get_vocab_size(), bos_token_id=eos, eos_token_id=eos)
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                            bos_token="<|endoftext|>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(gpt_folder):
+    import energon_jax as ej
+
+    return ej.load_sharded_model(gpt_folder)
+
+
+class Uvicorn:
+    """An app on a random free port of 127.0.0.1, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def wait_healthy(self, timeout=240):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become healthy")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    server = Server(model, max_batch_size=4, max_queue=64, decode_steps=2, cache_len=CACHE_LEN, name="tiny")
+    web = Uvicorn(create_app(server))
+    # /health answers 503 while the buckets compile, then 200
+    first = None
+    for _ in range(100):
+        try:
+            first = httpx.get(web.url + "/health", timeout=2).status_code
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    web.wait_healthy()
+    web.first_health = first
+    web.srv = server
+    yield web
+    web.stop()
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+async def post_many(url, bodies, path="/v1/completions"):
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        return await asyncio.gather(*(client.post(url + path, json=b) for b in bodies))
+
+
+# ------------------------------------------------------------------ engine
+def test_slot_engine_matches_generate_and_never_recompiles(model):
+    from energon_jax.engine.slots import SlotEngine
+
+    eng = SlotEngine(model, 2, decode_steps=2, cache_len=32)
+    eng.warmup()
+    compiled = dict(eng.compile_counts)
+    assert set(compiled) == {"prefill_16", "prefill_32", "decode_1", "decode_2"}
+    short, long = model.encode_prompts(["def add(a, b):", "I do not like green eggs and ham. " * 4])
+    ids = [short[:10], long[:20]]  # one prompt per bucket (16, 32); 8 new tokens still fit in 32
+    settings = [dict(temperature=0.0, top_k=0, top_p=1.0), dict(temperature=0.9, top_k=7, top_p=0.8)]
+    for round_ in range(2):  # the second round reuses both slots with swapped settings
+        firsts = [eng.prefill(s, ids[s], seed=11 + s, **settings[(s + round_) % 2]) for s in range(2)]
+        rest = np.concatenate([np.asarray(eng.decode(2, [True, True])) for _ in range(3)]
+                              + [np.asarray(eng.decode(1, [True, True]))])
+        for s in range(2):
+            served = [int(firsts[s])] + rest[:, s].tolist()
+            off = model.generate([ids[s]], max_new_tokens=8, seed=11 + s, **settings[(s + round_) % 2])[0]
+            assert served[: len(off.token_ids)] == off.token_ids
+    assert dict(eng.compile_counts) == compiled  # new lengths in a bucket and new sampling settings: no compile
+
+
+# -------------------------------------------------------------------- HTTP
+def test_health_was_503_until_warm(served):
+    assert served.first_health in (None, 503)
+    r = httpx.get(served.url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_64_concurrent_greedy_completions_equal_offline_generate(served, model):
+    prompts = [f"def f{i}(x):\n    return x * {i}" for i in range(64)]
+    bodies = [{"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0} for p in prompts]
+    responses = run_async(post_many(served.url, bodies))
+    offline = model.generate(prompts, max_new_tokens=MAX_TOKENS)
+    for p, r, off in zip(prompts, responses, offline):
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert (choice["text"], choice["token_ids"], choice["finish_reason"]) == \
+            (off.text, off.token_ids, off.finish_reason), p
+        assert r.json()["usage"]["completion_tokens"] == len(off.token_ids)
+    compiled = dict(served.srv.engine.compile_counts)
+    assert all(v == 1 for v in compiled.values()), compiled  # 64 prompts, no recompiles
+
+
+def read_sse(response_lines):
+    chunks, done = [], False
+    for line in response_lines:
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            done = True
+            break
+        chunks.append(json.loads(line[6:]))
+    return chunks, done
+
+
+def test_streaming_chunks_join_to_the_full_text(served):
+    body = {"prompt": "class Point:", "max_tokens": 12, "temperature": 0.7, "seed": 5, "top_k": 20}
+    full = httpx.post(served.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    with httpx.stream("POST", served.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        chunks, done = read_sse(r.iter_lines())
+    assert done and len(chunks) >= 2
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["text"]
+    assert sum((c["choices"][0]["token_ids"] for c in chunks), []) == full["token_ids"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
+
+
+def test_disconnected_stream_frees_its_slot(served):
+    sched = served.srv.scheduler
+    body = {"prompt": "for i in", "max_tokens": CACHE_LEN - 8, "temperature": 0.0, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())  # the stream is running: it holds a slot
+        assert sched.slots_in_use >= 1
+    end = time.monotonic() + 20  # closed mid-stream: the slot comes back
+    while sched.slots_in_use and time.monotonic() < end:
+        time.sleep(0.05)
+    assert sched.slots_in_use == 0
+    # every slot is usable: as many long requests as slots all complete
+    bodies = [{"prompt": f"x{i}", "max_tokens": 4, "temperature": 0} for i in range(sched.num_slots)]
+    assert all(r.status_code == 200 for r in run_async(post_many(served.url, bodies)))
+
+
+def test_energon_routes(served):
+    r = httpx.get(served.url + "/run_hf_gpt2/I%20do%20not?max_seq_length=16", timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["text"].startswith("I do not") and len(r.json()["text"]) > len("I do not")
+    r = httpx.get(served.url + "/run/I%20do%20not", timeout=60)
+    assert r.status_code == 200 and r.json()["text"].startswith("I do not")
+    r = httpx.post(served.url + "/generation", json={"prompt": "def add(a, b):", "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200 and isinstance(r.json()["text"], str) and r.json()["text"]
+    r = httpx.post(served.url + "/generation", timeout=60,
+                   json={"prompt": "def add(a, b):", "max_tokens": 5, "top_k": 5, "top_p": 0.9, "temperature": 0.7})
+    assert r.status_code == 200 and r.json()["text"]
+
+
+@pytest.mark.parametrize("path,content,match", [
+    ("/v1/completions", b"{not json", "not valid UTF-8 JSON"),
+    ("/v1/completions", b'{"prompt": "\xff\xfe", "max_tokens": 2}', "not valid UTF-8 JSON"),
+    ("/v1/completions", b"", "empty"),
+    ("/v1/completions", json.dumps({"max_tokens": 4}).encode(), "prompt"),
+    ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": -3}).encode(), "max_tokens=-3"),
+    ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 10 ** 9}).encode(), "context of 64"),
+    ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "top_p": 0}).encode(), "top_p=0"),
+    ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "top_p": 1.5}).encode(), "top_p=1.5"),
+    ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "temperature": -1}).encode(), "temperature"),
+    ("/v1/completions", json.dumps({"prompt": "word " * 80, "max_tokens": 2}).encode(), "context of 64"),
+    ("/v1/completions", json.dumps({"prompt": [1, 2, 10 ** 6], "max_tokens": 2}).encode(), "outside the vocabulary"),
+    ("/v1/completions", json.dumps({"prompt": "a", "n": 3}).encode(), "n=3"),
+    ("/generation", json.dumps({"prompt": "a"}).encode(), "max_tokens"),
+    ("/generation", json.dumps({"prompt": "a", "max_tokens": 0}).encode(), "max_tokens=0"),
+    ("/v1/embeddings", json.dumps({"input": "hello"}).encode(), "needs a Bert model"),
+])
+def test_bad_input_is_4xx_with_a_message(served, path, content, match):
+    r = httpx.post(served.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert match in r.json()["error"]["message"], r.json()
+
+
+def test_bad_get_input_is_4xx(served):
+    r = httpx.get(served.url + "/run_hf_gpt2/I%20do?max_seq_length=1", timeout=30)
+    assert r.status_code == 400 and "max_seq_length=1" in r.json()["error"]["message"]
+    r = httpx.get(served.url + "/run_hf_gpt2/I%20do?max_seq_length=abc", timeout=30)
+    assert r.status_code == 400
+    r = httpx.get(served.url + "/run/%FF%FE?max_seq_length=16", timeout=30)  # not UTF-8: decoded with U+FFFD
+    assert r.status_code in (200, 400)
+
+
+def test_overload_gets_429_with_retry_after_and_the_rest_complete(served):
+    sched = served.srv.scheduler
+    old, sched.max_queue = sched.max_queue, 4
+    try:
+        bodies = [{"prompt": f"load {i}", "max_tokens": 6, "temperature": 0} for i in range(100)]
+        responses = run_async(post_many(served.url, bodies))
+    finally:
+        sched.max_queue = old
+    codes = [r.status_code for r in responses]
+    rejected = [r for r in responses if r.status_code in (429, 503)]
+    assert set(codes) <= {200, 429, 503}, codes
+    assert rejected and all(int(r.headers["Retry-After"]) >= 1 for r in rejected)
+    assert codes.count(200) >= sched.num_slots + 4
+    assert all(len(r.json()["choices"][0]["token_ids"]) >= 1 for r in responses if r.status_code == 200)
+    assert httpx.get(served.url + "/health").status_code == 200
+    metrics = httpx.get(served.url + "/metrics").text
+    assert 'energon_http_requests_total{route="/v1/completions",status="429"}' in metrics
+
+
+def test_metrics(served):
+    text = httpx.get(served.url + "/metrics").text
+    for name in ("energon_queue_depth", "energon_slots_in_use", "energon_time_to_first_token_seconds_count",
+                 "energon_time_per_output_token_seconds_count", "energon_tokens_per_second",
+                 'energon_finished_requests_total{reason="length"}', "energon_generated_tokens_total"):
+        assert name in text, name
+    ttft = [line for line in text.splitlines() if line.startswith("energon_time_to_first_token_seconds_count")]
+    assert float(ttft[0].split()[-1]) >= 64
+
+
+def test_python_api_stream_and_cancel(served, model):
+    server = served.srv
+    handle = server.submit("def add(a, b):", max_tokens=6)
+    deltas = list(handle)
+    out = handle.result()
+    assert deltas[-1].finished and "".join(d.text for d in deltas) == out.text
+    assert out.token_ids == model.generate(["def add(a, b):"], max_new_tokens=6)[0].token_ids
+    long = server.submit("x", max_tokens=CACHE_LEN - 4)
+    assert long.cancel() and long.result().finish_reason == "cancelled"
+
+
+# -------------------------------------------------------------- embeddings
+class FakeEncoder:
+    """Stands in for BertModel.encode (packing by total tokens): one row per input, its length and sum."""
+
+    max_seq_len = 32
+    tokenizer = None
+    source = "fake-bert"
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, inputs, *, pooling="mean", normalize=False):
+        self.calls.append(len(inputs))
+        for x in inputs:
+            if not isinstance(x, list) or not x:
+                raise ValueError(f"fake encoder takes non-empty token-id lists, got {x!r}")
+        out = np.array([[len(x), sum(x)] for x in inputs], np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True) if normalize else out
+
+
+def test_embeddings_are_batched_across_requests():
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    enc = FakeEncoder()
+    server = Server(enc, max_batch_size=64, embed_max_wait=0.2)
+    web = Uvicorn(create_app(server))
+    try:
+        web.wait_healthy(30)
+        bodies = [{"input": [[i + 1, 2], [3]], "normalize": False} for i in range(8)]
+        responses = run_async(post_many(web.url, bodies, "/v1/embeddings"))
+        for i, r in enumerate(responses):
+            assert r.status_code == 200, r.text
+            assert [d["embedding"] for d in r.json()["data"]] == [[2.0, i + 3.0], [1.0, 3.0]]
+        assert len(enc.calls) < 8 and sum(enc.calls) == 16  # gathered into fewer encode calls
+        r = httpx.post(web.url + "/v1/embeddings", json={"input": "text"}, timeout=10)
+        assert r.status_code == 400 and "fake encoder" in r.json()["error"]["message"]
+        r = httpx.post(web.url + "/v1/completions", json={"prompt": "a"}, timeout=10)
+        assert r.status_code == 400 and "bert model" in r.json()["error"]["message"]
+    finally:
+        web.stop()
+
+
+# -------------------------------------------------------------- CLI, SIGTERM
+def test_service_config_keys(tmp_path):
+    from energon_jax.serving.cli_verbs import read_config
+
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("import os\nmodel_class = 'tiny'\nmodel_type = 'gpt'\nmax_batch_size = 4\nhalf = False\n"
+                   "server_port = 8020\nbackend = 'nccl'\n")
+    assert read_config(cfg) == {"model_class": "tiny", "model_type": "gpt", "max_batch_size": 4, "half": False,
+                                "server_port": 8020}
+    cfg.write_text("checkpoint = 'x'\nmax_batch = 4\nbatch_size = 2\n")
+    with pytest.raises(ValueError, match=r"unknown config keys \['batch_size', 'max_batch'\]"):
+        read_config(cfg)
+    cfg.write_text("checkpoint = 'x'\nserver_port = '80'\n")
+    with pytest.raises(ValueError, match="server_port='80' must be int"):
+        read_config(cfg)
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_gpt2", "hf_gpt2_config.py")
+    assert read_config(example)["model_type"] == "gpt"
+
+
+def test_sigterm_finishes_or_cleanly_fails_requests_in_flight(gpt_folder, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "energon_jax.cli", "serve", str(gpt_folder), "--port", str(port),
+                             "--max-batch-size", "2", "--max-queue", "8", "--decode-steps", "1", "--max-seq-len", "32",
+                             "--shutdown-timeout", "20", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        end = time.monotonic() + 240
+        while time.monotonic() < end:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+
+        async def load():
+            async with httpx.AsyncClient(timeout=60) as client:
+                tasks = [asyncio.create_task(client.post(url + "/v1/completions",
+                                                         json={"prompt": f"p{i}", "max_tokens": 20, "temperature": 0}))
+                         for i in range(6)]
+                await asyncio.sleep(1.0)  # requests are running and queued
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(load())
+        # uvicorn re-raises the signal once its graceful shutdown is done
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    for r in results:  # each one finished, or failed with a clean HTTP error: never a hang
+        assert not isinstance(r, Exception), r
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        else:
+            assert "Retry-After" in r.headers and r.json()["error"]["message"]
+    assert any(r.status_code == 200 for r in results)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
