@@ -38,8 +38,9 @@ LOG2E = math.log2(math.e)
 class DecodeTiles:
     """Tile sizes: block_s cache positions per loop step, chunk positions per program."""
 
-    block_s: int = 64
-    chunk: int = 512
+    # fastest of a sweep on an H100 (benchmarks/kernels.py --sweep), within ~3% of 64 / 512
+    block_s: int = 128
+    chunk: int = 256
     num_warps: int = 4
     num_stages: int = 2
 

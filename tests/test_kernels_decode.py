@@ -49,7 +49,7 @@ def test_reference_matches_naive():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_triton_kernel_matches_reference(dtype):
-    # cache of 1000 over two chunks of 512: a slot ending mid-chunk, one empty chunk, one empty slot
+    # default tiles, a cache of 1000 over four chunks: slots ending mid-chunk, empty chunks, an empty slot
     q, k, v, lengths = _inputs(1, 4, 3, 1000, 32, [1, 7, 0, 1000], dtype)
     out = da._launch_torch(q, k, v, lengths, scale=32**-0.5)
     ref = da.decode_attention_reference(q, k, v, lengths, scale=32**-0.5)
