@@ -212,15 +212,15 @@ def main():
     ok = check_decode() & check_prefill() & check_varlen()
 
     decode_tiles = [da.DecodeTiles()]
-    flash_tiles = [pa.PrefillTiles()]
-    varlen_tiles = [va.VarlenTiles()]
+    flash_tiles = [pa.FlashTiles()]
+    varlen_tiles = [va.FlashTiles()]
     if sweep:
         decode_tiles += [da.DecodeTiles(block_s=bs, chunk=c, num_warps=w, num_stages=st)
                          for bs, c, w, st in ((128, 512, 4, 3), (64, 256, 4, 3), (128, 1024, 8, 3),
                                               (32, 256, 4, 4), (128, 256, 4, 2), (256, 1024, 8, 3))]
         more = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))
-        flash_tiles += [pa.PrefillTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
-        varlen_tiles += [va.VarlenTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
+        flash_tiles += [pa.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
+        varlen_tiles += [va.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
 
     rows = []
     for bench, tiles in ((bench_decode, decode_tiles), (bench_prefill, flash_tiles), (bench_varlen, varlen_tiles)):

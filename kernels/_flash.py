@@ -1,12 +1,29 @@
-"""The flash-attention inner loop shared by the prefill (causal) and varlen (bidirectional) kernels.
+"""Flash attention pieces shared by the prefill (causal) and varlen (bidirectional) kernels:
+their tile sizes and their inner loop (LOG2E serves the decode kernel too).
 
 One program holds a block of BLOCK_M query rows and streams the keys and values of its
 sequence through in blocks of BLOCK_N, keeping a running max and sum per row (online
 softmax), so the [T, T] score matrix never reaches memory.
 """
 
+import dataclasses
+import math
+
 import triton
 import triton.language as tl
+
+LOG2E = math.log2(math.e)  # the kernels fold it into the scale and use exp2, cheaper than exp
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashTiles:
+    """Tile sizes: block_m query rows per program, block_n keys per loop step."""
+
+    # fastest of a sweep on an H100 (benchmarks/kernels.py --sweep), for prefill and varlen alike
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 @triton.jit

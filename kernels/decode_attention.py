@@ -12,7 +12,6 @@ lengths [B] int32; slot b attends to positions [0, lengths[b]).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +29,7 @@ from ._dispatch import (
     resolve_impl,
     to_torch,
 )
-
-LOG2E = math.log2(math.e)
+from ._flash import LOG2E
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,6 @@ skipped; output rows at or after the length are zeros.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,20 +24,7 @@ from ._dispatch import (
     resolve_impl,
     to_torch,
 )
-from ._flash import attend_rows
-
-LOG2E = math.log2(math.e)
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefillTiles:
-    """Tile sizes: block_m query rows per program, block_n keys per loop step."""
-
-    # fastest of a sweep on an H100 (benchmarks/kernels.py --sweep)
-    block_m: int = 64
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
+from ._flash import LOG2E, FlashTiles, attend_rows
 
 
 @triton.jit
@@ -96,7 +80,7 @@ def _prefill_triton(q, k, v, lengths, *, scale, tiles):
     )
 
 
-def _launch_torch(q, k, v, lengths, *, scale, tiles=PrefillTiles()):
+def _launch_torch(q, k, v, lengths, *, scale, tiles=FlashTiles()):
     """Run _prefill_kernel under Triton's interpreter on torch CPU copies (tests use this)."""
     import torch
 
@@ -120,7 +104,7 @@ def prefill_attention(
     scale: float,
     impl: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
-    tiles: PrefillTiles = PrefillTiles(),
+    tiles: FlashTiles = FlashTiles(),
 ) -> jax.Array:
     """Causal attention within each row: q, k, v [B, T, N, D] -> [B, T, N, D] in q's dtype.
 

@@ -8,9 +8,6 @@ work crosses sequences and none is spent on padding.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,20 +24,7 @@ from ._dispatch import (
     resolve_impl,
     to_torch,
 )
-from ._flash import attend_rows
-
-LOG2E = math.log2(math.e)
-
-
-@dataclasses.dataclass(frozen=True)
-class VarlenTiles:
-    """Tile sizes: block_m query rows per program, block_n keys per loop step."""
-
-    # fastest of a sweep on an H100 (benchmarks/kernels.py --sweep)
-    block_m: int = 64
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
+from ._flash import LOG2E, FlashTiles, attend_rows
 
 
 @triton.jit
@@ -100,7 +84,7 @@ def _varlen_triton(q, k, v, cu_seqlens, *, scale, max_seqlen, tiles):
     )
 
 
-def _launch_torch(q, k, v, cu_seqlens, *, scale, max_seqlen, tiles=VarlenTiles()):
+def _launch_torch(q, k, v, cu_seqlens, *, scale, max_seqlen, tiles=FlashTiles()):
     """Run _varlen_kernel under Triton's interpreter on torch CPU copies (tests use this)."""
     import torch
 
@@ -126,7 +110,7 @@ def varlen_attention(
     max_seqlen: int,
     impl: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
-    tiles: VarlenTiles = VarlenTiles(),
+    tiles: FlashTiles = FlashTiles(),
 ) -> jax.Array:
     """Attention within each packed sequence: q, k, v [T, N, D] -> [T, N, D] in q's dtype.
 

@@ -55,7 +55,7 @@ def test_triton_kernel_matches_reference(dtype):
 
 
 def test_triton_kernel_long_row_small_tiles():
-    tiles = pa.PrefillTiles(block_m=32, block_n=16)  # unequal blocks: the diagonal moves inside a block
+    tiles = pa.FlashTiles(block_m=32, block_n=16)  # unequal blocks: the diagonal moves inside a block
     q, k, v, lengths = _inputs(2, 2, 1000, 1, 16, [1000, 0])
     out = pa._launch_torch(q, k, v, lengths, scale=0.25, tiles=tiles)
     ref = pa.prefill_attention_reference(q, k, v, lengths, scale=0.25)

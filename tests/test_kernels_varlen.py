@@ -60,7 +60,7 @@ def test_triton_kernel_matches_reference(dtype):
 
 
 def test_triton_kernel_long_sequence_small_tiles():
-    tiles = va.VarlenTiles(block_m=32, block_n=64)  # unequal blocks
+    tiles = va.FlashTiles(block_m=32, block_n=64)  # unequal blocks
     q, k, v, cu = _inputs(2, [1000, 7], 3, 1, 16)
     out = va._launch_torch(q, k, v, cu, scale=0.25, max_seqlen=1000, tiles=tiles)
     ref = va.varlen_attention_reference(q, k, v, cu, scale=0.25, max_seqlen=1000)
