@@ -12,8 +12,8 @@ import numpy as np
 from energon_jax.convert import gpt2 as gpt2_convert
 from energon_jax.convert.hf_files import CheckpointError, TensorSource, read_config
 from energon_jax.runtime.compile_cache import enable_compilation_cache
-from energon_jax.runtime.mesh import make_mesh
-from energon_jax.runtime.sharding import logical_to_sharding
+from energon_jax.runtime.mesh import check_layout, resolve_mesh
+from energon_jax.runtime.sharding import logical_to_sharding, table_multiple
 from energon_jax.tokenizer import Tokenizer
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -65,6 +65,12 @@ def stack_layers(pieces, num_layers: int) -> dict:
     return tree
 
 
+def pad_rows(table: np.ndarray, multiple: int) -> np.ndarray:
+    """Zero rows appended so the table's first axis splits evenly over `multiple` devices."""
+    extra = -table.shape[0] % multiple
+    return table if not extra else np.concatenate([table, np.zeros((extra,) + table.shape[1:], table.dtype)])
+
+
 def _set(tree, path, value):
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -80,11 +86,7 @@ def load_sharded_model(path, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype=Non
     enable_compilation_cache()
     folder = resolve_path(path)
     dtype = resolve_dtype(dtype)
-    if mesh is None:
-        if (tp, pp, dp) != (1, 1, 1):
-            raise NotImplementedError(f"tp={tp}, pp={pp}, dp={dp}: multi-device sharding is not implemented yet; "
-                                      "use tp=pp=dp=1")
-        mesh = make_mesh(1, 1, 1)
+    mesh = resolve_mesh(mesh, tp, pp, dp)
     if (folder / CONVERTED_MARKER).is_file():
         from energon_jax.convert.orbax_io import load_converted
 
@@ -146,9 +148,12 @@ def _load_gpt2(folder, hf_config, mesh, dtype, max_seq_len):
     from energon_jax.models.gpt2 import GPT2
 
     cfg = gpt2_convert.config_from_hf(hf_config)
+    check_layout(mesh, heads=cfg.n_head, mlp=cfg.mlp_dim, layers=cfg.n_layer)
     max_seq_len = check_max_seq_len(max_seq_len, cfg.n_positions)
     host = stack_layers(gpt2_convert.iter_params(TensorSource(folder), cfg), cfg.n_layer)
+    multiple = table_multiple(mesh)
+    host["wte"], host["wpe"] = pad_rows(host["wte"], multiple), pad_rows(host["wpe"], multiple)
     dtype = dtype or jnp.dtype(host["wte"].dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params = place_params(host, GPT2(cfg, param_dtype=dtype), (tokens, tokens), mesh, dtype)
+    params = place_params(host, GPT2(cfg, param_dtype=dtype, table_multiple=multiple), (tokens, tokens), mesh, dtype)
     return GPTModel(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len=max_seq_len, source=str(folder))

@@ -146,8 +146,6 @@ def test_bad_input(tiny_gpt2_factory, tmp_path):
         model.generate("hello")
     with pytest.raises(ValueError, match="dtype='int8'"):
         ej.load_sharded_model(folder, dtype="int8")
-    with pytest.raises(NotImplementedError, match="tp=2"):
-        ej.load_sharded_model(folder, tp=2)
     with pytest.raises(FileNotFoundError, match="nor a preset"):
         ej.load_sharded_model(tmp_path / "nope")
 

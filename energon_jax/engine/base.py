@@ -1,8 +1,11 @@
 """What every loaded model has: config, params (sharded jax.Arrays), mesh, tokenizer."""
 from __future__ import annotations
 
-import numpy as np
+import collections
+
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 class ShardedModel:
@@ -25,6 +28,35 @@ class ShardedModel:
         shape = dict(self.mesh.shape)
         return (f"{type(self).__name__}({self.config.model_type}, {self.num_params() / 1e6:.1f}M params, "
                 f"dtype={self.dtype}, mesh={shape}, tokenizer={'yes' if self.tokenizer else 'no'})")
+
+    @property
+    def dp(self) -> int:
+        return self.mesh.shape["data"]
+
+    def put_rows(self, rows: np.ndarray) -> jax.Array:
+        """Host array with a leading batch axis -> device array split over "data"."""
+        return jax.device_put(rows, NamedSharding(self.mesh, PartitionSpec("data")))
+
+    def param_bytes_per_device(self) -> dict:
+        """Bytes of parameters held by each device (what its shards really occupy)."""
+        per_device = collections.Counter()
+        for arr in jax.tree.leaves(self.params):
+            for shard in arr.addressable_shards:
+                per_device[shard.device] += shard.data.nbytes
+        return dict(per_device)
+
+    def kv_cache_bytes_per_device(self, batch: int, length: int) -> int:
+        """Bytes of KV cache per device for `batch` rows of `length` tokens (0 for encoders)."""
+        return 0
+
+    def memory_report(self, batch: int = 1, length: int | None = None) -> str:
+        """Weights and KV cache per device, as text (one line per device)."""
+        length = length or self.max_seq_len
+        kv = self.kv_cache_bytes_per_device(batch, length)
+        lines = [f"{self!r}", f"mesh {dict(self.mesh.shape)}; KV cache for batch={batch}, length={length}"]
+        for device, nbytes in sorted(self.param_bytes_per_device().items(), key=lambda kv_: kv_[0].id):
+            lines.append(f"  {device}: weights {nbytes / 2**20:9.2f} MiB   kv cache {kv / 2**20:9.2f} MiB")
+        return "\n".join(lines)
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:

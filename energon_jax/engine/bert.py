@@ -19,7 +19,7 @@ import numpy as np
 from energon_jax.convert import bert as bert_convert
 from energon_jax.convert.hf_files import TensorSource
 from energon_jax.engine.base import ShardedModel
-from energon_jax.engine.packing import PackedChunk, pack
+from energon_jax.engine.packing import PackedChunk, check_sequences, pack_chunk, plan_chunks
 from energon_jax.engine.steps import CompileCounter, bucket
 from energon_jax.loading import check_max_seq_len, place_params, stack_layers
 from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, PackedAttention
@@ -66,17 +66,32 @@ def make_bert_step(config: BertConfig, param_dtype, counter: CompileCounter):
             return module.apply(variables, x_te, cu_seqlens_s, method=Bert.pool)
         if head == "mlm":
             return module.apply(variables, x_te, method=Bert.mlm_logits)
-        # mean over each sequence's real tokens (padding has segment -1: dropped by segment_sum)
+        # mean over each sequence's real tokens (padding has segment -1, in no row of the one-hot):
+        # a [S, T] one-hot matmul (tensor cores, float32 accumulation) rather than a scatter-add
         num_s = cu_seqlens_s.shape[0] - 1
-        sum_se = jax.ops.segment_sum(x_te.astype(jnp.float32), segments_t, num_segments=num_s)
+        onehot_st = (segments_t[None, :] == jnp.arange(num_s)[:, None]).astype(x_te.dtype)
+        sum_se = jnp.einsum("ST,TE->SE", onehot_st, x_te, preferred_element_type=jnp.float32)
         count_s = jnp.maximum(jnp.diff(cu_seqlens_s), 1).astype(jnp.float32)
         return sum_se / count_s[:, None]
 
     return step
 
 
-def _is_token_list(x) -> bool:
-    return isinstance(x, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in x)
+def _as_token_array(x) -> np.ndarray | None:
+    """x as a 1-D integer array if it is a sequence of ints (list, tuple or array), else None.
+
+    One numpy conversion per sequence rather than a Python check per token: host time matters
+    when a call carries hundreds of thousands of tokens.
+    """
+    if not isinstance(x, (list, tuple, np.ndarray)):
+        return None
+    try:
+        arr = np.asarray(x)
+    except ValueError:  # ragged nesting
+        return None
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        return None
+    return arr
 
 
 def _is_pair(x) -> bool:
@@ -122,14 +137,13 @@ class BertModel(ShardedModel):
         self._max_tokens = int(n)
 
     # ----------------------------------------------------------------- inputs
-    def _check_ids(self, ids, where: str) -> list[int]:
-        ids = [int(t) for t in ids]
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"{where}: token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
-        return ids
+    def _check_ids(self, ids: np.ndarray, where: str) -> np.ndarray:
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            raise ValueError(f"{where}: token id {int(ids[bad][0])} outside the vocabulary [0, {self.config.vocab_size})")
+        return ids.astype(np.int32)
 
-    def _tokenize_text(self, i: int, a: str, b: str | None, truncate: bool) -> tuple[list[int], list[int]]:
+    def _tokenize_text(self, i: int, a: str, b: str | None, truncate: bool) -> tuple[np.ndarray, np.ndarray]:
         for part in (a, b):
             if part is not None and not part.strip():
                 raise ValueError(f"texts[{i}] is empty ({part!r}); each text needs at least one non-space character")
@@ -138,17 +152,20 @@ class BertModel(ShardedModel):
         if len(ids) > self.max_seq_len and truncate:
             # HF truncation keeps [CLS]/[SEP] and trims the longer text of a pair first
             enc = tok.hf(a, b, truncation=True, max_length=self.max_seq_len, return_token_type_ids=True)
-            ids, types = list(enc["input_ids"]), list(enc["token_type_ids"])
-        return ids, types
+            ids, types = enc["input_ids"], enc["token_type_ids"]
+        return np.asarray(ids, np.int32), np.asarray(types, np.int32)
 
-    def tokenize(self, texts_or_ids, *, truncate: bool = False) -> tuple[list[list[int]], list[list[int]]]:
-        """Inputs -> (token ids, token types) per sequence, validated against the model's limits.
+    def tokenize(self, texts_or_ids, *, truncate: bool = False) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """Inputs -> (token ids, token types) per sequence (int arrays; types None = all 0),
+        validated against the model's limits.
 
         Items: str (special tokens added), (a, b) str pairs (token types 0 / 1), or token-id
         lists (used as given, token type 0). Sequences longer than `max_seq_len` raise unless
         `truncate=True` (token-id lists are then cut to `max_seq_len`).
         """
-        if isinstance(texts_or_ids, (str, bytes)) or (_is_token_list(texts_or_ids) and len(texts_or_ids)):
+        if isinstance(texts_or_ids, (str, bytes)) or (
+                isinstance(texts_or_ids, (list, tuple)) and texts_or_ids
+                and isinstance(texts_or_ids[0], (int, np.integer))):
             raise TypeError(f"texts_or_ids must be a list of str, (str, str) pairs or token-id lists, got "
                             f"{type(texts_or_ids).__name__} {str(texts_or_ids)[:40]!r}; wrap a single input in a list")
         items = list(texts_or_ids)
@@ -160,32 +177,36 @@ class BertModel(ShardedModel):
                 ids, types = self._tokenize_text(i, item, None, truncate)
             elif _is_pair(item):
                 ids, types = self._tokenize_text(i, item[0], item[1], truncate)
-            elif _is_token_list(item):
-                ids = self._check_ids(item, f"texts_or_ids[{i}]")
-                if not ids:
+            elif (arr := _as_token_array(item)) is not None:
+                if not arr.size:
                     raise ValueError(f"texts_or_ids[{i}] is an empty token list; a sequence needs at least one token")
-                ids = ids[: self.max_seq_len] if truncate else ids
-                types = [0] * len(ids)
+                ids, types = (arr[: self.max_seq_len] if truncate else arr), None
             else:
                 raise TypeError(f"texts_or_ids[{i}] is {type(item).__name__} {str(item)[:40]!r}; expected str, "
                                 "a (str, str) pair or a list of int token ids")
             if len(ids) > self.max_seq_len:
                 raise ValueError(f"texts_or_ids[{i}] has {len(ids)} tokens, more than max_seq_len={self.max_seq_len}"
                                  " (the model's positions); pass truncate=True to cut it")
-            if max(types) >= self.config.type_vocab_size:
-                raise ValueError(f"texts_or_ids[{i}] uses token type {max(types)} but this model has "
+            if types is not None and types.max() >= self.config.type_vocab_size:
+                raise ValueError(f"texts_or_ids[{i}] uses token type {types.max()} but this model has "
                                  f"type_vocab_size={self.config.type_vocab_size} (sentence pairs need 2)")
             all_ids.append(ids)
             all_types.append(types)
+        flat = np.concatenate(all_ids)  # one vocabulary check for the whole call
+        if flat.min() < 0 or flat.max() >= self.config.vocab_size:
+            for i, ids in enumerate(all_ids):
+                self._check_ids(ids, f"texts_or_ids[{i}]")
         return all_ids, all_types
 
     # ----------------------------------------------------------------- running
     def _run(self, ids, types, head: str) -> list[tuple[PackedChunk, np.ndarray]]:
-        """Run every packed chunk through the step; results fetched one chunk behind the dispatch."""
-        chunks = pack(ids, types, max_tokens=self.max_tokens_per_chunk)
-        results, pending = [], None
-        shapes = []
-        for chunk in chunks:
+        """Run every packed chunk through the step. Chunks are packed one at a time and results
+        fetched one chunk behind the dispatch, so host work overlaps the device's."""
+        check_sequences(ids, types)
+        chunks, results, pending, shapes = [], [], None, []
+        for rows in plan_chunks([len(x) for x in ids], self.max_tokens_per_chunk):
+            chunk = pack_chunk(rows, ids, types, max_tokens=self.max_tokens_per_chunk)
+            chunks.append(chunk)
             max_len = bucket(chunk.max_len, cap=self.max_seq_len)
             attention = PackedAttention(max_len, self.attention_impl, self.mesh if self.mesh.size > 1 else None)
             out = self._step(self.params, chunk.tokens, chunk.positions, chunk.token_types, chunk.segments,
@@ -240,9 +261,9 @@ class BertModel(ShardedModel):
         b, t = arr.shape
         if t > self.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={self.max_seq_len}")
-        ids = [self._check_ids(row, f"token_ids[{i}]") for i, row in enumerate(arr)]
+        ids = list(self._check_ids(arr, "token_ids"))
         out = np.empty((b, t, self.config.vocab_size), np.float32)
-        for chunk, logits_tv in self._run(ids, [[0] * t] * b, "mlm"):
+        for chunk, logits_tv in self._run(ids, [None] * b, "mlm"):
             for j, row in enumerate(chunk.rows):
                 out[row] = logits_tv[chunk.cu_seqlens[j]: chunk.cu_seqlens[j + 1]]
         return out

@@ -12,8 +12,9 @@ import numpy as np
 
 from energon_jax.engine.base import ShardedModel
 from energon_jax.engine.sampling import SamplingParams, validate_sampling
-from energon_jax.engine.steps import CompileCounter, bucket, make_forward, make_generate
+from energon_jax.engine.steps import CompileCounter, bucket, make_forward, make_generate, make_model_fn
 from energon_jax.models.gpt2 import GPT2
+from energon_jax.runtime.sharding import table_multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +25,13 @@ class GenerationOutput:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_steps(config, dtype):
-    """One set of jitted steps per (config, dtype): models loaded twice share their compiled programs.
-
-    `compile_counts` is therefore shared by such models too."""
-    module = GPT2(config, param_dtype=dtype)
+def _compiled_steps(config, dtype, mesh):
+    """One set of jitted steps per (config, dtype, mesh): models loaded twice share their compiled
+    programs, and so their `compile_counts`."""
+    module = GPT2(config, param_dtype=dtype, table_multiple=table_multiple(mesh))
+    model_fn = make_model_fn(module, mesh)
     counter = CompileCounter()
-    return module, counter, make_forward(module, counter), make_generate(module, counter, dtype)
+    return module, counter, make_forward(model_fn, counter), make_generate(model_fn, counter, dtype, mesh)
 
 
 def _is_token_list(p) -> bool:
@@ -40,7 +41,13 @@ def _is_token_list(p) -> bool:
 class GPTModel(ShardedModel):
     def __init__(self, config, params, mesh, tokenizer, *, max_seq_len, source=""):
         super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
-        self.module, self.compile_counts, self._forward, self._generate = _compiled_steps(config, self.dtype)
+        self.module, self.compile_counts, self._forward, self._generate = _compiled_steps(config, self.dtype, mesh)
+
+    def kv_cache_bytes_per_device(self, batch: int, length: int) -> int:
+        c, shape = self.config, self.mesh.shape
+        local = (-(-c.n_layer // shape["stage"]) * -(-batch // shape["data"]) * (c.n_head // shape["tensor"])
+                 * length * c.head_dim)
+        return 2 * local * np.dtype(self.dtype).itemsize  # K and V
 
     # ----------------------------------------------------------------- inputs
     def _check_ids(self, ids: Sequence[int], where: str) -> list[int]:
@@ -77,14 +84,17 @@ class GPTModel(ShardedModel):
         if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"token_ids must be a non-empty int array [B, T], got shape {arr.shape} dtype {arr.dtype}")
         b, t = arr.shape
+        if b % self.dp:
+            raise ValueError(f"batch of {b} rows does not split over dp={self.dp} data-parallel replicas; "
+                             f"use a multiple of {self.dp}")
         if t > self.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds the context of {self.max_seq_len} tokens")
         self._check_ids(arr.ravel(), "token_ids")
         tb = bucket(t, self.max_seq_len)
         padded = np.zeros((b, tb), np.int32)
         padded[:, :t] = arr
-        out = self._forward(self.params, jnp.asarray(padded), jnp.full((b,), t, jnp.int32))
-        return np.asarray(out[:, :t], dtype=np.float32)
+        out = self._forward(self.params, self.put_rows(padded), self.put_rows(np.full((b,), t, np.int32)))
+        return np.asarray(out[:, :t, : self.config.vocab_size], dtype=np.float32)
 
     # --------------------------------------------------------------- generate
     def stop_token_ids(self, stop) -> tuple[list[int], list[str]]:
@@ -121,7 +131,7 @@ class GPTModel(ShardedModel):
             seed = int.from_bytes(os.urandom(4), "little") >> 1
 
         n = len(ids)
-        b = bucket(n, minimum=1)  # padded rows generate nothing (max_new 0)
+        b = -(-bucket(n, minimum=1) // self.dp) * self.dp  # padded rows generate nothing (max_new 0)
         t = bucket(max(len(p) for p in ids), self.max_seq_len)
         out_len = bucket(max_new_tokens, minimum=8)
         cache_len = bucket(t + out_len, self.max_seq_len)
@@ -135,8 +145,8 @@ class GPTModel(ShardedModel):
         stop_k = np.asarray(stop_ids or [-1], np.int32)
         seeds = (np.uint32(seed) + np.arange(b, dtype=np.uint32)).astype(np.uint32)
         out, num, stopped = self._generate(
-            self.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(max_new),
-            SamplingParams.make(b, temperature, top_k, top_p), jnp.asarray(seeds), jnp.asarray(stop_k),
+            self.params, self.put_rows(tokens), self.put_rows(lengths), self.put_rows(max_new),
+            SamplingParams.make(b, temperature, top_k, top_p), self.put_rows(seeds), jnp.asarray(stop_k),
             cache_len=cache_len, out_len=out_len)
         out, num, stopped = np.asarray(out), np.asarray(num), np.asarray(stopped)
         return [self._finish(out[i, : num[i]].tolist(), bool(stopped[i]), stop_ids, stop_strings) for i in range(n)]

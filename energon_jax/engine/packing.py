@@ -67,9 +67,10 @@ def plan_chunks(lengths: Sequence[int], max_tokens: int) -> list[np.ndarray]:
     return chunks
 
 
-def pack_chunk(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]],
+def pack_chunk(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None],
                *, max_tokens: int, min_bucket: int = 16) -> PackedChunk:
-    """Pack sequences ids[r] (with token types types[r]) for r in rows into one bucketed stream."""
+    """Pack sequences ids[r] (with token types types[r], None = all 0) for r in rows into one
+    bucketed stream."""
     lens = np.array([len(ids[r]) for r in rows], dtype=np.int64)
     total = int(lens.sum())
     t = bucket(total, cap=max_tokens, minimum=min_bucket)
@@ -80,22 +81,29 @@ def pack_chunk(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[S
     token_types = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
     segments = np.full(t, -1, np.int32)
-    tokens[:total] = np.concatenate([np.asarray(ids[r], np.int32) for r in rows])
-    token_types[:total] = np.concatenate([np.asarray(types[r], np.int32) for r in rows])
+    tokens[:total] = np.concatenate([np.asarray(ids[r]) for r in rows])
+    if any(types[r] is not None for r in rows):
+        token_types[:total] = np.concatenate([np.zeros(n, np.int32) if types[r] is None else np.asarray(types[r])
+                                              for r, n in zip(rows, lens)])
     segments[:total] = np.repeat(np.arange(s, dtype=np.int32), lens)
     positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(cu[:s], lens)
     return PackedChunk(np.asarray(rows), tokens, positions, token_types, segments, cu, int(lens.max()))
 
 
-def pack(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]], *, max_tokens: int,
-         min_bucket: int = 16) -> list[PackedChunk]:
-    """All sequences -> packed chunks (sorted by length; see `plan_chunks`)."""
+def check_sequences(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None]) -> None:
+    """Every sequence non-empty, with one token type per token (or None: all type 0)."""
     if len(ids) != len(types):
         raise ValueError(f"{len(ids)} id sequences but {len(types)} token-type sequences")
     for i, (a, b) in enumerate(zip(ids, types)):
-        if len(a) != len(b):
+        if b is not None and len(a) != len(b):
             raise ValueError(f"sequence {i}: {len(a)} token ids but {len(b)} token types")
         if not len(a):
             raise ValueError(f"sequence {i} is empty; every sequence needs at least one token")
+
+
+def pack(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None], *, max_tokens: int,
+         min_bucket: int = 16) -> list[PackedChunk]:
+    """All sequences -> packed chunks (sorted by length; see `plan_chunks`)."""
+    check_sequences(ids, types)
     return [pack_chunk(rows, ids, types, max_tokens=max_tokens, min_bucket=min_bucket)
             for rows in plan_chunks([len(a) for a in ids], max_tokens)]

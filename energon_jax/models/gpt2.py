@@ -17,9 +17,24 @@ import jax
 import jax.numpy as jnp
 
 from energon_jax.config import GPT2Config
-from energon_jax.models.layers import LayerNorm, attention_scale, gelu_new, masked_attention, param
+from energon_jax.models.layers import MASK_VALUE, LayerNorm, attention_scale, gelu_new, masked_attention, param
 
 Cache = dict  # {"k": [L, B, N, S, D], "v": [L, B, N, S, D]}
+
+
+def padded_rows(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def write_token(cache_lbnsd, new_bnd, layer, pos_b):
+    """cache[layer, b, :, pos[b], :] = new[b] for every row b.
+
+    Written as a per-row dynamic_update_slice under vmap (a scatter with a batching dimension):
+    XLA's SPMD partitioner handles it with the batch split over "data" and heads over "tensor"
+    inside the pipeline's shard_map, where a plain advanced-index scatter fails to partition."""
+    def one_row(c_lnsd, u_nd, p):
+        return jax.lax.dynamic_update_slice(c_lnsd, u_nd[None, :, None, :].astype(c_lnsd.dtype), (layer, 0, p, 0))
+    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_lbnsd, new_bnd, pos_b)
 
 
 def decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale):
@@ -58,10 +73,9 @@ class Attention(nn.Module):
             new_kv = (jnp.swapaxes(k_btnd, 1, 2), jnp.swapaxes(v_btnd, 1, 2))  # [B, N, T, D]
         else:  # decode: write this token's K/V into the cache, then attend over it
             k_all, v_all, layer = layer_cache
-            b = x_bte.shape[0]
-            rows, pos = jnp.arange(b), positions_bt[:, 0]
-            k_all = k_all.at[layer, rows, :, pos, :].set(k_btnd[:, 0].astype(k_all.dtype))
-            v_all = v_all.at[layer, rows, :, pos, :].set(v_btnd[:, 0].astype(v_all.dtype))
+            pos = positions_bt[:, 0]
+            k_all = write_token(k_all, k_btnd[:, 0], layer, pos)
+            v_all = write_token(v_all, v_btnd[:, 0], layer, pos)
             k_bnsd = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
             v_bnsd = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
             attend = self.decode_attention or decode_attention_xla
@@ -136,16 +150,20 @@ class BlockStack(nn.Module):
 
 
 class GPT2(nn.Module):
+    """`table_multiple` pads the embedding tables' rows so they split evenly over devices;
+    padded vocabulary entries get logits of MASK_VALUE and are never sampled."""
+
     config: GPT2Config
     param_dtype: jnp.dtype = jnp.float32
     decode_attention: object = None
+    table_multiple: int = 1
 
     def setup(self):
         cfg = self.config
         self.wte = self.param("wte", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-                              (cfg.vocab_size, cfg.n_embd), self.param_dtype)
+                              (padded_rows(cfg.vocab_size, self.table_multiple), cfg.n_embd), self.param_dtype)
         self.wpe = self.param("wpe", nn.with_logical_partitioning(nn.initializers.normal(0.01), ("positions", "embed")),
-                              (cfg.n_positions, cfg.n_embd), self.param_dtype)
+                              (padded_rows(cfg.n_positions, self.table_multiple), cfg.n_embd), self.param_dtype)
         self.h = BlockStack(cfg, cfg.n_layer, self.param_dtype, self.decode_attention)
         self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.param_dtype)
 
@@ -154,7 +172,11 @@ class GPT2(nn.Module):
 
     def head(self, x_bte):
         """Final layer norm and the tied LM head; logits in float32."""
-        return jnp.einsum("BTE,VE->BTV", self.ln_f(x_bte), self.wte, preferred_element_type=jnp.float32)
+        logits_btv = jnp.einsum("BTE,VE->BTV", self.ln_f(x_bte), self.wte, preferred_element_type=jnp.float32)
+        if self.wte.shape[0] > self.config.vocab_size:
+            logits_btv = jnp.where(jnp.arange(self.wte.shape[0]) < self.config.vocab_size, logits_btv, MASK_VALUE)
+        return logits_btv
+
 
     def __call__(self, tokens_bt, positions_bt, lengths_b=None, cache: Cache | None = None, logit_index_b=None):
         """Returns (logits, kv). `logit_index_b` [B] picks one position per row (saves the
@@ -166,3 +188,9 @@ class GPT2(nn.Module):
         if logit_index_b is not None:
             x_bte = jnp.take_along_axis(x_bte, logit_index_b[:, None, None], axis=1)  # [B, 1, E]
         return self.head(x_bte), kv
+
+
+def stage_stack(model: GPT2, num_layers: int) -> BlockStack:
+    """A standalone stack of `num_layers` blocks of `model` (one pipeline stage's worth);
+    its parameters are a slice of `params["h"]`."""
+    return BlockStack(model.config, num_layers, model.param_dtype, model.decode_attention, parent=None)

@@ -19,8 +19,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv", None),
     ("qkv", None),
     ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("positions", None),
+    # Embedding tables are split over tensor x stage, so with pipeline stages no device holds
+    # a whole vocabulary matrix (the lookup and LM head run outside the pipeline, under GSPMD).
+    ("vocab", ("tensor", "stage")),
+    ("positions", ("tensor", "stage")),
     ("layers", "stage"),
     ("cache_layers", "stage"),
     ("cache_batch", "data"),
@@ -28,6 +30,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("cache_length", None),
     ("cache_kv", None),
 )
+
+
+CACHE_AXES = ("cache_layers", "cache_batch", "cache_heads", "cache_length", "cache_kv")
+
+
+def table_multiple(mesh: Mesh) -> int:
+    """Embedding tables are padded to a multiple of this many rows (tensor x stage devices)."""
+    return mesh.shape["tensor"] * mesh.shape["stage"]
 
 
 def logical_to_spec(axes) -> PartitionSpec:

@@ -24,9 +24,6 @@ from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, Shu
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("mean", "cls", "none")
-
-
 class RequestHandle:
     """One submitted generation: iterate for `Delta`s (blocking, or `async for` when submitted with
     an asyncio loop), `result()` for the whole output, `cancel()` to free its slot."""
@@ -224,10 +221,8 @@ class Server:
     # ------------------------------------------------------------- encoding
     def embed_async(self, inputs, *, pooling: str = "mean", normalize: bool = False):
         """A concurrent.futures.Future of `model.encode(inputs, pooling=, normalize=)`, batched with
-        other requests."""
+        other requests (the model checks pooling; a bad value fails the future with ValueError)."""
         self._require("bert", "embeddings")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r}; accepted: {list(POOLINGS)}")
         return self.batcher.submit(inputs, pooling, normalize)
 
     def embed(self, inputs, *, pooling: str = "mean", normalize: bool = False, timeout: float | None = None):

@@ -65,7 +65,7 @@ class EmbeddingBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "pooler"] = "mean"
     normalize: bool = True
     encoding_format: Literal["float"] = "float"
 

@@ -1,0 +1,120 @@
+"""Pipeline parallelism over the mesh's "stage" axis (Energon's non-blocking pipeline, in XLA).
+
+The layer stack's parameters (and KV cache) are stacked on a leading layers axis split over
+"stage", so each stage holds only its own layers. The batch is cut into M microbatches and
+moved stage to stage with `ppermute` inside `shard_map` (manual over "stage" only; "data" and
+"tensor" stay automatic, so tensor parallelism composes with it). Microbatch m enters stage s
+at tick m + s; with M >= S microbatches every stage works at once after the first S - 1 ticks,
+and the whole pass takes M + S - 1 ticks.
+
+Microbatch m is rows {m, m + M, m + 2M, ...} (a free reshape [B] -> [B/M, M]), so with the
+batch split over "data" every microbatch keeps rows on every data shard.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+
+def schedule(num_microbatches: int, num_stages: int) -> list[list[int | None]]:
+    """The microbatch each stage works on at each tick (None = idle): M + S - 1 ticks."""
+    m, s = num_microbatches, num_stages
+    return [[t - st if 0 <= t - st < m else None for st in range(s)] for t in range(m + s - 1)]
+
+
+def choose_microbatches(batch: int, num_stages: int, data: int = 1) -> int:
+    """S microbatches when the batch splits evenly (every stage busy), else 1."""
+    local = batch // data
+    return num_stages if num_stages > 1 and local % num_stages == 0 and local >= num_stages else 1
+
+
+def _split(x, m: int, axis: int):
+    """[..., B, ...] -> [..., B/M, M, ...] at `axis` (row i*M + j -> (i, j))."""
+    shape = x.shape
+    return x.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:])
+
+
+def _merge(x, axis: int):
+    shape = x.shape
+    return x.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2:])
+
+
+def pipelined_stack(stack_fn, mesh, num_microbatches: int):
+    """Wrap `stack_fn(stack_params, x_bte, positions_bt, lengths_b, cache) -> (x_bte, kv)` into a
+    pipeline over "stage" with the same signature and results.
+
+    cache None (prefill): kv is the fresh K/V [Ls, B, N, T, D] per stage, gathered to [L, ...].
+    cache given (decode): [L, B, N, S, D], split over stage, updated in place per microbatch.
+    """
+    num_stages = mesh.shape["stage"]
+    m_count = num_microbatches
+
+    def stage_body(stack_params, x_bte, positions_bt, lengths_b, cache):
+        stage = jax.lax.axis_index("stage")
+        b = x_bte.shape[0]
+        if b % m_count:
+            raise ValueError(f"batch {b} does not split into {m_count} microbatches")
+        x_mb = jnp.moveaxis(_split(x_bte, m_count, 0), 1, 0)  # [M, B/M, T, E]
+        pos_mb = jnp.moveaxis(_split(positions_bt, m_count, 0), 1, 0)  # [M, B/M, T]
+        len_mb = jnp.moveaxis(_split(lengths_b, m_count, 0), 1, 0)  # [M, B/M]
+        decode = cache is not None
+
+        def run(m, x_in, buf):
+            """One stage pass over microbatch m; buf = this stage's cache (decode) or K/V buffer."""
+            if decode:
+                cache_m = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(_split(c, m_count, 1), m, 2, False), buf)
+                return stack_fn(stack_params, x_in, pos_mb[m], len_mb[m], cache_m)
+            return stack_fn(stack_params, x_in, pos_mb[m], len_mb[m], None)
+
+        def write(buf, m, new, valid):
+            """Store microbatch m's K/V (only on ticks where this stage really worked on it)."""
+            def one(c, n):
+                c5 = _split(c, m_count, 1)  # [Ls, B/M, M, N, S|T, D]
+                old = jax.lax.dynamic_index_in_dim(c5, m, 2, True)
+                upd = jnp.where(valid, n[:, :, None].astype(c.dtype), old)
+                return _merge(jax.lax.dynamic_update_index_in_dim(c5, upd, m, 2), 1)
+            return jax.tree.map(one, buf, new)
+
+        if decode:
+            buf = cache
+        else:  # the K/V this stage produces, for all microbatches
+            ls = jax.tree.leaves(stack_params)[0].shape[0]
+            t = x_bte.shape[1]
+            _, kv_shape = jax.eval_shape(lambda: stack_fn(stack_params, x_mb[0], pos_mb[0], len_mb[0], None))
+            buf = jax.tree.map(lambda s: jnp.zeros((ls, b) + s.shape[2:], s.dtype), kv_shape)
+            del t
+        out = jnp.zeros_like(x_mb)
+        state = jnp.zeros_like(x_mb[0])
+        perm = [(i, (i + 1) % num_stages) for i in range(num_stages)]
+
+        def tick(carry, t):
+            state, out, buf = carry
+            m = t - stage
+            valid = (m >= 0) & (m < m_count)
+            mc = jnp.clip(m, 0, m_count - 1)
+            x_in = jnp.where(stage == 0, x_mb[jnp.clip(t, 0, m_count - 1)], state)
+            y, kv_m = run(mc, x_in, buf)
+            buf = write(buf, mc, kv_m, valid)
+            last = valid & (stage == num_stages - 1)
+            out = jax.lax.dynamic_update_index_in_dim(
+                out, jnp.where(last, y, jax.lax.dynamic_index_in_dim(out, mc, 0, False)), mc, 0)
+            state = jax.lax.ppermute(y, "stage", perm)
+            return (state, out, buf), None
+
+        (_, out, buf), _ = jax.lax.scan(tick, (state, out, buf), jnp.arange(m_count + num_stages - 1))
+        out = jax.lax.psum(out, "stage")  # only the last stage holds non-zeros: exact
+        x_out = _merge(jnp.moveaxis(out, 0, 1), 0)  # [B, T, E]
+        return x_out, buf
+
+    def wrapped(stack_params, x_bte, positions_bt, lengths_b, cache):
+        params_spec = jax.tree.map(lambda _: P("stage"), stack_params)
+        cache_spec = None if cache is None else jax.tree.map(lambda _: P("stage"), cache)
+        fn = jax.shard_map(
+            stage_body, mesh=mesh, axis_names={"stage"}, check_vma=False,
+            in_specs=(params_spec, P(), P(), P(), cache_spec),
+            out_specs=(P(), {"k": P("stage"), "v": P("stage")}),
+        )
+        return fn(stack_params, x_bte, positions_bt, lengths_b, cache)
+
+    return wrapped

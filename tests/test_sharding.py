@@ -1,0 +1,101 @@
+"""Tensor / pipeline / data parallelism over 8 simulated CPU devices, proven equal to one device."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+import energon_jax as ej
+from energon_jax.engine.pipeline import schedule
+
+LAYOUTS = [(2, 1, 1), (4, 1, 1), (1, 2, 1), (1, 4, 1), (2, 2, 1), (2, 2, 2), (1, 2, 4), (8, 1, 1)]
+# 8 heads, 4 layers, vocab 101 (not divisible by any tp: the padded, masked path), positions 128.
+CONFIG = dict(n_layer=4, n_head=8, n_embd=64, vocab_size=101)
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tiny_gpt2_factory):
+    return tiny_gpt2_factory(seed=4, **CONFIG)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(gpt2_folder):
+    model = ej.load_sharded_model(gpt2_folder)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, CONFIG["vocab_size"], (8, 13))
+    prompts = [ids[0, :n].tolist() for n in (13, 2, 7, 5)]
+    return ids, model.logits(ids), prompts, [o.token_ids for o in model.generate(prompts, max_new_tokens=12)]
+
+
+@pytest.mark.parametrize("tp,pp,dp", LAYOUTS, ids=[f"tp{t}-pp{p}-dp{d}" for t, p, d in LAYOUTS])
+def test_gpt2_layout_equals_one_device(gpt2_folder, reference, tp, pp, dp):
+    ids, ref_logits, prompts, ref_tokens = reference
+    model = ej.load_sharded_model(gpt2_folder, tp=tp, pp=pp, dp=dp)
+    assert dict(model.mesh.shape) == {"data": dp, "stage": pp, "tensor": tp}
+    for leaf in jax.tree.leaves(model.params):
+        assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == model.mesh
+    np.testing.assert_allclose(model.logits(ids), ref_logits, atol=1e-5, rtol=0)
+    assert [o.token_ids for o in model.generate(prompts, max_new_tokens=12)] == ref_tokens
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 2), (4, 2), (1, 4)])
+def test_weight_bytes_per_device_bound(gpt2_folder, tp, pp):
+    model = ej.load_sharded_model(gpt2_folder, tp=tp, pp=pp)
+    leaves = jax.tree_util.tree_leaves_with_path(model.params)
+    total = sum(x.nbytes for _, x in leaves)
+    # Replicated small tensors: layer norms and the biases that sit on the embed axis.
+    small = sum(x.nbytes for path, x in leaves
+                if any(k in jax.tree_util.keystr(path) for k in ("ln_", "out_bias", "proj_bias")))
+    per_device = model.param_bytes_per_device()
+    assert len(per_device) == tp * pp
+    assert max(per_device.values()) <= total / (tp * pp) + small
+    # No device holds a whole vocabulary matrix.
+    wte = model.params["wte"]
+    for shard in wte.addressable_shards:
+        assert shard.data.shape[0] * tp * pp == wte.shape[0]
+        assert shard.data.shape[0] < CONFIG["vocab_size"]
+    assert "weights" in model.memory_report(batch=4)
+
+
+def test_pipeline_schedule():
+    ticks = schedule(num_microbatches=4, num_stages=2)
+    assert len(ticks) == 4 + 2 - 1
+    assert ticks[0] == [0, None] and ticks[1] == [1, 0] and ticks[-1] == [None, 3]
+    # after the fill, every stage works on a distinct microbatch
+    assert all(None not in t and len(set(t)) == 2 for t in ticks[1:4])
+    # every stage sees every microbatch exactly once, in order
+    for stage in range(2):
+        assert [t[stage] for t in ticks if t[stage] is not None] == [0, 1, 2, 3]
+    assert len(schedule(8, 4)) == 11
+
+
+def test_decode_step_has_collective_permutes(gpt2_folder):
+    import jax.numpy as jnp
+
+    from energon_jax.engine.sampling import SamplingParams
+
+    model = ej.load_sharded_model(gpt2_folder, pp=2, tp=2)
+    b = 4
+    args = (model.params, model.put_rows(np.ones((b, 16), np.int32)), model.put_rows(np.full(b, 3, np.int32)),
+            model.put_rows(np.full(b, 4, np.int32)), SamplingParams.make(b), model.put_rows(np.arange(b, dtype=np.uint32)),
+            jnp.asarray([-1], np.int32))
+    hlo = model._generate.lower(*args, cache_len=32, out_len=8).compile().as_text()
+    assert "collective-permute" in hlo
+
+
+def test_validation_errors(gpt2_folder):
+    with pytest.raises(ValueError, match="n_head|heads=8 is not divisible by tp=3"):
+        ej.load_sharded_model(gpt2_folder, tp=3)
+    with pytest.raises(ValueError, match="layers=4 is not divisible by pp=3"):
+        ej.load_sharded_model(gpt2_folder, pp=3)
+    with pytest.raises(ValueError, match="16 devices asked for, but only 8 exist"):
+        ej.load_sharded_model(gpt2_folder, tp=4, pp=2, dp=2)
+    with pytest.raises(ValueError, match="tp=0"):
+        ej.load_sharded_model(gpt2_folder, tp=0)
+    model = ej.load_sharded_model(gpt2_folder, dp=2)
+    with pytest.raises(ValueError, match="batch of 3 rows does not split over dp=2"):
+        model.logits(np.ones((3, 4), np.int32))
+    mesh = ej.make_mesh(tp=2)
+    with pytest.raises(ValueError, match="disagree with the mesh"):
+        ej.load_sharded_model(gpt2_folder, tp=4, mesh=mesh)
+    # generate pads an odd batch to the data-parallel size instead of failing
+    assert len(model.generate([[1, 2], [3], [4, 5, 6]], max_new_tokens=3)) == 3
