@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 
 from energon_jax.convert.orbax_io import DTYPES
@@ -20,16 +19,15 @@ def _convert(args) -> int:
     from energon_jax.convert.orbax_io import convert_checkpoint
 
     _cpu_only()
-    # SIGTERM as SystemExit, so the temporary output folder is removed like on Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
+    try:  # SIGINT / SIGTERM are handled inside: the temporary output folder is removed
         summary = convert_checkpoint(args.src, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp, force=args.force,
                                      buffer_bytes=int(args.buffer_mb * 2**20), progress=not args.quiet)
     except FileExistsError as e:  # energon_jax.cli reports ValueError-like errors only
         print(f"energon convert: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except (KeyboardInterrupt, SystemExit):
+        print(f"energon convert: interrupted; {args.out} not written", file=sys.stderr)
+        raise
     print(summary.line())
     return 0
 

@@ -23,6 +23,8 @@ import json
 import mmap
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -166,6 +168,43 @@ def _remove_stale_temp_dirs(out: Path) -> None:
             pass
 
 
+class _DeferredSignals:
+    """SIGINT / SIGTERM during conversion stop it at the next tensor boundary, not mid-write.
+
+    Orbax writes from background threads; unwinding the main thread mid-save would delete the
+    temporary folder while those threads still write into it. A second signal interrupts at once.
+    """
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            self._raise(signum)
+        self.received = signum
+
+    def check(self):
+        if self.received is not None:
+            self._raise(self.received)
+
+    @staticmethod
+    def _raise(signum):
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: int = 1, force: bool = False,
                        buffer_bytes: int = 64 << 20, progress: bool = True) -> ConvertSummary:
     """Convert a Hugging Face folder `src` to a converted folder `out` (see the module docstring).
@@ -180,7 +219,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     from orbax.checkpoint.experimental.v1 import partial as orbax_partial
 
     t0 = time.perf_counter()
-    src, out = Path(src).expanduser(), Path(out).expanduser()
+    # Absolute paths: Orbax's partial save refuses relative ones.
+    src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
     if not src.is_dir():
         raise CheckpointError(f"{src}: source folder not found (SRC must be a Hugging Face model folder)")
     if dtype is not None and dtype not in DTYPES:
@@ -209,9 +249,10 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     tmp = _temp_dir_for(out)
     tmp.mkdir()
     try:
-        manifest, out_dtype, nbytes, ntensors = _write_params(
-            source, cfg, arch, expected, tmp / CHECKPOINT_DIR, dtype, buffer_bytes, num_params, progress,
-            orbax_partial)
+        with _DeferredSignals() as signals:
+            manifest, out_dtype, nbytes, ntensors = _write_params(
+                source, cfg, arch, expected, tmp / CHECKPOINT_DIR, dtype, buffer_bytes, num_params, progress,
+                orbax_partial, signals.check)
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "converter_version": _converter_version(),
@@ -244,7 +285,8 @@ def _converter_version() -> str:
     return f"energon-jax {energon_jax.__version__} / format {FORMAT_VERSION}"
 
 
-def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, num_params, progress, orbax_partial):
+def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, num_params, progress, orbax_partial,
+                  check_interrupt):
     """Stream `iter_params` into one Orbax checkpoint; returns (manifest, dtype name, bytes, tensors)."""
     import orbax.checkpoint.experimental.v1 as ocp
     from tqdm import tqdm
@@ -275,6 +317,7 @@ def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, nu
 
     with bar:
         for path, layer, arr in _converter(arch).iter_params(source, cfg):
+            check_interrupt()
             key = _key(path)
             if key not in expected:
                 raise CheckpointError(f"converter produced {key!r}, which the {cfg.model_type} module does not have")
@@ -302,6 +345,7 @@ def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, nu
             if buffered >= buffer_bytes:
                 flush()
         flush()
+    check_interrupt()
     missing = sorted(set(expected) - set(manifest))
     if missing:
         raise CheckpointError(f"{source.folder}: no tensors for {missing[:5]}")

@@ -1,0 +1,307 @@
+"""`energon convert` / `energon inspect` and loading converted folders onto any mesh."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import energon_jax as ej
+from energon_jax.cli import main
+from energon_jax.convert import orbax_io
+from energon_jax.loading import param_shardings
+
+REPO = Path(__file__).resolve().parents[1]
+MESHES = [(1, 1, 1), (2, 2, 1), (4, 1, 2)]  # (tp, pp, dp) on the 8 simulated devices
+TOKENS = np.array([[5, 17, 3, 99, 42, 7, 64], [1, 2, 3, 4, 5, 6, 7]])
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("convert_memory", REPO / "benchmarks" / "convert_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level fast tokenizer over vocab_size tokens, saved as HF tokenizer files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(folder))
+
+
+def _convert(*argv) -> int:
+    return main(["convert", *map(str, argv), "--quiet"])
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}."))
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tiny_gpt2_factory):
+    folder, model = tiny_gpt2_factory(vocab_size=104, bos_token_id=103, eos_token_id=103)
+    if not (folder / "tokenizer.json").is_file():
+        _word_tokenizer(folder, 104)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def converted(hf_gpt2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "gpt2-energon"
+    assert _convert(hf_gpt2[0], out, "--tp", "2", "--pp", "2") == 0
+    return out
+
+
+def _hf_logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("tp,pp,dp", MESHES)
+def test_converted_loads_on_any_mesh(hf_gpt2, converted, tp, pp, dp):
+    folder, hf_model = hf_gpt2
+    mesh = ej.make_mesh(tp=tp, pp=pp, dp=dp)
+    model = ej.load_sharded_model(converted, mesh=mesh)
+    direct = ej.load_sharded_model(folder, mesh=mesh)
+    assert type(model) is type(direct) and model.config == direct.config
+    targets = param_shardings(model.module, (np.zeros((1, 1), np.int32),) * 2, mesh)
+    flat = jax.tree_util.tree_leaves_with_path(model.params)
+    assert len(flat) == len(jax.tree.leaves(direct.params))
+    for (path, arr), want, ref in zip(flat, jax.tree.leaves(targets), jax.tree.leaves(direct.params)):
+        assert arr.sharding.is_equivalent_to(want, arr.ndim), (jax.tree_util.keystr(path), arr.sharding, want)
+        assert arr.dtype == ref.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(arr), np.asarray(ref), err_msg=jax.tree_util.keystr(path))
+    qkv = model.params["h"]["blocks"]["attn"]["qkv_kernel"]  # [L, E, 3, N, D]: layers over stage, heads over tensor
+    assert {s.data.shape for s in qkv.addressable_shards} == {(2 // pp, 32, 3, 4 // tp, 8)}
+    np.testing.assert_allclose(model.logits(TOKENS), _hf_logits(hf_model, TOKENS), atol=1e-5, rtol=0)
+    assert model.tokenizer is not None
+    assert model.tokenizer.encode("w5 w17 w3") == direct.tokenizer.encode("w5 w17 w3") == [5, 17, 3]
+
+
+def test_energon_config_records_source_layout_and_manifest(hf_gpt2, converted):
+    meta = json.loads((converted / "energon_config.json").read_text())
+    folder = hf_gpt2[0]
+    assert meta["architecture"] == "gpt2" and meta["dtype"] == "float32"
+    assert meta["layout"] == {"tp": 2, "pp": 2}
+    assert meta["dims"]["n_layer"] == 2 and meta["hf_config"]["vocab_size"] == 104
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["source"]["sha256"]["model.safetensors"] == digest
+    n_hf = sum(p.numel() for name, p in hf_gpt2[1].state_dict().items() if name != "lm_head.weight")
+    assert meta["num_params"] == n_hf and meta["bytes"] == 4 * n_hf
+    assert meta["params"]["h/blocks/mlp/fc_kernel"] == {"shape": [2, 32, 128], "dtype": "float32", "layers": 2}
+    assert meta["params"]["wte"]["layers"] is None
+    assert "energon-jax" in meta["converter_version"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (converted / name).is_file(), name
+
+
+def test_inspect_hf_and_converted(hf_gpt2, converted, capsys):
+    assert main(["inspect", str(converted), "--json"]) == 0
+    conv = json.loads(capsys.readouterr().out)
+    assert main(["inspect", str(hf_gpt2[0]), "--json"]) == 0
+    hf = json.loads(capsys.readouterr().out)
+    assert conv["kind"] == "converted" and hf["kind"] == "huggingface"
+    assert conv["num_params"] == hf["num_params"] == json.loads((converted / "energon_config.json").read_text())[
+        "num_params"]
+    assert conv["dims"] == hf["dims"] and conv["dtype"] == hf["dtype"] == "float32"
+    assert conv["layout"] == {"tp": 2, "pp": 2} and hf["layout"] is None
+    assert main(["inspect", str(converted)]) == 0
+    text = capsys.readouterr().out
+    assert "architecture:  gpt2" in text and "tp=2 pp=2" in text and f"{hf['num_params']:,}" in text
+
+
+def test_pytorch_bin_source_converts_to_the_same_params(tiny_gpt2_factory, converted, tmp_path):
+    import torch
+
+    folder, hf_model = tiny_gpt2_factory(vocab_size=104, bos_token_id=103, eos_token_id=103)
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(folder / "config.json", src)
+    torch.save(hf_model.state_dict(), src / "pytorch_model.bin")  # the legacy format, pickled tensors
+    assert _convert(src, tmp_path / "out") == 0
+    mesh = ej.make_mesh(1, 1, 1)
+    a = ej.load_sharded_model(tmp_path / "out", mesh=mesh).params
+    b = ej.load_sharded_model(converted, mesh=mesh).params
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_bfloat16_halves_bytes_and_loads_as_bfloat16(tmp_path):
+    bench = _bench()
+    src = tmp_path / "hf"
+    bench.write_random_gpt2(src, n_embd=128, n_layer=2, vocab=1024, n_positions=64, n_head=4)
+    assert _convert(src, tmp_path / "f32") == 0
+    assert _convert(src, tmp_path / "bf16", "--dtype", "bfloat16") == 0
+
+    def disk(folder):
+        return sum(p.stat().st_size for p in (folder / "checkpoint").rglob("*") if p.is_file())
+
+    ratio = disk(tmp_path / "bf16") / disk(tmp_path / "f32")
+    assert 0.45 < ratio < 0.55, ratio
+    meta = json.loads((tmp_path / "bf16" / "energon_config.json").read_text())
+    assert meta["dtype"] == "bfloat16" and 2 * meta["bytes"] == json.loads(
+        (tmp_path / "f32" / "energon_config.json").read_text())["bytes"]
+    mesh = ej.make_mesh(2, 2, 1)
+    bf16 = ej.load_sharded_model(tmp_path / "bf16", mesh=mesh)
+    assert {x.dtype for x in jax.tree.leaves(bf16.params)} == {np.dtype("bfloat16")}
+    f32 = ej.load_sharded_model(tmp_path / "f32", mesh=mesh)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y.astype(x.dtype))),
+                 bf16.params, f32.params)
+    # dtype= casts as it restores: the bfloat16 checkpoint loads as float32 (values are the bf16 ones)
+    up = ej.load_sharded_model(tmp_path / "bf16", mesh=mesh, dtype="float32")
+    assert {x.dtype for x in jax.tree.leaves(up.params)} == {np.dtype("float32")}
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y).astype(np.float32)),
+                 up.params, bf16.params)
+
+
+def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
+    """~0.5 GB random GPT-2: the conversion adds about one embedding matrix + buffer to RSS."""
+    bench = _bench()
+    model_bytes = bench.write_random_gpt2(tmp_path / "hf", n_embd=1024, n_layer=6, vocab=50304)
+    largest = 50304 * 1024 * 4
+    m = bench.measure_convert(tmp_path / "hf", tmp_path / "out", "--buffer-mb", "32")
+    added = m["peak_rss"] - m["base_rss"]
+    assert m["rc"] == 0 and (tmp_path / "out" / "energon_config.json").is_file()
+    assert added < largest + (32 << 20) + (96 << 20), (added, largest)
+    assert added < 0.75 * model_bytes and m["peak_rss"] < 2 * model_bytes, (m, model_bytes)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _tiny_copy(hf_gpt2, tmp_path) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(hf_gpt2[0], src)
+    return src
+
+
+def _expect_failure(capsys, out: Path, argv, *needles):
+    rc = _convert(*argv)
+    err = capsys.readouterr().err
+    assert rc != 0, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert _leftovers(out) == [], _leftovers(out)
+    return err
+
+
+def test_missing_src(tmp_path, capsys):
+    _expect_failure(capsys, tmp_path / "out", [tmp_path / "nope", tmp_path / "out"], str(tmp_path / "nope"), "not found")
+
+
+def test_no_weight_file(hf_gpt2, tmp_path, capsys):
+    src = _tiny_copy(hf_gpt2, tmp_path)
+    (src / "model.safetensors").unlink()
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], "no weight file", "model.safetensors")
+
+
+def test_unknown_architecture(hf_gpt2, tmp_path, capsys):
+    src = _tiny_copy(hf_gpt2, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], "model_type='llama'", "config.json", "gpt2")
+
+
+def test_tensor_of_wrong_shape(hf_gpt2, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    src = _tiny_copy(hf_gpt2, tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("h.1.mlp.c_fc.weight"))
+    tensors[name] = np.zeros((32, 100), np.float32)
+    save_file(tensors, str(src / "model.safetensors"))
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], name, "(32, 100)")
+
+
+def test_truncated_safetensors(hf_gpt2, tmp_path, capsys):
+    src = _tiny_copy(hf_gpt2, tmp_path)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], "model.safetensors", "truncated")
+
+
+def test_bad_options(hf_gpt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    _expect_failure(capsys, out, [hf_gpt2[0], out, "--tp", "3"], "--tp=3", "4 attention heads")
+    _expect_failure(capsys, out, [hf_gpt2[0], out, "--pp", "4"], "--pp=4", "2 layers")
+    with pytest.raises(SystemExit) as e:
+        _convert(hf_gpt2[0], out, "--dtype", "int8")
+    assert e.value.code != 0 and "--dtype" in capsys.readouterr().err and not out.exists()
+
+
+def test_existing_out_needs_force(hf_gpt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _convert(hf_gpt2[0], out) == 2
+    assert "--force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert _leftovers(out) == ["out"]
+    assert _convert(hf_gpt2[0], out, "--force") == 0
+    assert not (out / "keep.txt").exists() and (out / "energon_config.json").is_file()
+    assert _leftovers(out) == ["out"]
+
+
+def test_failure_half_way_leaves_nothing(hf_gpt2, tmp_path, monkeypatch):
+    from orbax.checkpoint.experimental.v1 import partial
+
+    real_save, calls = partial.save, []
+
+    def failing_save(path, tree):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("injected: disk full")
+        return real_save(path, tree)
+
+    monkeypatch.setattr(partial, "save", failing_save)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="injected"):
+        orbax_io.convert_checkpoint(hf_gpt2[0], out, buffer_bytes=1, progress=False)
+    assert len(calls) == 3 and _leftovers(out) == []
+
+
+def _start_convert(src, out):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "energon_jax.cli", "convert", str(src), str(out), "--quiet",
+                             "--buffer-mb", "0.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_mid_write(proc, out: Path, timeout=60.0):
+    """Until the temp folder holds Orbax data (a partial save happened), while the process runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.is_file() for t in out.parent.glob(f".{out.name}.tmp-*") for p in t.rglob("*")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"conversion never got mid-write (exit {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+def test_killed_half_way_leaves_no_out(tmp_path):
+    src = tmp_path / "hf"
+    _bench().write_random_gpt2(src, n_embd=256, n_layer=8, vocab=8192, n_positions=128, n_head=4)
+    out = tmp_path / "out"
+    proc = _start_convert(src, out)  # SIGTERM: cleans up its temp folder
+    _wait_mid_write(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) != 0
+    assert "interrupted" in proc.stderr.read()
+    assert _leftovers(out) == []
+    proc = _start_convert(src, out)  # SIGKILL: nothing can clean; the next run removes the stale folder
+    _wait_mid_write(proc, out)
+    proc.kill()
+    assert proc.wait(60) != 0 and not out.exists()
+    assert _convert(src, out) == 0
+    assert _leftovers(out) == ["out"]
