@@ -55,24 +55,34 @@ _CHUNK_BYTES = 16 << 20
 class Architecture:
     """What conversion and loading need to know about one model family (model_type in config.json).
 
-    converter: module with `config_from_hf(hf_dict) -> cfg` and `iter_params(source, cfg)`.
-    num_layers, num_heads: read off cfg (checked against --pp / --tp).
-    module: (cfg, param dtype) -> (flax module, example call args) whose params are the target tree.
+    converter: module with `iter_params(source, cfg)` (name map, transforms, shape asserts).
+    config: (HF config dict, tensor names) -> validated config dataclass (some families read
+        optional heads off the tensor names); a converted folder rebuilds it from its recorded dims.
+    layout_sizes: cfg -> {"heads": .., "mlp": .., "layers": ..}, the dims split over tensor / stage.
+    module: (cfg, param dtype, mesh or None) -> (flax module, example call args) whose params are the
+        target tree on that mesh (embedding tables may be padded to split evenly; None: unpadded).
     model: (cfg, params, mesh, tokenizer, max_seq_len, source) -> the user-facing model object.
     """
 
     converter: str
-    num_layers: Callable
-    num_heads: Callable
+    config: Callable
+    layout_sizes: Callable
     module: Callable
     model: Callable
 
 
-def _gpt2_module(cfg, dtype):
+def _gpt2_config(hf, names):
+    from energon_jax.convert.gpt2 import config_from_hf
+
+    return config_from_hf(hf)
+
+
+def _gpt2_module(cfg, dtype, mesh):
     from energon_jax.models.gpt2 import GPT2
+    from energon_jax.runtime.sharding import table_multiple
 
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return GPT2(cfg, param_dtype=dtype), (tokens, tokens)
+    return GPT2(cfg, param_dtype=dtype, table_multiple=1 if mesh is None else table_multiple(mesh)), (tokens, tokens)
 
 
 def _gpt2_model(cfg, params, mesh, tokenizer, max_seq_len, source):
@@ -81,9 +91,33 @@ def _gpt2_model(cfg, params, mesh, tokenizer, max_seq_len, source):
     return GPTModel(cfg, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
 
 
+def _bert_config(hf, names):
+    from energon_jax.convert.bert import config_from_hf
+
+    return config_from_hf(hf, names)
+
+
+def _bert_module(cfg, dtype, mesh):
+    from energon_jax.engine.bert import example_args
+    from energon_jax.models.bert import Bert
+
+    return Bert(cfg, dtype), example_args()
+
+
+def _bert_model(cfg, params, mesh, tokenizer, max_seq_len, source):
+    from energon_jax.engine.bert import BertModel
+
+    return BertModel(cfg, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture("energon_jax.convert.gpt2", lambda c: c.n_layer, lambda c: c.n_head,
+    "gpt2": Architecture("energon_jax.convert.gpt2", _gpt2_config,
+                         lambda c: {"heads": c.n_head, "mlp": c.mlp_dim, "layers": c.n_layer},
                          _gpt2_module, _gpt2_model),
+    "bert": Architecture("energon_jax.convert.bert", _bert_config,
+                         lambda c: {"heads": c.num_attention_heads, "mlp": c.intermediate_size,
+                                    "layers": c.num_hidden_layers},
+                         _bert_module, _bert_model),
 }
 
 
@@ -143,10 +177,12 @@ def _check_layout(arch: Architecture, cfg, tp: int, pp: int) -> None:
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--{name}={value!r} must be a positive int")
-    if arch.num_layers(cfg) % pp:
-        raise ValueError(f"--pp={pp} does not divide the model's {arch.num_layers(cfg)} layers")
-    if arch.num_heads(cfg) % tp:
-        raise ValueError(f"--tp={tp} does not divide the model's {arch.num_heads(cfg)} attention heads")
+    sizes = arch.layout_sizes(cfg)
+    for name, flag, value in (("layers", "pp", pp), ("heads", "tp", tp), ("mlp", "tp", tp)):
+        if sizes[name] % value:
+            raise ValueError(f"--{flag}={value} does not divide the model's {sizes[name]} "
+                             f"{dict(layers='layers', heads='attention heads', mlp='MLP width')[name]}; "
+                             f"choose among {[d for d in range(1, sizes[name] + 1) if sizes[name] % d == 0]}")
 
 
 def _temp_dir_for(out: Path) -> Path:
@@ -231,14 +267,14 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
         raise ValueError(f"{out}: OUT must differ from SRC")
     hf = read_config(src)
     arch = architecture(hf.get("model_type"), src / "config.json")
-    cfg = _converter(arch).config_from_hf(hf)
-    _check_layout(arch, cfg, tp, pp)
     source = TensorSource(src)
+    cfg = arch.config(hf, source.keys())
+    _check_layout(arch, cfg, tp, pp)
 
     # The module's own parameter tree says which tensors exist, their shapes and which are per-layer.
     from energon_jax.loading import param_specs
 
-    module, example = arch.module(cfg, jnp.float32)
+    module, example = arch.module(cfg, jnp.float32, None)
     axes, shapes = param_specs(module, example)
     expected = {_key(tuple(k.key for k in path)): tuple(shape) for path, shape in
                 jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
@@ -264,7 +300,7 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
             "num_params": num_params,
             "bytes": nbytes,
             "params": manifest,
-            "source": {"folder": str(src.resolve()),
+            "source": {"folder": str(src.resolve()), "tensors": source.keys(),
                        "sha256": {p.name: _sha256(p) for p in [src / "config.json", *source.files]}},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -397,6 +433,8 @@ def _layer_shardings(target: NamedSharding, num_layers: int) -> list[NamedShardi
     if not isinstance(layer_axis, str):
         raise NotImplementedError(f"layers split over several mesh axes {layer_axis!r}; only one axis is supported")
     groups = mesh.shape[layer_axis]
+    if groups == 1:  # the whole mesh owns every layer
+        return [NamedSharding(mesh, rest)] * num_layers
     if num_layers % groups:
         raise ValueError(f"{num_layers} layers cannot be split evenly over {groups} devices of mesh axis "
                          f"{layer_axis!r}")
@@ -420,6 +458,14 @@ def _stack_on_devices(layers: list[jax.Array], target: NamedSharding, shape: tup
     return jax.make_array_from_single_device_arrays(shape, target, pieces)
 
 
+def _fits(stored: tuple, wanted: tuple, per_layer: bool) -> bool:
+    """The stored shape is the model's, or (a table, not per-layer) the model's with zero rows appended."""
+    if stored == wanted:
+        return True
+    return (not per_layer and len(stored) == len(wanted) >= 1 and stored[1:] == wanted[1:]
+            and stored[0] < wanted[0])
+
+
 def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
     """Load a folder written by `energon convert` onto `mesh` (any tp/pp/dp, whatever the recorded layout).
 
@@ -430,29 +476,33 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
     import orbax.checkpoint.experimental.v1 as ocp
 
     from energon_jax.loading import check_max_seq_len, param_shardings, param_specs
+    from energon_jax.runtime.mesh import check_layout
     from energon_jax.tokenizer import Tokenizer
 
     folder = Path(folder)
     meta = read_converted_config(folder)
     arch = architecture(meta["architecture"], folder / CONFIG_FILE)
-    cfg = _converter(arch).config_from_hf(meta["hf_config"])
+    # The same validation as at conversion (some families read optional heads off the tensor names).
+    cfg = arch.config(meta["hf_config"], meta["source"]["tensors"])
+    check_layout(mesh, **arch.layout_sizes(cfg))
     max_seq_len = check_max_seq_len(max_seq_len, cfg.max_seq_len)
     dtype = jnp.dtype(dtype or meta["dtype"])
-    module, example = arch.module(cfg, dtype)
+    module, example = arch.module(cfg, dtype, mesh)
     shardings = param_shardings(module, example, mesh)
     _, shapes = param_specs(module, example)
 
     flat_shardings = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
     flat_shapes = dict(jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0])
     manifest = meta["params"]
-    abstract, stacked = {}, {}
+    abstract, stacked, padded = {}, {}, False
     for path, shape in flat_shapes.items():
         key = _key(tuple(k.key for k in path))
         entry = manifest.get(key)
-        if entry is None or tuple(entry["shape"]) != tuple(shape):
+        if entry is None or not _fits(tuple(entry["shape"]), tuple(shape), entry["layers"] is not None):
             raise CheckpointError(f"{folder / CONFIG_FILE}: parameter {key!r} is "
                                   f"{'missing' if entry is None else 'of shape ' + str(tuple(entry['shape']))}; "
                                   f"the model expects {tuple(shape)}")
+        padded |= tuple(entry["shape"]) != tuple(shape)
         node = abstract
         for k in key.split("/")[:-1]:
             node = node.setdefault(k, {})
@@ -464,8 +514,12 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
             node[leaf] = {_LAYER_KEY.format(i): jax.ShapeDtypeStruct(shape[1:], dtype, sharding=s)
                           for i, s in enumerate(per_layer)}
             stacked[key] = (flat_shardings[path], tuple(shape))
+    ctx = ocp.Context()
+    # Checked by _fits above: only embedding tables grow, by zero rows, to split evenly on this mesh.
+    ctx.array.loading.enable_padding_and_truncation = padded
     try:
-        restored = ocp.load(folder / CHECKPOINT_DIR, abstract)
+        with ctx:
+            restored = ocp.load(folder / CHECKPOINT_DIR, abstract)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise CheckpointError(f"{folder / CHECKPOINT_DIR}: cannot restore the checkpoint ({type(e).__name__}: {e})") \
             from None
@@ -503,11 +557,11 @@ def describe(path) -> dict:
                 "converter_version": meta["converter_version"], "source": meta["source"]}
     hf = read_config(folder)
     arch = architecture(hf.get("model_type"), folder / "config.json")
-    cfg = _converter(arch).config_from_hf(hf)
     source = TensorSource(folder)
+    cfg = arch.config(hf, source.keys())
     from energon_jax.loading import param_specs
 
-    _, shapes = param_specs(*arch.module(cfg, jnp.float32))
+    _, shapes = param_specs(*arch.module(cfg, jnp.float32, None))
     num_params = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
     first = source.keys()[0]
     dtype = np.dtype(source.get(first).dtype).name
