@@ -161,7 +161,7 @@ def _sha256(path: Path) -> str:
 
 
 def _drop_mapped_pages(source: TensorSource) -> None:
-    """Unmap-in-effect the pages of safetensors files read so far.
+    """Drop this process's mapped pages of the safetensors files read so far.
 
     Pages of a memory-mapped file count in this process's RSS once touched, so streaming a
     whole file would show the model size in RSS even though no copy is held. MADV_DONTNEED on
@@ -213,6 +213,7 @@ class _DeferredSignals:
 
     def __init__(self):
         self.received = None
+        self.raised = False
         self._previous = {}
 
     def __enter__(self):
@@ -230,8 +231,8 @@ class _DeferredSignals:
         if self.received is not None:
             self._raise(self.received)
 
-    @staticmethod
-    def _raise(signum):
+    def _raise(self, signum):
+        self.raised = True
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
@@ -239,6 +240,8 @@ class _DeferredSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self.received is not None and not self.raised:  # came after the last check: deliver it now
+            os.kill(os.getpid(), self.received)
 
 
 def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: int = 1, force: bool = False,
@@ -252,8 +255,6 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     Writes into a temporary folder beside `out` and renames it at the end; on any failure
     (or KeyboardInterrupt / SystemExit) the temporary folder is removed and `out` is untouched.
     """
-    from orbax.checkpoint.experimental.v1 import partial as orbax_partial
-
     t0 = time.perf_counter()
     # Absolute paths: Orbax's partial save refuses relative ones.
     src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
@@ -275,7 +276,7 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     from energon_jax.loading import param_specs
 
     module, example = arch.module(cfg, jnp.float32, None)
-    axes, shapes = param_specs(module, example)
+    _, shapes = param_specs(module, example)
     expected = {_key(tuple(k.key for k in path)): tuple(shape) for path, shape in
                 jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
     num_params = sum(int(np.prod(s)) for s in expected.values())
@@ -288,27 +289,29 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
         with _DeferredSignals() as signals:
             manifest, out_dtype, nbytes, ntensors = _write_params(
                 source, cfg, arch, expected, tmp / CHECKPOINT_DIR, dtype, buffer_bytes, num_params, progress,
-                orbax_partial, signals.check)
-        meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "converter_version": _converter_version(),
-            "architecture": hf["model_type"],
-            "hf_config": hf,
-            "dims": dataclasses.asdict(cfg),
-            "dtype": out_dtype,
-            "layout": {"tp": tp, "pp": pp},
-            "num_params": num_params,
-            "bytes": nbytes,
-            "params": manifest,
-            "source": {"folder": str(src.resolve()), "tensors": source.keys(),
-                       "sha256": {p.name: _sha256(p) for p in [src / "config.json", *source.files]}},
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        for name in _CARRIED_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        _replace(tmp, out)
+                signals.check)
+            hashed = [src / "config.json", *src.glob("*.index.json"), *source.files]
+            meta = {
+                "format": FORMAT, "format_version": FORMAT_VERSION,
+                "converter_version": _converter_version(),
+                "architecture": hf["model_type"],
+                "hf_config": hf,
+                "dims": dataclasses.asdict(cfg),
+                "dtype": out_dtype,
+                "layout": {"tp": tp, "pp": pp},
+                "num_params": num_params,
+                "bytes": nbytes,
+                "params": manifest,
+                "source": {"folder": str(src.resolve()), "tensors": source.keys(),
+                           "sha256": {p.name: _sha256(p) for p in hashed}},
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+            for name in _CARRIED_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+            signals.check()
+            _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -321,10 +324,10 @@ def _converter_version() -> str:
     return f"energon-jax {energon_jax.__version__} / format {FORMAT_VERSION}"
 
 
-def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, num_params, progress, orbax_partial,
-                  check_interrupt):
+def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, num_params, progress, check_interrupt):
     """Stream `iter_params` into one Orbax checkpoint; returns (manifest, dtype name, bytes, tensors)."""
     import orbax.checkpoint.experimental.v1 as ocp
+    from orbax.checkpoint.experimental.v1 import partial as orbax_partial
     from tqdm import tqdm
 
     manifest: dict[str, dict] = {}

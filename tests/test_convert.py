@@ -152,6 +152,30 @@ def test_pytorch_bin_source_converts_to_the_same_params(tiny_gpt2_factory, conve
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
+def test_sharded_safetensors_source_converts_to_the_same_params(hf_gpt2, converted, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "sharded"
+    src.mkdir()
+    shutil.copy(hf_gpt2[0] / "config.json", src)
+    tensors = load_file(hf_gpt2[0] / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(src / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert _convert(src, tmp_path / "out") == 0
+    meta = json.loads((tmp_path / "out" / "energon_config.json").read_text())
+    assert set(meta["source"]["sha256"]) == {"config.json", "model.safetensors.index.json",
+                                             "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    mesh = ej.make_mesh(1, 1, 1)
+    a = ej.load_sharded_model(tmp_path / "out", mesh=mesh).params
+    b = ej.load_sharded_model(converted, mesh=mesh).params
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
 def test_bfloat16_halves_bytes_and_loads_as_bfloat16(tmp_path):
     bench = _bench()
     src = tmp_path / "hf"
