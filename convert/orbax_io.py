@@ -457,7 +457,9 @@ def _stack_on_devices(layers: list[jax.Array], target: NamedSharding, shape: tup
         shards = [by_device[layer][device] for layer in wanted]
         for s in shards:  # the layer sharding was derived from target, so the slices must agree
             assert s.index == tuple(index[1:]), (s.index, index)
-        pieces.append(jnp.stack([s.data for s in shards]))
+        # Through the host, one device shard at a time: a device-side stack would compile one small
+        # program per (shape, device), which costs more than the copy (measured on CPU).
+        pieces.append(jax.device_put(np.stack([np.asarray(s.data) for s in shards]), device))
     return jax.make_array_from_single_device_arrays(shape, target, pieces)
 
 
