@@ -26,7 +26,7 @@ from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, PackedAtt
 from energon_jax.tokenizer import Tokenizer
 
 POOLINGS = ("mean", "cls", "pooler", "none")
-DEFAULT_MAX_TOKENS = 8192
+DEFAULT_MAX_TOKENS = 16384  # best of 8k/16k/32k on bert-base, H100 (benchmarks/encode.py)
 _HEADS = POOLINGS + ("mlm",)
 
 
