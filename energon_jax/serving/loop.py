@@ -75,13 +75,11 @@ class EngineLoop:
                     sched.cancel(req.request_id, "error", f"engine error: {type(e).__name__}: {e}")
                 self.executor.reset()
                 continue
-            finished = sched.update_from_output(out, result)
+            sched.update_from_output(out, result)
             self.iterations += 1
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in out.prefills))
                 self.metrics.record_tokens(len(result.first_tokens) + len(result.decode_tokens) * len(out.slot_requests))
-                for req in finished:
-                    self.metrics.record_finished(req)
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting; wait up to `timeout` s for the requests in flight. True if all finished."""

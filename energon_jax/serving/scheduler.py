@@ -151,6 +151,7 @@ class Scheduler:
         self._lock = threading.RLock()
         self._ids = itertools.count()
         self.work_available = threading.Condition(self._lock)  # notified when a request arrives
+        self.on_finish: Callable[[Request], None] | None = None  # every ending, cancellations included
 
     # ------------------------------------------------------------ submission
     def new_request_id(self) -> str:
@@ -324,6 +325,8 @@ class Scheduler:
         req.error = error if error is not None else req.error
         self.requests.pop(req.request_id, None)
         self._emit(req, final=True)
+        if self.on_finish is not None:
+            self.on_finish(req)
 
     def fail_all(self, reason: str = "error", error: str = "the server stopped") -> None:
         """End every waiting and running request (engine failure or shutdown)."""

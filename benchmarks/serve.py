@@ -1,0 +1,192 @@
+"""Serving benchmark: GPT-2 medium shapes (random weights, bf16) behind the HTTP server, N concurrent
+streaming clients (a separate process), prompts of U[32, 512] tokens, 128 new tokens each, greedy;
+then the same prompts through one offline batched `generate` call at the same batch size.
+
+    python benchmarks/serve.py [--clients 64] [--new-tokens 128] [--decode-steps 8]
+
+Prints requests/s, tokens/s, time to first token p50/p99, time per output token p50/p99, and the
+served/offline tokens/s ratio (target >= 0.70). Random weights: no EOS, so every request runs to
+its full length in both modes.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+# ------------------------------------------------------------------ client
+async def _one(client, url, prompt, new_tokens):
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            got = len(chunk["choices"][0]["token_ids"])
+            if got:
+                now = time.perf_counter()
+                first = now if first is None else first
+                last = now
+                n += got
+    return {"ttft": first - t0, "tpot": (last - first) / max(1, n - 1), "tokens": n, "end": last}
+
+
+async def _clients(url, prompts, new_tokens):
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(_one(client, url, p, new_tokens) for p in prompts))
+        return results, time.perf_counter() - t0
+
+
+def client_main(url: str, prompts_file: str, new_tokens: int) -> None:
+    with open(prompts_file) as f:
+        prompts = json.load(f)
+    asyncio.run(_clients(url, prompts[:4], 8))  # connections and the server's first requests warm
+    results, wall = asyncio.run(_clients(url, prompts, new_tokens))
+    print(json.dumps({"results": results, "wall": wall}))
+
+
+# ------------------------------------------------------------------ server
+def random_gpt2(n_embd: int, n_layer: int, n_head: int, vocab: int, positions: int, dtype: str):
+    """A GPTModel with random weights at real shapes (no tokenizer: token-id mode, no EOS)."""
+    import jax
+    import jax.numpy as jnp
+
+    import energon_jax as ej
+    from energon_jax.loading import param_shardings
+    from energon_jax.models.gpt2 import GPT2
+
+    cfg = ej.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+    mesh = ej.make_mesh(1, 1, 1)
+    dt = jnp.dtype(dtype)
+    module = GPT2(cfg, param_dtype=dt)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shardings = param_shardings(module, (tokens, tokens), mesh)
+    import flax.linen as nn
+
+    params = jax.jit(lambda k: nn.unbox(module.init(k, tokens, tokens))["params"], out_shardings=shardings)(
+        jax.random.key(0))
+    return ej.GPTModel(cfg, params, mesh, None, max_seq_len=positions, source="random-gpt2")
+
+
+def percentile(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--min-prompt", type=int, default=32)
+    ap.add_argument("--max-prompt", type=int, default=512)
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--embd", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--positions", type=int, default=1024, help="context (= the decode cache length)")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--client", nargs=3, metavar=("URL", "PROMPTS", "NEW_TOKENS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:
+        return client_main(args.client[0], args.client[1], int(args.client[2]))
+
+    import jax
+    import uvicorn
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    t0 = time.perf_counter()
+    model = random_gpt2(args.embd, args.layers, args.heads, 50257, args.positions, args.dtype)
+    print(f"model: {model} built in {time.perf_counter() - t0:.1f} s", flush=True)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(args.min_prompt, args.max_prompt + 1, args.clients)
+    prompts = [rng.integers(0, 50257, n).tolist() for n in lengths]
+    total_new = args.clients * args.new_tokens
+
+    # offline batched generate: one call, all prompts (compiled by a first call)
+    t0 = time.perf_counter()
+    ref = model.generate(prompts, max_new_tokens=args.new_tokens)
+    compile_s = time.perf_counter() - t0
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = model.generate(prompts, max_new_tokens=args.new_tokens)
+        runs.append(time.perf_counter() - t0)
+    assert sum(len(o.token_ids) for o in out) == total_new
+    offline_s = min(runs)
+    offline = {"seconds": offline_s, "tokens_per_s": total_new / offline_s, "requests_per_s": args.clients / offline_s,
+               "first_call_s": compile_s}
+    print(f"offline generate: {offline}", flush=True)
+
+    # served: in-process Server + uvicorn thread; clients in another process (no shared GIL)
+    server = Server(model, max_batch_size=args.clients, max_queue=args.clients, decode_steps=args.decode_steps,
+                    name="gpt2-medium-random")
+    server.start()
+    print(f"server warm-up (every prefill bucket + decode programs): {server.warmup_seconds:.1f} s", flush=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    while not web.started:
+        time.sleep(0.05)
+    prompts_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve_bench_prompts_{os.getpid()}.json")
+    with open(prompts_file, "w") as f:
+        json.dump(prompts, f)
+    proc = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", prompts_file,
+                           str(args.new_tokens)], capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        raise SystemExit(f"client failed:\n{proc.stderr[-4000:]}")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    results, wall = got["results"], got["wall"]
+    assert sum(r["tokens"] for r in results) == total_new, "tokens lost"
+    served = {
+        "seconds": wall, "requests_per_s": args.clients / wall, "tokens_per_s": total_new / wall,
+        "ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in results], 50),
+        "ttft_p99_ms": 1e3 * percentile([r["ttft"] for r in results], 99),
+        "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
+        "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
+        "engine_iterations": server.loop.iterations, "warmup_s": server.warmup_seconds,
+        "compiles": dict(server.engine.compile_counts),
+    }
+    web.should_exit = True
+    thread.join(timeout=30)
+    server.stop()
+    ratio = served["tokens_per_s"] / offline["tokens_per_s"]
+    print(f"served: {served}")
+    print(f"\n| mode | clients | req/s | tokens/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |\n|---|---|---|---|---|---|\n"
+          f"| HTTP streaming | {args.clients} | {served['requests_per_s']:.2f} | {served['tokens_per_s']:.0f} | "
+          f"{served['ttft_p50_ms']:.0f} / {served['ttft_p99_ms']:.0f} | "
+          f"{served['tpot_p50_ms']:.2f} / {served['tpot_p99_ms']:.2f} |\n"
+          f"| offline generate | {args.clients} | {offline['requests_per_s']:.2f} | {offline['tokens_per_s']:.0f} | - | - |"
+          f"\nserved / offline tokens/s = {ratio:.2f} (target >= 0.70)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"served": served, "offline": offline, "ratio": ratio, "args": vars(args)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
