@@ -12,8 +12,9 @@ import numpy as np
 
 from energon_jax.engine.base import ShardedModel
 from energon_jax.engine.sampling import SamplingParams, validate_sampling
-from energon_jax.engine.steps import CompileCounter, bucket, make_forward, make_generate, make_model_fn
-from energon_jax.models.gpt2 import GPT2
+from energon_jax.engine.steps import (CompileCounter, bucket, make_forward, make_generate, make_runner,
+                                     unrolled_layers, unstack_layers)
+from energon_jax.models.gpt2 import GPT2, AttentionKernels
 from energon_jax.runtime.sharding import table_multiple
 
 
@@ -24,14 +25,40 @@ class GenerationOutput:
     finish_reason: str  # "length" | "stop"
 
 
+def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
+    """The fused attention to run: None means the XLA reference path inside the module.
+
+    "auto" picks the Triton kernels on a CUDA GPU when they apply (head dim a power of two
+    >= 16, no pipeline stages) and XLA otherwise; "triton" insists and says why it can't."""
+    from energon_jax.kernels._dispatch import check_head_dim, resolve_impl
+
+    if resolve_impl(impl) == "xla":
+        return None
+    try:
+        check_head_dim(config.head_dim)
+        if mesh.shape["stage"] > 1:
+            raise ValueError("the Triton attention kernels do not run inside pipeline stages (pp > 1)")
+    except ValueError as e:
+        if impl == "triton":
+            raise ValueError(f"attention_impl='triton': {e}; use 'xla' or 'auto'") from None
+        return None
+    from energon_jax.kernels.decode_attention import decode_attention
+    from energon_jax.kernels.prefill_attention import prefill_attention
+
+    kernel_mesh = mesh if mesh.devices.size > 1 else None  # shard_map per device's heads / rows
+    return AttentionKernels(prefill=functools.partial(prefill_attention, impl="triton", mesh=kernel_mesh),
+                            decode=functools.partial(decode_attention, impl="triton", mesh=kernel_mesh))
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled_steps(config, dtype, mesh):
-    """One set of jitted steps per (config, dtype, mesh): models loaded twice share their compiled
-    programs, and so their `compile_counts`."""
-    module = GPT2(config, param_dtype=dtype, table_multiple=table_multiple(mesh))
-    model_fn = make_model_fn(module, mesh)
+def _compiled_steps(config, dtype, mesh, attention_impl):
+    """One set of jitted steps per (config, dtype, mesh, impl): models loaded twice share their
+    compiled programs, and so their `compile_counts`."""
+    module = GPT2(config, param_dtype=dtype, table_multiple=table_multiple(mesh),
+                  kernels=attention_kernels(config, mesh, attention_impl))
+    runner = make_runner(module, mesh, dtype)
     counter = CompileCounter()
-    return module, counter, make_forward(model_fn, counter), make_generate(model_fn, counter, dtype, mesh)
+    return module, runner, counter, make_forward(runner, counter), make_generate(runner, counter)
 
 
 def _is_token_list(p) -> bool:
@@ -39,9 +66,13 @@ def _is_token_list(p) -> bool:
 
 
 class GPTModel(ShardedModel):
-    def __init__(self, config, params, mesh, tokenizer, *, max_seq_len, source=""):
+    def __init__(self, config, params, mesh, tokenizer, *, max_seq_len, source="", attention_impl="auto"):
+        if mesh.shape["stage"] == 1 and not unrolled_layers(params):
+            params = unstack_layers(params, mesh)  # see engine/steps.make_runner for why
         super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
-        self.module, self.compile_counts, self._forward, self._generate = _compiled_steps(config, self.dtype, mesh)
+        self.attention_impl = attention_impl
+        self.module, self.runner, self.compile_counts, self._forward, self._generate = _compiled_steps(
+            config, self.dtype, mesh, attention_impl)
 
     def kv_cache_bytes_per_device(self, batch: int, length: int) -> int:
         c, shape = self.config, self.mesh.shape

@@ -12,6 +12,9 @@ Two call modes (no jit here; `engine/` owns the jit boundaries):
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,17 @@ from energon_jax.config import GPT2Config
 from energon_jax.models.layers import MASK_VALUE, LayerNorm, attention_scale, gelu_new, masked_attention, param
 
 Cache = dict  # {"k": [L, B, N, S, D], "v": [L, B, N, S, D]}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernels:
+    """Fused attention handed in by the engine (see energon_jax/kernels); same contracts as the
+    XLA code they replace.
+    prefill(q_btnd, k_btnd, v_btnd, lengths_b, *, scale) -> [B, T, N, D] (causal, rows >= length zero)
+    decode(q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale) -> [B, N, D] (row b sees [0, lengths[b]))"""
+
+    prefill: Callable
+    decode: Callable
 
 
 def padded_rows(n: int, multiple: int) -> int:
@@ -37,7 +51,7 @@ def write_token(cache_lbnsd, new_bnd, layer, pos_b):
     return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_lbnsd, new_bnd, pos_b)
 
 
-def decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale):
+def decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale):
     """One query per row against its cache; row b sees positions [0, lengths[b])."""
     s = k_bnsd.shape[2]
     mask_b1s = (jnp.arange(s)[None, :] < lengths_b[:, None])[:, None, :]
@@ -49,7 +63,7 @@ def decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale):
 class Attention(nn.Module):
     config: GPT2Config
     param_dtype: jnp.dtype = jnp.float32
-    decode_attention: object = None  # (q_bnd, k_bnsd, v_bnsd, lengths_b, scale) -> [B, N, D]
+    kernels: AttentionKernels | None = None  # fused attention; None = the XLA code below
 
     @nn.compact
     def __call__(self, x_bte, positions_bt, lengths_b, layer_cache):
@@ -69,7 +83,10 @@ class Attention(nn.Module):
             causal_tt = jnp.tril(jnp.ones((t, t), dtype=bool))
             valid_bt = jnp.arange(t)[None, :] < lengths_b[:, None]
             mask_bts = causal_tt[None] & valid_bt[:, None, :]
-            out_btnd = masked_attention(q_btnd, k_btnd, v_btnd, mask_bts, scale)
+            if self.kernels is not None:
+                out_btnd = self.kernels.prefill(q_btnd, k_btnd, v_btnd, lengths_b, scale=scale)
+            else:
+                out_btnd = masked_attention(q_btnd, k_btnd, v_btnd, mask_bts, scale)
             new_kv = (jnp.swapaxes(k_btnd, 1, 2), jnp.swapaxes(v_btnd, 1, 2))  # [B, N, T, D]
         else:  # decode: write this token's K/V into the cache, then attend over it
             k_all, v_all, layer = layer_cache
@@ -78,8 +95,8 @@ class Attention(nn.Module):
             v_all = write_token(v_all, v_btnd[:, 0], layer, pos)
             k_bnsd = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
             v_bnsd = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-            attend = self.decode_attention or decode_attention_xla
-            out_btnd = attend(q_btnd[:, 0], k_bnsd, v_bnsd, pos + 1, scale)[:, None]
+            attend = self.kernels.decode if self.kernels is not None else decode_attention_xla
+            out_btnd = attend(q_btnd[:, 0], k_bnsd, v_bnsd, pos + 1, scale=scale)[:, None]
             new_kv = (k_all, v_all)
         out_bte = jnp.einsum("BTND,NDE->BTE", out_btnd, w_out) + b_out
         return out_bte, new_kv
@@ -105,14 +122,14 @@ class Block(nn.Module):
 
     config: GPT2Config
     param_dtype: jnp.dtype = jnp.float32
-    decode_attention: object = None
+    kernels: AttentionKernels | None = None
 
     @nn.compact
     def __call__(self, carry, positions_bt, lengths_b):
         x_bte, k_all, v_all, layer = carry
         eps = self.config.layer_norm_epsilon
         layer_cache = None if k_all is None else (k_all, v_all, layer)
-        h_bte, new_kv = Attention(self.config, self.param_dtype, self.decode_attention, name="attn")(
+        h_bte, new_kv = Attention(self.config, self.param_dtype, self.kernels, name="attn")(
             LayerNorm(eps, self.param_dtype, name="ln_1")(x_bte), positions_bt, lengths_b, layer_cache)
         x_bte = x_bte + h_bte
         x_bte = x_bte + MLP(self.config, self.param_dtype, name="mlp")(
@@ -128,7 +145,7 @@ class BlockStack(nn.Module):
     config: GPT2Config
     num_layers: int
     param_dtype: jnp.dtype = jnp.float32
-    decode_attention: object = None
+    kernels: AttentionKernels | None = None
 
     @nn.compact
     def __call__(self, x_bte, positions_bt, lengths_b, cache: Cache | None):
@@ -139,7 +156,7 @@ class BlockStack(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast),
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.config, self.param_dtype, self.decode_attention, name="blocks")
+        )(self.config, self.param_dtype, self.kernels, name="blocks")
         k_all = None if cache is None else cache["k"]
         v_all = None if cache is None else cache["v"]
         (x_bte, k_all, v_all, _), ys = scanned((x_bte, k_all, v_all, jnp.int32(0)), positions_bt, lengths_b)
@@ -155,7 +172,7 @@ class GPT2(nn.Module):
 
     config: GPT2Config
     param_dtype: jnp.dtype = jnp.float32
-    decode_attention: object = None
+    kernels: AttentionKernels | None = None
     table_multiple: int = 1
 
     def setup(self):
@@ -164,7 +181,7 @@ class GPT2(nn.Module):
                               (padded_rows(cfg.vocab_size, self.table_multiple), cfg.n_embd), self.param_dtype)
         self.wpe = self.param("wpe", nn.with_logical_partitioning(nn.initializers.normal(0.01), ("positions", "embed")),
                               (padded_rows(cfg.n_positions, self.table_multiple), cfg.n_embd), self.param_dtype)
-        self.h = BlockStack(cfg, cfg.n_layer, self.param_dtype, self.decode_attention)
+        self.h = BlockStack(cfg, cfg.n_layer, self.param_dtype, self.kernels)
         self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.param_dtype)
 
     def embed(self, tokens_bt, positions_bt):
@@ -193,4 +210,4 @@ class GPT2(nn.Module):
 def stage_stack(model: GPT2, num_layers: int) -> BlockStack:
     """A standalone stack of `num_layers` blocks of `model` (one pipeline stage's worth);
     its parameters are a slice of `params["h"]`."""
-    return BlockStack(model.config, num_layers, model.param_dtype, model.decode_attention, parent=None)
+    return BlockStack(model.config, num_layers, model.param_dtype, model.kernels, parent=None)
