@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-# This script's folder holds benchmarks/kernels.py, which would shadow the `kernels` package
+# This script's folder holds benchmarks/bench_kernels.py, which would shadow the `kernels` package
 # that transformers probes for on import: keep the folder off the import path.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]

@@ -10,6 +10,9 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ENERGON_JAX_CACHE_DIR", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton reads this once, at its first import: the kernel tests run the kernels' source through
+# Triton's interpreter with torch CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

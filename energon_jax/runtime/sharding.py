@@ -23,6 +23,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     # a whole vocabulary matrix (the lookup and LM head run outside the pipeline, under GSPMD).
     ("vocab", ("tensor", "stage")),
     ("positions", ("tensor", "stage")),
+    ("token_types", None),
     ("layers", "stage"),
     ("cache_layers", "stage"),
     ("cache_batch", "data"),

@@ -1,6 +1,6 @@
 """GPU check and timing of the Triton attention kernels (through jax-triton) against their XLA references.
 
-Run on a CUDA machine from the repository root:  python3 benchmarks/kernels.py [--sweep]
+Run on a CUDA machine from the repository root:  python3 benchmarks/bench_kernels.py [--sweep]
 Prints each kernel's error against its reference, then a markdown table of times; writes the
 output to $OUT/kernels.txt too when OUT is set. --sweep also times several tile configurations;
 the default one comes first and again within the sweep, so the two rows show the timing noise.
@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 # The repository is not pip-installed on the GPU machine: import kernels/ as a package from the
-# root, put first so that it wins over this script's own name (benchmarks/kernels.py).
+# root, put first so that it wins over this script's own name (benchmarks/bench_kernels.py).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -208,7 +208,7 @@ def main():
     dev = jax.devices()[0]
     say(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if jax.default_backend() != "gpu":
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/bench_kernels.py needs a CUDA GPU")
     ok = check_decode() & check_prefill() & check_varlen()
 
     decode_tiles = [da.DecodeTiles()]
