@@ -19,7 +19,7 @@ LOG2E = math.log2(math.e)  # the kernels fold it into the scale and use exp2, ch
 class FlashTiles:
     """Tile sizes: block_m query rows per program, block_n keys per loop step."""
 
-    # fastest of a sweep on an H100 (benchmarks/kernels.py --sweep), for prefill and varlen alike
+    # fastest of a sweep on an H100 (benchmarks/bench_kernels.py --sweep), for prefill and varlen alike
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4

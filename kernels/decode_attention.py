@@ -36,7 +36,7 @@ from ._flash import LOG2E
 class DecodeTiles:
     """Tile sizes: block_s cache positions per loop step, chunk positions per program."""
 
-    # fastest of a sweep on an H100 (benchmarks/kernels.py --sweep), within ~3% of 64 / 512
+    # fastest of a sweep on an H100 (benchmarks/bench_kernels.py --sweep), within ~3% of 64 / 512
     block_s: int = 128
     chunk: int = 256
     num_warps: int = 4
