@@ -8,6 +8,7 @@ so each device runs it on its own heads (a custom call cannot be partitioned by 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -33,8 +34,18 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
-        return "triton" if jax.default_backend() == "gpu" else "xla"
+        return "triton" if jax.default_backend() == "gpu" and _jax_triton_available() else "xla"
     return impl
+
+
+@functools.lru_cache(maxsize=1)
+def _jax_triton_available() -> bool:
+    """A GPU jax without jax-triton still works on "auto", through the XLA references."""
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def jax_triton():

@@ -107,7 +107,7 @@ class BertModel(ShardedModel):
     """
 
     def __init__(self, config: BertConfig, params, mesh, tokenizer, *, max_seq_len: int, source: str = "",
-                 attention_impl: str = "xla", max_tokens_per_chunk: int | None = None):
+                 attention_impl: str = "auto", max_tokens_per_chunk: int | None = None):
         super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
         self.attention_impl = attention_impl
         self.max_tokens_per_chunk = max_tokens_per_chunk or max(DEFAULT_MAX_TOKENS, bucket(max_seq_len))
