@@ -130,6 +130,7 @@ def main():
     ap.add_argument("--hf-new-tokens", type=int, default=64)
     ap.add_argument("--warm-cache", action="store_true",
                     help="internal: only measure compile time with an already-filled persistent cache")
+    ap.add_argument("--skip-warm-cache", action="store_true", help="do not time compiles from the persistent cache")
     ap.add_argument("--impls", default="auto", help="attention implementations to time, e.g. xla,triton")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -174,11 +175,11 @@ def main():
 
     # Compile time from the persistent cache: a fresh process, same cache folder.
     env = dict(os.environ, ENERGON_JAX_CACHE_DIR=str(cache_dir))
-    warm = subprocess.run([sys.executable, __file__, "--warm-cache", "--models", args.models, "--batches", args.batches,
+    warm = None if args.skip_warm_cache else subprocess.run([sys.executable, __file__, "--warm-cache", "--models", args.models, "--batches", args.batches,
                            "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--impls", args.impls],
                           env=env, capture_output=True, text=True)
-    warm_rows = json.loads(warm.stdout.strip().splitlines()[-1]) if warm.returncode == 0 else []
-    if warm.returncode:
+    warm_rows = json.loads(warm.stdout.strip().splitlines()[-1]) if warm and warm.returncode == 0 else []
+    if warm and warm.returncode:
         print(warm.stderr[-2000:])
     for r in results:
         for w in warm_rows:
