@@ -100,8 +100,9 @@ def _bert_config(hf, names):
 def _bert_module(cfg, dtype, mesh):
     from energon_jax.engine.bert import example_args
     from energon_jax.models.bert import Bert
+    from energon_jax.runtime.sharding import table_multiple
 
-    return Bert(cfg, dtype), example_args()
+    return Bert(cfg, dtype, table_multiple=1 if mesh is None else table_multiple(mesh)), example_args()
 
 
 def _bert_model(cfg, params, mesh, tokenizer, max_seq_len, source):

@@ -99,3 +99,79 @@ def test_validation_errors(gpt2_folder):
         ej.load_sharded_model(gpt2_folder, tp=4, mesh=mesh)
     # generate pads an odd batch to the data-parallel size instead of failing
     assert len(model.generate([[1, 2], [3], [4, 5, 6]], max_new_tokens=3)) == 3
+
+
+# ------------------------------------------------------------------------------------------- Bert
+BERT_LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 2), (1, 4, 1), (2, 2, 1)]
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """A tiny random BertForMaskedLM: 4 layers, 4 heads, vocab 101 (split over no tp: padded rows)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(3)
+    model = BertForMaskedLM(BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
+                                       initializer_range=0.2)).eval()
+    folder = tmp_path_factory.mktemp("bert_sharding")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_inputs(bert_folder):
+    rng = np.random.RandomState(1)
+    ids = [rng.randint(0, 101, n).tolist() for n in (5, 40, 1, 17, 64, 9, 33)]
+    model = ej.load_sharded_model(bert_folder)
+    return ids, {
+        "mean": model.encode(ids, pooling="mean"),
+        "none": model.encode(ids, pooling="none"),
+        "one": model.encode(ids[1:2], pooling="mean"),
+        "logits": model.logits(np.array([x[:5] for x in ids if len(x) >= 5])),
+    }
+
+
+@pytest.mark.parametrize("tp,pp,dp", BERT_LAYOUTS, ids=[f"tp{t}-pp{p}-dp{d}" for t, p, d in BERT_LAYOUTS])
+def test_bert_layout_equals_one_device(bert_folder, bert_inputs, tp, pp, dp):
+    ids, ref = bert_inputs
+    model = ej.load_sharded_model(bert_folder, tp=tp, pp=pp, dp=dp)
+    assert dict(model.mesh.shape) == {"data": dp, "stage": pp, "tensor": tp}
+    for leaf in jax.tree.leaves(model.params):
+        assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == model.mesh
+    np.testing.assert_allclose(model.encode(ids, pooling="mean"), ref["mean"], atol=1e-5, rtol=0)
+    for got, want in zip(model.encode(ids, pooling="none"), ref["none"]):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # fewer sequences than pipeline microbatches: the other streams are padding only
+    np.testing.assert_allclose(model.encode(ids[1:2], pooling="mean"), ref["one"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(model.logits(np.array([x[:5] for x in ids if len(x) >= 5])), ref["logits"],
+                               atol=1e-5, rtol=0)
+    stats = model.last_stats
+    assert stats.computed_tokens >= stats.real_tokens
+
+
+def test_bert_pipeline_is_a_pipeline(bert_folder):
+    """pp=2: each stage holds only its layers, and the compiled encode moves activations stage
+    to stage with collective-permutes over pp microbatches (one packed stream each)."""
+    from energon_jax.engine.packing import pack_microbatches
+
+    model = ej.load_sharded_model(bert_folder, pp=2, tp=2)
+    qkv = model.params["encoder"]["layers"]["qkv_kernel"]
+    assert {s.data.shape[0] for s in qkv.addressable_shards} == {2}  # 4 layers over 2 stages
+    ids = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10]]
+    parts = pack_microbatches(np.arange(4), ids, [None] * 4, 2, max_tokens=64)
+    assert [p.rows.tolist() for p in parts] == [[0, 2], [1, 3]]
+    assert len({p.tokens.shape for p in parts}) == 1
+    arrays = [np.stack(col) for col in zip(*[(p.tokens, p.positions, p.token_types, p.segments, p.cu_seqlens)
+                                             for p in parts])]
+    hlo = model._step.lower(model.params, *arrays, attention=model._attention(16), head="mean").compile().as_text()
+    assert "collective-permute" in hlo
+    with pytest.raises(ValueError, match="triton.*pipeline"):
+        model.attention_impl = "triton"
+        model.encode(ids)
+
+
+def test_bert_layers_not_divisible_by_pp(bert_folder):
+    with pytest.raises(ValueError, match="layers=4 is not divisible by pp=3|num_hidden_layers=4"):
+        ej.load_sharded_model(bert_folder, pp=3)

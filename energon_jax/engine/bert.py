@@ -19,10 +19,13 @@ import numpy as np
 from energon_jax.convert import bert as bert_convert
 from energon_jax.convert.hf_files import TensorSource
 from energon_jax.engine.base import ShardedModel
-from energon_jax.engine.packing import PackedChunk, check_sequences, pack_chunk, plan_chunks
+from energon_jax.engine.packing import PackedChunk, check_sequences, pack_chunk, pack_microbatches, plan_chunks
+from energon_jax.engine.pipeline import pipelined_microbatches
 from energon_jax.engine.steps import CompileCounter, bucket
-from energon_jax.loading import check_max_seq_len, place_params, stack_layers
-from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, PackedAttention
+from energon_jax.loading import check_max_seq_len, pad_rows, place_params, stack_layers
+from energon_jax.runtime.mesh import check_layout
+from energon_jax.runtime.sharding import table_multiple
+from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, BertLayerStack, PackedAttention
 from energon_jax.tokenizer import Tokenizer
 
 POOLINGS = ("mean", "cls", "pooler", "none")
@@ -45,36 +48,63 @@ class EncodeStats:
         return self.computed_tokens - self.real_tokens
 
 
-def make_bert_step(config: BertConfig, param_dtype, counter: CompileCounter):
+def _apply_head(module: Bert, variables, x_te, segments_t, cu_seqlens_s, head: str):
+    """Last hidden states of one packed stream [T, E] -> the result `head` asks for, float32."""
+    if head == "none":
+        return x_te.astype(jnp.float32)
+    if head == "cls":
+        return jnp.take(x_te, cu_seqlens_s[:-1], axis=0, mode="clip").astype(jnp.float32)
+    if head == "pooler":
+        return module.apply(variables, x_te, cu_seqlens_s, method=Bert.pool)
+    if head == "mlm":
+        return module.apply(variables, x_te, method=Bert.mlm_logits)
+    # mean over each sequence's real tokens (padding has segment -1, in no row of the one-hot):
+    # a [S, T] one-hot matmul (tensor cores, float32 accumulation) rather than a scatter-add
+    num_s = cu_seqlens_s.shape[0] - 1
+    onehot_st = (segments_t[None, :] == jnp.arange(num_s)[:, None]).astype(x_te.dtype)
+    sum_se = jnp.einsum("ST,TE->SE", onehot_st, x_te, preferred_element_type=jnp.float32)
+    count_s = jnp.maximum(jnp.diff(cu_seqlens_s), 1).astype(jnp.float32)
+    return sum_se / count_s[:, None]
+
+
+def make_bert_step(config: BertConfig, param_dtype, counter: CompileCounter, mesh=None):
     """step(params, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s, attention=, head=).
 
     head: "mean" | "cls" | "pooler" -> [S, E]; "none" -> [T, E]; "mlm" -> [T, vocab]; all float32.
+    With pipeline stages (mesh "stage" > 1) every input carries a leading microbatch axis M
+    (M packed streams of one shape, `pack_microbatches`), the encoder runs as a pipeline over
+    "stage" (engine/pipeline.py) and each result gains the same leading M.
     """
+    num_stages = 1 if mesh is None else mesh.shape["stage"]
+    multiple = 1 if mesh is None else table_multiple(mesh)
 
     @functools.partial(jax.jit, static_argnames=("attention", "head"))
     def step(params, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s, *, attention: PackedAttention,
              head: str):
         counter["bert"] += 1
-        module = Bert(config, param_dtype, attention)
+        module = Bert(config, param_dtype, attention, multiple)
         variables = {"params": params}
         x_te = module.apply(variables, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s)
-        if head == "none":
-            return x_te.astype(jnp.float32)
-        if head == "cls":
-            return jnp.take(x_te, cu_seqlens_s[:-1], axis=0, mode="clip").astype(jnp.float32)
-        if head == "pooler":
-            return module.apply(variables, x_te, cu_seqlens_s, method=Bert.pool)
-        if head == "mlm":
-            return module.apply(variables, x_te, method=Bert.mlm_logits)
-        # mean over each sequence's real tokens (padding has segment -1, in no row of the one-hot):
-        # a [S, T] one-hot matmul (tensor cores, float32 accumulation) rather than a scatter-add
-        num_s = cu_seqlens_s.shape[0] - 1
-        onehot_st = (segments_t[None, :] == jnp.arange(num_s)[:, None]).astype(x_te.dtype)
-        sum_se = jnp.einsum("ST,TE->SE", onehot_st, x_te, preferred_element_type=jnp.float32)
-        count_s = jnp.maximum(jnp.diff(cu_seqlens_s), 1).astype(jnp.float32)
-        return sum_se / count_s[:, None]
+        return _apply_head(module, variables, x_te, segments_t, cu_seqlens_s, head)
 
-    return step
+    @functools.partial(jax.jit, static_argnames=("attention", "head"))
+    def pipelined_step(params, tokens_mt, positions_mt, types_mt, segments_mt, cu_seqlens_ms, *,
+                       attention: PackedAttention, head: str):
+        counter["bert"] += 1
+        module = Bert(config, param_dtype, attention, multiple)
+        variables = {"params": params}
+        stage = BertLayerStack(config, config.num_hidden_layers // num_stages, param_dtype, attention)
+
+        def stage_fn(stage_params, x_te, aux):
+            return stage.apply({"params": stage_params}, x_te, *aux)
+
+        embed = lambda t, p, ty: module.apply(variables, t, p, ty, method=Bert.embed)  # noqa: E731
+        x_mte = jax.vmap(embed)(tokens_mt, positions_mt, types_mt)
+        x_mte = pipelined_microbatches(stage_fn, mesh)(params["encoder"], x_mte, (segments_mt, cu_seqlens_ms))
+        return jax.vmap(lambda x, seg, cu: _apply_head(module, variables, x, seg, cu, head))(
+            x_mte, segments_mt, cu_seqlens_ms)
+
+    return pipelined_step if num_stages > 1 else step
 
 
 def _as_token_array(x) -> np.ndarray | None:
@@ -113,7 +143,10 @@ class BertModel(ShardedModel):
         self.max_tokens_per_chunk = max_tokens_per_chunk or max(DEFAULT_MAX_TOKENS, bucket(max_seq_len))
         self.compile_counts = CompileCounter()
         self.last_stats: EncodeStats | None = None
-        self._step = make_bert_step(config, self.dtype, self.compile_counts)
+        self.num_stages = mesh.shape["stage"]
+        if config.num_hidden_layers % self.num_stages:
+            raise ValueError(f"num_hidden_layers={config.num_hidden_layers} is not divisible by pp={self.num_stages}")
+        self._step = make_bert_step(config, self.dtype, self.compile_counts, mesh)
 
     @property
     def attention_impl(self) -> str:
@@ -199,26 +232,53 @@ class BertModel(ShardedModel):
         return all_ids, all_types
 
     # ----------------------------------------------------------------- running
+    def _attention(self, max_len: int) -> PackedAttention:
+        if self.num_stages == 1:
+            return PackedAttention(max_len, self.attention_impl, self.mesh if self.mesh.size > 1 else None)
+        # Inside pipeline stages the kernels' own shard_map cannot nest: attention runs as XLA there.
+        if self.attention_impl == "triton":
+            raise ValueError("attention_impl='triton' does not run inside pipeline stages (pp > 1); use 'xla' or 'auto'")
+        return PackedAttention(max_len, "xla")
+
+    def _pack(self, rows, ids, types) -> list[PackedChunk]:
+        """One dispatch's packed streams: one stream, or with pipeline stages one per microbatch."""
+        if self.num_stages == 1:
+            return [pack_chunk(rows, ids, types, max_tokens=self.max_tokens_per_chunk)]
+        return pack_microbatches(rows, ids, types, self.num_stages, max_tokens=self.max_tokens_per_chunk)
+
     def _run(self, ids, types, head: str) -> list[tuple[PackedChunk, np.ndarray]]:
-        """Run every packed chunk through the step. Chunks are packed one at a time and results
-        fetched one chunk behind the dispatch, so host work overlaps the device's."""
+        """Run every packed chunk through the step: (packed stream, its result) pairs.
+
+        Chunks are packed one at a time and results fetched one chunk behind the dispatch, so
+        host work overlaps the device's. With pipeline stages a chunk is dealt into one packed
+        stream per stage (the microbatches), which the step takes stacked.
+        """
         check_sequences(ids, types)
-        chunks, results, pending, shapes = [], [], None, []
+        streams, results, pending, shapes = [], [], None, []
+
+        def fetch(done):
+            parts, out = done
+            out = np.asarray(out)
+            results.extend(zip(parts, out if self.num_stages > 1 else [out]))
+
         for rows in plan_chunks([len(x) for x in ids], self.max_tokens_per_chunk):
-            chunk = pack_chunk(rows, ids, types, max_tokens=self.max_tokens_per_chunk)
-            chunks.append(chunk)
-            max_len = bucket(chunk.max_len, cap=self.max_seq_len)
-            attention = PackedAttention(max_len, self.attention_impl, self.mesh if self.mesh.size > 1 else None)
-            out = self._step(self.params, chunk.tokens, chunk.positions, chunk.token_types, chunk.segments,
-                             chunk.cu_seqlens, attention=attention, head=head)
-            shapes.append((chunk.computed_tokens, len(chunk.cu_seqlens) - 1, max_len))
+            parts = self._pack(rows, ids, types)
+            streams.extend(parts)
+            max_len = bucket(max(max(c.max_len for c in parts), 1), cap=self.max_seq_len)
+            arrays = [(c.tokens, c.positions, c.token_types, c.segments, c.cu_seqlens) for c in parts]
+            if self.num_stages > 1:
+                arrays = [np.stack(column) for column in zip(*arrays)]
+            else:
+                arrays = arrays[0]
+            out = self._step(self.params, *arrays, attention=self._attention(max_len), head=head)
+            shapes.append((sum(c.computed_tokens for c in parts), len(parts[0].cu_seqlens) - 1, max_len))
             if pending is not None:  # the device works on `out` while the host copies the previous chunk
-                results.append((pending[0], np.asarray(pending[1])))
-            pending = (chunk, out)
-        results.append((pending[0], np.asarray(pending[1])))
+                fetch(pending)
+            pending = (parts, out)
+        fetch(pending)
         self.last_stats = EncodeStats(
-            sequences=len(ids), real_tokens=sum(c.real_tokens for c in chunks),
-            computed_tokens=sum(c.computed_tokens for c in chunks), chunks=len(chunks), shapes=tuple(shapes))
+            sequences=len(ids), real_tokens=sum(c.real_tokens for c in streams),
+            computed_tokens=sum(c.computed_tokens for c in streams), chunks=len(shapes), shapes=tuple(shapes))
         return results
 
     def encode(self, texts_or_ids, *, pooling: str = "mean", normalize: bool = False, truncate: bool = False):
@@ -287,7 +347,13 @@ def load_bert(folder, hf_config: dict, mesh, dtype, max_seq_len):
     source = TensorSource(folder)
     cfg = bert_convert.config_from_hf(hf_config, source.keys())
     max_seq_len = check_max_seq_len(max_seq_len, cfg.max_position_embeddings)
+    check_layout(mesh, heads=cfg.num_attention_heads, mlp=cfg.intermediate_size, layers=cfg.num_hidden_layers)
     host = stack_layers(bert_convert.iter_params(source, cfg), cfg.num_hidden_layers)
+    multiple = table_multiple(mesh)
+    for name in ("word_embeddings", "position_embeddings"):
+        host[name] = pad_rows(host[name], multiple)
+    if cfg.has_mlm_head:
+        host["mlm"]["bias"] = pad_rows(host["mlm"]["bias"], multiple)
     dtype = dtype or jnp.dtype(host["word_embeddings"].dtype)
-    params = place_params(host, Bert(cfg, dtype), example_args(), mesh, dtype)
+    params = place_params(host, Bert(cfg, dtype, table_multiple=multiple), example_args(), mesh, dtype)
     return BertModel(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len=max_seq_len, source=str(folder))

@@ -68,19 +68,27 @@ def plan_chunks(lengths: Sequence[int], max_tokens: int) -> list[np.ndarray]:
 
 
 def pack_chunk(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None],
-               *, max_tokens: int, min_bucket: int = 16) -> PackedChunk:
+               *, max_tokens: int, min_bucket: int = 16, num_tokens: int | None = None,
+               num_seq_slots: int | None = None) -> PackedChunk:
     """Pack sequences ids[r] (with token types types[r], None = all 0) for r in rows into one
-    bucketed stream."""
+    bucketed stream. num_tokens / num_seq_slots force the stream length and the number of
+    sequence slots (rather than their buckets), so that several streams can share one shape;
+    `rows` may then be empty (a stream of padding only)."""
     lens = np.array([len(ids[r]) for r in rows], dtype=np.int64)
     total = int(lens.sum())
-    t = bucket(total, cap=max_tokens, minimum=min_bucket)
+    t = num_tokens if num_tokens is not None else bucket(total, cap=max_tokens, minimum=min_bucket)
     s = len(rows)
-    cu = np.full(bucket(s, minimum=MIN_SEQ_BUCKET) + 1, total, dtype=np.int32)
+    slots = num_seq_slots if num_seq_slots is not None else bucket(s, minimum=MIN_SEQ_BUCKET)
+    if total > t or s > slots:
+        raise ValueError(f"{s} sequences of {total} tokens do not fit a stream of {t} tokens and {slots} sequence slots")
+    cu = np.full(slots + 1, total, dtype=np.int32)
     cu[: s + 1] = np.concatenate([[0], np.cumsum(lens)])
     tokens = np.zeros(t, np.int32)
     token_types = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
     segments = np.full(t, -1, np.int32)
+    if not s:
+        return PackedChunk(np.asarray(rows, np.int64), tokens, positions, token_types, segments, cu, 0)
     tokens[:total] = np.concatenate([np.asarray(ids[r]) for r in rows])
     if any(types[r] is not None for r in rows):
         token_types[:total] = np.concatenate([np.zeros(n, np.int32) if types[r] is None else np.asarray(types[r])
@@ -88,6 +96,22 @@ def pack_chunk(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[S
     segments[:total] = np.repeat(np.arange(s, dtype=np.int32), lens)
     positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(cu[:s], lens)
     return PackedChunk(np.asarray(rows), tokens, positions, token_types, segments, cu, int(lens.max()))
+
+
+def pack_microbatches(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None],
+                      num_microbatches: int, *, max_tokens: int, min_bucket: int = 16) -> list[PackedChunk]:
+    """Split one chunk's sequences into `num_microbatches` packed streams of one shape (for the
+    pipeline, which moves microbatches stage to stage).
+
+    Rows (sorted by length, as `plan_chunks` gives them) are dealt round-robin, so the streams
+    get similar token counts and similar lengths; each stream is padded to the bucket of the
+    fullest one. Streams may be padding only when there are fewer sequences than microbatches.
+    """
+    groups = [rows[g::num_microbatches] for g in range(num_microbatches)]
+    fullest = max(sum(len(ids[r]) for r in grp) for grp in groups)
+    t = bucket(fullest, cap=max_tokens, minimum=min_bucket)
+    slots = bucket(max(len(grp) for grp in groups), minimum=MIN_SEQ_BUCKET)
+    return [pack_chunk(grp, ids, types, max_tokens=max_tokens, num_tokens=t, num_seq_slots=slots) for grp in groups]
 
 
 def check_sequences(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None]) -> None:

@@ -118,3 +118,47 @@ def pipelined_stack(stack_fn, mesh, num_microbatches: int):
         return fn(stack_params, x_bte, positions_bt, lengths_b, cache)
 
     return wrapped
+
+
+def pipelined_microbatches(stage_fn, mesh):
+    """Wrap `stage_fn(stage_params, x, aux) -> y` (x and y of one shape, no state kept between
+    microbatches, as an encoder's layers) into a pipeline over "stage":
+    `wrapped(stack_params, x_m, aux_m) -> y_m`.
+
+    x_m [M, ...] holds the microbatches already cut (an encoder's packed streams cannot be cut
+    by rows); aux_m is a pytree of per-microbatch inputs with the same leading M, given to
+    every stage. stack_params are split over "stage" on their leading (layers) axis, so
+    stage_fn sees only its own layers. The same M + S - 1 tick schedule as `pipelined_stack`.
+    """
+    num_stages = mesh.shape["stage"]
+    perm = [(i, (i + 1) % num_stages) for i in range(num_stages)]
+
+    def stage_body(stack_params, x_m, aux_m):
+        stage = jax.lax.axis_index("stage")
+        m_count = x_m.shape[0]
+
+        def tick(carry, t):
+            state, out = carry
+            m = t - stage
+            valid = (m >= 0) & (m < m_count)
+            mc = jnp.clip(m, 0, m_count - 1)
+            x_in = jnp.where(stage == 0, x_m[jnp.clip(t, 0, m_count - 1)], state)
+            y = stage_fn(stack_params, x_in, jax.tree.map(lambda a: a[mc], aux_m))
+            last = valid & (stage == num_stages - 1)
+            out = jax.lax.dynamic_update_index_in_dim(
+                out, jnp.where(last, y, jax.lax.dynamic_index_in_dim(out, mc, 0, False)), mc, 0)
+            return (jax.lax.ppermute(y, "stage", perm), out), None
+
+        (_, out), _ = jax.lax.scan(tick, (jnp.zeros_like(x_m[0]), jnp.zeros_like(x_m)),
+                                   jnp.arange(m_count + num_stages - 1))
+        return jax.lax.psum(out, "stage")  # only the last stage holds non-zeros: exact
+
+    def wrapped(stack_params, x_m, aux_m):
+        fn = jax.shard_map(
+            stage_body, mesh=mesh, axis_names={"stage"}, check_vma=False,
+            in_specs=(jax.tree.map(lambda _: P("stage"), stack_params), P(), jax.tree.map(lambda _: P(), aux_m)),
+            out_specs=P(),
+        )
+        return fn(stack_params, x_m, aux_m)
+
+    return wrapped

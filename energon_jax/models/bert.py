@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from energon_jax.models.layers import ACTIVATIONS, LayerNorm, attention_scale, masked_attention, param
+from energon_jax.models.layers import ACTIVATIONS, LayerNorm, attention_scale, masked_attention, padded_rows, param
 
 
 def quick_gelu(x):
@@ -235,26 +235,34 @@ class BertMLMHead(nn.Module):
         e, pd = cfg.hidden_size, self.param_dtype
         w = param(self, "transform_kernel", (e, e), ("embed", None), dtype=pd)
         b = param(self, "transform_bias", (e,), (None,), nn.initializers.zeros, pd)
-        bias_v = param(self, "bias", (cfg.vocab_size,), ("vocab",), nn.initializers.zeros, pd)
+        bias_v = param(self, "bias", (word_embeddings_ve.shape[0],), ("vocab",), nn.initializers.zeros, pd)
         h_te = BERT_ACTIVATIONS[cfg.hidden_act](jnp.einsum("TE,EF->TF", x_te, w) + b)
         h_te = LayerNorm(cfg.layer_norm_eps, pd, name="transform_ln")(h_te)
         logits_tv = jnp.einsum("TE,VE->TV", h_te, word_embeddings_ve, preferred_element_type=jnp.float32)
-        return logits_tv + bias_v.astype(jnp.float32)
+        return (logits_tv + bias_v.astype(jnp.float32))[:, : cfg.vocab_size]  # padded rows cut off
 
 
 # ---------------------------------------------------------------------------- model
 class Bert(nn.Module):
-    """Pieces callable separately (`method=`): `embed`, `encoder` (BertLayerStack), `pool`, `mlm_logits`."""
+    """Pieces callable separately (`method=`): `embed`, `encoder` (BertLayerStack), `pool`, `mlm_logits`.
+
+    `table_multiple` pads the word and position tables' rows (and the masked-LM bias) to a
+    multiple of the devices they split over; padded rows are never looked up and padded
+    logits are cut off, so the numbers do not change.
+    """
 
     config: BertConfig
     param_dtype: jnp.dtype = jnp.float32
     attention: PackedAttention | None = None
+    table_multiple: int = 1
 
     def setup(self):
         cfg, pd = self.config, self.param_dtype
         e, init = cfg.hidden_size, nn.initializers.normal(0.02)
-        self.word_embeddings = param(self, "word_embeddings", (cfg.vocab_size, e), ("vocab", "embed"), init, pd)
-        self.position_embeddings = param(self, "position_embeddings", (cfg.max_position_embeddings, e),
+        vocab = padded_rows(cfg.vocab_size, self.table_multiple)
+        self.word_embeddings = param(self, "word_embeddings", (vocab, e), ("vocab", "embed"), init, pd)
+        self.position_embeddings = param(self, "position_embeddings",
+                                         (padded_rows(cfg.max_position_embeddings, self.table_multiple), e),
                                          ("positions", "embed"), init, pd)
         self.token_type_embeddings = param(self, "token_type_embeddings", (cfg.type_vocab_size, e),
                                            ("token_types", "embed"), init, pd)

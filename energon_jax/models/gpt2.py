@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from energon_jax.config import GPT2Config
-from energon_jax.models.layers import MASK_VALUE, LayerNorm, attention_scale, gelu_new, masked_attention, param
+from energon_jax.models.layers import (MASK_VALUE, LayerNorm, attention_scale, gelu_new, masked_attention, padded_rows,
+                                      param)
 
 Cache = dict  # {"k": [L, B, N, S, D], "v": [L, B, N, S, D]}
 
@@ -34,10 +35,6 @@ class AttentionKernels:
 
     prefill: Callable
     decode: Callable
-
-
-def padded_rows(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def write_token(cache_lbnsd, new_bnd, layer, pos_b):
