@@ -2,7 +2,7 @@
 streaming clients (a separate process), prompts of U[32, 512] tokens, 128 new tokens each, greedy;
 then the same prompts through one offline batched `generate` call at the same batch size.
 
-    python benchmarks/serve.py [--clients 64] [--new-tokens 128] [--decode-steps 8]
+    python benchmarks/serve.py [--clients 64] [--new-tokens 128] [--decode-steps 8] [--max-prefill-batch 8]
 
 Prints requests/s, tokens/s, time to first token p50/p99, time per output token p50/p99, and the
 served/offline tokens/s ratio (target >= 0.70). Random weights: no EOS, so every request runs to
@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--min-prompt", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--max-prefill-batch", type=int, default=8, help="prompts per prefill dispatch (1: one at a time)")
+    ap.add_argument("--prefill-batch-tokens", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--embd", type=int, default=1024)
@@ -142,6 +144,7 @@ def main() -> None:
 
     # served: in-process Server + uvicorn thread; clients in another process (no shared GIL)
     server = Server(model, max_batch_size=args.clients, max_queue=args.clients, decode_steps=args.decode_steps,
+                    max_prefill_batch=args.max_prefill_batch, prefill_batch_tokens=args.prefill_batch_tokens,
                     name="gpt2-medium-random")
     server.start()
     print(f"server warm-up (every prefill bucket + decode programs): {server.warmup_seconds:.1f} s", flush=True)

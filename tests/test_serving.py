@@ -120,7 +120,7 @@ def test_slot_engine_matches_generate_and_never_recompiles(model):
     eng = SlotEngine(model, 2, decode_steps=2, cache_len=32)
     eng.warmup()
     compiled = dict(eng.compile_counts)
-    assert set(compiled) == {"prefill_16", "prefill_32", "decode_1", "decode_2"}
+    assert set(compiled) == {"prefill_1x16", "prefill_1x32", "prefill_2x16", "prefill_2x32", "decode_1", "decode_2"}
     short, long = model.encode_prompts(["def add(a, b):", "I do not like green eggs and ham. " * 4])
     ids = [short[:10], long[:20]]  # one prompt per bucket (16, 32); 8 new tokens still fit in 32
     settings = [dict(temperature=0.0, top_k=0, top_p=1.0), dict(temperature=0.9, top_k=7, top_p=0.8)]
@@ -133,6 +133,37 @@ def test_slot_engine_matches_generate_and_never_recompiles(model):
             off = model.generate([ids[s]], max_new_tokens=8, seed=11 + s, **settings[(s + round_) % 2])[0]
             assert served[: len(off.token_ids)] == off.token_ids
     assert dict(eng.compile_counts) == compiled  # new lengths in a bucket and new sampling settings: no compile
+
+
+def test_batched_prefill_equals_one_at_a_time(model):
+    """Prompts prefilled together (padded rows, mixed lengths, one dispatch) sample what each
+    prefilled alone samples, and decode on from the same state."""
+    from energon_jax.engine.slots import SlotEngine
+
+    text = model.encode_prompts(["The for statement is used to iterate over the elements of a sequence"])[0]
+    prompts = [text[:5], text[3:16], text[:9], text[1:15]]  # mixed lengths, one bucket (16)
+    settings = dict(temperature=[0.0, 0.8, 1.0, 0.0], top_k=[0, 5, 0, 0], top_p=[1.0, 0.9, 0.7, 1.0],
+                    seed=[1, 2, 3, 4])
+    eng = SlotEngine(model, 4, decode_steps=4, cache_len=32, max_prefill_batch=4, prefill_batch_tokens=64)
+    assert eng.group_prefills([len(x) for x in prompts]) == [list(np.argsort([len(x) for x in prompts],
+                                                                             kind="stable"))]
+    slots = [3, 0, 2, 1]
+    batched = np.asarray(eng.prefill_batch(slots, prompts, **settings)).tolist()
+    batched_rest = np.asarray(eng.decode(4, [True] * 4))
+    alone = SlotEngine(model, 4, decode_steps=4, cache_len=32)
+    singles = [int(alone.prefill(s, p, **{k: v[i] for k, v in settings.items()}))
+               for i, (s, p) in enumerate(zip(slots, prompts))]
+    assert batched == singles
+    np.testing.assert_array_equal(batched_rest, np.asarray(alone.decode(4, [True] * 4)))
+    # three prompts run as a padded batch of 4 rows
+    three = np.asarray(eng.prefill_batch(slots[:3], prompts[:3], **{k: v[:3] for k, v in settings.items()}))
+    assert three.tolist() == singles[:3] and eng.compile_counts["prefill_4x16"] == 1
+    # a group over the token budget is split
+    assert len(eng.group_prefills([30, 30, 30, 30])) == 2
+    with pytest.raises(ValueError, match="repeat a slot"):
+        eng.prefill_batch([1, 1], prompts[:2], **{k: v[:2] for k, v in settings.items()})
+    with pytest.raises(ValueError, match="exceed one prefill batch"):
+        eng.prefill_batch(slots, [[5] * 20] * 4, **settings)
 
 
 # -------------------------------------------------------------------- HTTP

@@ -1,4 +1,4 @@
-"""Slot-based decode engine for serving: `prefill` one request into a slot, `decode` all slots.
+"""Slot-based decode engine for serving: `prefill` requests into free slots, `decode` all slots.
 
 The decode state lives on the device and is donated to every step, so XLA updates the KV
 cache in place:
@@ -11,9 +11,9 @@ cache in place:
     active_s [S]      slots whose position advances
     sampling          SamplingParams [S]
 
-Programs: one prefill per prompt-length bucket (batch 1, KV inserted into the slot's row with
-`dynamic_update_slice`) and one decode per step count `k` (a `fori_loop` of k steps in one
-dispatch). Sampling settings, seeds, positions and active flags are traced arrays, so new
+Programs: one prefill per (rows, prompt-length bucket) shape, a batch of prompts run together
+and each one's K/V inserted into its slot's row with `dynamic_update_slice`, and one decode per
+step count `k` (a `fori_loop` of k steps in one dispatch). Sampling settings, seeds, positions and active flags are traced arrays, so new
 requests never recompile. With the same seed, a slot samples exactly what `GPTModel.generate`
 samples for that prompt alone.
 """
@@ -60,7 +60,8 @@ class SlotEngine:
     cache_len: cache positions per slot (default: the model's max_seq_len).
     """
 
-    def __init__(self, model, num_slots: int, *, decode_steps: int = 8, cache_len: int | None = None):
+    def __init__(self, model, num_slots: int, *, decode_steps: int = 8, cache_len: int | None = None,
+                 max_prefill_batch: int = 8, prefill_batch_tokens: int = 2048):
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r} must be an int >= 1")
         if not isinstance(decode_steps, int) or decode_steps < 1 or decode_steps & (decode_steps - 1):
@@ -74,7 +75,13 @@ class SlotEngine:
         self.cache_len = model.max_seq_len if cache_len is None else int(cache_len)
         if not 1 <= self.cache_len <= model.max_seq_len:
             raise ValueError(f"cache_len={cache_len!r} must be in [1, {model.max_seq_len}] (the model's max_seq_len)")
+        if not isinstance(max_prefill_batch, int) or max_prefill_batch < 1 or max_prefill_batch & (max_prefill_batch - 1):
+            raise ValueError(f"max_prefill_batch={max_prefill_batch!r} must be a power of two >= 1")
+        if not isinstance(prefill_batch_tokens, int) or prefill_batch_tokens < 1:
+            raise ValueError(f"prefill_batch_tokens={prefill_batch_tokens!r} must be an int >= 1")
         self.step_options = tuple(1 << i for i in range(decode_steps.bit_length()))
+        self.prefill_batch_options = tuple(1 << i for i in range(min(max_prefill_batch, num_slots).bit_length()))
+        self.prefill_batch_tokens = prefill_batch_tokens
         self.prefill_buckets = tuple(sorted({bucket(n, self.cache_len) for n in
                                              [1] + [1 << i for i in range(self.cache_len.bit_length() + 1)]
                                              if n <= self.cache_len}))
@@ -90,6 +97,13 @@ class SlotEngine:
         self._prefill = self._make_prefill()
         self._decode = self._make_decode()
         self.state = self.fresh_state()
+
+    @property
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, tokens) prefill program: each prompt bucket alone, and batches of
+        prompts up to `max_prefill_batch` rows and `prefill_batch_tokens` tokens."""
+        return [(p, t) for p in self.prefill_batch_options for t in self.prefill_buckets
+                if p == 1 or p * t <= self.prefill_batch_tokens]
 
     # ------------------------------------------------------------------ state
     def fresh_state(self) -> DecodeState:
@@ -111,23 +125,27 @@ class SlotEngine:
         runner, counter = self.runner, self.compile_counts
 
         @functools.partial(jax.jit, donate_argnums=(1,), out_shardings=(self._state_sharding, self._replicated))
-        def prefill(params, state: DecodeState, tokens_1t, length, slot, temperature, top_k, top_p, seed):
-            counter[f"prefill_{tokens_1t.shape[1]}"] += 1
-            t = tokens_1t.shape[1]
-            positions_1t = jnp.arange(t, dtype=jnp.int32)[None]
-            lengths_1 = length[None]
-            logits_11v, kv = runner.model_fn(params, tokens_1t, positions_1t, lengths_1, None, lengths_1 - 1)
-            sampling_1 = SamplingParams(temperature[None], top_k[None], top_p[None])
-            tok = sample(logits_11v[:, 0], sampling_1, step_keys(row_keys(seed[None]), 0))[0]
-            cache = runner.write_kv(state.cache, kv, slot)  # the prompt's K/V [.., 1, N, T, D] into row `slot`
+        def prefill(params, state: DecodeState, tokens_pt, lengths_p, slots_p, temperature_p, top_k_p, top_p_p,
+                    seeds_p):
+            p, t = tokens_pt.shape
+            counter[f"prefill_{p}x{t}"] += 1
+            positions_pt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
+            logits_p1v, kv = runner.model_fn(params, tokens_pt, positions_pt, lengths_p, None, lengths_p - 1)
+            sampling_p = SamplingParams(temperature_p, top_k_p, top_p_p)
+            tok_p = sample(logits_p1v[:, 0], sampling_p, step_keys(row_keys(seeds_p), 0))
+            cache = state.cache
+            for i in range(p):  # each prompt's K/V [.., 1, N, T, D] into its slot's row
+                cache = runner.write_kv(cache, jax.tree.map(lambda x: x[:, i: i + 1], kv), slots_p[i])
             sp = state.sampling
+
+            def put(arr, values):  # padding rows repeat row 0 (same slot, same values): harmless
+                return arr.at[slots_p].set(jnp.asarray(values, arr.dtype))
+
             state = DecodeState(
-                cache, _set_row(state.tokens_s, slot, tok), _set_row(state.positions_s, slot, length),
-                _set_row(state.steps_s, slot, 1), _set_row(state.seeds_s, slot, seed),
-                _set_row(state.active_s, slot, True),
-                SamplingParams(_set_row(sp.temperature, slot, temperature), _set_row(sp.top_k, slot, top_k),
-                               _set_row(sp.top_p, slot, top_p)))
-            return state, tok
+                cache, put(state.tokens_s, tok_p), put(state.positions_s, lengths_p), put(state.steps_s, 1),
+                put(state.seeds_s, seeds_p), put(state.active_s, True),
+                SamplingParams(put(sp.temperature, temperature_p), put(sp.top_k, top_k_p), put(sp.top_p, top_p_p)))
+            return state, tok_p
 
         return prefill
 
@@ -164,18 +182,64 @@ class SlotEngine:
     def prefill(self, slot: int, token_ids, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 seed: int = 0) -> jax.Array:
         """Prefill a prompt into `slot` and return its first token (a device scalar; read it lazily)."""
-        n = len(token_ids)
-        if not 1 <= n <= self.cache_len:
-            raise ValueError(f"a prompt of {n} tokens does not fit a slot of {self.cache_len} positions")
-        if not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot={slot} outside [0, {self.num_slots})")
-        t = bucket(n, self.cache_len)
-        tokens = np.full((1, t), PAD_ID, np.int32)
-        tokens[0, :n] = token_ids
-        self.state, tok = self._prefill(self.model.params, self.state, tokens, np.int32(n), np.int32(slot),
-                                        np.float32(temperature), np.int32(top_k), np.float32(top_p),
-                                        np.uint32(seed & 0xFFFFFFFF))
-        return tok
+        return self.prefill_batch([slot], [token_ids], temperature=[temperature], top_k=[top_k], top_p=[top_p],
+                                  seed=[seed])[0]
+
+    def prefill_shape(self, lengths) -> tuple[int, int]:
+        """The compiled (rows, tokens) program that prompts of these lengths run as one batch."""
+        return bucket(len(lengths), minimum=1), bucket(max(lengths), self.cache_len)
+
+    def fits_one_prefill(self, lengths) -> bool:
+        """Whether prompts of these lengths can share one prefill dispatch (a compiled shape)."""
+        p, t = self.prefill_shape(lengths)
+        return p == 1 or (p <= self.prefill_batch_options[-1] and p * t <= self.prefill_batch_tokens)
+
+    def group_prefills(self, lengths) -> list[list[int]]:
+        """Indices of prompts grouped into prefill batches: similar lengths together (sorted), each
+        group a compiled shape. Batching prompts turns several batch-1 passes, each reading every
+        weight, into one pass."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and self.fits_one_prefill([lengths[j] for j in groups[-1]] + [lengths[i]]):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def prefill_batch(self, slots, prompts, *, temperature, top_k, top_p, seed) -> jax.Array:
+        """Prefill prompts[i] into slots[i] (distinct slots) in one dispatch; returns the first
+        tokens [len(slots)] (device array). The sampling settings are per-prompt sequences."""
+        n = len(slots)
+        if not n or len(prompts) != n or any(len(x) != n for x in (temperature, top_k, top_p, seed)):
+            raise ValueError(f"prefill_batch needs one prompt and one of each setting per slot; got {n} slots, "
+                             f"{len(prompts)} prompts")
+        if len(set(slots)) != n:
+            raise ValueError(f"slots {list(slots)} repeat a slot; each prompt needs its own")
+        for slot, ids in zip(slots, prompts):
+            if not 1 <= len(ids) <= self.cache_len:
+                raise ValueError(f"a prompt of {len(ids)} tokens does not fit a slot of {self.cache_len} positions")
+            if not 0 <= slot < self.num_slots:
+                raise ValueError(f"slot={slot} outside [0, {self.num_slots})")
+        lengths = [len(x) for x in prompts]
+        if not self.fits_one_prefill(lengths):
+            raise ValueError(f"{n} prompts of up to {max(lengths)} tokens exceed one prefill batch "
+                             f"({self.prefill_batch_options[-1]} rows, {self.prefill_batch_tokens} tokens); "
+                             "split them with group_prefills")
+        p, t = self.prefill_shape(lengths)
+        pad = [0] * (p - n)  # padding rows repeat row 0
+        tokens = np.full((p, t), PAD_ID, np.int32)
+        for row, i in enumerate(list(range(n)) + pad):
+            tokens[row, : lengths[i]] = prompts[i]
+
+        def col(values, dtype):
+            return np.asarray([values[i] for i in list(range(n)) + pad], dtype)
+
+        seeds = [int(x) & 0xFFFFFFFF for x in seed]
+        self.state, tok = self._prefill(self.model.params, self.state, tokens, col(lengths, np.int32),
+                                        col(list(slots), np.int32), col(temperature, np.float32),
+                                        col(top_k, np.int32), col(top_p, np.float32), col(seeds, np.uint32))
+        return tok[:n]
 
     def decode(self, steps: int, active) -> jax.Array:
         """Run `steps` decode steps over every slot; returns tokens [steps, num_slots] (device array).
@@ -192,14 +256,16 @@ class SlotEngine:
     def warmup(self) -> float:
         """Compile (and run once) every prefill bucket and decode step count; returns seconds taken."""
         t0 = time.perf_counter()
-        for t in self.prefill_buckets:
-            self.prefill(0, [PAD_ID] * t)
+        for p, t in self.prefill_shapes:
+            self.prefill_batch(list(range(p)), [[PAD_ID] * t] * p, temperature=[0.0] * p, top_k=[0] * p,
+                               top_p=[1.0] * p, seed=[0] * p)
         for k in self.step_options:
             self.decode(k, np.zeros(self.num_slots, bool))
         jax.block_until_ready(self.state)
         self.state = self.fresh_state()
         jax.block_until_ready(self.state)
         took = time.perf_counter() - t0
-        log.info("compiled %d prefill buckets %s and decode steps %s for %d slots in %.1f s",
-                 len(self.prefill_buckets), list(self.prefill_buckets), list(self.step_options), self.num_slots, took)
+        log.info("compiled %d prefill shapes (rows x tokens) %s and decode steps %s for %d slots in %.1f s",
+                 len(self.prefill_shapes), [f"{p}x{t}" for p, t in self.prefill_shapes], list(self.step_options),
+                 self.num_slots, took)
         return took

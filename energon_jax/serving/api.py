@@ -92,11 +92,15 @@ class Server:
     beyond that (a full queue raises QueueFull). decode_steps: most decode steps per dispatch.
     cache_len: positions per slot (default: the model's max_seq_len); prompt + max_tokens must fit.
     request_timeout: seconds after which a request is ended with finish_reason "timeout".
+    max_prefill_tokens: prompt tokens admitted per engine iteration (beyond the first request).
+    max_prefill_batch / prefill_batch_tokens: prompts admitted together are prefilled in batches of
+    up to this many rows and rows x bucketed length tokens (each such shape is compiled at start).
     """
 
     def __init__(self, model, *, max_batch_size: int = 16, max_queue: int = 64, decode_steps: int = 8,
                  cache_len: int | None = None, request_timeout: float | None = None,
-                 max_prefill_tokens: int = 4096, embed_max_wait: float = 0.005, name: str | None = None):
+                 max_prefill_tokens: int = 4096, max_prefill_batch: int = 8, prefill_batch_tokens: int = 2048,
+                 embed_max_wait: float = 0.005, name: str | None = None):
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
@@ -120,7 +124,8 @@ class Server:
         if self.kind == "gpt":
             from energon_jax.engine.slots import SlotEngine
 
-            self.engine = SlotEngine(model, max_batch_size, decode_steps=decode_steps, cache_len=cache_len)
+            self.engine = SlotEngine(model, max_batch_size, decode_steps=decode_steps, cache_len=cache_len,
+                                     max_prefill_batch=max_prefill_batch, prefill_batch_tokens=prefill_batch_tokens)
             self.context_len = self.engine.cache_len
             self.scheduler = Scheduler(max_batch_size, max_queue=max_queue, context_len=self.context_len,
                                        detokenize=self.detokenize, decode_step_options=self.engine.step_options,

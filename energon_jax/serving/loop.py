@@ -17,17 +17,23 @@ log = logging.getLogger(__name__)
 
 
 class SlotExecutor:
-    """Runs a SchedulerOutput on a SlotEngine: every prefill, then one decode dispatch, then one read-back."""
+    """Runs a SchedulerOutput on a SlotEngine: the prefills (batched into as few dispatches as the
+    compiled shapes allow), then one decode dispatch, then one read-back."""
 
     def __init__(self, engine):
         self.engine = engine
 
     def execute(self, out: SchedulerOutput) -> EngineOutput:
         firsts = {}
-        for p in out.prefills:  # dispatched asynchronously; the decode below uses their state on device
-            o = p.options
-            firsts[p.request_id] = self.engine.prefill(p.slot, p.token_ids, temperature=o.temperature, top_k=o.top_k,
-                                                       top_p=o.top_p, seed=o.seed)
+        work = out.prefills
+        # dispatched asynchronously; the decode below uses their state on device
+        for group in self.engine.group_prefills([len(p.token_ids) for p in work]):
+            ps = [work[i] for i in group]
+            toks = self.engine.prefill_batch(
+                [p.slot for p in ps], [p.token_ids for p in ps], temperature=[p.options.temperature for p in ps],
+                top_k=[p.options.top_k for p in ps], top_p=[p.options.top_p for p in ps],
+                seed=[p.options.seed for p in ps])
+            firsts.update({p.request_id: toks[j] for j, p in enumerate(ps)})
         tokens = self.engine.decode(out.decode_steps, out.active) if out.decode_steps else None
         firsts_host, tokens_host = jax.device_get((firsts, tokens))
         return EngineOutput({k: int(v) for k, v in firsts_host.items()},
