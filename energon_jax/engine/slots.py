@@ -80,7 +80,7 @@ class SlotEngine:
         if not isinstance(prefill_batch_tokens, int) or prefill_batch_tokens < 1:
             raise ValueError(f"prefill_batch_tokens={prefill_batch_tokens!r} must be an int >= 1")
         self.step_options = tuple(1 << i for i in range(decode_steps.bit_length()))
-        self.prefill_batch_options = tuple(1 << i for i in range(min(max_prefill_batch, num_slots).bit_length()))
+        self.max_prefill_batch = min(max_prefill_batch, num_slots)
         self.prefill_batch_tokens = prefill_batch_tokens
         self.prefill_buckets = tuple(sorted({bucket(n, self.cache_len) for n in
                                              [1] + [1 << i for i in range(self.cache_len.bit_length() + 1)]
@@ -100,10 +100,12 @@ class SlotEngine:
 
     @property
     def prefill_shapes(self) -> list[tuple[int, int]]:
-        """Every (rows, tokens) prefill program: each prompt bucket alone, and batches of
-        prompts up to `max_prefill_batch` rows and `prefill_batch_tokens` tokens."""
-        return [(p, t) for p in self.prefill_batch_options for t in self.prefill_buckets
-                if p == 1 or p * t <= self.prefill_batch_tokens]
+        """Every (rows, tokens) prefill program: each prompt bucket alone, and per bucket one
+        batched program of `rows_for(bucket)` rows (<= max_prefill_batch, rows x bucket <=
+        prefill_batch_tokens). Two per bucket keeps start-up compiles few (each program of a
+        24-layer model takes seconds to compile); a small batch pads to the bucket's rows."""
+        return [(1, t) for t in self.prefill_buckets] + [(self.rows_for(t), t) for t in self.prefill_buckets
+                                                         if self.rows_for(t) > 1]
 
     # ------------------------------------------------------------------ state
     def fresh_state(self) -> DecodeState:
@@ -185,14 +187,19 @@ class SlotEngine:
         return self.prefill_batch([slot], [token_ids], temperature=[temperature], top_k=[top_k], top_p=[top_p],
                                   seed=[seed])[0]
 
+    def rows_for(self, t: int) -> int:
+        """Rows of the batched prefill program for prompt bucket t: as many as fit the token budget."""
+        return max(1, min(self.max_prefill_batch, self.prefill_batch_tokens // t))
+
     def prefill_shape(self, lengths) -> tuple[int, int]:
-        """The compiled (rows, tokens) program that prompts of these lengths run as one batch."""
-        return bucket(len(lengths), minimum=1), bucket(max(lengths), self.cache_len)
+        """The compiled (rows, tokens) program that prompts of these lengths run as one batch:
+        one row alone, else the bucket's batched program (its spare rows are padding)."""
+        t = bucket(max(lengths), self.cache_len)
+        return (1 if len(lengths) == 1 else self.rows_for(t)), t
 
     def fits_one_prefill(self, lengths) -> bool:
         """Whether prompts of these lengths can share one prefill dispatch (a compiled shape)."""
-        p, t = self.prefill_shape(lengths)
-        return p == 1 or (p <= self.prefill_batch_options[-1] and p * t <= self.prefill_batch_tokens)
+        return len(lengths) <= self.prefill_shape(lengths)[0]
 
     def group_prefills(self, lengths) -> list[list[int]]:
         """Indices of prompts grouped into prefill batches: similar lengths together (sorted), each
@@ -209,7 +216,9 @@ class SlotEngine:
 
     def prefill_batch(self, slots, prompts, *, temperature, top_k, top_p, seed) -> jax.Array:
         """Prefill prompts[i] into slots[i] (distinct slots) in one dispatch; returns the first
-        tokens [len(slots)] (device array). The sampling settings are per-prompt sequences."""
+        tokens as a device array whose first len(slots) entries belong to the prompts (the rest
+        are padding rows; slice after reading it back: indexing a device array with each
+        Python int would compile a small program per index). Settings are per-prompt sequences."""
         n = len(slots)
         if not n or len(prompts) != n or any(len(x) != n for x in (temperature, top_k, top_p, seed)):
             raise ValueError(f"prefill_batch needs one prompt and one of each setting per slot; got {n} slots, "
@@ -224,8 +233,8 @@ class SlotEngine:
         lengths = [len(x) for x in prompts]
         if not self.fits_one_prefill(lengths):
             raise ValueError(f"{n} prompts of up to {max(lengths)} tokens exceed one prefill batch "
-                             f"({self.prefill_batch_options[-1]} rows, {self.prefill_batch_tokens} tokens); "
-                             "split them with group_prefills")
+                             f"({self.rows_for(bucket(max(lengths), self.cache_len))} rows at that length, "
+                             f"{self.prefill_batch_tokens} tokens); split them with group_prefills")
         p, t = self.prefill_shape(lengths)
         pad = [0] * (p - n)  # padding rows repeat row 0
         tokens = np.full((p, t), PAD_ID, np.int32)
@@ -239,7 +248,7 @@ class SlotEngine:
         self.state, tok = self._prefill(self.model.params, self.state, tokens, col(lengths, np.int32),
                                         col(list(slots), np.int32), col(temperature, np.float32),
                                         col(top_k, np.int32), col(top_p, np.float32), col(seeds, np.uint32))
-        return tok[:n]
+        return tok
 
     def decode(self, steps: int, active) -> jax.Array:
         """Run `steps` decode steps over every slot; returns tokens [steps, num_slots] (device array).

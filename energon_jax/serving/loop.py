@@ -24,7 +24,7 @@ class SlotExecutor:
         self.engine = engine
 
     def execute(self, out: SchedulerOutput) -> EngineOutput:
-        firsts = {}
+        firsts, batches = {}, []
         work = out.prefills
         # dispatched asynchronously; the decode below uses their state on device
         for group in self.engine.group_prefills([len(p.token_ids) for p in work]):
@@ -33,11 +33,12 @@ class SlotExecutor:
                 [p.slot for p in ps], [p.token_ids for p in ps], temperature=[p.options.temperature for p in ps],
                 top_k=[p.options.top_k for p in ps], top_p=[p.options.top_p for p in ps],
                 seed=[p.options.seed for p in ps])
-            firsts.update({p.request_id: toks[j] for j, p in enumerate(ps)})
+            batches.append(([p.request_id for p in ps], toks))
         tokens = self.engine.decode(out.decode_steps, out.active) if out.decode_steps else None
-        firsts_host, tokens_host = jax.device_get((firsts, tokens))
-        return EngineOutput({k: int(v) for k, v in firsts_host.items()},
-                            np.asarray(tokens_host) if tokens is not None else ())
+        toks_host, tokens_host = jax.device_get(([t for _, t in batches], tokens))
+        for (ids, _), got in zip(batches, toks_host):  # padding rows past len(ids) are dropped
+            firsts.update({rid: int(got[j]) for j, rid in enumerate(ids)})
+        return EngineOutput(firsts, np.asarray(tokens_host) if tokens is not None else ())
 
     def reset(self) -> None:
         """A failed dispatch may have consumed the donated state: start from a fresh one."""
