@@ -53,11 +53,13 @@ def _leftovers(out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def hf_gpt2(tiny_gpt2_factory):
-    # vocab 101 does not split over tp*pp = 4: loading pads the table, the checkpoint stays unpadded
-    folder, model = tiny_gpt2_factory()
-    if not (folder / "tokenizer.json").is_file():
-        _word_tokenizer(folder, 101)
+def hf_gpt2(tiny_gpt2_factory, tmp_path_factory):
+    # vocab 101 does not split over tp*pp = 4: loading pads the table, the checkpoint stays unpadded.
+    # A copy: the factory's folder is shared with tests that need it without a tokenizer.
+    shared, model = tiny_gpt2_factory()
+    folder = tmp_path_factory.mktemp("gpt2_with_words") / "model"
+    shutil.copytree(shared, folder)
+    _word_tokenizer(folder, 101)
     return folder, model
 
 

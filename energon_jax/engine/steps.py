@@ -152,8 +152,6 @@ def make_generate(runner: Runner, counter: CompileCounter):
     cache_len=, out_len=) -> (tokens_bo, num_generated_b, stopped_b)."""
     model_fn = runner.model_fn
 
-    model_fn = runner.model_fn
-
     @functools.partial(jax.jit, static_argnames=("cache_len", "out_len"))
     def generate(params, tokens_bt, lengths_b, max_new_b, sampling: SamplingParams, seeds_b, stop_ids_k,
                  *, cache_len: int, out_len: int):
