@@ -86,7 +86,9 @@ def served(model):
     from energon_jax.serving import Server
     from energon_jax.serving.http import create_app
 
-    server = Server(model, max_batch_size=4, max_queue=64, decode_steps=2, cache_len=CACHE_LEN, name="tiny")
+    # max_prefill_batch=4: the batched prefill path is taken on CPU too (its default there is 1)
+    server = Server(model, max_batch_size=4, max_queue=64, decode_steps=2, cache_len=CACHE_LEN, name="tiny",
+                    max_prefill_batch=4)
     web = Uvicorn(create_app(server))
     # /health answers 503 while the buckets compile, then 200
     first = None
@@ -117,7 +119,7 @@ async def post_many(url, bodies, path="/v1/completions"):
 def test_slot_engine_matches_generate_and_never_recompiles(model):
     from energon_jax.engine.slots import SlotEngine
 
-    eng = SlotEngine(model, 2, decode_steps=2, cache_len=32)
+    eng = SlotEngine(model, 2, decode_steps=2, cache_len=32, max_prefill_batch=2)
     eng.warmup()
     compiled = dict(eng.compile_counts)
     assert set(compiled) == {"prefill_1x16", "prefill_1x32", "prefill_2x16", "prefill_2x32", "decode_1", "decode_2"}

@@ -51,6 +51,14 @@ def _set_row(arr, slot, value):
     return jax.lax.dynamic_update_index_in_dim(arr, jnp.asarray(value, arr.dtype), slot, 0)
 
 
+def default_prefill_batch() -> int:
+    """Prompts per prefill dispatch when not given: 8 on accelerators, where a small prefill is
+    bound by reading the weights and launching kernels, so rows come almost free; 1 on CPU, where
+    compute scales with rows and a batch's padding rows cost real time (benchmarks/serve.py on
+    2 CPU cores: 919 tokens/s one prompt at a time, 761 batched)."""
+    return 1 if jax.default_backend() == "cpu" else 8
+
+
 class SlotEngine:
     """`num_slots` decode slots over a loaded `GPTModel`, run through the model's own `runner` (so
     any mesh and layer layout it supports: the cache follows the rules table).
@@ -58,10 +66,12 @@ class SlotEngine:
     decode_steps: the largest step count per decode dispatch; programs are compiled for every
       power of two up to it (`step_options`), so a scheduler can stop exactly when a slot frees.
     cache_len: cache positions per slot (default: the model's max_seq_len).
+    max_prefill_batch / prefill_batch_tokens: prompts prefilled in one dispatch, at most this many
+      rows (a power of two; None: `default_prefill_batch()`) and rows x bucket tokens.
     """
 
     def __init__(self, model, num_slots: int, *, decode_steps: int = 8, cache_len: int | None = None,
-                 max_prefill_batch: int = 8, prefill_batch_tokens: int = 2048):
+                 max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048):
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r} must be an int >= 1")
         if not isinstance(decode_steps, int) or decode_steps < 1 or decode_steps & (decode_steps - 1):
@@ -75,6 +85,8 @@ class SlotEngine:
         self.cache_len = model.max_seq_len if cache_len is None else int(cache_len)
         if not 1 <= self.cache_len <= model.max_seq_len:
             raise ValueError(f"cache_len={cache_len!r} must be in [1, {model.max_seq_len}] (the model's max_seq_len)")
+        if max_prefill_batch is None:
+            max_prefill_batch = default_prefill_batch()
         if not isinstance(max_prefill_batch, int) or max_prefill_batch < 1 or max_prefill_batch & (max_prefill_batch - 1):
             raise ValueError(f"max_prefill_batch={max_prefill_batch!r} must be a power of two >= 1")
         if not isinstance(prefill_batch_tokens, int) or prefill_batch_tokens < 1:

@@ -94,12 +94,13 @@ class Server:
     request_timeout: seconds after which a request is ended with finish_reason "timeout".
     max_prefill_tokens: prompt tokens admitted per engine iteration (beyond the first request).
     max_prefill_batch / prefill_batch_tokens: prompts admitted together are prefilled in batches of
-    up to this many rows and rows x bucketed length tokens (each such shape is compiled at start).
+    up to this many rows and rows x bucketed length tokens (each such shape is compiled at start;
+    None: 8 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
     """
 
     def __init__(self, model, *, max_batch_size: int = 16, max_queue: int = 64, decode_steps: int = 8,
                  cache_len: int | None = None, request_timeout: float | None = None,
-                 max_prefill_tokens: int = 4096, max_prefill_batch: int = 8, prefill_batch_tokens: int = 2048,
+                 max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048,
                  embed_max_wait: float = 0.005, name: str | None = None):
         from energon_jax.serving.metrics import Metrics
 
