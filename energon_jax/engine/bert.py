@@ -143,9 +143,8 @@ class BertModel(ShardedModel):
         self.max_tokens_per_chunk = max_tokens_per_chunk or max(DEFAULT_MAX_TOKENS, bucket(max_seq_len))
         self.compile_counts = CompileCounter()
         self.last_stats: EncodeStats | None = None
+        check_layout(mesh, layers=config.num_hidden_layers)  # the loaders check before loading; this guards direct use
         self.num_stages = mesh.shape["stage"]
-        if config.num_hidden_layers % self.num_stages:
-            raise ValueError(f"num_hidden_layers={config.num_hidden_layers} is not divisible by pp={self.num_stages}")
         self._step = make_bert_step(config, self.dtype, self.compile_counts, mesh)
 
     @property

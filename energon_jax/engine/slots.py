@@ -13,8 +13,8 @@ cache in place:
 
 Programs: one prefill per (rows, prompt-length bucket) shape, a batch of prompts run together
 and each one's K/V inserted into its slot's row with `dynamic_update_slice`, and one decode per
-step count `k` (a `fori_loop` of k steps in one dispatch). Sampling settings, seeds, positions and active flags are traced arrays, so new
-requests never recompile. With the same seed, a slot samples exactly what `GPTModel.generate`
+step count `k` (a `fori_loop` of k steps in one dispatch). Sampling settings, seeds, positions
+and active flags are traced arrays, so new requests never recompile. With the same seed, a slot samples exactly what `GPTModel.generate`
 samples for that prompt alone.
 """
 from __future__ import annotations
@@ -45,10 +45,6 @@ class DecodeState:
     seeds_s: jax.Array
     active_s: jax.Array
     sampling: SamplingParams
-
-
-def _set_row(arr, slot, value):
-    return jax.lax.dynamic_update_index_in_dim(arr, jnp.asarray(value, arr.dtype), slot, 0)
 
 
 def default_prefill_batch() -> int:
@@ -243,18 +239,18 @@ class SlotEngine:
             if not 0 <= slot < self.num_slots:
                 raise ValueError(f"slot={slot} outside [0, {self.num_slots})")
         lengths = [len(x) for x in prompts]
-        if not self.fits_one_prefill(lengths):
-            raise ValueError(f"{n} prompts of up to {max(lengths)} tokens exceed one prefill batch "
-                             f"({self.rows_for(bucket(max(lengths), self.cache_len))} rows at that length, "
-                             f"{self.prefill_batch_tokens} tokens); split them with group_prefills")
         p, t = self.prefill_shape(lengths)
-        pad = [0] * (p - n)  # padding rows repeat row 0
+        if n > p:
+            raise ValueError(f"{n} prompts of up to {max(lengths)} tokens exceed one prefill batch "
+                             f"({p} rows at that length, {self.prefill_batch_tokens} tokens); "
+                             "split them with group_prefills")
+        order = list(range(n)) + [0] * (p - n)  # padding rows repeat row 0
         tokens = np.full((p, t), PAD_ID, np.int32)
-        for row, i in enumerate(list(range(n)) + pad):
+        for row, i in enumerate(order):
             tokens[row, : lengths[i]] = prompts[i]
 
         def col(values, dtype):
-            return np.asarray([values[i] for i in list(range(n)) + pad], dtype)
+            return np.asarray([values[i] for i in order], dtype)
 
         seeds = [int(x) & 0xFFFFFFFF for x in seed]
         self.state, tok = self._prefill(self.model.params, self.state, tokens, col(lengths, np.int32),

@@ -81,7 +81,6 @@ def masked_attention(q_btnd, k_bsnd, v_bsnd, mask_bts, scale: float):
     return out_btnd.astype(q_btnd.dtype)
 
 
-
 def padded_rows(n: int, multiple: int) -> int:
     """n rounded up to a multiple: the rows of an embedding table split evenly over devices."""
     return -(-n // multiple) * multiple
