@@ -48,21 +48,23 @@ async def _one(client, url, prompt, new_tokens):
 
 
 async def _clients(url, prompts, new_tokens):
+    """Every client opens its connection with a short request first (kept alive, as a steady client
+    would), then all send their measured request at once."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await asyncio.gather(*(_one(client, url, p[:8], 2) for p in prompts))
         t0 = time.perf_counter()
         results = await asyncio.gather(*(_one(client, url, p, new_tokens) for p in prompts))
-        return results, time.perf_counter() - t0
+        return results, time.perf_counter() - t0, t0
 
 
 def client_main(url: str, prompts_file: str, new_tokens: int) -> None:
     with open(prompts_file) as f:
         prompts = json.load(f)
-    asyncio.run(_clients(url, prompts[:4], 8))  # connections and the server's first requests warm
-    results, wall = asyncio.run(_clients(url, prompts, new_tokens))
-    print(json.dumps({"results": results, "wall": wall}))
+    results, wall, t0 = asyncio.run(_clients(url, prompts, new_tokens))
+    print(json.dumps({"results": results, "wall": wall, "t0": t0}))  # perf_counter is system-wide monotonic
 
 
 # ------------------------------------------------------------------ server
@@ -92,6 +94,24 @@ def percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
+def timeline_summary(timeline, t0: float, end: float) -> dict:
+    """Where the served wall time went, from the engine loop's iterations (EngineLoop.timeline) and
+    the client's start / last-token times (one clock: perf_counter is monotonic system-wide)."""
+    its = [it for it in timeline if it[0] >= t0 - 1e-3]
+    if not its:
+        return {}
+    decode_only = [(it[2] - it[1], it[5]) for it in its if it[4] == 0 and it[5]]
+    return {
+        "iterations": len(its),
+        "before_first_iteration_ms": 1e3 * (its[0][0] - t0),
+        "prefill_iterations_ms": [round(1e3 * (it[3] - it[0]), 1) for it in its if it[4]],
+        "prompts_per_prefill_iteration": [it[4] for it in its if it[4]],
+        "decode_ms_per_step_served": 1e3 * sum(d for d, _ in decode_only) / max(1, sum(k for _, k in decode_only)),
+        "host_ms_per_iteration": 1e3 * sum((it[1] - it[0]) + (it[3] - it[2]) for it in its) / len(its),
+        "after_last_iteration_ms": 1e3 * (end - its[-1][3]),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=64)
@@ -116,10 +136,12 @@ def main() -> None:
     import jax
     import uvicorn
 
+    from energon_jax.runtime.compile_cache import enable_compilation_cache
     from energon_jax.serving import Server
     from energon_jax.serving.http import create_app
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; compile cache {enable_compilation_cache()}",
+          flush=True)
     t0 = time.perf_counter()
     model = random_gpt2(args.embd, args.layers, args.heads, 50257, args.positions, args.dtype)
     print(f"model: {model} built in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -139,8 +161,13 @@ def main() -> None:
         runs.append(time.perf_counter() - t0)
     assert sum(len(o.token_ids) for o in out) == total_new
     offline_s = min(runs)
+    model.generate(prompts, max_new_tokens=1)
+    t0 = time.perf_counter()
+    model.generate(prompts, max_new_tokens=1)
+    prefill_s = time.perf_counter() - t0
     offline = {"seconds": offline_s, "tokens_per_s": total_new / offline_s, "requests_per_s": args.clients / offline_s,
-               "first_call_s": compile_s}
+               "first_call_s": compile_s, "prefill_ms": 1e3 * prefill_s,
+               "decode_ms_per_step": 1e3 * (offline_s - prefill_s) / max(1, args.new_tokens - 1)}
     print(f"offline generate: {offline}", flush=True)
 
     # served: in-process Server + uvicorn thread; clients in another process (no shared GIL)
@@ -166,6 +193,7 @@ def main() -> None:
         raise SystemExit(f"client failed:\n{proc.stderr[-4000:]}")
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     results, wall = got["results"], got["wall"]
+    breakdown = timeline_summary(server.loop.timeline, got["t0"], max(r["end"] for r in results))
     assert sum(r["tokens"] for r in results) == total_new, "tokens lost"
     served = {
         "seconds": wall, "requests_per_s": args.clients / wall, "tokens_per_s": total_new / wall,
@@ -173,7 +201,8 @@ def main() -> None:
         "ttft_p99_ms": 1e3 * percentile([r["ttft"] for r in results], 99),
         "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
         "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
-        "engine_iterations": server.loop.iterations, "warmup_s": server.warmup_seconds,
+        "engine_iterations": server.loop.iterations,
+        "where_the_time_went": breakdown, "warmup_s": server.warmup_seconds,
         "compiles": dict(server.engine.compile_counts),
     }
     web.should_exit = True

@@ -92,7 +92,8 @@ class Server:
     beyond that (a full queue raises QueueFull). decode_steps: most decode steps per dispatch.
     cache_len: positions per slot (default: the model's max_seq_len); prompt + max_tokens must fit.
     request_timeout: seconds after which a request is ended with finish_reason "timeout".
-    max_prefill_tokens: prompt tokens admitted per engine iteration (beyond the first request).
+    max_prefill_tokens: prompt tokens admitted per engine iteration (beyond the first request)
+    when every slot is busy; more while fewer requests run (`Scheduler.prefill_budget`).
     max_prefill_batch / prefill_batch_tokens: prompts admitted together are prefilled in batches of
     up to this many rows and rows x bucketed length tokens (each such shape is compiled at start;
     None: 8 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).

@@ -136,12 +136,7 @@ def create_app(server) -> FastAPI:
     async def _validation_error(request: Request, e: RequestValidationError):
         return _error_response(400, f"invalid request: {_validation_message(e)}")
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.http.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, counter=metrics.http)
 
     # ------------------------------------------------------------- helpers
     def check_ready():
@@ -319,6 +314,32 @@ def create_app(server) -> FastAPI:
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
     return app
+
+
+class _CountRequests:
+    """Counts responses by route and status. A plain ASGI middleware: Starlette's
+    `@app.middleware("http")` runs every response, and each streamed chunk, through extra tasks
+    and memory streams, which costs the server's one event loop time per request and per token."""
+
+    def __init__(self, app, counter):
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:  # the router records the matched route in the shared scope
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.counter.labels(route, str(status[0] if status else 500)).inc()
 
 
 class _CancellingStream(StreamingResponse):

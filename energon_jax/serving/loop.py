@@ -2,6 +2,7 @@
 embedding batcher (requests gathered for a short wait, then encoded together)."""
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -55,6 +56,10 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.iterations = 0
+        # the last iterations as (start, scheduled, executed, updated) perf_counter times, prompts
+        # prefilled, decode steps: the device idles while the host schedules and updates, and the
+        # host waits for the device inside execute (benchmarks/serve.py reads this)
+        self.timeline: collections.deque = collections.deque(maxlen=4096)
 
     def start(self) -> None:
         self._thread.start()
@@ -70,10 +75,12 @@ class EngineLoop:
                 if not sched.has_work():
                     sched.work_available.wait(timeout=0.1)
                     continue
+            t0 = time.perf_counter()
             out = sched.schedule()
             if out.empty:
                 time.sleep(0.001)
                 continue
+            t1 = time.perf_counter()
             try:
                 result = self.executor.execute(out)
             except Exception as e:  # an engine failure ends the requests in flight, not the server
@@ -82,8 +89,10 @@ class EngineLoop:
                     sched.cancel(req.request_id, "error", f"engine error: {type(e).__name__}: {e}")
                 self.executor.reset()
                 continue
+            t2 = time.perf_counter()
             sched.update_from_output(out, result)
             self.iterations += 1
+            self.timeline.append((t0, t1, t2, time.perf_counter(), len(out.prefills), out.decode_steps))
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in out.prefills))
                 self.metrics.record_tokens(len(result.first_tokens) + len(result.decode_tokens) * len(out.slot_requests))

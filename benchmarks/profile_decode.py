@@ -1,0 +1,117 @@
+"""Where a decode step's GPU time goes: trace `generate` (or the serving engine's decode) with the
+JAX profiler and sum the GPU kernels of the trace by name.
+
+    python benchmarks/profile_decode.py --model gpt2 --batch 1 --impl xla --out /tmp/prof
+    python benchmarks/profile_decode.py --model gpt2-medium --batch 64 --slots   # SlotEngine.decode
+
+Prints, per kernel name: launches per decode step, microseconds per step, share of the GPU time;
+then the GPU-busy time per step against the wall time per step (the gap is launch and host time).
+Random weights at real shapes (benchmarks/decode.py), bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def gpu_kernels(trace_path: str) -> list[tuple[str, float]]:
+    """(name, microseconds) of every kernel on a GPU stream track of a perfetto/Chrome trace. The
+    device's "XLA Ops" / "XLA Modules" tracks repeat the same time by op: only "Stream" tracks count."""
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    meta = [e for e in events if e.get("ph") == "M"]
+    procs = {e["pid"]: e["args"].get("name", "") for e in meta if e.get("name") == "process_name"}
+    gpu_pids = {pid for pid, name in procs.items() if "GPU" in name}
+    threads = {(e["pid"], e["tid"]): e["args"].get("name", "") for e in meta if e.get("name") == "thread_name"}
+    streams = {key for key, name in threads.items() if key[0] in gpu_pids and "Stream" in name}
+    keep = (lambda e: (e.get("pid"), e.get("tid")) in streams) if streams else (lambda e: e.get("pid") in gpu_pids)
+    print(f"# trace tracks: GPU processes {sorted(procs[p] for p in gpu_pids)}; "
+          f"threads {sorted({threads[k] for k in threads if k[0] in gpu_pids})[:12]}")
+    return [(e["name"], float(e["dur"])) for e in events if e.get("ph") == "X" and "dur" in e and keep(e)]
+
+
+def summarise(kernels: list[tuple[str, float]], steps: int, wall_s: float, top: int = 25) -> dict:
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for name, us in kernels:
+        by_name[name].append(us)
+    busy = sum(us for _, us in kernels)
+    rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    print(f"{'kernel':70s} {'per step':>9s} {'us/step':>9s} {'share':>6s}")
+    for name, durs in rows[:top]:
+        print(f"{name[:70]:70s} {len(durs) / steps:9.1f} {sum(durs) / steps:9.1f} {100 * sum(durs) / busy:5.1f}%")
+    out = {"kernels_per_step": len(kernels) / steps, "gpu_busy_us_per_step": busy / steps,
+           "wall_us_per_step": 1e6 * wall_s / steps, "distinct_kernels": len(by_name)}
+    print(json.dumps(out))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gpt2")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--impl", default="xla", help="attention: xla, triton or auto")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps traced")
+    ap.add_argument("--slots", action="store_true", help="trace SlotEngine.decode (serving) instead of generate")
+    ap.add_argument("--out", default="/tmp/energon_profile")
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    from decode import random_model
+
+    model = random_model(args.model, 1024, args.impl)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(0, 50000, args.prompt).tolist() for _ in range(args.batch)]
+    if args.slots:
+        from energon_jax.engine.slots import SlotEngine
+
+        engine = SlotEngine(model, args.batch, decode_steps=args.steps)
+        for start in range(0, args.batch, engine.max_prefill_batch):
+            rows = list(range(start, min(args.batch, start + engine.max_prefill_batch)))
+            engine.prefill_batch(rows, [prompts[i] for i in rows], temperature=[0.0] * len(rows),
+                                 top_k=[0] * len(rows), top_p=[1.0] * len(rows), seed=[0] * len(rows))
+        active = np.ones(args.batch, bool)
+        jax.block_until_ready(engine.decode(args.steps, active))  # compile
+
+        def run():
+            return jax.block_until_ready(engine.decode(args.steps, active))
+        extra = 0
+    else:
+        def run():
+            return model.generate(prompts, max_new_tokens=args.steps + 1)
+        run()
+        model.generate(prompts, max_new_tokens=1)
+        t = time.perf_counter()
+        model.generate(prompts, max_new_tokens=1)
+        extra = time.perf_counter() - t  # the prefill, taken off the wall time below
+    run()
+    t = time.perf_counter()
+    run()
+    wall = time.perf_counter() - t - extra
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: {args.model} batch {args.batch} attention "
+          f"{args.impl} {'slot decode' if args.slots else 'generate'}: {1e3 * wall / args.steps:.3f} ms/step untraced")
+    jax.profiler.start_trace(args.out, create_perfetto_trace=True)
+    run()
+    jax.profiler.stop_trace()
+    traces = sorted(glob.glob(os.path.join(args.out, "**", "*perfetto_trace.json*"), recursive=True),
+                    key=os.path.getmtime)
+    if not traces:
+        raise SystemExit(f"no perfetto trace under {args.out}")
+    kernels = gpu_kernels(traces[-1])  # generate's trace also holds its one prefill (~1 step's worth)
+    summarise(kernels, args.steps, wall)
+
+
+if __name__ == "__main__":
+    main()
