@@ -47,23 +47,23 @@ async def _one(client, url, prompt, new_tokens):
     return {"ttft": first - t0, "tpot": (last - first) / max(1, n - 1), "tokens": n, "end": last}
 
 
-async def _clients(url, prompts, new_tokens):
-    """Every client opens its connection with a short request first (kept alive, as a steady client
-    would), then all send their measured request at once."""
+async def _clients(url, prompts, new_tokens, warm_all=False):
+    """All clients send their request at once. warm_all: each first opens its connection with a short
+    request (kept alive), so the measured requests skip TCP set-up and reach the server sooner."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await asyncio.gather(*(_one(client, url, p[:8], 2) for p in prompts))
+        await asyncio.gather(*(_one(client, url, p[:8], 2) for p in (prompts if warm_all else prompts[:4])))
         t0 = time.perf_counter()
         results = await asyncio.gather(*(_one(client, url, p, new_tokens) for p in prompts))
         return results, time.perf_counter() - t0, t0
 
 
-def client_main(url: str, prompts_file: str, new_tokens: int) -> None:
+def client_main(url: str, prompts_file: str, new_tokens: int, warm_all: bool) -> None:
     with open(prompts_file) as f:
         prompts = json.load(f)
-    results, wall, t0 = asyncio.run(_clients(url, prompts, new_tokens))
+    results, wall, t0 = asyncio.run(_clients(url, prompts, new_tokens, warm_all))
     print(json.dumps({"results": results, "wall": wall, "t0": t0}))  # perf_counter is system-wide monotonic
 
 
@@ -128,10 +128,12 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--positions", type=int, default=1024, help="context (= the decode cache length)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
-    ap.add_argument("--client", nargs=3, metavar=("URL", "PROMPTS", "NEW_TOKENS"), help=argparse.SUPPRESS)
+    ap.add_argument("--warm-connections", action="store_true",
+                    help="every client opens its keep-alive connection before the measured round")
+    ap.add_argument("--client", nargs=4, metavar=("URL", "PROMPTS", "NEW_TOKENS", "WARM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
-        return client_main(args.client[0], args.client[1], int(args.client[2]))
+        return client_main(args.client[0], args.client[1], int(args.client[2]), args.client[3] == "1")
 
     import jax
     import uvicorn
@@ -188,7 +190,7 @@ def main() -> None:
     with open(prompts_file, "w") as f:
         json.dump(prompts, f)
     proc = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", prompts_file,
-                           str(args.new_tokens)], capture_output=True, text=True, timeout=900)
+                           str(args.new_tokens), "1" if args.warm_connections else "0"], capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise SystemExit(f"client failed:\n{proc.stderr[-4000:]}")
     got = json.loads(proc.stdout.strip().splitlines()[-1])

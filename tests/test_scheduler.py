@@ -196,22 +196,3 @@ def test_prefill_budget_grows_as_fewer_requests_run():
     out = sched.schedule()
     assert [p.request_id for p in out.prefills] == [later[2].request_id]
 
-
-def test_short_dispatches_while_a_burst_fills_free_slots():
-    now = [0.0]
-    sched, eng = make(4, decode_step_options=(1, 2, 4, 8, 16), fill_steps=2, burst_window=0.02,
-                      clock=lambda: now[0])
-    sched.add_request([1], SamplingOptions(max_tokens=40))
-    out = sched.schedule()  # just arrived, three slots free: a short dispatch, so arrivals get in soon
-    assert out.decode_steps == 2
-    sched.update_from_output(out, eng.execute(out))
-    now[0] = 0.05  # the burst is over (nothing arrived for 50 ms): full dispatches again
-    out = sched.schedule()
-    assert out.decode_steps == 16
-    sched.update_from_output(out, eng.execute(out))
-    for i in range(3):  # a new burst fills every slot: with none free, full dispatches at once
-        sched.add_request([2 + i], SamplingOptions(max_tokens=40))
-    out = sched.schedule()
-    assert len(out.prefills) == 3 and out.decode_steps == 16
-    with pytest.raises(ValueError, match="fill_steps=0 must be >= 1"):
-        Scheduler(2, context_len=64, fill_steps=0)

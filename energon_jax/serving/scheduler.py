@@ -126,16 +126,11 @@ class Scheduler:
       slot is busy, so that long prompt bursts interleave with the decode of running requests.
       With fewer running requests the budget grows as num_slots / running (`prefill_budget`).
     context_len: prompt + max_tokens must fit (the decode cache length).
-    fill_steps / burst_window: while slots are free and a request arrived within the last
-      burst_window seconds, a decode dispatch runs at most fill_steps steps, so a burst of arrivals
-      is admitted within a few milliseconds instead of waiting out a long dispatch of a batch that
-      is mostly empty (a decode step costs the same however few slots are live).
     """
 
     def __init__(self, num_slots: int, *, max_queue: int = 64, context_len: int,
                  detokenize: Callable[[list[int]], str] | None = None,
                  decode_step_options: Sequence[int] = (1,), max_prefill_tokens: int = 4096,
-                 fill_steps: int = 2, burst_window: float = 0.02,
                  clock: Callable[[], float] = time.monotonic):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
@@ -149,12 +144,7 @@ class Scheduler:
         if not self.decode_step_options or self.decode_step_options[0] != 1:
             raise ValueError(f"decode_step_options={list(decode_step_options)} must include 1")
         self.max_prefill_tokens = max_prefill_tokens
-        if fill_steps < 1 or burst_window < 0:
-            raise ValueError(f"fill_steps={fill_steps} must be >= 1 and burst_window={burst_window} >= 0")
-        self.fill_steps = fill_steps
-        self.burst_window = burst_window
         self.clock = clock
-        self._last_arrival = float("-inf")
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * num_slots
         self.requests: dict[str, Request] = {}
@@ -194,7 +184,6 @@ class Scheduler:
                 raise ValueError(f"request_id {req.request_id!r} is already in use")
             self.requests[req.request_id] = req
             self.waiting.append(req)
-            self._last_arrival = req.arrival
             self.work_available.notify_all()
         return req
 
@@ -262,13 +251,10 @@ class Scheduler:
             return 0
         if not self.waiting:  # the fewest steps that finish every running request, in one dispatch
             longest = max(remaining)
-            steps = next((k for k in self.decode_step_options if k >= longest), self.decode_step_options[-1])
-        else:  # requests wait: stop at the first slot that frees up, so none idles while they wait
-            soonest = min(k for k in remaining if k > 0)
-            steps = max(k for k in self.decode_step_options if k <= soonest)
-        if len(occupants) < self.num_slots and self.clock() - self._last_arrival < self.burst_window:
-            steps = min(steps, max(k for k in self.decode_step_options if k <= self.fill_steps))
-        return steps
+            return next((k for k in self.decode_step_options if k >= longest), self.decode_step_options[-1])
+        # Requests wait: stop at the first slot that frees up, so none idles while they wait.
+        soonest = min(k for k in remaining if k > 0)
+        return max(k for k in self.decode_step_options if k <= soonest)
 
     def _expire(self) -> None:
         now = self.clock()
