@@ -78,8 +78,7 @@ def main() -> None:
         from energon_jax.engine.slots import SlotEngine
 
         engine = SlotEngine(model, args.batch, decode_steps=args.steps)
-        for start in range(0, args.batch, engine.max_prefill_batch):
-            rows = list(range(start, min(args.batch, start + engine.max_prefill_batch)))
+        for rows in engine.group_prefills([len(p) for p in prompts]):  # the compiled (rows, bucket) shapes
             engine.prefill_batch(rows, [prompts[i] for i in rows], temperature=[0.0] * len(rows),
                                  top_k=[0] * len(rows), top_p=[1.0] * len(rows), seed=[0] * len(rows))
         active = np.ones(args.batch, bool)
