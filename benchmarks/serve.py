@@ -1,8 +1,9 @@
 """Serving benchmark: GPT-2 medium shapes (random weights, bf16) behind the HTTP server, N concurrent
-streaming clients (a separate process), prompts of U[32, 512] tokens, 128 new tokens each, greedy;
+streaming clients (in --client-procs separate processes, all starting at one instant), prompts of U[32, 512] tokens, 128 new tokens each, greedy;
 then the same prompts through one offline batched `generate` call at the same batch size.
 
     python benchmarks/serve.py [--clients 64] [--new-tokens 128] [--decode-steps 8] [--max-prefill-batch 8]
+        [--client-procs 4] [--no-overlap] [--warm-connections]
 
 Prints requests/s, tokens/s, time to first token p50/p99, time per output token p50/p99, and the
 served/offline tokens/s ratio (target >= 0.70). Random weights: no EOS, so every request runs to
@@ -47,27 +48,72 @@ async def _one(client, url, prompt, new_tokens):
     return {"ttft": first - t0, "tpot": (last - first) / max(1, n - 1), "tokens": n, "end": last}
 
 
-async def _clients(url, prompts, new_tokens, warm_all=False):
-    """All clients send their request at once. warm_all: each first opens its connection with a short
-    request (kept alive), so the measured requests skip TCP set-up and reach the server sooner."""
+async def _clients(url, prompts, new_tokens, warm_all=False, start_at=None):
+    """All clients send their request at once (at perf_counter() == start_at when given). warm_all:
+    each first opens its connection with a short request (kept alive), so the measured requests skip
+    TCP set-up and reach the server sooner."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         if warm_all:
             await asyncio.gather(*(_one(client, url, p[:8], 2) for p in prompts))
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         t0 = time.perf_counter()
         results = await asyncio.gather(*(_one(client, url, p, new_tokens) for p in prompts))
         return results, time.perf_counter() - t0, t0
 
 
-def client_main(url: str, prompts_file: str, new_tokens: int, warm_all: bool) -> None:
+def client_main(url: str, prompts_file: str, new_tokens: int, warm_all: bool, start_at: float | None) -> None:
     with open(prompts_file) as f:
         prompts = json.load(f)
-    if not warm_all:  # the server's first requests warm (a client of its own: no connection is kept)
-        asyncio.run(_clients(url, prompts[:4], 8))
-    results, wall, t0 = asyncio.run(_clients(url, prompts, new_tokens, warm_all))
+    if not prompts:  # the warm-up round: the server's first requests (a client of its own)
+        with open(prompts_file + ".warm") as f:
+            asyncio.run(_clients(url, json.load(f)[:4], 8))
+        return print(json.dumps({"results": [], "wall": 0.0, "t0": 0.0}))
+    results, wall, t0 = asyncio.run(_clients(url, prompts, new_tokens, warm_all, start_at))
     print(json.dumps({"results": results, "wall": wall, "t0": t0}))  # perf_counter is system-wide monotonic
+
+
+def run_clients(url: str, prompts: list, new_tokens: int, warm_all: bool, procs: int) -> dict:
+    """The load: `procs` client processes (a share of the prompts each, like independent users), all
+    starting at one instant, so the load generator's own Python time per request (httpx) is spread
+    over cores instead of queueing every request behind one client's event loop. A single warm-up
+    process first sends 4 short requests (each measured process opens fresh connections, unless
+    warm_all)."""
+    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve_bench_prompts_{os.getpid()}")
+    files = []
+    for i in range(procs + 1):  # file 0: the warm-up round
+        share = [] if i == 0 else prompts[i - 1:: procs]
+        files.append(f"{base}_{i}.json")
+        with open(files[-1], "w") as f:
+            json.dump(share, f)
+    with open(files[0] + ".warm", "w") as f:
+        json.dump(prompts, f)
+
+    def launch(i, start_at):
+        return subprocess.Popen([sys.executable, __file__, "--client", url, files[i], str(new_tokens),
+                                 "1" if warm_all else "0", repr(start_at)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def wait(p):
+        out, err = p.communicate(timeout=900)
+        if p.returncode:
+            raise SystemExit(f"client failed:\n{err[-4000:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    try:
+        if not warm_all:
+            wait(launch(0, 0.0))
+        start_at = time.perf_counter() + 3.0  # after every process has imported httpx (and warmed, if asked)
+        got = [wait(p) for p in [launch(i, start_at) for i in range(1, procs + 1)]]
+    finally:
+        for f in files + [files[0] + ".warm"]:
+            os.remove(f)
+    results = [r for g in got for r in g["results"]]
+    t0 = min(g["t0"] for g in got)
+    return {"results": results, "t0": t0, "wall": max(r["end"] for r in results) - t0}
 
 
 # ------------------------------------------------------------------ server
@@ -103,7 +149,9 @@ def timeline_summary(timeline, t0: float, end: float) -> dict:
     its = [it for it in timeline if it[0] >= t0 - 1e-3]
     if not its:
         return {}
-    decode_only = [(it[2] - it[1], it[5]) for it in its if it[4] == 0 and it[5]]
+    # a decode-only iteration's device time: from the previous iteration's tokens coming back to its
+    # own (with the overlapped loop the host's schedule time hides behind the device's work)
+    decode_only = [(it[2] - prev[2], it[5]) for prev, it in zip(its, its[1:]) if it[4] == 0 and it[5]]
     return {
         "iterations": len(its),
         "before_first_iteration_ms": 1e3 * (its[0][0] - t0),
@@ -131,12 +179,18 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--positions", type=int, default=1024, help="context (= the decode cache length)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="the engine loop waits for each iteration's tokens before scheduling the next")
     ap.add_argument("--warm-connections", action="store_true",
                     help="every client opens its keep-alive connection before the measured round")
-    ap.add_argument("--client", nargs=4, metavar=("URL", "PROMPTS", "NEW_TOKENS", "WARM"), help=argparse.SUPPRESS)
+    ap.add_argument("--client-procs", type=int, default=4,
+                    help="client processes sharing the concurrent clients (1: one asyncio client for all)")
+    ap.add_argument("--client", nargs=5, metavar=("URL", "PROMPTS", "NEW_TOKENS", "WARM", "START_AT"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
-        return client_main(args.client[0], args.client[1], int(args.client[2]), args.client[3] == "1")
+        return client_main(args.client[0], args.client[1], int(args.client[2]), args.client[3] == "1",
+                           float(args.client[4]) or None)
 
     import jax
     import uvicorn
@@ -178,7 +232,7 @@ def main() -> None:
     # served: in-process Server + uvicorn thread; clients in another process (no shared GIL)
     server = Server(model, max_batch_size=args.clients, max_queue=args.clients, decode_steps=args.decode_steps,
                     max_prefill_batch=args.max_prefill_batch, prefill_batch_tokens=args.prefill_batch_tokens,
-                    name="gpt2-medium-random")
+                    name="gpt2-medium-random", overlap=not args.no_overlap)
     server.start()
     print(f"server warm-up (every prefill bucket + decode programs): {server.warmup_seconds:.1f} s", flush=True)
     with socket.socket() as s:
@@ -189,14 +243,8 @@ def main() -> None:
     thread.start()
     while not web.started:
         time.sleep(0.05)
-    prompts_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve_bench_prompts_{os.getpid()}.json")
-    with open(prompts_file, "w") as f:
-        json.dump(prompts, f)
-    proc = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", prompts_file,
-                           str(args.new_tokens), "1" if args.warm_connections else "0"], capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        raise SystemExit(f"client failed:\n{proc.stderr[-4000:]}")
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_clients(f"http://127.0.0.1:{port}", prompts, args.new_tokens, args.warm_connections,
+                      args.client_procs)
     results, wall = got["results"], got["wall"]
     breakdown = timeline_summary(server.loop.timeline, got["t0"], max(r["end"] for r in results))
     assert sum(r["tokens"] for r in results) == total_new, "tokens lost"

@@ -1,4 +1,6 @@
 """The continuous-batching scheduler with a fake engine (no jax, no model)."""
+import time
+
 import pytest
 
 from energon_jax.serving.scheduler import (EngineOutput, QueueFull, SamplingOptions, Scheduler, ShuttingDown,
@@ -196,3 +198,120 @@ def test_prefill_budget_grows_as_fewer_requests_run():
     out = sched.schedule()
     assert [p.request_id for p in out.prefills] == [later[2].request_id]
 
+
+
+# ---------------------------------------------------------------- overlapped schedule / update
+def run_overlapped(sched, engine, max_iters=200):
+    """The engine loop's overlap: iteration n+1 is scheduled and run before n's output is applied."""
+    pending = None
+    for _ in range(max_iters):
+        if not sched.has_work() and pending is None:
+            return
+        out = sched.schedule()
+        result = None if out.empty else engine.execute(out)
+        if pending is not None:
+            sched.update_from_output(*pending)
+        pending = None if out.empty else (out, result)
+    raise AssertionError("scheduler did not finish")
+
+
+def mixed_requests(sched):
+    return [sched.add_request([40], SamplingOptions(max_tokens=10, stop_token_ids=(43,))),
+            sched.add_request([0], SamplingOptions(max_tokens=12, stop_strings=("cd",))),
+            sched.add_request([5], SamplingOptions(max_tokens=1)),
+            sched.add_request([7], SamplingOptions(max_tokens=9)),
+            sched.add_request([60], SamplingOptions(max_tokens=3)),
+            sched.add_request([90], SamplingOptions(max_tokens=20, stop_token_ids=(101,)))]
+
+
+def test_overlapped_updates_give_the_same_outputs():
+    results = []
+    for runner in (run, run_overlapped):
+        sched, eng = make(2, detokenize=detok, decode_step_options=(1, 2, 4, 8))
+        reqs = mixed_requests(sched)
+        streamed = {r.request_id: [] for r in reqs}
+        for r in reqs:
+            r.sink = lambda d, rid=r.request_id: streamed[rid].append(d)
+        runner(sched, eng)
+        assert not sched.has_work() and sched.slots_in_use == 0
+        results.append([(r.output_ids, r.text, r.finish_reason, [t for d in streamed[r.request_id] for t in d.token_ids])
+                        for r in reqs])
+    assert results[0] == results[1]
+    assert results[0][2][0] == [6] and results[0][0][0] == [41, 42, 43]
+    assert all(out == ids for out, _, _, ids in results[0])  # the stream carries exactly the kept tokens
+
+
+def test_slot_with_all_tokens_scheduled_is_refilled_before_they_arrive():
+    sched, eng = make(1, decode_step_options=(1, 2, 4))
+    a = sched.add_request([1], SamplingOptions(max_tokens=3))
+    b = sched.add_request([20], SamplingOptions(max_tokens=2))
+    out1 = sched.schedule()  # a: prefill + 2 decode steps = all 3 of its tokens
+    assert out1.decode_steps == 2 and a.scheduled == 3
+    res1 = eng.execute(out1)
+    out2 = sched.schedule()  # before a's tokens are back, b takes the slot
+    assert [p.request_id for p in out2.prefills] == [b.request_id] and out2.prefills[0].slot == a.slot
+    assert not out2.active[a.slot] or out2.slot_requests[a.slot] is b
+    res2 = eng.execute(out2)
+    sched.update_from_output(out1, res1)  # a finishes; b keeps the slot
+    assert a.output_ids == [2, 3, 4] and a.finish_reason == "length" and sched.slots[b.slot] is b
+    sched.update_from_output(out2, res2)
+    run(sched, eng)
+    assert b.output_ids == [21, 22]
+
+
+def test_stop_token_found_late_drops_the_extra_dispatch():
+    sched, eng = make(1, decode_step_options=(1, 2))
+    a = sched.add_request([1], SamplingOptions(max_tokens=10, stop_token_ids=(3,)))
+    out1 = sched.schedule()
+    res1 = eng.execute(out1)  # tokens 2, 3, 4: the stop token is on the way
+    out2 = sched.schedule()  # not known yet: a decodes 2 more steps
+    res2 = eng.execute(out2)
+    sched.update_from_output(out1, res1)
+    assert a.finished and a.output_ids == [2, 3] and sched.slots_in_use == 0
+    sched.update_from_output(out2, res2)  # a has finished: these tokens are dropped
+    assert a.output_ids == [2, 3] and not sched.has_work()
+
+
+class FakeLaunchExecutor(FakeEngine):
+    """launch / collect as the slot executor: outputs come back one call later, in order."""
+
+    def __init__(self, num_slots):
+        super().__init__(num_slots)
+        self.in_flight = self.most_in_flight = 0
+
+    def launch(self, out):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return self.execute(out)
+
+    def collect(self, launched):
+        self.in_flight -= 1
+        return launched
+
+    def reset(self):
+        pass
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_engine_loop_overlapped_and_not(overlap):
+    from energon_jax.serving.loop import EngineLoop
+
+    sched = Scheduler(2, context_len=64, detokenize=detok, decode_step_options=(1, 2, 4, 8))
+    executor = FakeLaunchExecutor(2)
+    reqs = mixed_requests(sched)
+    loop = EngineLoop(sched, executor, overlap=overlap)
+    loop.start()
+    try:
+        for r in reqs:
+            for _ in range(500):
+                if r.finished:
+                    break
+                time.sleep(0.01)
+        assert all(r.finished for r in reqs)
+    finally:
+        loop.stop()
+    reference, eng = make(2, detokenize=detok, decode_step_options=(1, 2, 4, 8))
+    expected = mixed_requests(reference)
+    run(reference, eng)
+    assert [(r.output_ids, r.finish_reason) for r in reqs] == [(r.output_ids, r.finish_reason) for r in expected]
+    assert executor.most_in_flight == (2 if overlap else 0)

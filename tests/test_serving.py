@@ -222,13 +222,13 @@ def cancelled_count(url) -> float:
 
 def test_disconnected_stream_frees_its_slot(served, monkeypatch):
     sched, executor = served.srv.scheduler, served.srv.loop.executor
-    execute = executor.execute
+    collect = executor.collect  # the overlapped loop's read-back (execute = launch + collect)
 
-    def slow_execute(out):  # a tiny model finishes 56 tokens faster than a client can hang up
+    def slow_collect(launched):  # a tiny model finishes 56 tokens faster than a client can hang up
         time.sleep(0.03)
-        return execute(out)
+        return collect(launched)
 
-    monkeypatch.setattr(executor, "execute", slow_execute)
+    monkeypatch.setattr(executor, "collect", slow_collect)
     before = cancelled_count(served.url)
     body = {"prompt": "for i in", "max_tokens": CACHE_LEN - 8, "temperature": 0.0, "stream": True}
     with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:

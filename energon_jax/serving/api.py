@@ -97,15 +97,18 @@ class Server:
     max_prefill_batch / prefill_batch_tokens: prompts admitted together are prefilled in batches of
     up to this many rows and rows x bucketed length tokens (each such shape is compiled at start;
     None: 8 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
+    overlap: dispatch each engine iteration before reading back the previous one's tokens, so
+    the device does not wait on the host (`serving.loop.EngineLoop`); False waits every iteration.
     """
 
     def __init__(self, model, *, max_batch_size: int = 16, max_queue: int = 64, decode_steps: int = 8,
                  cache_len: int | None = None, request_timeout: float | None = None,
                  max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048,
-                 embed_max_wait: float = 0.005, name: str | None = None):
+                 embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True):
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
+        self.overlap = bool(overlap)
         self.name = name or os.path.basename(str(getattr(model, "source", "")).rstrip("/")) or "model"
         self.kind = "gpt" if hasattr(model, "generate") else "bert" if hasattr(model, "encode") else None
         if self.kind is None:
@@ -149,7 +152,7 @@ class Server:
         if self.kind == "gpt":
             if warmup:
                 self.engine.warmup()
-            self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics)
+            self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics, overlap=self.overlap)
             self.loop.start()
         else:
             if warmup and hasattr(self.model, "warmup"):

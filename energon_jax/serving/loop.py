@@ -19,13 +19,16 @@ log = logging.getLogger(__name__)
 
 class SlotExecutor:
     """Runs a SchedulerOutput on a SlotEngine: the prefills (batched into as few dispatches as the
-    compiled shapes allow), then one decode dispatch, then one read-back."""
+    compiled shapes allow), then one decode dispatch, then one read-back.
+
+    `launch` dispatches and returns at once (jax runs the work asynchronously); `collect` waits
+    for that work's tokens. `execute` is both."""
 
     def __init__(self, engine):
         self.engine = engine
 
-    def execute(self, out: SchedulerOutput) -> EngineOutput:
-        firsts, batches = {}, []
+    def launch(self, out: SchedulerOutput):
+        batches = []
         work = out.prefills
         # dispatched asynchronously; the decode below uses their state on device
         for group in self.engine.group_prefills([len(p.token_ids) for p in work]):
@@ -36,10 +39,20 @@ class SlotExecutor:
                 seed=[p.options.seed for p in ps])
             batches.append(([p.request_id for p in ps], toks))
         tokens = self.engine.decode(out.decode_steps, out.active) if out.decode_steps else None
+        for x in [t for _, t in batches] + ([tokens] if tokens is not None else []):
+            x.copy_to_host_async()  # the copy starts when the device is done, not when collect asks
+        return batches, tokens
+
+    def collect(self, launched) -> EngineOutput:
+        batches, tokens = launched
         toks_host, tokens_host = jax.device_get(([t for _, t in batches], tokens))
+        firsts = {}
         for (ids, _), got in zip(batches, toks_host):  # padding rows past len(ids) are dropped
             firsts.update({rid: int(got[j]) for j, rid in enumerate(ids)})
         return EngineOutput(firsts, np.asarray(tokens_host) if tokens is not None else ())
+
+    def execute(self, out: SchedulerOutput) -> EngineOutput:
+        return self.collect(self.launch(out))
 
     def reset(self) -> None:
         """A failed dispatch may have consumed the donated state: start from a fresh one."""
@@ -47,18 +60,26 @@ class SlotExecutor:
 
 
 class EngineLoop:
-    """schedule() -> execute() -> update_from_output(), on a daemon thread, until stopped."""
+    """schedule() -> execute() -> update_from_output(), on a daemon thread, until stopped.
 
-    def __init__(self, scheduler: Scheduler, executor, metrics=None, name: str = "energon-engine-loop"):
+    overlap (with an executor that has `launch` / `collect`): iteration n+1 is scheduled and
+    dispatched before iteration n's tokens are read back, so the device works through the host's
+    read-back, streaming and scheduling instead of idling (the scheduler counts tokens still on
+    the way; see serving/scheduler.py). Without it, each iteration waits for its own tokens."""
+
+    def __init__(self, scheduler: Scheduler, executor, metrics=None, name: str = "energon-engine-loop",
+                 overlap: bool = True):
         self.scheduler = scheduler
         self.executor = executor
         self.metrics = metrics
+        self.overlap = overlap and hasattr(executor, "launch") and hasattr(executor, "collect")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.iterations = 0
         # the last iterations as (start, scheduled, executed, updated) perf_counter times, prompts
         # prefilled, decode steps: the device idles while the host schedules and updates, and the
-        # host waits for the device inside execute (benchmarks/serve.py reads this)
+        # host waits for the device inside execute (benchmarks/serve.py reads this). With overlap,
+        # "executed" is when the iteration's tokens were back and "updated" when they were applied.
         self.timeline: collections.deque = collections.deque(maxlen=4096)
 
     def start(self) -> None:
@@ -68,34 +89,65 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def _fail(self, outs, e: Exception) -> None:
+        """An engine failure ends the requests in flight, not the server."""
+        reqs = {r.request_id: r for out in outs for r in out.slot_requests.values()}
+        log.exception("engine step failed; failing %d requests", len(reqs))
+        for rid in reqs:
+            self.scheduler.cancel(rid, "error", f"engine error: {type(e).__name__}: {e}")
+        self.executor.reset()
+
+    def _finish_iteration(self, out, result, t0: float, t1: float, t2: float) -> None:
+        self.scheduler.update_from_output(out, result)
+        self.iterations += 1
+        self.timeline.append((t0, t1, t2, time.perf_counter(), len(out.prefills), out.decode_steps))
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in out.prefills))
+            self.metrics.record_tokens(len(result.first_tokens) + len(result.decode_tokens) * sum(out.active))
+
     def _run(self) -> None:
         sched = self.scheduler
+        pending = None  # (out, launched, t0, t1): dispatched, tokens not read back yet
         while not self._stop.is_set():
-            with sched.work_available:
-                if not sched.has_work():
-                    sched.work_available.wait(timeout=0.1)
-                    continue
+            if pending is None:
+                with sched.work_available:
+                    if not sched.has_work():
+                        sched.work_available.wait(timeout=0.1)
+                        continue
             t0 = time.perf_counter()
             out = sched.schedule()
-            if out.empty:
-                time.sleep(0.001)
-                continue
             t1 = time.perf_counter()
-            try:
-                result = self.executor.execute(out)
-            except Exception as e:  # an engine failure ends the requests in flight, not the server
-                log.exception("engine step failed; failing %d requests", len(out.slot_requests))
-                for req in out.slot_requests.values():
-                    sched.cancel(req.request_id, "error", f"engine error: {type(e).__name__}: {e}")
-                self.executor.reset()
+            if not self.overlap:
+                if out.empty:
+                    time.sleep(0.001)
+                    continue
+                try:
+                    result = self.executor.execute(out)
+                except Exception as e:
+                    self._fail([out], e)
+                    continue
+                self._finish_iteration(out, result, t0, t1, time.perf_counter())
                 continue
-            t2 = time.perf_counter()
-            sched.update_from_output(out, result)
-            self.iterations += 1
-            self.timeline.append((t0, t1, t2, time.perf_counter(), len(out.prefills), out.decode_steps))
-            if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in out.prefills))
-                self.metrics.record_tokens(len(result.first_tokens) + len(result.decode_tokens) * len(out.slot_requests))
+            launched = None
+            if not out.empty:
+                try:
+                    launched = self.executor.launch(out)
+                except Exception as e:
+                    self._fail([out] + ([pending[0]] if pending else []), e)
+                    pending = None
+                    continue
+            if pending is not None:
+                p_out, p_launched, p_t0, p_t1 = pending
+                try:
+                    result = self.executor.collect(p_launched)
+                except Exception as e:
+                    self._fail([p_out] + ([out] if launched is not None else []), e)
+                    pending = None
+                    continue
+                self._finish_iteration(p_out, result, p_t0, p_t1, time.perf_counter())
+            elif out.empty:
+                time.sleep(0.001)
+            pending = (out, launched, t0, t1) if launched is not None else None
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting; wait up to `timeout` s for the requests in flight. True if all finished."""

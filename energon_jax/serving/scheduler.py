@@ -8,6 +8,12 @@ The serving core is three calls per iteration (vLLM v1 style), with plain datacl
 
 A finished request's slot is refilled at the very next `schedule()` (continuous batching).
 Admission is FIFO. `add_request` and `cancel` may be called from other threads.
+
+`schedule()` may run again before the previous output has come back (the engine loop overlaps
+the host's work with the device's): a request counts the tokens it has been *scheduled*, so a
+request whose last token is already on the way decodes no further and its slot is refilled at
+once. A request that stops early on a stop token may decode one dispatch too many; those
+tokens are dropped when they arrive, because it has finished by then.
 """
 from __future__ import annotations
 
@@ -84,6 +90,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     cancel_requested: bool = False
+    scheduled: int = 0  # output tokens the engine has been asked for (some may still be on the way)
 
     @property
     def finished(self) -> bool:
@@ -103,7 +110,7 @@ class SchedulerOutput:
     prefills: list[PrefillWork]
     decode_steps: int  # 0: no decode this iteration
     active: list[bool]  # [num_slots]: slots whose decode output is wanted
-    slot_requests: dict[int, Request]  # the occupant of each active slot when this was scheduled
+    slot_requests: dict[int, Request]  # the occupant of each active or prefilled slot when this was scheduled
 
     @property
     def empty(self) -> bool:
@@ -220,18 +227,24 @@ class Scheduler:
         with self._lock:
             self._expire()
             prefills: list[PrefillWork] = []
-            free = [i for i, r in enumerate(self.slots) if r is None]
+            # a slot whose occupant has all its tokens scheduled is free: it finishes when they arrive
+            free = [i for i, r in enumerate(self.slots) if r is None or r.scheduled >= r.options.max_tokens]
             budget = self.prefill_budget(self.num_slots - len(free))
             while self.waiting and free and (not prefills or budget >= len(self.waiting[0].prompt_ids)):
                 req = self.waiting.popleft()
                 slot = free.pop(0)
-                req.slot, req.status = slot, Status.RUNNING
+                req.slot, req.status, req.scheduled = slot, Status.RUNNING, 1  # the prefill samples a token
                 self.slots[slot] = req
                 budget -= len(req.prompt_ids)
                 prefills.append(PrefillWork(req.request_id, slot, req.prompt_ids, req.options))
-            active = [r is not None for r in self.slots]
-            occupants = {i: r for i, r in enumerate(self.slots) if r is not None}
-            steps = self._decode_steps(occupants, {p.request_id for p in prefills}) if occupants else 0
+            decoding = {i: r for i, r in enumerate(self.slots)
+                        if r is not None and r.scheduled < r.options.max_tokens}
+            steps = self._decode_steps(decoding) if decoding else 0
+            active = [steps > 0 and i in decoding for i in range(self.num_slots)]
+            for req in decoding.values():
+                req.scheduled += steps
+            occupants = dict(decoding) if steps else {}
+            occupants.update({p.slot: self.slots[p.slot] for p in prefills})
             return SchedulerOutput(prefills, steps, active, occupants)
 
     def prefill_budget(self, running: int) -> float:
@@ -244,17 +257,13 @@ class Scheduler:
             return float("inf")
         return self.max_prefill_tokens * self.num_slots / running
 
-    def _decode_steps(self, occupants: dict[int, Request], prefilled: set[str]) -> int:
-        # A request prefilled this iteration gets its first token from the prefill.
-        remaining = [r.options.max_tokens - len(r.output_ids) - (r.request_id in prefilled) for r in occupants.values()]
-        if max(remaining) <= 0:
-            return 0
+    def _decode_steps(self, decoding: dict[int, Request]) -> int:
+        remaining = [r.options.max_tokens - r.scheduled for r in decoding.values()]
         if not self.waiting:  # the fewest steps that finish every running request, in one dispatch
             longest = max(remaining)
             return next((k for k in self.decode_step_options if k >= longest), self.decode_step_options[-1])
         # Requests wait: stop at the first slot that frees up, so none idles while they wait.
-        soonest = min(k for k in remaining if k > 0)
-        return max(k for k in self.decode_step_options if k <= soonest)
+        return max(k for k in self.decode_step_options if k <= min(remaining))
 
     def _expire(self) -> None:
         now = self.clock()
@@ -270,9 +279,12 @@ class Scheduler:
             for p in out.prefills:
                 if p.request_id in result.first_tokens:
                     new_ids[p.request_id].append(int(result.first_tokens[p.request_id]))
-            for row in result.decode_tokens:
-                for slot, req in out.slot_requests.items():
-                    new_ids[req.request_id].append(int(row[slot]))
+            rows = result.decode_tokens
+            rows = rows.tolist() if hasattr(rows, "tolist") else [[int(t) for t in row] for row in rows]
+            columns = list(zip(*rows))  # [num_slots][decode_steps]
+            for slot, req in out.slot_requests.items():
+                if columns and out.active[slot]:
+                    new_ids[req.request_id].extend(columns[slot])
             now = self.clock()
             for req in out.slot_requests.values():
                 if req.finished or not new_ids[req.request_id]:
