@@ -58,6 +58,8 @@ async def _clients(url, prompts, new_tokens, warm_all=False, start_at=None):
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         if warm_all:
             await asyncio.gather(*(_one(client, url, p[:8], 2) for p in prompts))
+        else:  # httpx's first request in a process pays its lazy set-up: not the server's time
+            (await client.get(url + "/health")).raise_for_status()
         if start_at is not None:
             await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         t0 = time.perf_counter()
@@ -179,6 +181,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--positions", type=int, default=1024, help="context (= the decode cache length)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--batch-wait", type=float, default=0.02,
+                    help="seconds an idle engine gathers a burst of arrivals (Server(batch_wait=))")
     ap.add_argument("--no-overlap", action="store_true",
                     help="the engine loop waits for each iteration's tokens before scheduling the next")
     ap.add_argument("--warm-connections", action="store_true",
@@ -232,8 +236,17 @@ def main() -> None:
     # served: in-process Server + uvicorn thread; clients in another process (no shared GIL)
     server = Server(model, max_batch_size=args.clients, max_queue=args.clients, decode_steps=args.decode_steps,
                     max_prefill_batch=args.max_prefill_batch, prefill_batch_tokens=args.prefill_batch_tokens,
-                    name="gpt2-medium-random", overlap=not args.no_overlap)
+                    name="gpt2-medium-random", overlap=not args.no_overlap,
+                    batch_wait=args.batch_wait)
     server.start()
+    arrivals = []  # perf_counter when each request reached the scheduler (one clock with the clients')
+    add_request = server.scheduler.add_request
+
+    def timed_add_request(*a, **kw):
+        arrivals.append(time.perf_counter())
+        return add_request(*a, **kw)
+
+    server.scheduler.add_request = timed_add_request
     print(f"server warm-up (every prefill bucket + decode programs): {server.warmup_seconds:.1f} s", flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -247,6 +260,10 @@ def main() -> None:
                       args.client_procs)
     results, wall = got["results"], got["wall"]
     breakdown = timeline_summary(server.loop.timeline, got["t0"], max(r["end"] for r in results))
+    arrived = sorted(1e3 * (a - got["t0"]) for a in arrivals if a >= got["t0"] - 1e-3)
+    if arrived:
+        breakdown["requests_reached_scheduler_ms"] = {q: round(float(np.percentile(arrived, q)), 1)
+                                                      for q in (0, 25, 50, 75, 100)}
     assert sum(r["tokens"] for r in results) == total_new, "tokens lost"
     served = {
         "seconds": wall, "requests_per_s": args.clients / wall, "tokens_per_s": total_new / wall,
@@ -270,8 +287,13 @@ def main() -> None:
           f"| offline generate | {args.clients} | {offline['requests_per_s']:.2f} | {offline['tokens_per_s']:.0f} | - | - |"
           f"\nserved / offline tokens/s = {ratio:.2f} (target >= 0.70)")
     if args.out:
+        t0 = got["t0"]  # the raw iterations and arrivals, in ms from the clients' start
+        raw = {"timeline_ms": [[round(1e3 * (x - t0), 2) for x in it[:4]] + list(it[4:])
+                               for it in server.loop.timeline if it[0] >= t0 - 1e-3],
+               "arrivals_ms": [round(1e3 * (a - t0), 2) for a in sorted(arrivals) if a >= t0 - 1e-3]}
         with open(args.out, "w") as f:
-            json.dump({"served": served, "offline": offline, "ratio": ratio, "args": vars(args)}, f, indent=1)
+            json.dump({"served": served, "offline": offline, "ratio": ratio, "args": vars(args), "raw": raw}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

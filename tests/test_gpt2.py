@@ -53,6 +53,22 @@ def test_mixed_lengths_equal_alone(tiny_gpt2_factory):
         assert out.token_ids == model.generate([prompt], max_new_tokens=12)[0].token_ids
 
 
+def test_single_prompt_padded_to_two_decode_rows(tiny_gpt2_factory, monkeypatch):
+    """On a GPU a lone prompt decodes with a padding row (engine.gpt.min_decode_rows): the tokens,
+    greedy and sampled, are those of the unpadded call."""
+    import energon_jax.engine.gpt as gpt
+
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    prompt = [5, 17, 3, 99]
+    alone = [model.generate([prompt], max_new_tokens=10, temperature=t, seed=4)[0] for t in (0.0, 1.0)]
+    monkeypatch.setattr(gpt, "min_decode_rows", lambda: 2)
+    before = model.compile_counts["generate"]
+    padded = [model.generate([prompt], max_new_tokens=10, temperature=t, seed=4)[0] for t in (0.0, 1.0)]
+    assert model.compile_counts["generate"] == before + 1  # a 2-row program, once
+    assert padded == alone
+
+
 def test_seeds_and_top_k(tiny_gpt2_factory):
     folder, _ = tiny_gpt2_factory()
     model = ej.load_sharded_model(folder)

@@ -65,3 +65,28 @@ def test_over_mesh_errors():
     odd = _mesh(("batch", "stage", "model"))
     with pytest.raises(ValueError, match="lack"):
         _dispatch.over_mesh(lambda a: a, odd, (P("data"),), P("data"), jnp.zeros((8,)))
+
+
+def test_auto_decode_attention_uses_xla_below_the_row_threshold():
+    """impl="auto" on a GPU sends small decode batches (slots x heads below MIN_TRITON_DECODE_ROWS)
+    to XLA's attention, where the Triton kernel is slower; larger ones to the kernel."""
+    from energon_jax.engine import gpt
+    from energon_jax.models.gpt2 import decode_attention_xla
+
+    calls = []
+
+    def fake_triton(q, k, v, lengths, *, scale):
+        calls.append(q.shape)
+        return q
+
+    rng = np.random.default_rng(0)
+    for b, n in [(1, 12), (2, 25), (32, 12), (64, 16)]:
+        q = jnp.asarray(rng.standard_normal((b, n, 16)), jnp.float32)
+        k = v = jnp.asarray(rng.standard_normal((b, n, 8, 16)), jnp.float32)
+        lengths = jnp.full((b,), 5, jnp.int32)
+        out = gpt._decode_by_size(fake_triton, q, k, v, lengths, scale=0.25)
+        if b * n < gpt.MIN_TRITON_DECODE_ROWS:
+            np.testing.assert_allclose(out, decode_attention_xla(q, k, v, lengths, scale=0.25))
+        else:
+            assert out is q
+    assert calls == [(32, 12, 16), (64, 16, 16)]

@@ -315,3 +315,36 @@ def test_engine_loop_overlapped_and_not(overlap):
     run(reference, eng)
     assert [(r.output_ids, r.finish_reason) for r in reqs] == [(r.output_ids, r.finish_reason) for r in expected]
     assert executor.most_in_flight == (2 if overlap else 0)
+
+
+def test_admission_delay_gathers_a_burst_while_idle():
+    now = [0.0]
+    sched, eng = make(4, batch_wait=0.02, arrival_gap=0.002, clock=lambda: now[0])
+    assert sched.admission_delay() == 0.0  # nothing waits
+    sched.add_request([1], SamplingOptions(max_tokens=4))
+    assert sched.admission_delay() == pytest.approx(0.002)  # a lone request waits one gap
+    for t in (0.001, 0.002):  # arrivals keep coming: the wait follows the last one
+        now[0] = t
+        sched.add_request([2], SamplingOptions(max_tokens=4))
+        assert sched.admission_delay() == pytest.approx(0.002)
+    now[0] = 0.003
+    sched.add_request([2], SamplingOptions(max_tokens=4))
+    assert sched.admission_delay() == 0.0  # 4 waiting fill the 4 slots: no reason to wait
+    out = sched.schedule()
+    assert len(out.prefills) == 4
+    sched.update_from_output(out, eng.execute(out))
+    assert sched.slots_in_use == 4
+    sched.add_request([3], SamplingOptions(max_tokens=4))
+    assert sched.admission_delay() == 0.0  # requests run: a newcomer is not held back
+    run(sched, eng)
+    # a steady trickle is held at most batch_wait after the oldest arrival
+    now[0] = 1.0
+    sched.add_request([4], SamplingOptions(max_tokens=4))
+    now[0] = 1.019
+    sched.add_request([5], SamplingOptions(max_tokens=4))
+    assert sched.admission_delay() == pytest.approx(0.001)
+    now[0] = 1.0205
+    assert sched.admission_delay() == 0.0
+    with pytest.raises(ValueError, match="batch_wait"):
+        Scheduler(2, context_len=8, batch_wait=-1)
+    assert Scheduler(2, context_len=8).admission_delay() == 0.0

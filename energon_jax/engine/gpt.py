@@ -14,7 +14,7 @@ from energon_jax.engine.base import ShardedModel
 from energon_jax.engine.sampling import SamplingParams, validate_sampling
 from energon_jax.engine.steps import (CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
-from energon_jax.models.gpt2 import GPT2, AttentionKernels
+from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla
 from energon_jax.runtime.sharding import table_multiple
 
 
@@ -46,8 +46,38 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
     from energon_jax.kernels.prefill_attention import prefill_attention
 
     kernel_mesh = mesh if mesh.devices.size > 1 else None  # shard_map per device's heads / rows
+    decode = functools.partial(decode_attention, impl="triton", mesh=kernel_mesh)
+    if impl == "auto":
+        decode = functools.partial(_decode_by_size, decode)
     return AttentionKernels(prefill=functools.partial(prefill_attention, impl="triton", mesh=kernel_mesh),
-                            decode=functools.partial(decode_attention, impl="triton", mesh=kernel_mesh))
+                            decode=decode)
+
+
+# "auto" runs decode attention through Triton only from this many (slot, head) rows. Below it the
+# kernel's grid is a few dozen programs plus a merge kernel, and XLA's fused attention is faster:
+# GPT-2 small at batch 1 decodes at 0.681 ms/step with XLA attention against 0.862 with Triton, and
+# GPT-2 medium at 1.422 against 1.826; at batch 32 (384 and 512 rows) Triton is level or ahead
+# (H100, BENCHMARKS.md).
+MIN_TRITON_DECODE_ROWS = 256
+
+
+def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale):
+    if q_bnd.shape[0] * q_bnd.shape[1] < MIN_TRITON_DECODE_ROWS:  # shapes are static: chosen at trace time
+        return decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
+    return triton_decode(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
+
+
+def min_decode_rows() -> int:
+    """Rows a generate call decodes at least: 2 on a GPU, 1 elsewhere.
+
+    XLA's GPU simplifier rewrites a dot whose one side is a vector (a single row) and whose
+    operands hold fewer than 10M elements into a multiply + reduce fusion. For one decode row
+    that is every projection of GPT-2 small (and GPT-2 XL's attention ones), and those reduce
+    fusions read the weights at 0.4-0.8 TB/s (benchmarks/profile_decode.py). Two rows are a
+    matrix, which goes to a GEMM and reads them at HBM rate: GPT-2 small decodes at 0.465
+    ms/step for 2 rows against 0.646 for 1 on an H100 (benchmarks/decode.py, BENCHMARKS.md).
+    The spare row is a padding row that generates nothing."""
+    return 2 if jax.default_backend() == "gpu" else 1
 
 
 @functools.lru_cache(maxsize=16)
@@ -162,7 +192,8 @@ class GPTModel(ShardedModel):
             seed = int.from_bytes(os.urandom(4), "little") >> 1
 
         n = len(ids)
-        b = -(-bucket(n, minimum=1) // self.dp) * self.dp  # padded rows generate nothing (max_new 0)
+        # padded rows generate nothing (max_new 0); at least min_decode_rows() of them
+        b = -(-bucket(n, minimum=min_decode_rows() * self.dp) // self.dp) * self.dp
         t = bucket(max(len(p) for p in ids), self.max_seq_len)
         out_len = bucket(max_new_tokens, minimum=8)
         cache_len = bucket(t + out_len, self.max_seq_len)

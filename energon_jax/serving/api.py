@@ -97,6 +97,8 @@ class Server:
     max_prefill_batch / prefill_batch_tokens: prompts admitted together are prefilled in batches of
     up to this many rows and rows x bucketed length tokens (each such shape is compiled at start;
     None: 8 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
+    batch_wait: while the engine is idle, requests arriving within 2 ms of each other are gathered
+    for up to this many seconds and start as one batch (`Scheduler.admission_delay`); 0: at once.
     overlap: dispatch each engine iteration before reading back the previous one's tokens, so
     the device does not wait on the host (`serving.loop.EngineLoop`); False waits every iteration.
     """
@@ -104,7 +106,8 @@ class Server:
     def __init__(self, model, *, max_batch_size: int = 16, max_queue: int = 64, decode_steps: int = 8,
                  cache_len: int | None = None, request_timeout: float | None = None,
                  max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048,
-                 embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True):
+                 embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True,
+                 batch_wait: float = 0.02):
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
@@ -134,7 +137,7 @@ class Server:
             self.context_len = self.engine.cache_len
             self.scheduler = Scheduler(max_batch_size, max_queue=max_queue, context_len=self.context_len,
                                        detokenize=self.detokenize, decode_step_options=self.engine.step_options,
-                                       max_prefill_tokens=max_prefill_tokens)
+                                       max_prefill_tokens=max_prefill_tokens, batch_wait=batch_wait)
             self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.slots_in_use,
                                    max_batch_size)
             self.scheduler.on_finish = self.metrics.record_finished

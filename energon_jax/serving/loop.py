@@ -114,6 +114,10 @@ class EngineLoop:
                     if not sched.has_work():
                         sched.work_available.wait(timeout=0.1)
                         continue
+                    delay = sched.admission_delay()  # an idle engine gathers a burst of arrivals
+                    if delay > 0:
+                        sched.work_available.wait(timeout=delay)
+                        continue
             t0 = time.perf_counter()
             out = sched.schedule()
             t1 = time.perf_counter()

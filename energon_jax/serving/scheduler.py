@@ -133,12 +133,15 @@ class Scheduler:
       slot is busy, so that long prompt bursts interleave with the decode of running requests.
       With fewer running requests the budget grows as num_slots / running (`prefill_budget`).
     context_len: prompt + max_tokens must fit (the decode cache length).
+    batch_wait / arrival_gap: while nothing runs, requests that arrive close together (each within
+      arrival_gap s of the last) are gathered for up to batch_wait s, so a burst starts as one batch
+      (`admission_delay`); a lone request waits arrival_gap. batch_wait=0 admits at once.
     """
 
     def __init__(self, num_slots: int, *, max_queue: int = 64, context_len: int,
                  detokenize: Callable[[list[int]], str] | None = None,
                  decode_step_options: Sequence[int] = (1,), max_prefill_tokens: int = 4096,
-                 clock: Callable[[], float] = time.monotonic):
+                 batch_wait: float = 0.0, arrival_gap: float = 0.002, clock: Callable[[], float] = time.monotonic):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
         if max_queue < 0:
@@ -151,7 +154,12 @@ class Scheduler:
         if not self.decode_step_options or self.decode_step_options[0] != 1:
             raise ValueError(f"decode_step_options={list(decode_step_options)} must include 1")
         self.max_prefill_tokens = max_prefill_tokens
+        for name, value in (("batch_wait", batch_wait), ("arrival_gap", arrival_gap)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a number of seconds >= 0")
+        self.batch_wait, self.arrival_gap = float(batch_wait), float(arrival_gap)
         self.clock = clock
+        self._last_arrival = float("-inf")
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * num_slots
         self.requests: dict[str, Request] = {}
@@ -191,6 +199,7 @@ class Scheduler:
                 raise ValueError(f"request_id {req.request_id!r} is already in use")
             self.requests[req.request_id] = req
             self.waiting.append(req)
+            self._last_arrival = req.arrival
             self.work_available.notify_all()
         return req
 
@@ -217,6 +226,19 @@ class Scheduler:
     @property
     def slots_in_use(self) -> int:
         return sum(s is not None for s in self.slots)
+
+    def admission_delay(self) -> float:
+        """Seconds to hold the next `schedule()` so that a burst of arrivals is admitted together:
+        only while nothing runs, fewer requests wait than there are slots, and arrivals keep coming
+        within arrival_gap of each other, for at most batch_wait after the oldest arrived. A burst
+        split over two iterations runs the second part's decode steps after the first part's."""
+        with self._lock:
+            if self.batch_wait <= 0 or not self.waiting or any(r is not None for r in self.slots):
+                return 0.0
+            if len(self.waiting) >= self.num_slots:
+                return 0.0
+            until = min(self.waiting[0].arrival + self.batch_wait, self._last_arrival + self.arrival_gap)
+            return max(0.0, until - self.clock())
 
     def has_work(self) -> bool:
         with self._lock:
