@@ -3,6 +3,7 @@ JAX profiler and sum the GPU kernels of the trace by name.
 
     python benchmarks/profile_decode.py --model gpt2 --batch 1 --impl xla --out /tmp/prof
     python benchmarks/profile_decode.py --model gpt2-medium --batch 64 --slots   # SlotEngine.decode
+    python benchmarks/profile_decode.py --model gpt2-medium --batch 64 --prefill # SlotEngine prefills
 
 Prints, per kernel name: launches per decode step, microseconds per step, share of the GPU time;
 then the GPU-busy time per step against the wall time per step (the gap is launch and host time).
@@ -55,6 +56,62 @@ def summarise(kernels: list[tuple[str, float]], steps: int, wall_s: float, top: 
     return out
 
 
+def trace_kernels(fn, out_dir: str) -> list[tuple[str, float]]:
+    import jax
+
+    jax.profiler.start_trace(out_dir, create_perfetto_trace=True)
+    fn()
+    jax.profiler.stop_trace()
+    traces = sorted(glob.glob(os.path.join(out_dir, "**", "*perfetto_trace.json*"), recursive=True),
+                    key=os.path.getmtime)
+    if not traces:
+        raise SystemExit(f"no perfetto trace under {out_dir}")
+    return gpu_kernels(traces[-1])
+
+
+def profile_prefill(args) -> None:
+    """The serving engine's prefill of a burst (grouped into compiled (rows, bucket) programs, each
+    prompt's K/V written into its slot) against offline generate's one padded prefill."""
+    import jax
+    import numpy as np
+
+    from decode import random_model
+    from energon_jax.engine.slots import SlotEngine
+
+    model = random_model(args.model, 1024, args.impl)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(32, 513, args.batch)
+    prompts = [rng.integers(0, 50257, n).tolist() for n in lengths]
+    engine = SlotEngine(model, args.batch, decode_steps=1)
+    groups = engine.group_prefills([len(p) for p in prompts])
+    launch_s = []
+
+    def run():
+        t = time.perf_counter()
+        firsts = [engine.prefill_batch(rows, [prompts[i] for i in rows], temperature=[0.0] * len(rows),
+                                       top_k=[0] * len(rows), top_p=[1.0] * len(rows), seed=[0] * len(rows))
+                  for rows in groups]
+        launch_s.append(time.perf_counter() - t)
+        jax.block_until_ready((firsts, engine.state))
+
+    def offline():
+        model.generate(prompts, max_new_tokens=1)
+
+    for fn in (run, run, offline, offline):
+        fn()
+    walls = {}
+    for name, fn in (("slots", run), ("offline", offline)):
+        t = time.perf_counter()
+        fn()
+        walls[name] = time.perf_counter() - t
+    print(f"# {jax.devices()[0].device_kind}: {args.model}, {args.batch} prompts of {int(lengths.sum())} tokens, "
+          f"{len(groups)} prefill dispatches {[len(g) for g in groups]}: slot prefills {1e3 * walls['slots']:.1f} ms "
+          f"(host launches {1e3 * launch_s[-1]:.1f} ms), offline generate(1) {1e3 * walls['offline']:.1f} ms")
+    for name, fn in (("slots", run), ("offline", offline)):
+        print(f"## {name} (per step = the whole prefill)")
+        summarise(trace_kernels(fn, os.path.join(args.out, name)), 1, walls[name])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2")
@@ -63,8 +120,13 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64, help="decode steps traced")
     ap.add_argument("--slots", action="store_true", help="trace SlotEngine.decode (serving) instead of generate")
+    ap.add_argument("--prefill", action="store_true",
+                    help="trace the serving engine's batched prefills of --batch prompts of U[32, 512] tokens "
+                         "(benchmarks/serve.py's prompts) against one offline generate(max_new_tokens=1)")
     ap.add_argument("--out", default="/tmp/energon_profile")
     args = ap.parse_args()
+    if args.prefill:
+        return profile_prefill(args)
 
     import jax
     import numpy as np
@@ -101,14 +163,7 @@ def main() -> None:
     wall = time.perf_counter() - t - extra
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: {args.model} batch {args.batch} attention "
           f"{args.impl} {'slot decode' if args.slots else 'generate'}: {1e3 * wall / args.steps:.3f} ms/step untraced")
-    jax.profiler.start_trace(args.out, create_perfetto_trace=True)
-    run()
-    jax.profiler.stop_trace()
-    traces = sorted(glob.glob(os.path.join(args.out, "**", "*perfetto_trace.json*"), recursive=True),
-                    key=os.path.getmtime)
-    if not traces:
-        raise SystemExit(f"no perfetto trace under {args.out}")
-    kernels = gpu_kernels(traces[-1])  # generate's trace also holds its one prefill (~1 step's worth)
+    kernels = trace_kernels(run, args.out)  # generate's trace also holds its one prefill (~1 step's worth)
     summarise(kernels, args.steps, wall)
 
 

@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--batch-wait", type=float, default=0.02,
                     help="seconds an idle engine gathers a burst of arrivals (Server(batch_wait=))")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for the server process (Python's default: 0.005 s)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="the engine loop waits for each iteration's tokens before scheduling the next")
     ap.add_argument("--warm-connections", action="store_true",
@@ -196,6 +198,8 @@ def main() -> None:
         return client_main(args.client[0], args.client[1], int(args.client[2]), args.client[3] == "1",
                            float(args.client[4]) or None)
 
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     import jax
     import uvicorn
 
