@@ -169,6 +169,23 @@ def test_batched_prefill_equals_one_at_a_time(model):
         eng.prefill_batch(slots, [[5] * 20] * 4, **settings)
 
 
+def test_server_sets_and_restores_the_switch_interval(model):
+    import sys
+
+    from energon_jax.serving import Server
+
+    before = sys.getswitchinterval()
+    server = Server(model, max_batch_size=2, cache_len=CACHE_LEN, switch_interval=0.0007).start(warmup=False)
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+        assert server.generate([[5, 6, 7]], max_tokens=3)[0].finish_reason == "length"
+    finally:
+        server.stop()
+    assert sys.getswitchinterval() == pytest.approx(before)
+    with pytest.raises(ValueError, match="switch_interval"):
+        Server(model, max_batch_size=2, cache_len=CACHE_LEN, switch_interval=0)
+
+
 # -------------------------------------------------------------------- HTTP
 def test_health_was_503_until_warm(served):
     assert served.first_health in (None, 503)

@@ -143,9 +143,7 @@ class SlotEngine:
             logits_p1v, kv = runner.model_fn(params, tokens_pt, positions_pt, lengths_p, None, lengths_p - 1)
             sampling_p = SamplingParams(temperature_p, top_k_p, top_p_p)
             tok_p = sample(logits_p1v[:, 0], sampling_p, step_keys(row_keys(seeds_p), 0))
-            cache = state.cache
-            for i in range(p):  # each prompt's K/V [.., 1, N, T, D] into its slot's row
-                cache = runner.write_kv(cache, jax.tree.map(lambda x: x[:, i: i + 1], kv), slots_p[i])
+            cache = runner.write_kv_rows(state.cache, kv, slots_p)  # each prompt's K/V into its slot's row
             sp = state.sampling
 
             def put(arr, values):  # padding rows repeat row 0 (same slot, same values): harmless
@@ -172,7 +170,7 @@ class SlotEngine:
             def body(i, carry):
                 state, out_ks = carry
                 pos_s = jnp.minimum(state.positions_s, last)  # overshooting slots idle at the last position
-                logits_s1v, cache = runner.model_fn(params, state.tokens_s[:, None], pos_s[:, None], None,
+                logits_s1v, cache = runner.model_fn(params, state.tokens_s[:, None], pos_s[:, None], pos_s + 1,
                                                     state.cache, None)
                 keys = jax.vmap(jax.random.fold_in)(keys_s, state.steps_s)
                 tok_s = jnp.where(active_s, sample(logits_s1v[:, 0], state.sampling, keys), state.tokens_s)

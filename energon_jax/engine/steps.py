@@ -42,11 +42,14 @@ class Runner:
     model_fn(params, tokens_bt, positions_bt, lengths_b, cache, logit_index_b) -> (logits, kv)
     empty_cache(batch, length) -> a zero KV cache in the layout model_fn expects, sharded
     write_kv(cache, kv, row) -> cache with a prefill's K/V [.., b, N, T, D] stored at batch `row`
+    write_kv_rows(cache, kv, rows) -> cache with row i of a prefill's K/V [.., p, N, T, D] stored at
+      batch rows[i] (rows may repeat with identical K/V: padding rows)
     """
 
     model_fn: Callable
     empty_cache: Callable
     write_kv: Callable
+    write_kv_rows: Callable
 
 
 def unrolled_layers(params: dict) -> bool:
@@ -116,7 +119,14 @@ def make_runner(module: GPT2, mesh, cache_dtype) -> Runner:
         return jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, row, 0, 0, 0)),
                             cache, kv)
 
-    return Runner(model_fn, empty_cache, write_kv)
+    def write_kv_rows(cache, kv, rows):
+        # one scatter per cache array, not one dynamic_update_slice per row: a batched prefill of 8
+        # rows on GPT-2 medium launched 384 such kernels (benchmarks/profile_decode.py --prefill)
+        def put(c, new):
+            return c.at[:, rows, :, : new.shape[3], :].set(new.astype(c.dtype), mode="promise_in_bounds")
+        return jax.tree.map(put, cache, kv)
+
+    return Runner(model_fn, empty_cache, write_kv, write_kv_rows)
 
 
 def unstack_layers(params: dict, mesh) -> dict:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 
@@ -99,6 +100,10 @@ class Server:
     None: 8 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
     batch_wait: while the engine is idle, requests arriving within 2 ms of each other are gathered
     for up to this many seconds and start as one batch (`Scheduler.admission_delay`); 0: at once.
+    switch_interval: Python's thread switch interval while the server runs (process-wide, restored by
+    stop(); None leaves it). The engine loop and the HTTP event loop take turns at the GIL, and at
+    Python's default 5 ms each can wait that long for the other: GPT-2 medium served 73% of offline
+    throughput at 0.5 ms against 68% at 5 ms (H100, benchmarks/serve.py, BENCHMARKS.md).
     overlap: dispatch each engine iteration before reading back the previous one's tokens, so
     the device does not wait on the host (`serving.loop.EngineLoop`); False waits every iteration.
     """
@@ -107,11 +112,15 @@ class Server:
                  cache_len: int | None = None, request_timeout: float | None = None,
                  max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048,
                  embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True,
-                 batch_wait: float = 0.02):
+                 batch_wait: float = 0.02, switch_interval: float | None = 0.0005):
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
         self.overlap = bool(overlap)
+        if switch_interval is not None and not (isinstance(switch_interval, (int, float)) and switch_interval > 0):
+            raise ValueError(f"switch_interval={switch_interval!r} must be a number of seconds > 0, or None")
+        self.switch_interval = switch_interval
+        self._saved_switch_interval: float | None = None
         self.name = name or os.path.basename(str(getattr(model, "source", "")).rstrip("/")) or "model"
         self.kind = "gpt" if hasattr(model, "generate") else "bert" if hasattr(model, "encode") else None
         if self.kind is None:
@@ -152,6 +161,9 @@ class Server:
         from energon_jax.serving.loop import EmbeddingBatcher, EngineLoop, SlotExecutor
 
         t0 = time.perf_counter()
+        if self.switch_interval is not None and self._saved_switch_interval is None:
+            self._saved_switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(self.switch_interval)
         if self.kind == "gpt":
             if warmup:
                 self.engine.warmup()
@@ -179,6 +191,9 @@ class Server:
             self.loop.stop()
         if self.batcher is not None:
             self.batcher.stop()
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
         self.ready = False
 
     def __enter__(self) -> "Server":
