@@ -183,8 +183,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--batch-wait", type=float, default=0.02,
                     help="seconds an idle engine gathers a burst of arrivals (Server(batch_wait=))")
-    ap.add_argument("--switch-interval", type=float, default=None,
-                    help="sys.setswitchinterval for the server process (Python's default: 0.005 s)")
+    ap.add_argument("--switch-interval", type=float, default=0.0005,
+                    help="Server(switch_interval=): the thread switch interval while serving (Python's is 0.005 s)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="the engine loop waits for each iteration's tokens before scheduling the next")
     ap.add_argument("--warm-connections", action="store_true",
@@ -198,8 +198,6 @@ def main() -> None:
         return client_main(args.client[0], args.client[1], int(args.client[2]), args.client[3] == "1",
                            float(args.client[4]) or None)
 
-    if args.switch_interval is not None:
-        sys.setswitchinterval(args.switch_interval)
     import jax
     import uvicorn
 
@@ -241,7 +239,7 @@ def main() -> None:
     server = Server(model, max_batch_size=args.clients, max_queue=args.clients, decode_steps=args.decode_steps,
                     max_prefill_batch=args.max_prefill_batch, prefill_batch_tokens=args.prefill_batch_tokens,
                     name="gpt2-medium-random", overlap=not args.no_overlap,
-                    batch_wait=args.batch_wait)
+                    batch_wait=args.batch_wait, switch_interval=args.switch_interval)
     server.start()
     arrivals = []  # perf_counter when each request reached the scheduler (one clock with the clients')
     add_request = server.scheduler.add_request
