@@ -249,7 +249,8 @@ def test_disconnected_stream_frees_its_slot(served, monkeypatch):
     before = cancelled_count(served.url)
     body = {"prompt": "for i in", "max_tokens": CACHE_LEN - 8, "temperature": 0.0, "stream": True}
     with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
-        first = next(line for line in r.iter_lines() if line.startswith("data: "))  # running: it holds a slot
+        lines = r.iter_lines()  # held: a finished line generator would close the connection early
+        first = next(line for line in lines if line.startswith("data: "))  # running: it holds a slot
         assert sched.slots_in_use >= 1, (first, served.srv.loop.iterations)
     end = time.monotonic() + 20  # closed mid-stream: the slot comes back
     while sched.slots_in_use and time.monotonic() < end:
