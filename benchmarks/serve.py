@@ -185,8 +185,6 @@ def main() -> None:
                     help="seconds an idle engine gathers a burst of arrivals (Server(batch_wait=))")
     ap.add_argument("--switch-interval", type=float, default=0.0005,
                     help="Server(switch_interval=): the thread switch interval while serving (Python's is 0.005 s)")
-    ap.add_argument("--arrival-steps", type=int, default=2,
-                    help="Server(arrival_steps=): most decode steps per dispatch while a burst arrives (0: off)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="the engine loop waits for each iteration's tokens before scheduling the next")
     ap.add_argument("--warm-connections", action="store_true",
@@ -241,8 +239,7 @@ def main() -> None:
     server = Server(model, max_batch_size=args.clients, max_queue=args.clients, decode_steps=args.decode_steps,
                     max_prefill_batch=args.max_prefill_batch, prefill_batch_tokens=args.prefill_batch_tokens,
                     name="gpt2-medium-random", overlap=not args.no_overlap,
-                    batch_wait=args.batch_wait, switch_interval=args.switch_interval,
-                    arrival_steps=args.arrival_steps)
+                    batch_wait=args.batch_wait, switch_interval=args.switch_interval)
     server.start()
     arrivals = []  # perf_counter when each request reached the scheduler (one clock with the clients')
     add_request = server.scheduler.add_request

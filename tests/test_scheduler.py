@@ -348,26 +348,3 @@ def test_admission_delay_gathers_a_burst_while_idle():
     with pytest.raises(ValueError, match="batch_wait"):
         Scheduler(2, context_len=8, batch_wait=-1)
     assert Scheduler(2, context_len=8).admission_delay() == 0.0
-
-
-def test_short_dispatches_while_a_burst_arrives():
-    now = [0.0]
-    sched, eng = make(4, decode_step_options=(1, 2, 4, 8), arrival_steps=2, arrival_window=0.01,
-                      clock=lambda: now[0])
-    a = sched.add_request([1], SamplingOptions(max_tokens=20))
-    out = sched.schedule()
-    assert out.decode_steps == 2  # a slot is free and a request just arrived: newcomers join in 2 steps
-    sched.update_from_output(out, eng.execute(out))
-    now[0] = 0.005
-    b = sched.add_request([2], SamplingOptions(max_tokens=20))
-    out = sched.schedule()
-    assert [p.request_id for p in out.prefills] == [b.request_id] and out.decode_steps == 2
-    sched.update_from_output(out, eng.execute(out))
-    now[0] = 0.02  # arrivals stopped: full dispatches again
-    out = sched.schedule()
-    assert out.decode_steps == 8
-    sched.update_from_output(out, eng.execute(out))
-    run(sched, eng)
-    assert a.output_ids == [2 + k for k in range(20)] and b.output_ids == [3 + k for k in range(20)]
-    with pytest.raises(ValueError, match="arrival_steps"):
-        Scheduler(2, context_len=8, arrival_steps=-1)

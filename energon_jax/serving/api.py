@@ -100,9 +100,6 @@ class Server:
     None: 8 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
     batch_wait: while the engine is idle, requests arriving within 2 ms of each other are gathered
     for up to this many seconds and start as one batch (`Scheduler.admission_delay`); 0: at once.
-    arrival_steps: while slots are free and requests keep arriving (one within the last 10 ms),
-    decode dispatches run at most this many steps, so a burst split over iterations joins the batch
-    within a few steps (`Scheduler`); 0: off.
     switch_interval: Python's thread switch interval while the server runs (process-wide, restored by
     stop(); None leaves it). The engine loop and the HTTP event loop take turns at the GIL, and at
     Python's default 5 ms each can wait that long for the other: GPT-2 medium served 73% of offline
@@ -115,7 +112,7 @@ class Server:
                  cache_len: int | None = None, request_timeout: float | None = None,
                  max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048,
                  embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True,
-                 batch_wait: float = 0.02, arrival_steps: int = 2, switch_interval: float | None = 0.0005):
+                 batch_wait: float = 0.02, switch_interval: float | None = 0.0005):
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
@@ -149,8 +146,7 @@ class Server:
             self.context_len = self.engine.cache_len
             self.scheduler = Scheduler(max_batch_size, max_queue=max_queue, context_len=self.context_len,
                                        detokenize=self.detokenize, decode_step_options=self.engine.step_options,
-                                       max_prefill_tokens=max_prefill_tokens, batch_wait=batch_wait,
-                                       arrival_steps=arrival_steps)
+                                       max_prefill_tokens=max_prefill_tokens, batch_wait=batch_wait)
             self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.slots_in_use,
                                    max_batch_size)
             self.scheduler.on_finish = self.metrics.record_finished

@@ -136,16 +136,12 @@ class Scheduler:
     batch_wait / arrival_gap: while nothing runs, requests that arrive close together (each within
       arrival_gap s of the last) are gathered for up to batch_wait s, so a burst starts as one batch
       (`admission_delay`); a lone request waits arrival_gap. batch_wait=0 admits at once.
-    arrival_steps: while a slot is free and a request arrived within the last arrival_window s, a
-      decode dispatch runs at most this many steps, so the rest of a burst joins the batch within a
-      few steps instead of a whole dispatch later (0: off).
     """
 
     def __init__(self, num_slots: int, *, max_queue: int = 64, context_len: int,
                  detokenize: Callable[[list[int]], str] | None = None,
                  decode_step_options: Sequence[int] = (1,), max_prefill_tokens: int = 4096,
-                 batch_wait: float = 0.0, arrival_gap: float = 0.002, arrival_steps: int = 0,
-                 arrival_window: float = 0.01, clock: Callable[[], float] = time.monotonic):
+                 batch_wait: float = 0.0, arrival_gap: float = 0.002, clock: Callable[[], float] = time.monotonic):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
         if max_queue < 0:
@@ -162,9 +158,6 @@ class Scheduler:
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a number of seconds >= 0")
         self.batch_wait, self.arrival_gap = float(batch_wait), float(arrival_gap)
-        if not isinstance(arrival_steps, int) or arrival_steps < 0:
-            raise ValueError(f"arrival_steps={arrival_steps!r} must be an int >= 0")
-        self.arrival_steps, self.arrival_window = arrival_steps, float(arrival_window)
         self.clock = clock
         self._last_arrival = float("-inf")
         self.waiting: collections.deque[Request] = collections.deque()
@@ -288,14 +281,11 @@ class Scheduler:
 
     def _decode_steps(self, decoding: dict[int, Request]) -> int:
         remaining = [r.options.max_tokens - r.scheduled for r in decoding.values()]
-        if self.waiting:  # requests wait: stop at the first slot that frees up, so none idles while they wait
-            return max(k for k in self.decode_step_options if k <= min(remaining))
-        # the fewest steps that finish every running request, in one dispatch
-        steps = next((k for k in self.decode_step_options if k >= max(remaining)), self.decode_step_options[-1])
-        if self.arrival_steps and any(r is None for r in self.slots) and \
-                self.clock() - self._last_arrival < self.arrival_window:  # a burst is still arriving
-            steps = min(steps, max([k for k in self.decode_step_options if k <= self.arrival_steps] or [1]))
-        return steps
+        if not self.waiting:  # the fewest steps that finish every running request, in one dispatch
+            longest = max(remaining)
+            return next((k for k in self.decode_step_options if k >= longest), self.decode_step_options[-1])
+        # Requests wait: stop at the first slot that frees up, so none idles while they wait.
+        return max(k for k in self.decode_step_options if k <= min(remaining))
 
     def _expire(self) -> None:
         now = self.clock()
