@@ -261,12 +261,11 @@ class Scheduler:
                 prefills.append(PrefillWork(req.request_id, slot, req.prompt_ids, req.options))
             decoding = {i: r for i, r in enumerate(self.slots)
                         if r is not None and r.scheduled < r.options.max_tokens}
-            steps = self._decode_steps(decoding) if decoding else 0
-            active = [steps > 0 and i in decoding for i in range(self.num_slots)]
+            steps = self._decode_steps(decoding) if decoding else 0  # >= 1 when anything decodes
             for req in decoding.values():
                 req.scheduled += steps
-            occupants = dict(decoding) if steps else {}
-            occupants.update({p.slot: self.slots[p.slot] for p in prefills})
+            active = [i in decoding for i in range(self.num_slots)]
+            occupants = {**decoding, **{p.slot: self.slots[p.slot] for p in prefills}}
             return SchedulerOutput(prefills, steps, active, occupants)
 
     def prefill_budget(self, running: int) -> float:
