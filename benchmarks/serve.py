@@ -70,10 +70,6 @@ async def _clients(url, prompts, new_tokens, warm_all=False, start_at=None):
 def client_main(url: str, prompts_file: str, new_tokens: int, warm_all: bool, start_at: float | None) -> None:
     with open(prompts_file) as f:
         prompts = json.load(f)
-    if not prompts:  # the warm-up round: the server's first requests (a client of its own)
-        with open(prompts_file + ".warm") as f:
-            asyncio.run(_clients(url, json.load(f)[:4], 8))
-        return print(json.dumps({"results": [], "wall": 0.0, "t0": 0.0}))
     results, wall, t0 = asyncio.run(_clients(url, prompts, new_tokens, warm_all, start_at))
     print(json.dumps({"results": results, "wall": wall, "t0": t0}))  # perf_counter is system-wide monotonic
 
@@ -86,16 +82,14 @@ def run_clients(url: str, prompts: list, new_tokens: int, warm_all: bool, procs:
     warm_all)."""
     base = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve_bench_prompts_{os.getpid()}")
     files = []
-    for i in range(procs + 1):  # file 0: the warm-up round
-        share = [] if i == 0 else prompts[i - 1:: procs]
+    for i in range(procs + 1):  # file 0: the warm-up round's 4 prompts
+        share = prompts[:4] if i == 0 else prompts[i - 1:: procs]
         files.append(f"{base}_{i}.json")
         with open(files[-1], "w") as f:
             json.dump(share, f)
-    with open(files[0] + ".warm", "w") as f:
-        json.dump(prompts, f)
 
-    def launch(i, start_at):
-        return subprocess.Popen([sys.executable, __file__, "--client", url, files[i], str(new_tokens),
+    def launch(i, start_at, tokens=new_tokens):
+        return subprocess.Popen([sys.executable, __file__, "--client", url, files[i], str(tokens),
                                  "1" if warm_all else "0", repr(start_at)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
@@ -106,12 +100,12 @@ def run_clients(url: str, prompts: list, new_tokens: int, warm_all: bool, procs:
         return json.loads(out.strip().splitlines()[-1])
 
     try:
-        if not warm_all:
-            wait(launch(0, 0.0))
+        if not warm_all:  # the server's first requests: 8 tokens each, from a client of their own
+            wait(launch(0, 0.0, 8))
         start_at = time.perf_counter() + 3.0  # after every process has imported httpx (and warmed, if asked)
         got = [wait(p) for p in [launch(i, start_at) for i in range(1, procs + 1)]]
     finally:
-        for f in files + [files[0] + ".warm"]:
+        for f in files:
             os.remove(f)
     results = [r for g in got for r in g["results"]]
     t0 = min(g["t0"] for g in got)
@@ -292,7 +286,7 @@ def main() -> None:
         t0 = got["t0"]  # the raw iterations and arrivals, in ms from the clients' start
         raw = {"timeline_ms": [[round(1e3 * (x - t0), 2) for x in it[:4]] + list(it[4:])
                                for it in server.loop.timeline if it[0] >= t0 - 1e-3],
-               "arrivals_ms": [round(1e3 * (a - t0), 2) for a in sorted(arrivals) if a >= t0 - 1e-3]}
+               "arrivals_ms": [round(a, 2) for a in arrived]}
         with open(args.out, "w") as f:
             json.dump({"served": served, "offline": offline, "ratio": ratio, "args": vars(args), "raw": raw}, f,
                       indent=1)
