@@ -10,7 +10,7 @@ import energon_jax as ej
 from energon_jax.convert import bert as bert_convert
 from energon_jax.convert.hf_files import TensorSource
 from energon_jax.engine.bert import BertModel
-from energon_jax.engine.steps import bucket
+from energon_jax.engine.packing import token_bucket
 from energon_jax.loading import stack_layers
 from energon_jax.runtime.mesh import make_mesh
 
@@ -120,7 +120,7 @@ def test_minilm_mean_pooled_embeddings_match_hf(minilm, minilm_path):
     np.testing.assert_allclose(emb, ref, atol=1e-4, rtol=0)
     stats = minilm.last_stats
     assert stats.sequences == 12 and stats.real_tokens == int(batch["attention_mask"].sum())
-    assert stats.computed_tokens == bucket(stats.real_tokens)  # one chunk, padded only to its token bucket
+    assert stats.computed_tokens == token_bucket(stats.real_tokens)  # one chunk, padded only to its token bucket
     assert stats.computed_tokens < batch["input_ids"].numel()  # far less than the padded batch HF ran
 
     per_token = minilm.encode(SENTENCES, pooling="none")
@@ -199,7 +199,7 @@ def test_packed_batch_equals_each_alone(tiny_bert_factory):
     packed = model.encode(seqs, pooling="mean")
     stats = model.last_stats
     assert stats.real_tokens == real and stats.chunks == 1
-    assert stats.computed_tokens == bucket(real)
+    assert stats.computed_tokens == token_bucket(real)
     assert stats.shapes[0][0] > 128 + 2 * stats.shapes[0][2]  # long stream: the windowed attention path ran
     some = np.argsort([len(s) for s in seqs])[::3]  # every third length: fewer programs to compile
     alone = np.concatenate([model.encode([seqs[i]], pooling="mean") for i in some])

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energon_jax.engine.packing import pack, plan_chunks
+from energon_jax.engine.packing import pack, pack_chunk, plan_chunks, token_bucket
 from energon_jax.engine.steps import bucket
 from energon_jax.models.bert import PackedAttention, segment_attention_xla
 from energon_jax.models.layers import masked_attention
@@ -38,6 +38,18 @@ def test_pack_layout():
     assert chunk.segments.tolist() == [0, 1, 1, 2, 2, 2] + [-1] * 10
     assert chunk.cu_seqlens.tolist() == [0, 1, 3, 6] + [6] * 5  # 3 sequences padded to a bucket of 8
     assert chunk.max_len == 3 and chunk.lengths().tolist() == [1, 2, 3]
+
+
+def test_token_buckets_are_fine_for_long_streams():
+    # powers of two up to 4096 tokens, then 4 lengths per octave: 4097..5120 -> 5120, 16385 -> 20480
+    assert [token_bucket(n) for n in (1, 17, 1000, 4096)] == [16, 32, 1024, 4096]
+    assert [token_bucket(n) for n in (4097, 5120, 5121, 7000, 16385, 17900, 24577, 32768)] == \
+        [5120, 5120, 6144, 7168, 20480, 20480, 28672, 32768]
+    assert token_bucket(17900, cap=18000) == 18000 and token_bucket(40000, cap=32768) == 32768
+    # the last chunk of a large batch is padded to its eighth step, not the next power of two
+    ids = [[1] * 500] * 36  # 18,000 tokens
+    chunk = pack_chunk(np.arange(36), ids, [None] * 36, max_tokens=32768)
+    assert chunk.computed_tokens == 20480 and chunk.real_tokens == 18000
 
 
 def test_pack_rejects_bad_sequences():
