@@ -147,7 +147,7 @@ def main():
     ap.add_argument("--num", type=int, default=1024)
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--configs", default="xla:16384,triton:8192,triton:16384,triton:32768",
+    ap.add_argument("--configs", default="xla:65536,triton:16384,triton:32768,triton:65536",
                     help="attention implementation (xla, auto, triton) : token budget of one packed chunk, ...")
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)

@@ -29,7 +29,10 @@ from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, BertLayer
 from energon_jax.tokenizer import Tokenizer
 
 POOLINGS = ("mean", "cls", "pooler", "none")
-DEFAULT_MAX_TOKENS = 16384  # best of 8k/16k/32k on bert-base, H100 (benchmarks/encode.py)
+# Token budget of one packed step. bert-base on an H100, 1,024 sequences U[16, 512]
+# (benchmarks/encode.py, session 5): 16k 6,091 seq/s, 32k 6,535, 64k 6,663; the bigger steps keep
+# the GEMMs busier and dispatch less. 64k tokens of bert-base activations are ~0.5 GB at the widest.
+DEFAULT_MAX_TOKENS = 65536
 _HEADS = POOLINGS + ("mlm",)
 
 
