@@ -186,6 +186,55 @@ def test_server_sets_and_restores_the_switch_interval(model):
         Server(model, max_batch_size=2, cache_len=CACHE_LEN, switch_interval=0)
 
 
+def test_servers_tune_the_garbage_collector_until_the_last_stops(model):
+    import gc
+
+    from energon_jax.serving import Server
+
+    before, frozen_before = gc.get_threshold(), gc.get_freeze_count()
+    a = Server(model, max_batch_size=2, cache_len=CACHE_LEN).start(warmup=False)
+    b = Server(model, max_batch_size=2, cache_len=CACHE_LEN).start(warmup=False)
+    c = Server(model, max_batch_size=2, cache_len=CACHE_LEN, tune_gc=False).start(warmup=False)
+    try:
+        assert gc.get_threshold()[0] >= 20_000 and gc.get_freeze_count() > frozen_before
+        a.stop()  # b still runs: the settings stay
+        assert gc.get_threshold()[0] >= 20_000
+        assert b.generate([[5, 6, 7]], max_tokens=3)[0].finish_reason == "length"
+    finally:
+        for s in (a, b, c):
+            s.stop()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen_before
+
+
+def test_streamed_deltas_reach_an_event_loop_in_batches(model):
+    """Deltas for many requests on one asyncio loop arrive complete and in order, with fewer
+    cross-thread wake-ups than deltas."""
+    from energon_jax.serving import Server
+
+    prompts = [[5 + i, 6, 7] for i in range(4)]
+    with Server(model, max_batch_size=4, cache_len=CACHE_LEN, decode_steps=1) as server:
+        offline = [o.token_ids for o in model.generate(prompts, max_new_tokens=6)]
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            wakeups = []
+            real = loop.call_soon_threadsafe
+            loop.call_soon_threadsafe = lambda *a: (wakeups.append(1), real(*a))[1]
+            handles = [server.submit(p, max_tokens=6, aio_loop=loop) for p in prompts]
+
+            async def tokens(h):
+                return [t async for d in h for t in d.token_ids]
+            return await asyncio.gather(*(tokens(h) for h in handles)), len(wakeups)
+
+        loop = asyncio.SelectorEventLoop()  # a plain asyncio loop, whatever policy uvicorn set
+        try:
+            got, wakeups = loop.run_until_complete(main())
+        finally:
+            loop.close()
+    assert got == offline
+    assert wakeups < 4 * 6, wakeups  # one delta per request per step, fewer wake-ups
+
+
 # -------------------------------------------------------------------- HTTP
 def test_health_was_503_until_warm(served):
     assert served.first_health in (None, 503)

@@ -200,7 +200,12 @@ class Scheduler:
             self.requests[req.request_id] = req
             self.waiting.append(req)
             self._last_arrival = req.arrival
-            self.work_available.notify_all()
+            # Wake the engine loop only when it can act: the first waiting request (an idle loop
+            # sleeps on has_work) or a full set (it ends a burst's admission delay early). A timed
+            # burst wait re-reads the arrivals when it ends, so other arrivals need no wake-up; one
+            # per request cost the HTTP loop a GIL hand-off per request.
+            if len(self.waiting) == 1 or len(self.waiting) >= self.num_slots:
+                self.work_available.notify_all()
         return req
 
     def _retry_after(self) -> float:
