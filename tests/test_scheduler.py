@@ -348,3 +348,61 @@ def test_admission_delay_gathers_a_burst_while_idle():
     with pytest.raises(ValueError, match="batch_wait"):
         Scheduler(2, context_len=8, batch_wait=-1)
     assert Scheduler(2, context_len=8).admission_delay() == 0.0
+
+
+def test_prefill_window_holds_decode_while_a_burst_arrives():
+    now = [0.0]
+    sched, eng = make(4, decode_step_options=(1, 2, 4), prefill_window=0.05, burst_gap=0.01,
+                      clock=lambda: now[0])
+    a = sched.add_request([1], SamplingOptions(max_tokens=4))
+    out = sched.schedule()  # an idle engine admits a: the burst starts, decode is held
+    assert len(out.prefills) == 1 and out.decode_steps == 0
+    sched.update_from_output(out, eng.execute(out))
+    assert a.output_ids == [2]  # the prefill's token streams at once
+    assert sched.admission_delay() == pytest.approx(0.01)  # nobody waits: sleep until the gap ends
+    now[0] = 0.008
+    b = sched.add_request([5], SamplingOptions(max_tokens=4))
+    assert sched.admission_delay() == 0.0  # a newcomer is prefilled at once, still without decode
+    out = sched.schedule()
+    assert [p.request_id for p in out.prefills] == [b.request_id] and out.decode_steps == 0
+    sched.update_from_output(out, eng.execute(out))
+    now[0] = 0.0185  # 10.5 ms since the last arrival: the burst is over, decode runs for both
+    out = sched.schedule()
+    assert out.decode_steps == 4 and sum(out.active) == 2  # 3 tokens left each: one dispatch of 4
+    sched.update_from_output(out, eng.execute(out))
+    run(sched, eng)
+    assert a.output_ids == [2, 3, 4, 5] and b.output_ids == [6, 7, 8, 9]
+
+    # the hold ends after prefill_window even if arrivals keep coming, or once the slots are full
+    now[0] = 1.0
+    first = sched.add_request([1], SamplingOptions(max_tokens=8))
+    sched.update_from_output(out := sched.schedule(), eng.execute(out))
+    for t in (1.009, 1.018):
+        now[0] = t
+        sched.add_request([1], SamplingOptions(max_tokens=8))
+        out = sched.schedule()
+        assert out.decode_steps == 0 and len(out.prefills) == 1
+        sched.update_from_output(out, eng.execute(out))
+    now[0] = 1.027
+    sched.add_request([1], SamplingOptions(max_tokens=8))
+    out = sched.schedule()  # the 4th request fills the slots: it is prefilled and all decode
+    assert len(out.prefills) == 1 and out.decode_steps > 0 and all(out.active)
+    sched.update_from_output(out, eng.execute(out))
+    run(sched, eng)
+    assert first.finished and len(first.output_ids) == 8
+
+    now[0] = 0.0
+    short, eng = make(4, prefill_window=0.015, burst_gap=0.01, clock=lambda: now[0])
+    short.add_request([1], SamplingOptions(max_tokens=8))
+    short.update_from_output(out := short.schedule(), eng.execute(out))
+    now[0] = 0.009
+    short.add_request([1], SamplingOptions(max_tokens=8))
+    short.update_from_output(out := short.schedule(), eng.execute(out))
+    assert out.decode_steps == 0
+    now[0] = 0.016  # 7 ms after the last arrival, but past the 15 ms window: decode
+    assert short.admission_delay() == 0.0 and short.schedule().decode_steps > 0
+    with pytest.raises(ValueError, match="prefill_window"):
+        Scheduler(2, context_len=8, prefill_window=-1)
+    off, eng2 = make(2)  # off by default: the first iteration decodes
+    off.add_request([1], SamplingOptions(max_tokens=4))
+    assert off.schedule().decode_steps > 0

@@ -182,6 +182,9 @@ class Server:
     throughput at 0.5 ms against 68% at 5 ms (H100, benchmarks/serve.py, BENCHMARKS.md).
     overlap: dispatch each engine iteration before reading back the previous one's tokens, so
     the device does not wait on the host (`serving.loop.EngineLoop`); False waits every iteration.
+    prefill_window: after an idle engine admits requests, it only prefills (no decode steps) while
+    free slots remain and requests keep arriving within 10 ms of each other, for up to this many
+    seconds, so that a burst joins one decode batch (`Scheduler._decode_held`); 0: off.
     tune_gc: after warm-up, freeze the objects alive then out of Python's garbage collections and
     collect the young generation less often, until the last running Server stops (`_GCTuning`).
     """
@@ -190,7 +193,8 @@ class Server:
                  cache_len: int | None = None, request_timeout: float | None = None,
                  max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048,
                  embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True,
-                 batch_wait: float = 0.02, switch_interval: float | None = 0.0005, tune_gc: bool = True):
+                 batch_wait: float = 0.02, switch_interval: float | None = 0.0005, tune_gc: bool = True,
+                 prefill_window: float = 0.1):
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
@@ -226,7 +230,8 @@ class Server:
             self.context_len = self.engine.cache_len
             self.scheduler = Scheduler(max_batch_size, max_queue=max_queue, context_len=self.context_len,
                                        detokenize=self.detokenize, decode_step_options=self.engine.step_options,
-                                       max_prefill_tokens=max_prefill_tokens, batch_wait=batch_wait)
+                                       max_prefill_tokens=max_prefill_tokens, batch_wait=batch_wait,
+                                       prefill_window=prefill_window)
             self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.slots_in_use,
                                    max_batch_size)
             self.scheduler.on_finish = self.metrics.record_finished

@@ -136,12 +136,20 @@ class Scheduler:
     batch_wait / arrival_gap: while nothing runs, requests that arrive close together (each within
       arrival_gap s of the last) are gathered for up to batch_wait s, so a burst starts as one batch
       (`admission_delay`); a lone request waits arrival_gap. batch_wait=0 admits at once.
+    prefill_window / burst_gap: after an idle engine admits requests, iterations only prefill (no
+      decode steps) while slots are free and requests keep arriving (each within burst_gap s of
+      the last), for up to prefill_window s (`_decode_held`). A decode dispatch of several steps
+      holds the host until most of it has run (the GPU launch queue is shorter than its kernels),
+      so a burst still arriving behind one joins a whole dispatch later; a decode step costs about
+      the same for 4 slots as for 64, so holding it until the burst is in costs the first requests
+      little. 0 turns it off.
     """
 
     def __init__(self, num_slots: int, *, max_queue: int = 64, context_len: int,
                  detokenize: Callable[[list[int]], str] | None = None,
                  decode_step_options: Sequence[int] = (1,), max_prefill_tokens: int = 4096,
-                 batch_wait: float = 0.0, arrival_gap: float = 0.002, clock: Callable[[], float] = time.monotonic):
+                 batch_wait: float = 0.0, arrival_gap: float = 0.002, prefill_window: float = 0.0,
+                 burst_gap: float = 0.01, clock: Callable[[], float] = time.monotonic):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
         if max_queue < 0:
@@ -154,12 +162,15 @@ class Scheduler:
         if not self.decode_step_options or self.decode_step_options[0] != 1:
             raise ValueError(f"decode_step_options={list(decode_step_options)} must include 1")
         self.max_prefill_tokens = max_prefill_tokens
-        for name, value in (("batch_wait", batch_wait), ("arrival_gap", arrival_gap)):
-            if not isinstance(value, (int, float)) or value < 0:
+        for name, value in (("batch_wait", batch_wait), ("arrival_gap", arrival_gap),
+                            ("prefill_window", prefill_window), ("burst_gap", burst_gap)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a number of seconds >= 0")
         self.batch_wait, self.arrival_gap = float(batch_wait), float(arrival_gap)
+        self.prefill_window, self.burst_gap = float(prefill_window), float(burst_gap)
         self.clock = clock
         self._last_arrival = float("-inf")
+        self._burst_until = float("-inf")  # decode may be held until then (prefill_window)
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * num_slots
         self.requests: dict[str, Request] = {}
@@ -236,14 +247,24 @@ class Scheduler:
         """Seconds to hold the next `schedule()` so that a burst of arrivals is admitted together:
         only while nothing runs, fewer requests wait than there are slots, and arrivals keep coming
         within arrival_gap of each other, for at most batch_wait after the oldest arrived. A burst
-        split over two iterations runs the second part's decode steps after the first part's."""
+        split over two iterations runs the second part's decode steps after the first part's.
+        While decode is held (`_decode_held`) and nobody waits: until the hold may end."""
         with self._lock:
+            if not self.waiting and self.slots_in_use and self._decode_held(self.clock()):
+                # nothing to prefill and decode held: sleep until the window or the gap ends
+                return max(0.0, min(self._burst_until, self._last_arrival + self.burst_gap) - self.clock())
             if self.batch_wait <= 0 or not self.waiting or any(r is not None for r in self.slots):
                 return 0.0
             if len(self.waiting) >= self.num_slots:
                 return 0.0
             until = min(self.waiting[0].arrival + self.batch_wait, self._last_arrival + self.arrival_gap)
             return max(0.0, until - self.clock())
+
+    def _decode_held(self, now: float) -> bool:
+        """Decode waits (prefill_window): a burst that started on an idle engine is still arriving
+        and free slots remain."""
+        return (now < self._burst_until and now - self._last_arrival < self.burst_gap
+                and any(r is None for r in self.slots))
 
     def has_work(self) -> bool:
         with self._lock:
@@ -254,6 +275,9 @@ class Scheduler:
         with self._lock:
             self._expire()
             prefills: list[PrefillWork] = []
+            now = self.clock()
+            if self.prefill_window > 0 and self.waiting and not any(r is not None for r in self.slots):
+                self._burst_until = now + self.prefill_window  # an idle engine starts a burst
             # a slot whose occupant has all its tokens scheduled is free: it finishes when they arrive
             free = [i for i, r in enumerate(self.slots) if r is None or r.scheduled >= r.options.max_tokens]
             budget = self.prefill_budget(self.num_slots - len(free))
@@ -266,6 +290,8 @@ class Scheduler:
                 prefills.append(PrefillWork(req.request_id, slot, req.prompt_ids, req.options))
             decoding = {i: r for i, r in enumerate(self.slots)
                         if r is not None and r.scheduled < r.options.max_tokens}
+            if decoding and self._decode_held(now):
+                decoding = {}  # this iteration only prefills: the burst is still arriving
             steps = self._decode_steps(decoding) if decoding else 0  # >= 1 when anything decodes
             for req in decoding.values():
                 req.scheduled += steps
