@@ -167,8 +167,8 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--max-prefill-batch", type=int, default=None,
-                    help="prompts per prefill dispatch (1: one at a time; default: 8 on GPUs, 1 on CPU)")
-    ap.add_argument("--prefill-batch-tokens", type=int, default=2048)
+                    help="prompts per prefill dispatch (1: one at a time; default: 16 on GPUs, 1 on CPU)")
+    ap.add_argument("--prefill-batch-tokens", type=int, default=8192)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--embd", type=int, default=1024)

@@ -48,11 +48,13 @@ class DecodeState:
 
 
 def default_prefill_batch() -> int:
-    """Prompts per prefill dispatch when not given: 8 on accelerators, where a small prefill is
-    bound by reading the weights and launching kernels, so rows come almost free; 1 on CPU, where
+    """Prompts per prefill dispatch when not given: 16 on accelerators, where a small prefill is
+    bound by reading the weights and launching kernels, so rows come almost free (GPT-2 medium on
+    an H100, 64 prompts of 32-512 tokens, with prefill_batch_tokens 8192: served 0.82 of offline
+    throughput against 0.72 with 8 rows x 2048 tokens and 0.73 with 32 x 16384); 1 on CPU, where
     compute scales with rows and a batch's padding rows cost real time (benchmarks/serve.py on
     2 CPU cores: 919 tokens/s one prompt at a time, 761 batched)."""
-    return 1 if jax.default_backend() == "cpu" else 8
+    return 1 if jax.default_backend() == "cpu" else 16
 
 
 class SlotEngine:
@@ -67,7 +69,7 @@ class SlotEngine:
     """
 
     def __init__(self, model, num_slots: int, *, decode_steps: int = 8, cache_len: int | None = None,
-                 max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048):
+                 max_prefill_batch: int | None = None, prefill_batch_tokens: int = 8192):
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r} must be an int >= 1")
         if not isinstance(decode_steps, int) or decode_steps < 1 or decode_steps & (decode_steps - 1):

@@ -173,7 +173,7 @@ class Server:
     when every slot is busy; more while fewer requests run (`Scheduler.prefill_budget`).
     max_prefill_batch / prefill_batch_tokens: prompts admitted together are prefilled in batches of
     up to this many rows and rows x bucketed length tokens (each such shape is compiled at start;
-    None: 8 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
+    None: 16 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
     batch_wait: while the engine is idle, requests arriving within 2 ms of each other are gathered
     for up to this many seconds and start as one batch (`Scheduler.admission_delay`); 0: at once.
     switch_interval: Python's thread switch interval while the server runs (process-wide, restored by
@@ -191,7 +191,7 @@ class Server:
 
     def __init__(self, model, *, max_batch_size: int = 16, max_queue: int = 64, decode_steps: int = 8,
                  cache_len: int | None = None, request_timeout: float | None = None,
-                 max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 2048,
+                 max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 8192,
                  embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True,
                  batch_wait: float = 0.02, switch_interval: float | None = 0.0005, tune_gc: bool = True,
                  prefill_window: float = 0.1):
