@@ -485,6 +485,29 @@ def test_service_config_keys(tmp_path):
     assert read_config(example)["model_type"] == "gpt"
 
 
+def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkeypatch, capsys):
+    import energon_jax.serving.api as api
+    from energon_jax.cli import main
+
+    seen = {}
+
+    class Recorder(api.Server):
+        def serve_http(self, **kw):  # built and checked, not served
+            seen.update(batch_wait=self.scheduler.batch_wait, prefill_window=self.scheduler.prefill_window,
+                        overlap=self.overlap, max_prefill_tokens=self.scheduler.max_prefill_tokens,
+                        prefill=(self.engine.max_prefill_batch, self.engine.prefill_batch_tokens))
+
+    monkeypatch.setattr(api, "Server", Recorder)
+    base = ["serve", str(gpt_folder), "--max-seq-len", "32", "--max-batch-size", "2", "--log-level", "warning"]
+    assert main(base + ["--batch-wait", "0.005", "--prefill-window", "0", "--no-overlap", "--max-prefill-tokens", "99",
+                        "--max-prefill-batch", "2", "--prefill-batch-tokens", "64"]) == 0
+    assert seen == dict(batch_wait=0.005, prefill_window=0.0, overlap=False, max_prefill_tokens=99, prefill=(2, 64))
+    assert main(base + ["--prefill-window", "-1"]) == 2
+    assert "prefill_window=-1.0 must be a number of seconds >= 0" in capsys.readouterr().err
+    assert main(base + ["--max-prefill-tokens", "0"]) == 2
+    assert "max_prefill_tokens=0 must be an int >= 1" in capsys.readouterr().err
+
+
 def test_sigterm_finishes_or_cleanly_fails_requests_in_flight(gpt_folder, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -492,7 +515,8 @@ def test_sigterm_finishes_or_cleanly_fails_requests_in_flight(gpt_folder, tmp_pa
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "energon_jax.cli", "serve", str(gpt_folder), "--port", str(port),
                              "--max-batch-size", "2", "--max-queue", "8", "--decode-steps", "1", "--max-seq-len", "32",
-                             "--shutdown-timeout", "20", "--log-level", "warning"],
+                             "--shutdown-timeout", "20", "--log-level", "warning", "--batch-wait", "0",
+                             "--prefill-window", "0.05", "--max-prefill-batch", "2", "--prefill-batch-tokens", "64"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         end = time.monotonic() + 240

@@ -33,6 +33,17 @@ def add_parsers(sub) -> None:
     s.add_argument("--decode-steps", type=int, default=8, help="most decode steps per dispatch (a power of two)")
     s.add_argument("--max-seq-len", type=int, default=None, help="positions per slot (default: the model's)")
     s.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is ended")
+    s.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="prompt tokens admitted per iteration while every slot is busy")
+    s.add_argument("--max-prefill-batch", type=int, default=None,
+                   help="prompts per prefill dispatch (default: 16 on GPUs, 1 on CPU)")
+    s.add_argument("--prefill-batch-tokens", type=int, default=8192, help="rows x bucket tokens per prefill dispatch")
+    s.add_argument("--batch-wait", type=float, default=0.02,
+                   help="seconds an idle engine gathers a burst of arrivals (0: admit at once)")
+    s.add_argument("--prefill-window", type=float, default=0.1,
+                   help="seconds an idle engine only prefills while a burst keeps arriving (0: off)")
+    s.add_argument("--no-overlap", action="store_true",
+                   help="wait for each engine iteration's tokens before dispatching the next")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let requests in flight finish")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
@@ -52,11 +63,12 @@ def _setup_logging(level: str) -> None:
 
 
 def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, request_timeout=None,
-         shutdown_timeout=30.0, log_level="info", name=None) -> int:
+         shutdown_timeout=30.0, log_level="info", name=None, **server_options) -> int:
+    """server_options: further `Server` keywords (prefill sizes, batch_wait, prefill_window, overlap)."""
     from energon_jax.serving.api import Server
 
     server = Server(model, max_batch_size=max_batch_size, max_queue=max_queue, decode_steps=decode_steps,
-                    request_timeout=request_timeout, name=name)
+                    request_timeout=request_timeout, name=name, **server_options)
     log.info("serving %r on http://%s:%d (compiling before /health reports ready)", model, host, port)
     server.serve_http(host=host, port=port, log_level=log_level if log_level != "trace" else "debug",
                       shutdown_timeout=shutdown_timeout)
@@ -71,7 +83,10 @@ def _serve(args) -> int:
                                   max_seq_len=args.max_seq_len)
     return _run(model, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                 decode_steps=args.decode_steps, request_timeout=args.request_timeout,
-                shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, name=str(args.model))
+                shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, name=str(args.model),
+                max_prefill_tokens=args.max_prefill_tokens, max_prefill_batch=args.max_prefill_batch,
+                prefill_batch_tokens=args.prefill_batch_tokens, batch_wait=args.batch_wait,
+                prefill_window=args.prefill_window, overlap=not args.no_overlap)
 
 
 def read_config(path: str) -> dict:

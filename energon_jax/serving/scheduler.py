@@ -161,6 +161,8 @@ class Scheduler:
         self.decode_step_options = sorted(set(int(k) for k in decode_step_options))
         if not self.decode_step_options or self.decode_step_options[0] != 1:
             raise ValueError(f"decode_step_options={list(decode_step_options)} must include 1")
+        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={max_prefill_tokens!r} must be an int >= 1")
         self.max_prefill_tokens = max_prefill_tokens
         for name, value in (("batch_wait", batch_wait), ("arrival_gap", arrival_gap),
                             ("prefill_window", prefill_window), ("burst_gap", burst_gap)):
