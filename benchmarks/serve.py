@@ -192,6 +192,8 @@ def main() -> None:
     ap.add_argument("--client", nargs=5, metavar=("URL", "PROMPTS", "NEW_TOKENS", "WARM", "START_AT"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: give at least 1")
     if args.client:
         return client_main(args.client[0], args.client[1], int(args.client[2]), args.client[3] == "1",
                            float(args.client[4]) or None)
@@ -279,7 +281,7 @@ def main() -> None:
         "ttft_p99_ms": 1e3 * percentile([r["ttft"] for r in results], 99),
         "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
         "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
-        "engine_iterations": server.loop.iterations,
+        "engine_iterations": server.loop.iterations,  # all rounds
         "rounds_tokens_per_s": [round(total_new / g["wall"]) for g in rounds],
         "where_the_time_went": breakdown, "warmup_s": server.warmup_seconds,
         "compiles": dict(server.engine.compile_counts),

@@ -101,3 +101,12 @@ def test_packed_attention_kernel_switch():
     with pytest.raises(ValueError, match="attention_impl='flash'"):
         PackedAttention(16, "flash")
     assert jax.default_backend() == "cpu"
+
+
+def test_default_token_budget_follows_the_attention_path():
+    from energon_jax.engine.bert import DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_FUSED, default_max_tokens
+
+    assert default_max_tokens("triton") == DEFAULT_MAX_TOKENS_FUSED == 65536  # fused varlen kernel
+    assert default_max_tokens("xla") == DEFAULT_MAX_TOKENS == 16384  # scores materialised per window
+    assert default_max_tokens("auto") == (65536 if jax.default_backend() == "gpu" else 16384)
+    assert token_bucket(10, minimum=8192) == token_bucket(5000, minimum=8192) == 8192

@@ -190,20 +190,49 @@ def test_servers_tune_the_garbage_collector_until_the_last_stops(model):
     import gc
 
     from energon_jax.serving import Server
+    from energon_jax.serving.api import _GCTuning
 
-    before, frozen_before = gc.get_threshold(), gc.get_freeze_count()
+    users = _GCTuning._users  # another test's server (a module fixture) may be running
+    before = gc.get_threshold() if users == 0 else _GCTuning._saved
     a = Server(model, max_batch_size=2, cache_len=CACHE_LEN).start(warmup=False)
     b = Server(model, max_batch_size=2, cache_len=CACHE_LEN).start(warmup=False)
     c = Server(model, max_batch_size=2, cache_len=CACHE_LEN, tune_gc=False).start(warmup=False)
     try:
-        assert gc.get_threshold()[0] >= 20_000 and gc.get_freeze_count() > frozen_before
-        a.stop()  # b still runs: the settings stay
-        assert gc.get_threshold()[0] >= 20_000
+        assert _GCTuning._users == users + 2
+        assert gc.get_threshold()[0] >= 20_000 and gc.get_freeze_count() > 0
+        a.stop()
+        a.stop()  # a second stop (drain thread and lifespan) releases nothing more
+        assert _GCTuning._users == users + 1 and gc.get_threshold()[0] >= 20_000  # b still runs
         assert b.generate([[5, 6, 7]], max_tokens=3)[0].finish_reason == "length"
     finally:
         for s in (a, b, c):
             s.stop()
-    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen_before
+    assert _GCTuning._users == users
+    if users == 0:
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    else:
+        assert gc.get_threshold()[0] >= 20_000
+
+
+def test_mailbox_drops_deltas_for_a_closed_loop_and_does_not_keep_it():
+    import gc
+    import weakref
+
+    from energon_jax.serving.api import _mailbox, _mailboxes
+    from energon_jax.serving.scheduler import Delta
+
+    loop = asyncio.SelectorEventLoop()
+    box, q = _mailbox(loop), asyncio.Queue()
+    delta = Delta("req-0", [1], None)
+    box.post(q, delta)  # a delivery is scheduled; then the loop closes before running it
+    loop.close()
+    for _ in range(3):
+        box.post(q, delta)
+    assert box._items == []
+    ref = weakref.ref(loop)
+    del loop, box
+    gc.collect()
+    assert ref() is None and all(k is not None for k in _mailboxes.keys())
 
 
 def test_streamed_deltas_reach_an_event_loop_in_batches(model):

@@ -29,10 +29,20 @@ from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, BertLayer
 from energon_jax.tokenizer import Tokenizer
 
 POOLINGS = ("mean", "cls", "pooler", "none")
-# Token budget of one packed step. bert-base on an H100, 1,024 sequences U[16, 512]
-# (benchmarks/encode.py, session 5): 16k 6,091 seq/s, 32k 6,535, 64k 6,663; the bigger steps keep
-# the GEMMs busier and dispatch less. 64k tokens of bert-base activations are ~0.5 GB at the widest.
-DEFAULT_MAX_TOKENS = 65536
+# Token budget of one packed step. With the fused varlen kernel (GPUs): bert-base on an H100,
+# 1,024 sequences U[16, 512] (benchmarks/encode.py, session 5): 16k 6,091 seq/s, 32k 6,535, 64k
+# 6,663; bigger steps keep the GEMMs busier and dispatch less, and 64k tokens of bert-base
+# activations are ~0.5 GB at the widest. XLA's segment-masked attention materialises scores per
+# window (~3.6 GB fp32 per layer for bert-base at 64k), so it keeps 16k.
+DEFAULT_MAX_TOKENS = 16384
+DEFAULT_MAX_TOKENS_FUSED = 65536
+
+
+def default_max_tokens(attention_impl: str) -> int:
+    """The token budget of one packed step when not given (see DEFAULT_MAX_TOKENS_FUSED)."""
+    from energon_jax.kernels._dispatch import resolve_impl
+
+    return DEFAULT_MAX_TOKENS_FUSED if resolve_impl(attention_impl) == "triton" else DEFAULT_MAX_TOKENS
 _HEADS = POOLINGS + ("mlm",)
 
 
@@ -143,7 +153,7 @@ class BertModel(ShardedModel):
                  attention_impl: str = "auto", max_tokens_per_chunk: int | None = None):
         super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
         self.attention_impl = attention_impl
-        self.max_tokens_per_chunk = max_tokens_per_chunk or max(DEFAULT_MAX_TOKENS, bucket(max_seq_len))
+        self.max_tokens_per_chunk = max_tokens_per_chunk or max(default_max_tokens(attention_impl), bucket(max_seq_len))
         self.compile_counts = CompileCounter()
         self.last_stats: EncodeStats | None = None
         check_layout(mesh, layers=config.num_hidden_layers)  # the loaders check before loading; this guards direct use

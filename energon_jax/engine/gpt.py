@@ -92,6 +92,8 @@ def _compiled_steps(config, dtype, mesh, attention_impl):
 
 
 def _is_token_list(p) -> bool:
+    if isinstance(p, (list, tuple)) and set(map(type, p)) <= {int}:  # a JSON body's ids: C loops only
+        return True
     return isinstance(p, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in p)
 
 

@@ -34,7 +34,7 @@ def token_bucket(n: int, cap: int | None = None, minimum: int = 16) -> int:
     b = bucket(n, minimum=minimum)
     if b > FINE_TOKEN_BUCKETS_FROM:
         step = b // 8
-        b = -(-n // step) * step
+        b = max(minimum, -(-n // step) * step)
     return min(b, cap) if cap is not None else b
 
 

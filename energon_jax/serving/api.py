@@ -35,18 +35,22 @@ class _Mailbox:
     per iteration."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # the registry's key: a strong reference would keep it forever
         self._lock = threading.Lock()
         self._items: list = []
 
     def post(self, q: asyncio.Queue, delta: Delta) -> None:  # the engine loop's thread
+        loop = self._loop()
         with self._lock:
+            if loop is None or loop.is_closed():  # nobody is listening any more
+                self._items.clear()
+                return
             self._items.append((q, delta))
             if len(self._items) > 1:  # a delivery is already scheduled and has not run yet
                 return
         try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # closed in the meantime
             with self._lock:
                 self._items.clear()
 
@@ -65,15 +69,17 @@ class _GCTuning:
     the collector's scans (`gc.freeze`), and the youngest generation collects every 20,000 net
     allocations instead of 700. Without this a full collection took 130-150 ms of the HTTP event
     loop in about one 64-request burst in three, and young collections ~50-90 us per request
-    (measured on the 2-core CI machine with benchmarks/serve.py's tiny model)."""
+    (measured on the 2-core CI machine with benchmarks/serve.py's tiny model). The last stop
+    restores the thresholds and unfreezes everything (objects frozen by anyone else too); cyclic
+    garbage among frozen objects is not collected while a Server runs."""
 
     GEN0_THRESHOLD = 20_000
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     _users = 0
     _saved: tuple | None = None
 
     @classmethod
-    def acquire(cls) -> None:
+    def acquire(cls) -> None:  # a Server's start
         with cls._lock:
             cls._users += 1
             if cls._users == 1:
@@ -282,9 +288,10 @@ class Server:
         if self._saved_switch_interval is not None:
             sys.setswitchinterval(self._saved_switch_interval)
             self._saved_switch_interval = None
-        if self._gc_tuned:
+        with _GCTuning._lock:  # stop() may run in two threads at once (drain and lifespan)
+            release, self._gc_tuned = self._gc_tuned, False
+        if release:
             _GCTuning.release()
-            self._gc_tuned = False
         self.ready = False
 
     def __enter__(self) -> "Server":
