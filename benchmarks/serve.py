@@ -160,15 +160,17 @@ def timeline_summary(timeline, t0: float, end: float) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--client"]:  # a load process (run_clients): httpx only, no jax import
+        url, prompts_file, new_tokens, warm, start_at = sys.argv[2:7]
+        return client_main(url, prompts_file, int(new_tokens), warm == "1", float(start_at) or None)
+    from energon_jax.serving.cli_verbs import add_batching_args, batching_options
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--min-prompt", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--decode-steps", type=int, default=8)
-    ap.add_argument("--max-prefill-batch", type=int, default=None,
-                    help="prompts per prefill dispatch (1: one at a time; default: 16 on GPUs, 1 on CPU)")
-    ap.add_argument("--prefill-batch-tokens", type=int, default=8192)
+    add_batching_args(ap)  # --decode-steps, prefill sizes, --batch-wait, --prefill-window, --no-overlap
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--embd", type=int, default=1024)
@@ -177,26 +179,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="measured rounds of the whole client load on the one warm server; the median round is reported")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
-    ap.add_argument("--batch-wait", type=float, default=0.02,
-                    help="seconds an idle engine gathers a burst of arrivals (Server(batch_wait=))")
-    ap.add_argument("--prefill-window", type=float, default=0.1,
-                    help="Server(prefill_window=): seconds an idle engine's first iterations only prefill while a burst arrives")
     ap.add_argument("--switch-interval", type=float, default=0.0005,
                     help="Server(switch_interval=): the thread switch interval while serving (Python's is 0.005 s)")
-    ap.add_argument("--no-overlap", action="store_true",
-                    help="the engine loop waits for each iteration's tokens before scheduling the next")
     ap.add_argument("--warm-connections", action="store_true",
                     help="every client opens its keep-alive connection before the measured round")
     ap.add_argument("--client-procs", type=int, default=4,
                     help="client processes sharing the concurrent clients (1: one asyncio client for all)")
-    ap.add_argument("--client", nargs=5, metavar=("URL", "PROMPTS", "NEW_TOKENS", "WARM", "START_AT"),
-                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: give at least 1")
-    if args.client:
-        return client_main(args.client[0], args.client[1], int(args.client[2]), args.client[3] == "1",
-                           float(args.client[4]) or None)
 
     import jax
     import uvicorn
@@ -236,11 +227,8 @@ def main() -> None:
     print(f"offline generate: {offline}", flush=True)
 
     # served: in-process Server + uvicorn thread; clients in another process (no shared GIL)
-    server = Server(model, max_batch_size=args.clients, max_queue=args.clients, decode_steps=args.decode_steps,
-                    max_prefill_batch=args.max_prefill_batch, prefill_batch_tokens=args.prefill_batch_tokens,
-                    name="gpt2-medium-random", overlap=not args.no_overlap,
-                    batch_wait=args.batch_wait, switch_interval=args.switch_interval,
-                    prefill_window=args.prefill_window)
+    server = Server(model, max_batch_size=args.clients, max_queue=args.clients, name="gpt2-medium-random",
+                    switch_interval=args.switch_interval, **batching_options(args))
     server.start()
     arrivals = []  # perf_counter when each request reached the scheduler (one clock with the clients')
     add_request = server.scheduler.add_request

@@ -30,20 +30,9 @@ def add_parsers(sub) -> None:
     add_parallel_args(s)
     s.add_argument("--max-batch-size", type=int, default=16, help="decode slots (concurrent generations)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 429")
-    s.add_argument("--decode-steps", type=int, default=8, help="most decode steps per dispatch (a power of two)")
     s.add_argument("--max-seq-len", type=int, default=None, help="positions per slot (default: the model's)")
     s.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is ended")
-    s.add_argument("--max-prefill-tokens", type=int, default=4096,
-                   help="prompt tokens admitted per iteration while every slot is busy")
-    s.add_argument("--max-prefill-batch", type=int, default=None,
-                   help="prompts per prefill dispatch (default: 16 on GPUs, 1 on CPU)")
-    s.add_argument("--prefill-batch-tokens", type=int, default=8192, help="rows x bucket tokens per prefill dispatch")
-    s.add_argument("--batch-wait", type=float, default=0.02,
-                   help="seconds an idle engine gathers a burst of arrivals (0: admit at once)")
-    s.add_argument("--prefill-window", type=float, default=0.1,
-                   help="seconds an idle engine only prefills while a burst keeps arriving (0: off)")
-    s.add_argument("--no-overlap", action="store_true",
-                   help="wait for each engine iteration's tokens before dispatching the next")
+    add_batching_args(s)
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let requests in flight finish")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
@@ -55,6 +44,29 @@ def add_parsers(sub) -> None:
     init.add_argument("--config_file", "--config-file", dest="config_file", required=True,
                       help="Python file with Energon's keys: " + ", ".join(CONFIG_KEYS))
     init.set_defaults(func=_service_init)
+
+
+def add_batching_args(p: argparse.ArgumentParser) -> None:
+    """The GPT `Server`'s batching flags (with its defaults), for `energon serve` and benchmarks/serve.py;
+    `batching_options(args)` turns them into Server keywords."""
+    p.add_argument("--decode-steps", type=int, default=8, help="most decode steps per dispatch (a power of two)")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="prompt tokens admitted per iteration while every slot is busy")
+    p.add_argument("--max-prefill-batch", type=int, default=None,
+                   help="prompts per prefill dispatch (1: one at a time; default: 16 on GPUs, 1 on CPU)")
+    p.add_argument("--prefill-batch-tokens", type=int, default=8192, help="rows x bucket tokens per prefill dispatch")
+    p.add_argument("--batch-wait", type=float, default=0.02,
+                   help="seconds an idle engine gathers a burst of arrivals (0: admit at once)")
+    p.add_argument("--prefill-window", type=float, default=0.1,
+                   help="seconds an idle engine only prefills while a burst keeps arriving (0: off)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="wait for each engine iteration's tokens before dispatching the next")
+
+
+def batching_options(args: argparse.Namespace) -> dict:
+    return dict(decode_steps=args.decode_steps, max_prefill_tokens=args.max_prefill_tokens,
+                max_prefill_batch=args.max_prefill_batch, prefill_batch_tokens=args.prefill_batch_tokens,
+                batch_wait=args.batch_wait, prefill_window=args.prefill_window, overlap=not args.no_overlap)
 
 
 def _setup_logging(level: str) -> None:
@@ -82,11 +94,8 @@ def _serve(args) -> int:
     model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
                                   max_seq_len=args.max_seq_len)
     return _run(model, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                decode_steps=args.decode_steps, request_timeout=args.request_timeout,
-                shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, name=str(args.model),
-                max_prefill_tokens=args.max_prefill_tokens, max_prefill_batch=args.max_prefill_batch,
-                prefill_batch_tokens=args.prefill_batch_tokens, batch_wait=args.batch_wait,
-                prefill_window=args.prefill_window, overlap=not args.no_overlap)
+                request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
+                log_level=args.log_level, name=str(args.model), **batching_options(args))
 
 
 def read_config(path: str) -> dict:
