@@ -252,15 +252,16 @@ class Scheduler:
         split over two iterations runs the second part's decode steps after the first part's.
         While decode is held (`_decode_held`) and nobody waits: until the hold may end."""
         with self._lock:
-            if not self.waiting and self.slots_in_use and self._decode_held(self.clock()):
+            now = self.clock()
+            if not self.waiting and self.slots_in_use and self._decode_held(now):
                 # nothing to prefill and decode held: sleep until the window or the gap ends
-                return max(0.0, min(self._burst_until, self._last_arrival + self.burst_gap) - self.clock())
-            if self.batch_wait <= 0 or not self.waiting or any(r is not None for r in self.slots):
+                return max(0.0, min(self._burst_until, self._last_arrival + self.burst_gap) - now)
+            if self.batch_wait <= 0 or not self.waiting or self.slots_in_use:
                 return 0.0
             if len(self.waiting) >= self.num_slots:
                 return 0.0
             until = min(self.waiting[0].arrival + self.batch_wait, self._last_arrival + self.arrival_gap)
-            return max(0.0, until - self.clock())
+            return max(0.0, until - now)
 
     def _decode_held(self, now: float) -> bool:
         """Decode waits (prefill_window): a burst that started on an idle engine is still arriving
@@ -278,7 +279,7 @@ class Scheduler:
             self._expire()
             prefills: list[PrefillWork] = []
             now = self.clock()
-            if self.prefill_window > 0 and self.waiting and not any(r is not None for r in self.slots):
+            if self.prefill_window > 0 and self.waiting and not self.slots_in_use:
                 self._burst_until = now + self.prefill_window  # an idle engine starts a burst
             # a slot whose occupant has all its tokens scheduled is free: it finishes when they arrive
             free = [i for i, r in enumerate(self.slots) if r is None or r.scheduled >= r.options.max_tokens]
