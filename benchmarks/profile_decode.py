@@ -109,7 +109,7 @@ def profile_prefill(args) -> None:
           f"(host launches {1e3 * launch_s[-1]:.1f} ms), offline generate(1) {1e3 * walls['offline']:.1f} ms")
     for name, fn in (("slots", run), ("offline", offline)):
         print(f"## {name} (per step = the whole prefill)")
-        summarise(trace_kernels(fn, os.path.join(args.out, name)), 1, walls[name])
+        summarise(trace_kernels(fn, os.path.join(args.out, name)), 1, walls[name], args.top)
 
 
 def main() -> None:
@@ -124,6 +124,7 @@ def main() -> None:
                     help="trace the serving engine's batched prefills of --batch prompts of U[32, 512] tokens "
                          "(benchmarks/serve.py's prompts) against one offline generate(max_new_tokens=1)")
     ap.add_argument("--out", default="/tmp/energon_profile")
+    ap.add_argument("--top", type=int, default=25, help="kernel names listed, by total time")
     args = ap.parse_args()
     if args.prefill:
         return profile_prefill(args)
@@ -164,7 +165,7 @@ def main() -> None:
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: {args.model} batch {args.batch} attention "
           f"{args.impl} {'slot decode' if args.slots else 'generate'}: {1e3 * wall / args.steps:.3f} ms/step untraced")
     kernels = trace_kernels(run, args.out)  # generate's trace also holds its one prefill (~1 step's worth)
-    summarise(kernels, args.steps, wall)
+    summarise(kernels, args.steps, wall, args.top)
 
 
 if __name__ == "__main__":
