@@ -159,6 +159,34 @@ def timeline_summary(timeline, t0: float, end: float) -> dict:
     }
 
 
+def served_figures(rounds, server, arrivals, total_new, clients):
+    """The median round's figures (served dict, printed) and its raw timeline and arrivals."""
+    got = sorted(rounds, key=lambda g: g["wall"])[len(rounds) // 2]  # the median round (upper for even)
+    results, wall = got["results"], got["wall"]
+    breakdown = timeline_summary(server.loop.timeline, got["t0"], max(r["end"] for r in results))
+    end = got["t0"] + wall
+    arrived = sorted(1e3 * (a - got["t0"]) for a in arrivals if got["t0"] - 1e-3 <= a <= end)
+    if arrived:
+        breakdown["requests_reached_scheduler_ms"] = {q: round(float(np.percentile(arrived, q)), 1)
+                                                      for q in (0, 25, 50, 75, 100)}
+    served = {
+        "seconds": wall, "requests_per_s": clients / wall, "tokens_per_s": total_new / wall,
+        "ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in results], 50),
+        "ttft_p99_ms": 1e3 * percentile([r["ttft"] for r in results], 99),
+        "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
+        "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
+        "rounds_tokens_per_s": [round(total_new / g["wall"]) for g in rounds],
+        "where_the_time_went": breakdown, "warmup_s": server.warmup_seconds,
+        "compiles": dict(server.engine.compile_counts),
+    }
+    print(f"served: {served}", flush=True)
+    t0 = got["t0"]  # the raw iterations and arrivals, in ms from the clients' start
+    raw = {"timeline_ms": [[round(1e3 * (x - t0), 2) for x in it[:4]] + list(it[4:])
+                           for it in server.loop.timeline if t0 - 1e-3 <= it[0] <= end],
+           "arrivals_ms": [round(a, 2) for a in arrived]}
+    return served, raw
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--client"]:  # a load process (run_clients): httpx only, no jax import
         url, prompts_file, new_tokens, warm, start_at = sys.argv[2:7]
@@ -183,11 +211,18 @@ def main() -> None:
                     help="Server(switch_interval=): the thread switch interval while serving (Python's is 0.005 s)")
     ap.add_argument("--warm-connections", action="store_true",
                     help="every client opens its keep-alive connection before the measured round")
-    ap.add_argument("--client-procs", type=int, default=4,
-                    help="client processes sharing the concurrent clients (1: one asyncio client for all)")
+    ap.add_argument("--client-procs", default="4",
+                    help="client processes sharing the concurrent clients (1: one asyncio client for all); a "
+                         "comma-separated list measures each setting in turn on the one warm server")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: give at least 1")
+    try:
+        args.client_procs = [int(x) for x in args.client_procs.split(",")]
+    except ValueError:
+        ap.error(f"--client-procs {args.client_procs!r}: give comma-separated ints")
+    if min(args.client_procs) < 1 or max(args.client_procs) > args.clients:
+        ap.error(f"--client-procs {args.client_procs}: each must be in [1, --clients {args.clients}]")
 
     import jax
     import uvicorn
@@ -247,53 +282,34 @@ def main() -> None:
     thread.start()
     while not web.started:
         time.sleep(0.05)
-    rounds = []
-    for _ in range(args.rounds):
-        got = run_clients(f"http://127.0.0.1:{port}", prompts, args.new_tokens, args.warm_connections,
-                          args.client_procs)
-        assert sum(r["tokens"] for r in got["results"]) == total_new, "tokens lost"
-        rounds.append(got)
-        print(f"round {len(rounds)}: {total_new / got['wall']:.0f} tokens/s = "
-              f"{total_new / got['wall'] / offline['tokens_per_s']:.2f} of offline", flush=True)
-    got = sorted(rounds, key=lambda g: g["wall"])[len(rounds) // 2]  # the median round (upper for even)
-    results, wall = got["results"], got["wall"]
-    breakdown = timeline_summary(server.loop.timeline, got["t0"], max(r["end"] for r in results))
-    end = got["t0"] + wall
-    arrived = sorted(1e3 * (a - got["t0"]) for a in arrivals if got["t0"] - 1e-3 <= a <= end)
-    if arrived:
-        breakdown["requests_reached_scheduler_ms"] = {q: round(float(np.percentile(arrived, q)), 1)
-                                                      for q in (0, 25, 50, 75, 100)}
-    served = {
-        "seconds": wall, "requests_per_s": args.clients / wall, "tokens_per_s": total_new / wall,
-        "ttft_p50_ms": 1e3 * percentile([r["ttft"] for r in results], 50),
-        "ttft_p99_ms": 1e3 * percentile([r["ttft"] for r in results], 99),
-        "tpot_p50_ms": 1e3 * percentile([r["tpot"] for r in results], 50),
-        "tpot_p99_ms": 1e3 * percentile([r["tpot"] for r in results], 99),
-        "engine_iterations": server.loop.iterations,  # all rounds
-        "rounds_tokens_per_s": [round(total_new / g["wall"]) for g in rounds],
-        "where_the_time_went": breakdown, "warmup_s": server.warmup_seconds,
-        "compiles": dict(server.engine.compile_counts),
-    }
+    settings = []  # one per --client-procs value: (procs, served figures, the median round's raw data)
+    for procs in args.client_procs:
+        rounds = []
+        for _ in range(args.rounds):
+            got = run_clients(f"http://127.0.0.1:{port}", prompts, args.new_tokens, args.warm_connections, procs)
+            assert sum(r["tokens"] for r in got["results"]) == total_new, "tokens lost"
+            rounds.append(got)
+            print(f"{procs} client processes, round {len(rounds)}: {total_new / got['wall']:.0f} tokens/s = "
+                  f"{total_new / got['wall'] / offline['tokens_per_s']:.2f} of offline", flush=True)
+        settings.append((procs, *served_figures(rounds, server, arrivals, total_new, args.clients)))
     web.should_exit = True
     thread.join(timeout=30)
     server.stop()
-    ratio = served["tokens_per_s"] / offline["tokens_per_s"]
-    print(f"served: {served}")
-    print(f"\n| mode | clients | req/s | tokens/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |\n|---|---|---|---|---|---|\n"
-          f"| HTTP streaming | {args.clients} | {served['requests_per_s']:.2f} | {served['tokens_per_s']:.0f} | "
-          f"{served['ttft_p50_ms']:.0f} / {served['ttft_p99_ms']:.0f} | "
-          f"{served['tpot_p50_ms']:.2f} / {served['tpot_p99_ms']:.2f} |\n"
-          f"| offline generate | {args.clients} | {offline['requests_per_s']:.2f} | {offline['tokens_per_s']:.0f} | - | - |"
-          f"\nserved / offline tokens/s = {ratio:.2f} (target >= 0.70)")
+    print("\n| mode | clients | client processes | req/s | tokens/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+          "served / offline (median round) |\n|---|---|---|---|---|---|---|---|")
+    for procs, served, _ in settings:
+        print(f"| HTTP streaming | {args.clients} | {procs} | {served['requests_per_s']:.2f} | "
+              f"{served['tokens_per_s']:.0f} | {served['ttft_p50_ms']:.0f} / {served['ttft_p99_ms']:.0f} | "
+              f"{served['tpot_p50_ms']:.2f} / {served['tpot_p99_ms']:.2f} | "
+              f"{served['tokens_per_s'] / offline['tokens_per_s']:.2f} |")
+    print(f"| offline generate | {args.clients} | - | {offline['requests_per_s']:.2f} | {offline['tokens_per_s']:.0f} "
+          f"| - | - | 1 |\n(target: served / offline >= 0.70)")
     if args.out:
-        t0 = got["t0"]  # the raw iterations and arrivals, in ms from the clients' start
-        raw = {"timeline_ms": [[round(1e3 * (x - t0), 2) for x in it[:4]] + list(it[4:])
-                               for it in server.loop.timeline if t0 - 1e-3 <= it[0] <= end],
-               "arrivals_ms": [round(a, 2) for a in arrived]}
         with open(args.out, "w") as f:
-            json.dump({"served": served, "offline": offline, "ratio": ratio, "args": vars(args), "raw": raw}, f,
-                      indent=1)
-
+            json.dump({"offline": offline, "args": vars(args),
+                       "settings": [{"client_procs": procs, "served": served,
+                                     "ratio": served["tokens_per_s"] / offline["tokens_per_s"], "raw": raw}
+                                    for procs, served, raw in settings]}, f, indent=1)
 
 if __name__ == "__main__":
     main()
