@@ -137,22 +137,6 @@ def test_slot_engine_matches_generate_and_never_recompiles(model):
     assert dict(eng.compile_counts) == compiled  # new lengths in a bucket and new sampling settings: no compile
 
 
-def test_unrolled_decode_equals_the_loop(model):
-    """unroll_decode compiles the same steps as straight-line code: the same tokens and state."""
-    from energon_jax.engine.slots import SlotEngine
-
-    ids = model.encode_prompts(["The for statement", "I do not like green eggs"])
-    engines = [SlotEngine(model, 2, decode_steps=4, cache_len=32, unroll_decode=u) for u in (False, True)]
-    outs = []
-    for eng in engines:
-        for s in range(2):
-            eng.prefill(s, ids[s], temperature=0.7 * s, seed=5)
-        outs.append([np.asarray(eng.decode(4, [True, s])) for s in (True, False)] + [np.asarray(eng.decode(2, [True, True]))])
-    for loop_out, unrolled_out in zip(*outs):
-        np.testing.assert_array_equal(loop_out, unrolled_out)
-    np.testing.assert_array_equal(np.asarray(engines[0].state.positions_s), np.asarray(engines[1].state.positions_s))
-
-
 def test_batched_prefill_equals_one_at_a_time(model):
     """Prompts prefilled together (padded rows, mixed lengths, one dispatch) sample what each
     prefilled alone samples, and decode on from the same state."""
@@ -540,15 +524,13 @@ def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkey
         def serve_http(self, **kw):  # built and checked, not served
             seen.update(batch_wait=self.scheduler.batch_wait, prefill_window=self.scheduler.prefill_window,
                         overlap=self.overlap, max_prefill_tokens=self.scheduler.max_prefill_tokens,
-                        prefill=(self.engine.max_prefill_batch, self.engine.prefill_batch_tokens),
-                        unroll=self.engine.unroll_decode)
+                        prefill=(self.engine.max_prefill_batch, self.engine.prefill_batch_tokens))
 
     monkeypatch.setattr(api, "Server", Recorder)
     base = ["serve", str(gpt_folder), "--max-seq-len", "32", "--max-batch-size", "2", "--log-level", "warning"]
     assert main(base + ["--batch-wait", "0.005", "--prefill-window", "0", "--no-overlap", "--max-prefill-tokens", "99",
-                        "--max-prefill-batch", "2", "--prefill-batch-tokens", "64", "--unroll-decode"]) == 0
-    assert seen == dict(batch_wait=0.005, prefill_window=0.0, overlap=False, max_prefill_tokens=99, prefill=(2, 64),
-                        unroll=True)
+                        "--max-prefill-batch", "2", "--prefill-batch-tokens", "64"]) == 0
+    assert seen == dict(batch_wait=0.005, prefill_window=0.0, overlap=False, max_prefill_tokens=99, prefill=(2, 64))
     assert main(base + ["--prefill-window", "-1"]) == 2
     assert "prefill_window=-1.0 must be a number of seconds >= 0" in capsys.readouterr().err
     assert main(base + ["--max-prefill-tokens", "0"]) == 2

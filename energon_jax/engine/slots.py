@@ -66,15 +66,10 @@ class SlotEngine:
     cache_len: cache positions per slot (default: the model's max_seq_len).
     max_prefill_batch / prefill_batch_tokens: prompts prefilled in one dispatch, at most this many
       rows (a power of two; None: `default_prefill_batch()`) and rows x bucket tokens.
-    unroll_decode: compile a k-step decode as k unrolled steps instead of a loop. XLA runs a loop's
-      condition on the host: a looping dispatch returns only when its last step has run, so the
-      serving loop cannot queue the next iteration behind it and the device idles while the host
-      schedules. Unrolled, the dispatch returns at once; the programs take longer to compile.
     """
 
     def __init__(self, model, num_slots: int, *, decode_steps: int = 8, cache_len: int | None = None,
-                 max_prefill_batch: int | None = None, prefill_batch_tokens: int = 8192,
-                 unroll_decode: bool = False):
+                 max_prefill_batch: int | None = None, prefill_batch_tokens: int = 8192):
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r} must be an int >= 1")
         if not isinstance(decode_steps, int) or decode_steps < 1 or decode_steps & (decode_steps - 1):
@@ -97,7 +92,6 @@ class SlotEngine:
         self.step_options = tuple(1 << i for i in range(decode_steps.bit_length()))
         self.max_prefill_batch = min(max_prefill_batch, num_slots)
         self.prefill_batch_tokens = prefill_batch_tokens
-        self.unroll_decode = bool(unroll_decode)
         self.prefill_buckets = tuple(sorted({bucket(n, self.cache_len) for n in
                                              [1] + [1 << i for i in range(self.cache_len.bit_length() + 1)]
                                              if n <= self.cache_len}))
@@ -166,7 +160,7 @@ class SlotEngine:
         return prefill
 
     def _make_decode(self):
-        runner, counter, last, unroll = self.runner, self.compile_counts, self.cache_len - 1, self.unroll_decode
+        runner, counter, last = self.runner, self.compile_counts, self.cache_len - 1
 
         @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("steps",),
                            out_shardings=(self._state_sharding, self._replicated))
@@ -189,12 +183,8 @@ class SlotEngine:
                 return state, out_ks
 
             state = dataclasses.replace(state, active_s=active_s)
-            carry = (state, jnp.zeros((steps, s), jnp.int32))
-            if not unroll:
-                return jax.lax.fori_loop(0, steps, body, carry)
-            for i in range(steps):  # straight-line code: no host-side loop condition
-                carry = body(i, carry)
-            return carry
+            out_ks = jnp.zeros((steps, s), jnp.int32)
+            return jax.lax.fori_loop(0, steps, body, (state, out_ks))
 
         return decode
 

@@ -191,8 +191,6 @@ class Server:
     prefill_window: after an idle engine admits requests, it only prefills (no decode steps) while
     free slots remain and requests keep arriving within 10 ms of each other, for up to this many
     seconds, so that a burst joins one decode batch (`Scheduler._decode_held`); 0: off.
-    unroll_decode: compile each multi-step decode as unrolled steps, so a dispatch returns before it
-      has run and `overlap` can queue the next iteration behind it (`SlotEngine`); compiles slower.
     tune_gc: after warm-up, freeze the objects alive then out of Python's garbage collections and
     collect the young generation less often, until the last running Server stops (`_GCTuning`).
     """
@@ -202,7 +200,7 @@ class Server:
                  max_prefill_tokens: int = 4096, max_prefill_batch: int | None = None, prefill_batch_tokens: int = 8192,
                  embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True,
                  batch_wait: float = 0.02, switch_interval: float | None = 0.0005, tune_gc: bool = True,
-                 prefill_window: float = 0.1, unroll_decode: bool = False):
+                 prefill_window: float = 0.1):
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
@@ -234,8 +232,7 @@ class Server:
             from energon_jax.engine.slots import SlotEngine
 
             self.engine = SlotEngine(model, max_batch_size, decode_steps=decode_steps, cache_len=cache_len,
-                                     max_prefill_batch=max_prefill_batch, prefill_batch_tokens=prefill_batch_tokens,
-                                     unroll_decode=unroll_decode)
+                                     max_prefill_batch=max_prefill_batch, prefill_batch_tokens=prefill_batch_tokens)
             self.context_len = self.engine.cache_len
             self.scheduler = Scheduler(max_batch_size, max_queue=max_queue, context_len=self.context_len,
                                        detokenize=self.detokenize, decode_step_options=self.engine.step_options,

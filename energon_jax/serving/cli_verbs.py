@@ -61,15 +61,12 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
                    help="seconds an idle engine only prefills while a burst keeps arriving (0: off)")
     p.add_argument("--no-overlap", action="store_true",
                    help="wait for each engine iteration's tokens before dispatching the next")
-    p.add_argument("--unroll-decode", action="store_true",
-                   help="compile multi-step decodes unrolled (their dispatch does not hold the host; slower start-up)")
 
 
 def batching_options(args: argparse.Namespace) -> dict:
     return dict(decode_steps=args.decode_steps, max_prefill_tokens=args.max_prefill_tokens,
                 max_prefill_batch=args.max_prefill_batch, prefill_batch_tokens=args.prefill_batch_tokens,
-                batch_wait=args.batch_wait, prefill_window=args.prefill_window, overlap=not args.no_overlap,
-                unroll_decode=args.unroll_decode)
+                batch_wait=args.batch_wait, prefill_window=args.prefill_window, overlap=not args.no_overlap)
 
 
 def _setup_logging(level: str) -> None:
