@@ -29,7 +29,6 @@ import jax.numpy as jnp  # noqa: E402
 
 from kernels import decode_attention as da  # noqa: E402
 from kernels import prefill_attention as pa  # noqa: E402
-from kernels import skinny_matmul as sm  # noqa: E402
 from kernels import varlen_attention as va  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12  # device copy measured on the H100 (shared/DEVICE.md)
@@ -201,92 +200,27 @@ def bench_varlen(tiles_list):
     return rows
 
 
-# ---- skinny matmul: batch-1/2 decode projections of GPT-2 XL, 48 layers of distinct weights ----
-
-XL_PROJECTIONS = {"qkv": (1600, 4800), "attn out": (1600, 1600), "mlp fc": (1600, 6400), "mlp proj": (6400, 1600)}
-
-
-def check_skinny():
-    ok = True
-    for m, k, n in ((1, 1600, 4800), (2, 6400, 1600), (2, 129, 1000)):
-        kx, kw = jax.random.split(jax.random.PRNGKey(k + n))
-        x, w = randn(kx, (m, k), jnp.bfloat16), randn(kw, (k, n), jnp.bfloat16)
-        out = jax.jit(lambda x, w: sm.skinny_matmul(x, w, impl="triton"))(x, w)
-        ref = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        ok &= report_check(f"skinny {m}x{k}x{n}", out, ref, 1e-5)
-    return ok
-
-
-def _layer_chain(matmul):
-    """x through 48 distinct weights, each product feeding the next input (as a model's layers do):
-    48 x the weights' bytes, far over the 50 MB L2, and no two dots XLA could merge."""
-    def chain(x, ws):
-        acc = jnp.zeros((x.shape[0], ws[0].shape[1]), jnp.float32)
-        for w in ws:
-            acc = acc + matmul((x + acc[:, :1] * 1e-30).astype(x.dtype), w)
-        return acc
-    return jax.jit(chain)
-
-
-def traced_us(fn, *args, calls: int):
-    """GPU time of one call of fn from a profiler trace: (us per chain link in kernels whose name
-    has "skinny" or "gemm", us per link in all other kernels). Wall time of a chain of short kernels
-    can be bound by the host launching them; the trace shows what the GPU itself spends."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from profile_decode import trace_kernels
-
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        kernels = trace_kernels(lambda: jax.block_until_ready(fn(*args)), d)
-    main = sum(us for name, us in kernels if "skinny" in name or "gemm" in name)
-    return main / calls, (sum(us for _, us in kernels) - main) / calls
-
-
-def bench_skinny(tiles_list, rows_list=(2,), layers=48):
-    out = []
-    for name, (k, n) in XL_PROJECTIONS.items():
-        ws = [randn(jax.random.PRNGKey(i), (k, n), jnp.bfloat16) for i in range(layers)]
-        w_bytes = k * n * 2
-        rate = lambda t_us: f"{w_bytes / t_us / 1e6:.2f} TB/s ({w_bytes / t_us * 1e6 / HBM_BYTES_PER_S:.0%} of copy)"  # noqa: E731,B023
-        for m in rows_list:
-            x = randn(jax.random.PRNGKey(99), (m, k), jnp.bfloat16)
-            xla = _layer_chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
-            t = time_us(xla, x, ws, inner=5) / layers
-            g, rest = traced_us(xla, x, ws, calls=layers)
-            out.append((f"skinny {name} {m}x{k}x{n}", f"xla dot (traced: matmul {g:.1f} us, rest {rest:.1f} us)",
-                        t, rate(t) + f"; matmul kernel alone {rate(g)}"))
-            for tiles in tiles_list:
-                fn = _layer_chain(lambda x, w, tiles=tiles: sm.skinny_matmul(x, w, impl="triton", tiles=tiles))
-                t = time_us(fn, x, ws, inner=5) / layers
-                g, rest = traced_us(fn, x, ws, calls=layers)
-                out.append((f"skinny {name} {m}x{k}x{n}", f"triton {tiles} (traced: kernel {g:.1f} us, rest {rest:.1f} us)",
-                            t, rate(t) + f"; kernel alone {rate(g)}"))
-        del ws
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time several tile configurations")
-    parser.add_argument("--kernels", default="decode,prefill,varlen,skinny",
-                        help="comma-separated subset of decode,prefill,varlen,skinny")
+    parser.add_argument("--kernels", default="decode,prefill,varlen",
+                        help="comma-separated subset of decode,prefill,varlen")
     args = parser.parse_args()
     sweep = args.sweep
     chosen = set(args.kernels.split(","))
-    if not chosen <= {"decode", "prefill", "varlen", "skinny"}:
-        parser.error(f"--kernels {args.kernels!r}: choose from decode, prefill, varlen, skinny")
+    if not chosen <= {"decode", "prefill", "varlen"}:
+        parser.error(f"--kernels {args.kernels!r}: choose from decode, prefill, varlen")
 
     dev = jax.devices()[0]
     say(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if jax.default_backend() != "gpu":
         sys.exit("benchmarks/bench_kernels.py needs a CUDA GPU")
-    checks = {"decode": check_decode, "prefill": check_prefill, "varlen": check_varlen, "skinny": check_skinny}
+    checks = {"decode": check_decode, "prefill": check_prefill, "varlen": check_varlen}
     ok = all([checks[name]() for name in sorted(chosen)])
 
     decode_tiles = [da.DecodeTiles()]
     flash_tiles = [pa.FlashTiles()]
     varlen_tiles = [va.FlashTiles()]
-    skinny_tiles = [sm.SkinnyTiles()]
     if sweep:
         decode_tiles += [da.DecodeTiles(block_s=bs, chunk=c, num_warps=w, num_stages=st)
                          for bs, c, w, st in ((128, 512, 4, 3), (64, 256, 4, 3), (128, 1024, 8, 3),
@@ -294,13 +228,9 @@ def main():
         more = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))
         flash_tiles += [pa.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
         varlen_tiles += [va.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
-        skinny_tiles += [sm.SkinnyTiles(block_n=bn, block_k=bk, k_per_split=ks, num_warps=w, num_stages=st)
-                         for bn, bk, ks, w, st in ((64, 32, 160, 4, 4), (64, 128, 256, 4, 3), (128, 64, 128, 4, 2),
-                                                   (64, 32, 64, 4, 2), (32, 64, 128, 4, 3), (128, 32, 64, 4, 2))]
 
     rows = []
-    for bench, tiles in ((bench_decode, decode_tiles), (bench_prefill, flash_tiles), (bench_varlen, varlen_tiles),
-                         (bench_skinny, skinny_tiles)):
+    for bench, tiles in ((bench_decode, decode_tiles), (bench_prefill, flash_tiles), (bench_varlen, varlen_tiles)):
         if bench.__name__.removeprefix("bench_") not in chosen:
             continue
         try:
