@@ -3,7 +3,7 @@ streaming clients (in --client-procs separate processes, all starting at one ins
 then the same prompts through one offline batched `generate` call at the same batch size.
 
     python benchmarks/serve.py [--clients 64] [--new-tokens 128] [--decode-steps 8] [--max-prefill-batch 8]
-        [--client-procs 4] [--no-overlap] [--warm-connections]
+        [--client-procs 4[,8,16]] [--rounds N] [--no-overlap] [--warm-connections]
 
 Prints requests/s, tokens/s, time to first token p50/p99, time per output token p50/p99, and the
 served/offline tokens/s ratio (target >= 0.70). Random weights: no EOS, so every request runs to
@@ -310,6 +310,7 @@ def main() -> None:
                        "settings": [{"client_procs": procs, "served": served,
                                      "ratio": served["tokens_per_s"] / offline["tokens_per_s"], "raw": raw}
                                     for procs, served, raw in settings]}, f, indent=1)
+
 
 if __name__ == "__main__":
     main()
