@@ -40,6 +40,36 @@ def _merge(x, axis: int):
     return x.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2:])
 
 
+def _run_ticks(x_m, num_stages: int, work, state):
+    """The M + S - 1 tick schedule, inside `shard_map` manual over "stage".
+
+    At tick t this stage works on microbatch m = t - stage: stage 0 takes it from `x_m` [M, ...],
+    every other stage from its predecessor's output of the tick before (`ppermute`).
+    `work(m, valid, x_in, state) -> (y, state)` runs the stage; `m` is clipped into range and
+    `valid` says whether the tick is real (idle ticks must leave `state` as it was). The last
+    stage's outputs are gathered into out [M, ...]. Returns (out, state), out the same on every
+    stage (a psum over zeros elsewhere: exact)."""
+    stage = jax.lax.axis_index("stage")
+    m_count = x_m.shape[0]
+    perm = [(i, (i + 1) % num_stages) for i in range(num_stages)]
+
+    def tick(carry, t):
+        x_prev, out, state = carry
+        m = t - stage
+        valid = (m >= 0) & (m < m_count)
+        mc = jnp.clip(m, 0, m_count - 1)
+        x_in = jnp.where(stage == 0, x_m[jnp.clip(t, 0, m_count - 1)], x_prev)
+        y, state = work(mc, valid, x_in, state)
+        last = valid & (stage == num_stages - 1)
+        out = jax.lax.dynamic_update_index_in_dim(
+            out, jnp.where(last, y, jax.lax.dynamic_index_in_dim(out, mc, 0, False)), mc, 0)
+        return (jax.lax.ppermute(y, "stage", perm), out, state), None
+
+    (_, out, state), _ = jax.lax.scan(tick, (jnp.zeros_like(x_m[0]), jnp.zeros_like(x_m), state),
+                                      jnp.arange(m_count + num_stages - 1))
+    return jax.lax.psum(out, "stage"), state
+
+
 def pipelined_stack(stack_fn, mesh, num_microbatches: int):
     """Wrap `stack_fn(stack_params, x_bte, positions_bt, lengths_b, cache) -> (x_bte, kv)` into a
     pipeline over "stage" with the same signature and results.
@@ -51,7 +81,6 @@ def pipelined_stack(stack_fn, mesh, num_microbatches: int):
     m_count = num_microbatches
 
     def stage_body(stack_params, x_bte, positions_bt, lengths_b, cache):
-        stage = jax.lax.axis_index("stage")
         b = x_bte.shape[0]
         if b % m_count:
             raise ValueError(f"batch {b} does not split into {m_count} microbatches")
@@ -80,30 +109,14 @@ def pipelined_stack(stack_fn, mesh, num_microbatches: int):
             buf = cache
         else:  # the K/V this stage produces, for all microbatches
             ls = jax.tree.leaves(stack_params)[0].shape[0]
-            t = x_bte.shape[1]
             _, kv_shape = jax.eval_shape(lambda: stack_fn(stack_params, x_mb[0], pos_mb[0], len_mb[0], None))
             buf = jax.tree.map(lambda s: jnp.zeros((ls, b) + s.shape[2:], s.dtype), kv_shape)
-            del t
-        out = jnp.zeros_like(x_mb)
-        state = jnp.zeros_like(x_mb[0])
-        perm = [(i, (i + 1) % num_stages) for i in range(num_stages)]
 
-        def tick(carry, t):
-            state, out, buf = carry
-            m = t - stage
-            valid = (m >= 0) & (m < m_count)
-            mc = jnp.clip(m, 0, m_count - 1)
-            x_in = jnp.where(stage == 0, x_mb[jnp.clip(t, 0, m_count - 1)], state)
-            y, kv_m = run(mc, x_in, buf)
-            buf = write(buf, mc, kv_m, valid)
-            last = valid & (stage == num_stages - 1)
-            out = jax.lax.dynamic_update_index_in_dim(
-                out, jnp.where(last, y, jax.lax.dynamic_index_in_dim(out, mc, 0, False)), mc, 0)
-            state = jax.lax.ppermute(y, "stage", perm)
-            return (state, out, buf), None
+        def work(m, valid, x_in, buf):
+            y, kv_m = run(m, x_in, buf)
+            return y, write(buf, m, kv_m, valid)
 
-        (_, out, buf), _ = jax.lax.scan(tick, (state, out, buf), jnp.arange(m_count + num_stages - 1))
-        out = jax.lax.psum(out, "stage")  # only the last stage holds non-zeros: exact
+        out, buf = _run_ticks(x_mb, num_stages, work, buf)
         x_out = _merge(jnp.moveaxis(out, 0, 1), 0)  # [B, T, E]
         return x_out, buf
 
@@ -128,30 +141,15 @@ def pipelined_microbatches(stage_fn, mesh):
     x_m [M, ...] holds the microbatches already cut (an encoder's packed streams cannot be cut
     by rows); aux_m is a pytree of per-microbatch inputs with the same leading M, given to
     every stage. stack_params are split over "stage" on their leading (layers) axis, so
-    stage_fn sees only its own layers. The same M + S - 1 tick schedule as `pipelined_stack`.
+    stage_fn sees only its own layers. The tick schedule (`_run_ticks`) is `pipelined_stack`'s.
     """
     num_stages = mesh.shape["stage"]
-    perm = [(i, (i + 1) % num_stages) for i in range(num_stages)]
 
     def stage_body(stack_params, x_m, aux_m):
-        stage = jax.lax.axis_index("stage")
-        m_count = x_m.shape[0]
+        def work(m, valid, x_in, none):
+            return stage_fn(stack_params, x_in, jax.tree.map(lambda a: a[m], aux_m)), none
 
-        def tick(carry, t):
-            state, out = carry
-            m = t - stage
-            valid = (m >= 0) & (m < m_count)
-            mc = jnp.clip(m, 0, m_count - 1)
-            x_in = jnp.where(stage == 0, x_m[jnp.clip(t, 0, m_count - 1)], state)
-            y = stage_fn(stack_params, x_in, jax.tree.map(lambda a: a[mc], aux_m))
-            last = valid & (stage == num_stages - 1)
-            out = jax.lax.dynamic_update_index_in_dim(
-                out, jnp.where(last, y, jax.lax.dynamic_index_in_dim(out, mc, 0, False)), mc, 0)
-            return (jax.lax.ppermute(y, "stage", perm), out), None
-
-        (_, out), _ = jax.lax.scan(tick, (jnp.zeros_like(x_m[0]), jnp.zeros_like(x_m)),
-                                   jnp.arange(m_count + num_stages - 1))
-        return jax.lax.psum(out, "stage")  # only the last stage holds non-zeros: exact
+        return _run_ticks(x_m, num_stages, work, None)[0]
 
     def wrapped(stack_params, x_m, aux_m):
         fn = jax.shard_map(
