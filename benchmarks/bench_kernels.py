@@ -5,8 +5,8 @@ Prints each kernel's error against its reference, then a markdown table of times
 output to $OUT/kernels.txt too when OUT is set. --sweep also times several tile configurations;
 the default one comes first and again within the sweep, so the two rows show the timing noise.
 
-Floors (H100, ~3.0 TB/s copy, ~790 TFLOP/s bf16 matmul): decode reads K+V once, so its time is
-bytes / bandwidth; prefill and varlen are matmul work, reported in TFLOP/s.
+Floors (copy: H100 ~3.0 TB/s, H200 ~4.3 TB/s; ~790 TFLOP/s bf16 matmul on both): decode reads
+K+V once, so its time is bytes / bandwidth; prefill and varlen are matmul work, reported in TFLOP/s.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from kernels import decode_attention as da  # noqa: E402
 from kernels import prefill_attention as pa  # noqa: E402
 from kernels import varlen_attention as va  # noqa: E402
 
-HBM_BYTES_PER_S = 3.0e12  # device copy measured on the H100 (shared/DEVICE.md)
+# device copy (bytes read + written per second): the H100 through JAX (shared/DEVICE.md), the H200
+# through PyTorch (the device tool's KINDS.md); other devices are reported against the H100's
+HBM_BYTES_PER_S = 4.3e12 if "H200" in jax.devices()[0].device_kind else 3.0e12
 MATMUL_FLOP_PER_S = 788e12  # bf16 8192^3 matmul through JAX on the H100 (shared/DEVICE.md)
 LINES = []
 
