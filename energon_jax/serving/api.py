@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import os
 import queue
@@ -167,6 +168,24 @@ class RequestHandle:
         return self._server.cancel(self.request_id)
 
 
+# Server options that only one kind of model uses: a GPT Server's decode slots and prefill
+# batching, a Bert Server's embedding batcher.
+_GPT_ONLY = ("decode_steps", "cache_len", "max_prefill_tokens", "max_prefill_batch", "prefill_batch_tokens",
+             "batch_wait", "prefill_window", "overlap")
+_BERT_ONLY = ("embed_max_wait",)
+
+
+def _check_kind_options(kind: str, options: dict) -> None:
+    """Refuse an option set away from its default on the kind of model it does not apply to
+    (it would be ignored without a word)."""
+    defaults = {k: p.default for k, p in inspect.signature(Server.__init__).parameters.items()}
+    foreign, other = (_BERT_ONLY, "Bert") if kind == "gpt" else (_GPT_ONLY, "GPT")
+    given = [f"{k}={options[k]!r}" for k in foreign if options[k] != defaults[k]]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only a {other} model's Server uses "
+                         f"{'it' if len(given) == 1 else 'them'}; this model is {kind}")
+
+
 class Server:
     """Serve one loaded model in this process: continuous batching for GPT models (decode slots),
     batched encoding for Bert models.
@@ -215,6 +234,10 @@ class Server:
         self.kind = "gpt" if hasattr(model, "generate") else "bert" if hasattr(model, "encode") else None
         if self.kind is None:
             raise TypeError(f"{type(model).__name__} has neither generate (GPT) nor encode (Bert)")
+        _check_kind_options(self.kind, dict(
+            decode_steps=decode_steps, cache_len=cache_len, max_prefill_tokens=max_prefill_tokens,
+            max_prefill_batch=max_prefill_batch, prefill_batch_tokens=prefill_batch_tokens, batch_wait=batch_wait,
+            prefill_window=prefill_window, overlap=overlap, embed_max_wait=embed_max_wait))
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
         if not isinstance(max_queue, int) or max_queue < 0:
