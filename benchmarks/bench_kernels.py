@@ -30,10 +30,11 @@ import jax.numpy as jnp  # noqa: E402
 from kernels import decode_attention as da  # noqa: E402
 from kernels import prefill_attention as pa  # noqa: E402
 from kernels import varlen_attention as va  # noqa: E402
+from benchmarks.decode import COPY_CEILINGS, roofline_bandwidth  # noqa: E402
 
-# device copy (bytes read + written per second): the H100 through JAX (shared/DEVICE.md), the H200
-# through PyTorch (the device tool's KINDS.md); other devices are reported against the H100's
-HBM_BYTES_PER_S = 4.3e12 if "H200" in jax.devices()[0].device_kind else 3.0e12
+# the device copy ceiling of benchmarks/decode.py's table for this device kind; other devices are
+# reported against the H100's
+HBM_BYTES_PER_S = roofline_bandwidth(jax.devices()[0].device_kind, 0.0) or COPY_CEILINGS["H100"]
 MATMUL_FLOP_PER_S = 788e12  # bf16 8192^3 matmul through JAX on the H100 (shared/DEVICE.md)
 LINES = []
 
