@@ -49,7 +49,7 @@ def write_random_gpt2(folder: Path, *, n_embd: int, n_layer: int, vocab: int, n_
     cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
     rng = np.random.default_rng(seed)
     tensors = {}
-    for hf_name, _, shape_fn, _ in NAME_MAP:
+    for hf_name, _, shape_fn, _, _ in NAME_MAP:
         for i in range(n_layer) if "{i}" in hf_name else [None]:
             name = "transformer." + (hf_name.format(i=i) if i is not None else hf_name)
             tensors[name] = rng.standard_normal(shape_fn(cfg), dtype=np.float32) * 0.02

@@ -147,7 +147,12 @@ def main():
     ap.add_argument("--skip-warm-cache", action="store_true", help="do not time compiles from the persistent cache")
     ap.add_argument("--impls", default="auto", help="attention implementations to time, e.g. xla,triton")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--min-rows", type=int, default=None,
+                    help="override engine.gpt.min_decode_rows (rows a lone prompt decodes as)")
     args = ap.parse_args()
+    if args.min_rows is not None:
+        from energon_jax.engine import gpt as _gpt
+        _gpt.min_decode_rows = lambda: args.min_rows
 
     import jax
 

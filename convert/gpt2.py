@@ -68,37 +68,59 @@ def _identity(x, cfg):
     return x
 
 
-def _split_qkv_kernel(x, cfg):  # [E, 3E] -> [E, 3, N, D]
-    return x.reshape(cfg.n_embd, 3, cfg.n_head, cfg.head_dim)
+def _transpose(x, cfg):  # HF Conv1D [in, out] -> ours [out, in]
+    return x.T
+
+
+def _split_qkv_kernel(x, cfg):  # [E, 3E] -> [3, N, D, E]
+    return x.T.reshape(3, cfg.n_head, cfg.head_dim, cfg.n_embd)
+
+
+def _merge_qkv_kernel(x, cfg):  # [3, N, D, E] -> [E, 3E]
+    return x.reshape(3 * cfg.n_embd, cfg.n_embd).T
 
 
 def _split_qkv_bias(x, cfg):  # [3E] -> [3, N, D]
     return x.reshape(3, cfg.n_head, cfg.head_dim)
 
 
-def _split_out_kernel(x, cfg):  # [E_in = N*D, E] -> [N, D, E]
-    return x.reshape(cfg.n_head, cfg.head_dim, cfg.n_embd)
+def _split_out_kernel(x, cfg):  # [E_in = N*D, E] -> [E, N, D]
+    return x.T.reshape(cfg.n_embd, cfg.n_head, cfg.head_dim)
 
 
-# (HF name without the "transformer." prefix, our path, HF shape, transform). "{i}" = layer index.
-Entry = tuple[str, tuple[str, ...], Callable[[GPT2Config], tuple[int, ...]], Callable]
+def _merge_out_kernel(x, cfg):  # [E, N, D] -> [N*D, E]
+    return x.reshape(cfg.n_embd, cfg.n_embd).T
+
+
+def _flatten(x, cfg):  # biases: back to HF's flat vector
+    return x.reshape(-1)
+
+
+# (HF name without the "transformer." prefix, our path, HF shape, transform, inverse). "{i}" = layer
+# index. HF's Conv1D stores projection weights [in, out]; ours are [out, in] (models/layers.project).
+Entry = tuple[str, tuple[str, ...], Callable[[GPT2Config], tuple[int, ...]], Callable, Callable]
+_ID = (_identity, _identity)
+_T = (_transpose, _transpose)
 NAME_MAP: list[Entry] = [
-    ("wte.weight", ("wte",), lambda c: (c.vocab_size, c.n_embd), _identity),
-    ("wpe.weight", ("wpe",), lambda c: (c.n_positions, c.n_embd), _identity),
-    ("ln_f.weight", ("ln_f", "scale"), lambda c: (c.n_embd,), _identity),
-    ("ln_f.bias", ("ln_f", "bias"), lambda c: (c.n_embd,), _identity),
-    ("h.{i}.ln_1.weight", ("h", "blocks", "ln_1", "scale"), lambda c: (c.n_embd,), _identity),
-    ("h.{i}.ln_1.bias", ("h", "blocks", "ln_1", "bias"), lambda c: (c.n_embd,), _identity),
-    ("h.{i}.attn.c_attn.weight", ("h", "blocks", "attn", "qkv_kernel"), lambda c: (c.n_embd, 3 * c.n_embd), _split_qkv_kernel),
-    ("h.{i}.attn.c_attn.bias", ("h", "blocks", "attn", "qkv_bias"), lambda c: (3 * c.n_embd,), _split_qkv_bias),
-    ("h.{i}.attn.c_proj.weight", ("h", "blocks", "attn", "out_kernel"), lambda c: (c.n_embd, c.n_embd), _split_out_kernel),
-    ("h.{i}.attn.c_proj.bias", ("h", "blocks", "attn", "out_bias"), lambda c: (c.n_embd,), _identity),
-    ("h.{i}.ln_2.weight", ("h", "blocks", "ln_2", "scale"), lambda c: (c.n_embd,), _identity),
-    ("h.{i}.ln_2.bias", ("h", "blocks", "ln_2", "bias"), lambda c: (c.n_embd,), _identity),
-    ("h.{i}.mlp.c_fc.weight", ("h", "blocks", "mlp", "fc_kernel"), lambda c: (c.n_embd, c.mlp_dim), _identity),
-    ("h.{i}.mlp.c_fc.bias", ("h", "blocks", "mlp", "fc_bias"), lambda c: (c.mlp_dim,), _identity),
-    ("h.{i}.mlp.c_proj.weight", ("h", "blocks", "mlp", "proj_kernel"), lambda c: (c.mlp_dim, c.n_embd), _identity),
-    ("h.{i}.mlp.c_proj.bias", ("h", "blocks", "mlp", "proj_bias"), lambda c: (c.n_embd,), _identity),
+    ("wte.weight", ("wte",), lambda c: (c.vocab_size, c.n_embd), *_ID),
+    ("wpe.weight", ("wpe",), lambda c: (c.n_positions, c.n_embd), *_ID),
+    ("ln_f.weight", ("ln_f", "scale"), lambda c: (c.n_embd,), *_ID),
+    ("ln_f.bias", ("ln_f", "bias"), lambda c: (c.n_embd,), *_ID),
+    ("h.{i}.ln_1.weight", ("h", "blocks", "ln_1", "scale"), lambda c: (c.n_embd,), *_ID),
+    ("h.{i}.ln_1.bias", ("h", "blocks", "ln_1", "bias"), lambda c: (c.n_embd,), *_ID),
+    ("h.{i}.attn.c_attn.weight", ("h", "blocks", "attn", "qkv_kernel"), lambda c: (c.n_embd, 3 * c.n_embd),
+     _split_qkv_kernel, _merge_qkv_kernel),
+    ("h.{i}.attn.c_attn.bias", ("h", "blocks", "attn", "qkv_bias"), lambda c: (3 * c.n_embd,), _split_qkv_bias,
+     _flatten),
+    ("h.{i}.attn.c_proj.weight", ("h", "blocks", "attn", "out_kernel"), lambda c: (c.n_embd, c.n_embd),
+     _split_out_kernel, _merge_out_kernel),
+    ("h.{i}.attn.c_proj.bias", ("h", "blocks", "attn", "out_bias"), lambda c: (c.n_embd,), *_ID),
+    ("h.{i}.ln_2.weight", ("h", "blocks", "ln_2", "scale"), lambda c: (c.n_embd,), *_ID),
+    ("h.{i}.ln_2.bias", ("h", "blocks", "ln_2", "bias"), lambda c: (c.n_embd,), *_ID),
+    ("h.{i}.mlp.c_fc.weight", ("h", "blocks", "mlp", "fc_kernel"), lambda c: (c.n_embd, c.mlp_dim), *_T),
+    ("h.{i}.mlp.c_fc.bias", ("h", "blocks", "mlp", "fc_bias"), lambda c: (c.mlp_dim,), *_ID),
+    ("h.{i}.mlp.c_proj.weight", ("h", "blocks", "mlp", "proj_kernel"), lambda c: (c.mlp_dim, c.n_embd), *_T),
+    ("h.{i}.mlp.c_proj.bias", ("h", "blocks", "mlp", "proj_bias"), lambda c: (c.n_embd,), *_ID),
 ]
 
 # Non-parameter buffers some GPT-2 checkpoints carry; the tied lm_head duplicates wte.
@@ -118,7 +140,7 @@ def iter_params(source, cfg: GPT2Config):
     names = set(source.keys())
     prefix = _hf_prefix(names)
     used = set()
-    for hf_name, path, shape_fn, transform in NAME_MAP:
+    for hf_name, path, shape_fn, transform, _ in NAME_MAP:
         layers = range(cfg.n_layer) if "{i}" in hf_name else [None]
         for i in layers:
             name = prefix + (hf_name.format(i=i) if i is not None else hf_name)
@@ -139,14 +161,13 @@ def iter_params(source, cfg: GPT2Config):
 def to_hf_state_dict(params: dict, cfg: GPT2Config) -> dict[str, np.ndarray]:
     """Inverse of the name map: our (stacked) params -> HF GPT2LMHeadModel tensors."""
     out = {}
-    for hf_name, path, shape_fn, _ in NAME_MAP:
+    for hf_name, path, shape_fn, _, inverse in NAME_MAP:
         arr = params
         for key in path:
             arr = arr[key]
         arr = np.asarray(arr)
-        if "{i}" in hf_name:
-            for i in range(cfg.n_layer):
-                out["transformer." + hf_name.format(i=i)] = np.ascontiguousarray(arr[i].reshape(shape_fn(cfg)))
-        else:
-            out["transformer." + hf_name] = np.ascontiguousarray(arr.reshape(shape_fn(cfg)))
+        for i in range(cfg.n_layer) if "{i}" in hf_name else [None]:
+            hf = np.ascontiguousarray(inverse(arr if i is None else arr[i], cfg))
+            assert hf.shape == shape_fn(cfg), (hf_name, hf.shape, shape_fn(cfg))
+            out["transformer." + (hf_name if i is None else hf_name.format(i=i))] = hf
     return out

@@ -38,7 +38,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from energon_jax.convert.hf_files import CheckpointError, SafetensorsFile, TensorSource, read_config
 
 FORMAT = "energon-jax-orbax"
-FORMAT_VERSION = 1
+# Version 2: GPT-2's projection weights are stored [out, in] (models/layers.project); a version-1
+# GPT-2 folder holds them [in, out] and must be converted again. Bert's layout did not change.
+FORMAT_VERSION = 2
+_STILL_READABLE = {1: {"bert"}}  # older version -> model types whose tensors it wrote as now
 CONFIG_FILE = "energon_config.json"  # the marker loading.CONVERTED_MARKER looks for
 CHECKPOINT_DIR = "checkpoint"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -417,9 +420,12 @@ def read_converted_config(folder) -> dict:
         raise CheckpointError(f"{path}: not found; {folder} is not a folder written by `energon convert`") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r} "
-                              f"is not readable by this version (reads {FORMAT!r} version {FORMAT_VERSION})")
+    version = meta.get("format_version")
+    readable = version == FORMAT_VERSION or meta.get("architecture") in _STILL_READABLE.get(version, ())
+    if meta.get("format") != FORMAT or not readable:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} version {version!r} "
+                              f"is not readable by this version (reads {FORMAT!r} version {FORMAT_VERSION}); "
+                              f"convert the Hugging Face checkpoint again with `energon convert`")
     return meta
 
 

@@ -95,7 +95,7 @@ def test_converted_loads_on_any_mesh(hf_gpt2, converted, tp, pp, dp):
         qkv = model.params["h"]["blocks"]["attn"]["qkv_kernel"]
         target = param_shardings(*orbax_io.ARCHITECTURES["gpt2"].module(model.config, np.float32, mesh), mesh)
         assert qkv.sharding.is_equivalent_to(target["h"]["blocks"]["attn"]["qkv_kernel"], 5)
-        assert {s.data.shape for s in qkv.addressable_shards} == {(2 // pp, 32, 3, 4 // tp, 8)}
+        assert {s.data.shape for s in qkv.addressable_shards} == {(2 // pp, 3, 4 // tp, 8, 32)}
     np.testing.assert_allclose(model.logits(TOKENS), _hf_logits(hf_model, TOKENS), atol=1e-5, rtol=0)
     assert model.tokenizer is not None
     assert model.tokenizer.encode("w5 w17 w3") == direct.tokenizer.encode("w5 w17 w3") == [5, 17, 3]
@@ -104,6 +104,20 @@ def test_converted_loads_on_any_mesh(hf_gpt2, converted, tp, pp, dp):
 def test_mesh_that_does_not_fit_is_refused(converted):
     with pytest.raises(ValueError, match="tp=8"):
         ej.load_sharded_model(converted, mesh=ej.make_mesh(tp=8))
+
+
+@pytest.mark.parametrize("arch, version, readable", [("gpt2", 1, False), ("bert", 1, True),
+                                                    ("gpt2", orbax_io.FORMAT_VERSION, True), ("gpt2", 99, False)])
+def test_older_format_versions(tmp_path, arch, version, readable):
+    """Version 1 stored GPT-2's projections [in, out]: such a folder is refused with what to do,
+    a version-1 Bert folder (unchanged layout) still reads."""
+    meta = {"format": orbax_io.FORMAT, "format_version": version, "architecture": arch}
+    (tmp_path / "energon_config.json").write_text(json.dumps(meta))
+    if readable:
+        assert orbax_io.read_converted_config(tmp_path)["format_version"] == version
+    else:
+        with pytest.raises(orbax_io.CheckpointError, match=f"version {version}.*convert the Hugging Face"):
+            orbax_io.read_converted_config(tmp_path)
 
 
 def test_energon_config_records_source_layout_and_manifest(hf_gpt2, converted):
@@ -117,7 +131,7 @@ def test_energon_config_records_source_layout_and_manifest(hf_gpt2, converted):
     assert meta["source"]["sha256"]["model.safetensors"] == digest
     n_hf = sum(p.numel() for name, p in hf_gpt2[1].state_dict().items() if name != "lm_head.weight")
     assert meta["num_params"] == n_hf and meta["bytes"] == 4 * n_hf
-    assert meta["params"]["h/blocks/mlp/fc_kernel"] == {"shape": [2, 32, 128], "dtype": "float32", "layers": 2}
+    assert meta["params"]["h/blocks/mlp/fc_kernel"] == {"shape": [2, 128, 32], "dtype": "float32", "layers": 2}
     assert meta["params"]["wte"]["layers"] is None
     assert "energon-jax" in meta["converter_version"]
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):

@@ -54,8 +54,8 @@ def test_mixed_lengths_equal_alone(tiny_gpt2_factory):
 
 
 def test_single_prompt_padded_to_two_decode_rows(tiny_gpt2_factory, monkeypatch):
-    """On a GPU a lone prompt decodes with a padding row (engine.gpt.min_decode_rows): the tokens,
-    greedy and sampled, are those of the unpadded call."""
+    """engine.gpt.min_decode_rows (1 today; 2 on GPUs before the [out, in] weights) can pad a lone
+    prompt's decode with spare rows: the tokens, greedy and sampled, are those of the unpadded call."""
     import energon_jax.engine.gpt as gpt
 
     folder, _ = tiny_gpt2_factory()
@@ -67,6 +67,26 @@ def test_single_prompt_padded_to_two_decode_rows(tiny_gpt2_factory, monkeypatch)
     padded = [model.generate([prompt], max_new_tokens=10, temperature=t, seed=4)[0] for t in (0.0, 1.0)]
     assert model.compile_counts["generate"] == before + 1  # a 2-row program, once
     assert padded == alone
+
+
+def test_one_row_projection_equals_the_dot():
+    """models.layers.project: a single row (multiply + reduce) against the same row among others
+    (dot_general), for one and two contracted axes."""
+    import jax
+    import jax.numpy as jnp
+
+    from energon_jax.models.layers import project
+
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(ks[0], (3, 1, 4, 8))  # [B, T, N, D]
+    w2 = jax.random.normal(ks[1], (24, 4, 8))  # [E, N, D]
+    w1 = jax.random.normal(ks[2], (2, 3, 5, 32))  # [C, N, D, E]
+    xe = x.reshape(3, 1, 32)
+    for xi, w, n_in in ((x, w2, 2), (xe, w1, 1)):
+        many = project(xi, w, n_in)
+        one = project(xi[1:2], w, n_in)
+        assert one.shape == many[1:2].shape
+        np.testing.assert_allclose(np.asarray(one), np.asarray(many[1:2]), rtol=1e-5, atol=1e-5)
 
 
 def test_seeds_and_top_k(tiny_gpt2_factory):

@@ -68,16 +68,16 @@ def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale):
 
 
 def min_decode_rows() -> int:
-    """Rows a generate call decodes at least: 2 on a GPU, 1 elsewhere.
+    """Rows a generate call decodes at least: 1 (a lone prompt decodes alone).
 
-    XLA's GPU simplifier rewrites a dot whose one side is a vector (a single row) and whose
-    operands hold fewer than 10M elements into a multiply + reduce fusion. For one decode row
-    that is every projection of GPT-2 small (and GPT-2 XL's attention ones), and those reduce
-    fusions read the weights at 0.4-0.8 TB/s (benchmarks/profile_decode.py). Two rows are a
-    matrix, which goes to a GEMM and reads them at HBM rate: GPT-2 small decodes at 0.465
-    ms/step for 2 rows against 0.646 for 1 on an H100 (benchmarks/decode.py, BENCHMARKS.md).
-    The spare row is a padding row that generates nothing."""
-    return 2 if jax.default_backend() == "gpu" else 1
+    Until GPT-2's projection weights were stored [out, in], a lone prompt decoded as 2 rows on a
+    GPU: one row made XLA's dots multiply + reduce fusions over the strided [in, out] weights,
+    which read them at 0.4-0.8 TB/s, and 2 rows made them GEMMs. With [out, in] weights a single
+    row is a reduction along contiguous memory (models/layers.project), faster than the 2-row
+    GEMM: on an H200, GPT-2 XL batch 1 decodes at 2.06 ms/step with 1 row against 2.51 with 2,
+    GPT-2 small at 0.41 against 0.40 (benchmarks/decode.py --min-rows, BENCHMARKS.md). Padding
+    rows, when a mesh or this knob asks for them, generate nothing (tests/test_gpt2.py)."""
+    return 1
 
 
 @functools.lru_cache(maxsize=16)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from energon_jax.config import GPT2Config
 from energon_jax.models.layers import (MASK_VALUE, LayerNorm, attention_scale, gelu_new, masked_attention, padded_rows,
-                                      param)
+                                      param, project)
 
 Cache = dict  # {"k": [L, B, N, S, D], "v": [L, B, N, S, D]}
 
@@ -66,12 +66,13 @@ class Attention(nn.Module):
     def __call__(self, x_bte, positions_bt, lengths_b, layer_cache):
         cfg = self.config
         e, n, d = cfg.n_embd, cfg.n_head, cfg.head_dim
-        w_qkv = param(self, "qkv_kernel", (e, 3, n, d), ("embed", "qkv", "heads", "kv"), dtype=self.param_dtype)
+        # Projection weights are stored [out..., in] (see `project`).
+        w_qkv = param(self, "qkv_kernel", (3, n, d, e), ("qkv", "heads", "kv", "embed"), dtype=self.param_dtype)
         b_qkv = param(self, "qkv_bias", (3, n, d), ("qkv", "heads", "kv"), nn.initializers.zeros, self.param_dtype)
-        w_out = param(self, "out_kernel", (n, d, e), ("heads", "kv", "embed"), dtype=self.param_dtype)
+        w_out = param(self, "out_kernel", (e, n, d), ("embed", "heads", "kv"), dtype=self.param_dtype)
         b_out = param(self, "out_bias", (e,), ("embed",), nn.initializers.zeros, self.param_dtype)
 
-        qkv_btcnd = jnp.einsum("BTE,ECND->BTCND", x_bte, w_qkv) + b_qkv
+        qkv_btcnd = project(x_bte, w_qkv, 1) + b_qkv
         q_btnd, k_btnd, v_btnd = qkv_btcnd[:, :, 0], qkv_btcnd[:, :, 1], qkv_btcnd[:, :, 2]
         scale = attention_scale(d, cfg.scale_attn_weights)
 
@@ -95,7 +96,7 @@ class Attention(nn.Module):
             attend = self.kernels.decode if self.kernels is not None else decode_attention_xla
             out_btnd = attend(q_btnd[:, 0], k_bnsd, v_bnsd, pos + 1, scale=scale)[:, None]
             new_kv = (k_all, v_all)
-        out_bte = jnp.einsum("BTND,NDE->BTE", out_btnd, w_out) + b_out
+        out_bte = project(out_btnd, w_out, 2) + b_out
         return out_bte, new_kv
 
 
@@ -106,12 +107,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_bte):
         e, f = self.config.n_embd, self.config.mlp_dim
-        w_fc = param(self, "fc_kernel", (e, f), ("embed", "mlp"), dtype=self.param_dtype)
+        w_fc = param(self, "fc_kernel", (f, e), ("mlp", "embed"), dtype=self.param_dtype)
         b_fc = param(self, "fc_bias", (f,), ("mlp",), nn.initializers.zeros, self.param_dtype)
-        w_proj = param(self, "proj_kernel", (f, e), ("mlp", "embed"), dtype=self.param_dtype)
+        w_proj = param(self, "proj_kernel", (e, f), ("embed", "mlp"), dtype=self.param_dtype)
         b_proj = param(self, "proj_bias", (e,), ("embed",), nn.initializers.zeros, self.param_dtype)
-        h_btf = gelu_new(jnp.einsum("BTE,EF->BTF", x_bte, w_fc) + b_fc)
-        return jnp.einsum("BTF,FE->BTE", h_btf, w_proj) + b_proj
+        h_btf = gelu_new(project(x_bte, w_fc, 1) + b_fc)
+        return project(h_btf, w_proj, 1) + b_proj
 
 
 class Block(nn.Module):

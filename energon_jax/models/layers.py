@@ -43,6 +43,26 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def project(x, w, n_in: int):
+    """x's last n_in axes contracted with w's last n_in axes: w is stored [out..., in...].
+
+    Weights keep their input axes last, so each output's weights are contiguous. Decoding one
+    token (a single row, B * T == 1) is then a reduction along contiguous memory: in GPT-2 XL
+    batch-1 decode on an H200, XLA's reduce fusions read the 20 MB MLP matrices at ~2.9 TB/s and
+    the QKV one at ~2.3, where 2-row GEMMs over [in, out] weights read them at 1.2-1.8 TB/s
+    (benchmarks/profile_decode.py, BENCHMARKS.md session 8). A single row is written as that
+    multiply + reduce (float32 products and sum, as a GEMM accumulates), because XLA keeps a
+    one-row dot of 10M+ elements (GPT-2 XL's MLP) as a slow GEMV. More rows take a dot_general.
+    """
+    out_axes = w.ndim - n_in
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(out_axes, w.ndim)))
+    if math.prod(x.shape[:-n_in]) == 1:
+        xb = x.reshape(x.shape[:-n_in] + (1,) * out_axes + x.shape[-n_in:])
+        prod = xb.astype(jnp.float32) * w.astype(jnp.float32)
+        return jnp.sum(prod, axis=tuple(range(-n_in, 0))).astype(jnp.result_type(x, w))
+    return jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.result_type(x, w))
+
+
 def gelu_new(x):
     """GPT-2's tanh approximation of GELU (HF `gelu_new`)."""
     return jax.nn.gelu(x, approximate=True)
