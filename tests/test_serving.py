@@ -214,6 +214,24 @@ def test_servers_tune_the_garbage_collector_until_the_last_stops(model):
         assert gc.get_threshold()[0] >= 20_000
 
 
+def test_gc_tuning_leaves_a_callers_freeze_in_place(model):
+    """Objects the caller froze before the first Server started stay frozen after the last stops."""
+    import gc
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.api import _GCTuning
+
+    if _GCTuning._users:
+        pytest.skip("another test's server is running: its start decided what the last stop does")
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        Server(model, max_batch_size=2, cache_len=CACHE_LEN).start(warmup=False).stop()
+        assert gc.get_freeze_count() >= frozen > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_mailbox_drops_deltas_for_a_closed_loop_and_does_not_keep_it():
     import gc
     import weakref

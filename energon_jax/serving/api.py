@@ -71,13 +71,15 @@ class _GCTuning:
     allocations instead of 700. Without this a full collection took 130-150 ms of the HTTP event
     loop in about one 64-request burst in three, and young collections ~50-90 us per request
     (measured on the 2-core CI machine with benchmarks/serve.py's tiny model). The last stop
-    restores the thresholds and unfreezes everything (objects frozen by anyone else too); cyclic
-    garbage among frozen objects is not collected while a Server runs."""
+    restores the thresholds and unfreezes, unless something had frozen objects before the first
+    start: `gc` cannot unfreeze only ours, so then everything stays frozen rather than undoing
+    the caller's freeze. Cyclic garbage among frozen objects is not collected while frozen."""
 
     GEN0_THRESHOLD = 20_000
     _lock = threading.RLock()
     _users = 0
     _saved: tuple | None = None
+    _frozen_before = False
 
     @classmethod
     def acquire(cls) -> None:  # a Server's start
@@ -85,6 +87,7 @@ class _GCTuning:
             cls._users += 1
             if cls._users == 1:
                 cls._saved = gc.get_threshold()
+                cls._frozen_before = gc.get_freeze_count() > 0
                 gc.collect()
                 gc.freeze()
                 gc.set_threshold(max(cls._saved[0], cls.GEN0_THRESHOLD), *cls._saved[1:])
@@ -95,7 +98,8 @@ class _GCTuning:
             cls._users -= 1
             if cls._users == 0 and cls._saved is not None:
                 gc.set_threshold(*cls._saved)
-                gc.unfreeze()
+                if not cls._frozen_before:
+                    gc.unfreeze()
                 cls._saved = None
 
 
