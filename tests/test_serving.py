@@ -542,6 +542,37 @@ def test_service_config_keys(tmp_path):
     assert read_config(example)["model_type"] == "gpt"
 
 
+def test_service_init_takes_the_serve_options(gpt_folder, tmp_path, monkeypatch, capsys):
+    """energon-jax's own config keys (the `energon serve` flags) reach the Server; bad ones are refused
+    by name, at reading (type) or by the Server (value, or an option of the other model kind)."""
+    import energon_jax.serving.api as api
+    from energon_jax.cli import main
+    from energon_jax.serving.cli_verbs import read_config
+
+    seen = {}
+
+    class Recorder(api.Server):
+        def serve_http(self, **kw):  # built and checked, not served
+            seen.update(decode_steps=max(self.engine.step_options), batch_wait=self.scheduler.batch_wait,
+                        overlap=self.overlap,
+                        prefill=(self.engine.max_prefill_batch, self.engine.prefill_batch_tokens),
+                        max_queue=self.scheduler.max_queue, seq=self.engine.cache_len, shutdown=kw["shutdown_timeout"])
+
+    monkeypatch.setattr(api, "Server", Recorder)
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"checkpoint = {str(gpt_folder)!r}\nmax_batch_size = 2\nmax_seq_len = 32\nmax_queue = 5\n"
+                   "decode_steps = 2\nbatch_wait = 0\noverlap = False\nmax_prefill_batch = 2\n"
+                   "prefill_batch_tokens = 64\nshutdown_timeout = 3\nlog_level = 'warning'\n")
+    assert main(["service", "init", "--config_file", str(cfg)]) == 0
+    assert seen == dict(decode_steps=2, batch_wait=0, overlap=False, prefill=(2, 64), max_queue=5, seq=32, shutdown=3)
+    cfg.write_text(f"checkpoint = {str(gpt_folder)!r}\nbatch_wait = True\n")
+    with pytest.raises(ValueError, match="batch_wait=True must be a number"):
+        read_config(cfg)
+    cfg.write_text(f"checkpoint = {str(gpt_folder)!r}\nmax_seq_len = 32\nembed_max_wait = 0.01\nlog_level = 'warning'\n")
+    assert main(["service", "init", "--config_file", str(cfg)]) == 2
+    assert "embed_max_wait" in capsys.readouterr().err
+
+
 def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkeypatch, capsys):
     import energon_jax.serving.api as api
     from energon_jax.cli import main

@@ -16,6 +16,13 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "pp_init_size": int, "half": bool, "tokenizer_path": str, "server_host": str, "server_port": int,
     "log_level": str, "rm_padding": bool,
 }
+# energon-jax's own keys, beside Energon's: what `energon serve` takes as flags (None: a default).
+_SECONDS = (int, float)
+EXTRA_KEYS: dict[str, type | tuple[type, ...]] = {
+    "max_queue": int, "max_seq_len": int, "request_timeout": _SECONDS, "shutdown_timeout": _SECONDS,
+    "decode_steps": int, "max_prefill_tokens": int, "max_prefill_batch": int, "prefill_batch_tokens": int,
+    "batch_wait": _SECONDS, "prefill_window": _SECONDS, "overlap": bool, "embed_max_wait": _SECONDS,
+}
 # Energon's torch-RPC keys: they configure worker processes that a JAX controller does not have.
 IGNORED_KEYS = ("host", "port", "backend", "engine_server")
 MODEL_TYPES = ("gpt", "bert")
@@ -42,7 +49,8 @@ def add_parsers(sub) -> None:
     verbs = svc.add_subparsers(dest="service_verb", required=True)
     init = verbs.add_parser("init", help="start a server from an Energon config file")
     init.add_argument("--config_file", "--config-file", dest="config_file", required=True,
-                      help="Python file with Energon's keys: " + ", ".join(CONFIG_KEYS))
+                      help="Python file with Energon's keys (" + ", ".join(CONFIG_KEYS) + ") and energon-jax's ("
+                      + ", ".join(EXTRA_KEYS) + ")")
     init.set_defaults(func=_service_init)
 
 
@@ -105,19 +113,22 @@ def read_config(path: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path!r} does not exist") from None
     keys = {k: v for k, v in raw.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
-    unknown = sorted(set(keys) - set(CONFIG_KEYS) - set(IGNORED_KEYS))
+    accepted = {**CONFIG_KEYS, **EXTRA_KEYS}
+    unknown = sorted(set(keys) - set(accepted) - set(IGNORED_KEYS))
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}; accepted: {sorted(CONFIG_KEYS)}")
+        raise ValueError(f"{path}: unknown config keys {unknown}; accepted: Energon's {sorted(CONFIG_KEYS)} "
+                         f"and energon-jax's {sorted(EXTRA_KEYS)}")
     for k in IGNORED_KEYS:
         if keys.pop(k, None) is not None:
             log.warning("%s: %r configures Energon's RPC workers; a JAX controller has none, so it is ignored", path, k)
     for k, v in keys.items():
-        want = CONFIG_KEYS[k]
+        want = accepted[k]
         if k == "model_class" and callable(v):
             raise ValueError(f"{path}: model_class={v!r} is an Energon model builder; give a model folder or "
                              "preset name (str), or use checkpoint=")
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise ValueError(f"{path}: {k}={v!r} must be {want.__name__}")
+        if not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
+            kind = "a number" if want == _SECONDS else want.__name__
+            raise ValueError(f"{path}: {k}={v!r} must be {kind}")
     if "model_class" not in keys and "checkpoint" not in keys:
         raise ValueError(f"{path}: needs model_class (a preset name or folder) or checkpoint (a folder)")
     if keys.get("model_type", "gpt") not in MODEL_TYPES:
@@ -138,7 +149,7 @@ def _service_init(args) -> int:
     if "checkpoint" in cfg and "model_class" in cfg and cfg["model_class"] != cfg["checkpoint"]:
         log.info("model_class=%r and checkpoint=%r: loading the checkpoint", cfg["model_class"], cfg["checkpoint"])
     model = ej.load_sharded_model(path, tp=cfg.get("tp_init_size", 1), pp=cfg.get("pp_init_size", 1),
-                                  dtype="float16" if cfg.get("half") else None)
+                                  dtype="float16" if cfg.get("half") else None, max_seq_len=cfg.get("max_seq_len"))
     kind = "gpt" if hasattr(model, "generate") else "bert"
     if "model_type" in cfg and cfg["model_type"] != kind:
         raise ValueError(f"{args.config_file}: model_type={cfg['model_type']!r} but {path} holds a {kind} model")
@@ -149,5 +160,7 @@ def _service_init(args) -> int:
         model.tokenizer = tok
     if cfg.get("rm_padding") is False and kind == "bert":
         log.info("rm_padding=False: sequences are packed anyway (the results equal padded encoding)")
+    options = {k: cfg[k] for k in EXTRA_KEYS if k in cfg and k not in ("max_seq_len", "max_queue")}
     return _run(model, host=cfg.get("server_host", "127.0.0.1"), port=cfg.get("server_port", 8005),
-                max_batch_size=cfg.get("max_batch_size", 16), max_queue=64, log_level=level, name=str(path))
+                max_batch_size=cfg.get("max_batch_size", 16), max_queue=cfg.get("max_queue", 64), log_level=level,
+                name=str(path), **options)
