@@ -145,11 +145,18 @@ def timeline_summary(timeline, t0: float, end: float) -> dict:
     its = [it for it in timeline if t0 - 1e-3 <= it[0] <= end]
     if not its:
         return {}
+    # the loop keeps its last `maxlen` iterations: if the oldest kept one falls inside the round,
+    # the round's first iterations are gone and the split below would describe only its tail
+    truncated = timeline.maxlen is not None and len(timeline) == timeline.maxlen and its[0] is timeline[0]
+    if truncated:
+        print(f"# timeline_summary: the engine loop kept only its last {timeline.maxlen} iterations; the "
+              "breakdown covers the end of the round only", file=sys.stderr)
     # a decode-only iteration's device time: from the previous iteration's tokens coming back to its
     # own (with the overlapped loop the host's schedule time hides behind the device's work)
     decode_only = [(it[2] - prev[2], it[5]) for prev, it in zip(its, its[1:]) if it[4] == 0 and it[5]]
     return {
         "iterations": len(its),
+        "truncated": truncated,
         "before_first_iteration_ms": 1e3 * (its[0][0] - t0),
         "prefill_iterations_ms": [round(1e3 * (it[3] - it[0]), 1) for it in its if it[4]],
         "prompts_per_prefill_iteration": [it[4] for it in its if it[4]],

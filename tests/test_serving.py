@@ -642,3 +642,21 @@ def test_sigterm_finishes_or_cleanly_fails_requests_in_flight(gpt_folder, tmp_pa
             assert "Retry-After" in r.headers and r.json()["error"]["message"]
     assert any(r.status_code == 200 for r in results)
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_benchmark_flags_a_truncated_timeline():
+    """benchmarks/serve.py's breakdown says when the loop's timeline lost the round's first iterations."""
+    import collections
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "serve_bench", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "serve.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    its = [(t, t + 0.1, t + 0.5, t + 0.6, int(t == 0), 0 if t == 0 else 4) for t in range(10)]
+    whole = collections.deque(its, maxlen=16)
+    assert bench.timeline_summary(whole, 0.0, 10.0)["truncated"] is False
+    tail = collections.deque(its, maxlen=6)  # the loop kept the last 6 of the round's 10
+    got = bench.timeline_summary(tail, 0.0, 10.0)
+    assert got["truncated"] is True and got["iterations"] == 6
+    assert bench.timeline_summary(tail, 5.0, 10.0)["truncated"] is False  # a round inside what was kept
