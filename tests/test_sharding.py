@@ -26,8 +26,16 @@ def reference(gpt2_folder):
     return ids, model.logits(ids), prompts, [o.token_ids for o in model.generate(prompts, max_new_tokens=12)]
 
 
+@pytest.fixture(scope="module")
+def lone_reference(gpt2_folder, reference):
+    """A lone prompt decodes as one row (engine.gpt.min_decode_rows): on a mesh its projections are
+    reductions over sharded weights (models/layers.project)."""
+    prompt = reference[2][2]
+    return prompt, ej.load_sharded_model(gpt2_folder).generate([prompt], max_new_tokens=12, temperature=0.0)
+
+
 @pytest.mark.parametrize("tp,pp,dp", LAYOUTS, ids=[f"tp{t}-pp{p}-dp{d}" for t, p, d in LAYOUTS])
-def test_gpt2_layout_equals_one_device(gpt2_folder, reference, tp, pp, dp):
+def test_gpt2_layout_equals_one_device(gpt2_folder, reference, lone_reference, tp, pp, dp):
     ids, ref_logits, prompts, ref_tokens = reference
     model = ej.load_sharded_model(gpt2_folder, tp=tp, pp=pp, dp=dp)
     assert dict(model.mesh.shape) == {"data": dp, "stage": pp, "tensor": tp}
@@ -35,6 +43,8 @@ def test_gpt2_layout_equals_one_device(gpt2_folder, reference, tp, pp, dp):
         assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == model.mesh
     np.testing.assert_allclose(model.logits(ids), ref_logits, atol=1e-5, rtol=0)
     assert [o.token_ids for o in model.generate(prompts, max_new_tokens=12)] == ref_tokens
+    prompt, lone = lone_reference
+    assert model.generate([prompt], max_new_tokens=12, temperature=0.0) == lone
 
 
 @pytest.mark.parametrize("tp,pp,dp", [(2, 2, 2), (4, 1, 2)], ids=["tp2-pp2-dp2", "tp4-dp2"])
