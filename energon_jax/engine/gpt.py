@@ -6,7 +6,6 @@ import functools
 import os
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
