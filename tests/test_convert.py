@@ -417,37 +417,16 @@ def test_gpt2_name_map_round_trips_hf_tensors(tiny_gpt2_factory):
     HF's tensors back, shape for shape and value for value (examples/train_tiny_gpt2.py saves the
     embedded model through it)."""
     from energon_jax.convert import gpt2 as gpt2_convert
+    from energon_jax.convert.hf_files import TensorSource
+    from energon_jax.loading import stack_layers
 
     folder, hf = tiny_gpt2_factory(n_layer=3, n_head=2, n_embd=48, n_inner=80)
-    state = {k: v.numpy() for k, v in hf.state_dict().items()}
-
-    class Source:
-        def keys(self):
-            return list(state)
-
-        def shape(self, name):
-            return state[name].shape
-
-        def get(self, name):
-            return state[name]
-
+    source = TensorSource(folder)
     cfg = gpt2_convert.config_from_hf(json.loads((folder / "config.json").read_text()))
-    params: dict = {}
-    for path, layer, arr in gpt2_convert.iter_params(Source(), cfg):
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        if layer is None:
-            node[path[-1]] = arr
-        else:
-            node.setdefault(path[-1], [None] * cfg.n_layer)[layer] = arr
-    stacked = jax.tree.map(lambda x: np.stack(x) if isinstance(x, list) else x, params,
-                           is_leaf=lambda x: isinstance(x, list))
-    assert stacked["h"]["blocks"]["attn"]["qkv_kernel"].shape == (3, 3, 2, 24, 48)  # [L, 3, N, D, E]
-    assert stacked["h"]["blocks"]["mlp"]["fc_kernel"].shape == (3, 80, 48)  # [L, F, E]
-    back = gpt2_convert.to_hf_state_dict(stacked, cfg)
-    for name, want in state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue
-        np.testing.assert_array_equal(back[name], want, err_msg=name)
-    assert set(back) == {n for n in state if n.startswith("transformer.") and not n.endswith(".attn.bias")}
+    host = stack_layers(gpt2_convert.iter_params(source, cfg), cfg.n_layer)
+    assert host["h"]["blocks"]["attn"]["qkv_kernel"].shape == (3, 3, 2, 24, 48)  # [L, 3, N, D, E]
+    assert host["h"]["blocks"]["mlp"]["fc_kernel"].shape == (3, 80, 48)  # [L, F, E]
+    back = gpt2_convert.to_hf_state_dict(host, cfg)
+    assert set(back) == {n for n in source.keys() if not n.endswith((".attn.bias", ".attn.masked_bias"))}
+    for name, arr in back.items():
+        np.testing.assert_array_equal(arr, source.get(name), err_msg=name)
