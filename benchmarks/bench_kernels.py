@@ -122,7 +122,8 @@ def bench_decode(tiles_list):
 
 # ---- decode-small: batch 1, GPT-2 XL heads, cache 512, as in XL batch-1 decode (bf16) ----
 
-SMALL = dict(b=1, n=25, s=512, d=64)
+SMALL_SHAPE = (1, 25, 512, 64)  # [B, N, S, D]
+SMALL_LIVE = 384  # positions each call attends to: prompt 128 + half of 256 new tokens
 SMALL_LAYERS = 48
 
 
@@ -139,13 +140,13 @@ def check_decode_small():
 def bench_decode_small(block_sizes):
     """One call, and a chain of 48 calls over 48 distinct caches in one jit (each query the previous
     output, as the layers of a decode step): the chain's time per call counts each launch's host cost."""
-    b, n, s, d = SMALL.values()
-    length = jnp.full((b,), 384, jnp.int32)
+    b, n, s, d = SMALL_SHAPE
+    length = jnp.full((b,), SMALL_LIVE, jnp.int32)
     keys = jax.random.split(jax.random.PRNGKey(3), 2 * SMALL_LAYERS + 1)
     q = randn(keys[0], (b, n, d), jnp.bfloat16)
     ks = [randn(k, (b, n, s, d), jnp.bfloat16) for k in keys[1:SMALL_LAYERS + 1]]
     vs = [randn(k, (b, n, s, d), jnp.bfloat16) for k in keys[SMALL_LAYERS + 1:]]
-    live_bytes = 2 * b * n * 384 * d * 2
+    live_bytes = 2 * b * n * SMALL_LIVE * d * 2  # K and V, bf16
     impls = {"xla reference": lambda *a: da.decode_attention(*a, scale=0.125, impl="xla"),
              "triton": lambda *a: da.decode_attention(*a, scale=0.125, impl="triton")}
     for bs in block_sizes:

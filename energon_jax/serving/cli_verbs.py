@@ -16,7 +16,8 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "pp_init_size": int, "half": bool, "tokenizer_path": str, "server_host": str, "server_port": int,
     "log_level": str, "rm_padding": bool,
 }
-# energon-jax's own keys, beside Energon's: what `energon serve` takes as flags (None: a default).
+# energon-jax's own keys, beside Energon's: what `energon serve` takes as flags; a key left out
+# takes the flag's default.
 _SECONDS = (int, float)
 EXTRA_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_queue": int, "max_seq_len": int, "request_timeout": _SECONDS, "shutdown_timeout": _SECONDS,
