@@ -82,11 +82,65 @@ def test_one_row_projection_equals_the_dot():
     w2 = jax.random.normal(ks[1], (24, 4, 8))  # [E, N, D]
     w1 = jax.random.normal(ks[2], (2, 3, 5, 32))  # [C, N, D, E]
     xe = x.reshape(3, 1, 32)
-    for xi, w, n_in in ((x, w2, 2), (xe, w1, 1)):
-        many = project(xi, w, n_in)
-        one = project(xi[1:2], w, n_in)
-        assert one.shape == many[1:2].shape
-        np.testing.assert_allclose(np.asarray(one), np.asarray(many[1:2]), rtol=1e-5, atol=1e-5)
+    b2 = jax.random.normal(ks[3], (24,))
+    b1 = jax.random.normal(ks[3], (2, 3, 5))
+    for xi, w, n_in, b in ((x, w2, 2, b2), (xe, w1, 1, b1)):
+        for bias, act in ((None, None), (b, None), (b, jnp.tanh)):
+            many = project(xi, w, n_in, bias, act)
+            one = project(xi[1:2], w, n_in, bias, act)
+            assert one.shape == many[1:2].shape
+            np.testing.assert_allclose(np.asarray(one), np.asarray(many[1:2]), rtol=1e-5, atol=1e-5)
+        expected = np.tanh(np.tensordot(np.asarray(xi), np.asarray(w), axes=(list(range(xi.ndim - n_in, xi.ndim)),
+                                                                          list(range(w.ndim - n_in, w.ndim)))) + b)
+        np.testing.assert_allclose(np.asarray(project(xi[1:2], w, n_in, b, jnp.tanh)), expected[1:2], rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_one_row_layer_norm_equals_the_two_pass_one():
+    """LayerNorm computes a single row's statistics in one shifted pass and more rows' in two: the
+    same numbers, also for a row whose mean is far from zero (where an unshifted E[x^2] - E[x]^2
+    in float32 loses the variance)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from energon_jax.models.layers import LayerNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 257)).astype(np.float32)
+    x[2] += 1e3  # mean 1e3, standard deviation 1: unshifted, E[x^2] - E[x]^2 is a few percent off
+    x[3] *= 300.0
+    ln = LayerNorm(1e-5)
+    params = ln.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    params = nn.unbox(params)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+    many = np.asarray(ln.apply(params, jnp.asarray(x)))
+    xd = x.astype(np.float64)
+    ref = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5)
+    ref = ref * np.asarray(params["params"]["scale"]) + np.asarray(params["params"]["bias"])
+    for i in range(4):
+        one = np.asarray(ln.apply(params, jnp.asarray(x[i:i + 1])))
+        np.testing.assert_allclose(one, many[i:i + 1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(one, ref[i:i + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_write_token_one_row_and_many():
+    """models.gpt2.write_token: row b's new K/V lands at [layer, b, :, pos[b], :], nothing else
+    changes; a single row takes the plain dynamic_update_slice, more rows the vmapped one."""
+    import jax.numpy as jnp
+
+    from energon_jax.models.gpt2 import write_token
+
+    rng = np.random.default_rng(1)
+    for b in (1, 3):
+        cache = rng.standard_normal((2, b, 4, 8, 5)).astype(np.float32)  # [L, B, N, S, D]
+        new = rng.standard_normal((b, 4, 5)).astype(np.float32)
+        pos = np.array([6, 0, 7][:b], np.int32)
+        out = np.asarray(write_token(jnp.asarray(cache), jnp.asarray(new), jnp.int32(1), jnp.asarray(pos)))
+        expected = cache.copy()
+        for r in range(b):
+            expected[1, r, :, pos[r], :] = new[r]
+        np.testing.assert_array_equal(out, expected)
 
 
 def test_seeds_and_top_k(tiny_gpt2_factory):

@@ -45,6 +45,11 @@ def write_token(cache_lbnsd, new_bnd, layer, pos_b):
     inside the pipeline's shard_map, where a plain advanced-index scatter fails to partition."""
     def one_row(c_lnsd, u_nd, p):
         return jax.lax.dynamic_update_slice(c_lnsd, u_nd[None, :, None, :].astype(c_lnsd.dtype), (layer, 0, p, 0))
+    if new_bnd.shape[0] == 1:
+        # One row: the plain update, in place. The vmapped one is a scatter, which XLA lowers to an
+        # update plus a kernel that reads back the old values (a select), each layer, each step.
+        return jax.lax.dynamic_update_slice(cache_lbnsd, new_bnd[None, :, :, None, :].astype(cache_lbnsd.dtype),
+                                            (layer, 0, 0, pos_b[0], 0))
     return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_lbnsd, new_bnd, pos_b)
 
 
@@ -72,7 +77,7 @@ class Attention(nn.Module):
         w_out = param(self, "out_kernel", (e, n, d), ("embed", "heads", "kv"), dtype=self.param_dtype)
         b_out = param(self, "out_bias", (e,), ("embed",), nn.initializers.zeros, self.param_dtype)
 
-        qkv_btcnd = project(x_bte, w_qkv, 1) + b_qkv
+        qkv_btcnd = project(x_bte, w_qkv, 1, b_qkv)
         q_btnd, k_btnd, v_btnd = qkv_btcnd[:, :, 0], qkv_btcnd[:, :, 1], qkv_btcnd[:, :, 2]
         scale = attention_scale(d, cfg.scale_attn_weights)
 
@@ -96,7 +101,7 @@ class Attention(nn.Module):
             attend = self.kernels.decode if self.kernels is not None else decode_attention_xla
             out_btnd = attend(q_btnd[:, 0], k_bnsd, v_bnsd, pos + 1, scale=scale)[:, None]
             new_kv = (k_all, v_all)
-        out_bte = project(out_btnd, w_out, 2) + b_out
+        out_bte = project(out_btnd, w_out, 2, b_out)
         return out_bte, new_kv
 
 
@@ -111,8 +116,8 @@ class MLP(nn.Module):
         b_fc = param(self, "fc_bias", (f,), ("mlp",), nn.initializers.zeros, self.param_dtype)
         w_proj = param(self, "proj_kernel", (e, f), ("embed", "mlp"), dtype=self.param_dtype)
         b_proj = param(self, "proj_bias", (e,), ("embed",), nn.initializers.zeros, self.param_dtype)
-        h_btf = gelu_new(project(x_bte, w_fc, 1) + b_fc)
-        return project(h_btf, w_proj, 1) + b_proj
+        h_btf = project(x_bte, w_fc, 1, b_fc, gelu_new)
+        return project(h_btf, w_proj, 1, b_proj)
 
 
 class Block(nn.Module):
