@@ -1,8 +1,5 @@
 """GPU check and timing of the Triton attention kernels (through jax-triton) against their XLA references.
 
-`--kernels decode-small` times the Pallas decode kernel (kernels/decode_attention_pallas.py) for
-GPT-2 XL's batch-1 shape against XLA's attention and the Triton kernel.
-
 Run on a CUDA machine from the repository root:  python3 benchmarks/bench_kernels.py [--sweep]
 Prints each kernel's error against its reference, then a markdown table of times; writes the
 output to $OUT/kernels.txt too when OUT is set. --sweep also times several tile configurations;
@@ -31,7 +28,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from kernels import decode_attention as da  # noqa: E402
-from kernels import decode_attention_pallas as dap  # noqa: E402
 from kernels import prefill_attention as pa  # noqa: E402
 from kernels import varlen_attention as va  # noqa: E402
 from benchmarks.decode import COPY_CEILINGS, roofline_bandwidth  # noqa: E402
@@ -117,53 +113,6 @@ def bench_decode(tiles_list):
         fn = jax.jit(lambda *a, tiles=tiles: da.decode_attention(*a, scale=0.125, impl="triton", tiles=tiles))
         t = time_us(fn, *args)
         rows.append(("decode", f"triton {tiles}", t, rate(t)))
-    return rows
-
-
-# ---- decode-small: batch 1, GPT-2 XL heads, cache 512, as in XL batch-1 decode (bf16) ----
-
-SMALL_SHAPE = (1, 25, 512, 64)  # [B, N, S, D]
-SMALL_LIVE = 384  # positions each call attends to: prompt 128 + half of 256 new tokens
-SMALL_LAYERS = 48
-
-
-def check_decode_small():
-    ok = True
-    for dtype, limit in ((jnp.bfloat16, 2e-2), (jnp.float32, 1e-5)):
-        args = decode_case(dtype, b=4, n=25, s=512, lengths=[0, 1, 129, 512], seed=2)
-        out = jax.jit(lambda *a: dap.decode_attention_pallas(*a, scale=0.125))(*args)
-        ref = da.decode_attention_reference(*args, scale=0.125)
-        ok &= report_check(f"decode-small pallas {jnp.dtype(dtype).name}", out, ref, limit)
-    return ok
-
-
-def bench_decode_small(block_sizes):
-    """One call, and a chain of 48 calls over 48 distinct caches in one jit (each query the previous
-    output, as the layers of a decode step): the chain's time per call counts each launch's host cost."""
-    b, n, s, d = SMALL_SHAPE
-    length = jnp.full((b,), SMALL_LIVE, jnp.int32)
-    keys = jax.random.split(jax.random.PRNGKey(3), 2 * SMALL_LAYERS + 1)
-    q = randn(keys[0], (b, n, d), jnp.bfloat16)
-    ks = [randn(k, (b, n, s, d), jnp.bfloat16) for k in keys[1:SMALL_LAYERS + 1]]
-    vs = [randn(k, (b, n, s, d), jnp.bfloat16) for k in keys[SMALL_LAYERS + 1:]]
-    live_bytes = 2 * b * n * SMALL_LIVE * d * 2  # K and V, bf16
-    impls = {"xla reference": lambda *a: da.decode_attention(*a, scale=0.125, impl="xla"),
-             "triton": lambda *a: da.decode_attention(*a, scale=0.125, impl="triton")}
-    for bs in block_sizes:
-        impls[f"pallas block_s={bs}"] = lambda *a, bs=bs: dap.decode_attention_pallas(*a, scale=0.125, block_s=bs)
-    rows = []
-    for name, fn in impls.items():
-        one = time_us(jax.jit(fn), q, ks[0], vs[0], length)
-
-        def chain(q, ks, vs, fn=fn):
-            for k, v in zip(ks, vs):
-                q = fn(q, k, v, length)
-            return q
-
-        per = time_us(jax.jit(chain), q, ks, vs, inner=5) / SMALL_LAYERS
-        rows.append(("decode-small", f"{name}: one call", one, f"{live_bytes / one / 1e6:.2f} TB/s of live K/V"))
-        rows.append(("decode-small", f"{name}: per call in a chain of {SMALL_LAYERS}", per,
-                     f"{live_bytes / per / 1e6:.2f} TB/s of live K/V"))
     return rows
 
 
@@ -258,19 +207,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time several tile configurations")
     parser.add_argument("--kernels", default="decode,prefill,varlen",
-                        help="comma-separated subset of decode,decode-small,prefill,varlen")
+                        help="comma-separated subset of decode,prefill,varlen")
     args = parser.parse_args()
     sweep = args.sweep
     chosen = set(args.kernels.split(","))
-    if not chosen <= {"decode", "decode-small", "prefill", "varlen"}:
-        parser.error(f"--kernels {args.kernels!r}: choose from decode, decode-small, prefill, varlen")
+    if not chosen <= {"decode", "prefill", "varlen"}:
+        parser.error(f"--kernels {args.kernels!r}: choose from decode, prefill, varlen")
 
     dev = jax.devices()[0]
     say(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if jax.default_backend() != "gpu":
         sys.exit("benchmarks/bench_kernels.py needs a CUDA GPU")
-    checks = {"decode": check_decode, "decode-small": check_decode_small, "prefill": check_prefill,
-              "varlen": check_varlen}
+    checks = {"decode": check_decode, "prefill": check_prefill, "varlen": check_varlen}
     ok = all([checks[name]() for name in sorted(chosen)])
 
     decode_tiles = [da.DecodeTiles()]
@@ -285,8 +233,7 @@ def main():
         varlen_tiles += [va.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
 
     rows = []
-    small_blocks = [64] + ([32, 128] if sweep else [])
-    for bench, tiles in ((bench_decode, decode_tiles), (bench_decode_small, small_blocks), (bench_prefill, flash_tiles),
+    for bench, tiles in ((bench_decode, decode_tiles), (bench_prefill, flash_tiles),
                          (bench_varlen, varlen_tiles)):
         if bench.__name__.removeprefix("bench_").replace("_", "-") not in chosen:
             continue

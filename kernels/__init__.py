@@ -4,7 +4,6 @@ One module per kernel, named as its public function (import from the module:
 `from energon_jax.kernels.decode_attention import decode_attention`):
 decode_attention, prefill_attention, varlen_attention. Each takes impl="auto" | "triton" |
 "xla" ("auto": Triton on a GPU, the reference elsewhere) and an optional mesh, over which it
-runs per device on its own heads. decode_attention_pallas is a decode kernel for few rows in
-Pallas' Triton lowering (XLA's own Triton custom call), not yet measured and called by nothing. Nothing is imported here, so importing the package
-imports no Triton.
+runs per device on its own heads. Nothing is imported here, so importing the package imports no
+Triton.
 """
