@@ -34,6 +34,11 @@ def tiny_gpt2_factory(tmp_path_factory):
             kwargs.update(overrides)
             torch.manual_seed(seed)
             model = GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
+            with torch.no_grad():  # HF starts layer norms at scale 1, bias 0: give them values
+                for m in model.modules():
+                    if isinstance(m, torch.nn.LayerNorm):
+                        m.weight.normal_(1.0, 0.2)
+                        m.bias.normal_(0.0, 0.2)
             folder = tmp_path_factory.mktemp("gpt2")
             model.save_pretrained(folder)
             made[key] = (folder, model)

@@ -67,8 +67,9 @@ def project(x, w, n_in: int, bias=None, activation: Callable | None = None):
     (benchmarks/profile_decode.py, BENCHMARKS.md session 8). A single row is written as that
     multiply + reduce (float32 products and sum, as a GEMM accumulates), because XLA keeps a
     one-row dot of 10M+ elements (GPT-2 XL's MLP) as a slow GEMV. Its bias and activation are
-    applied to the float32 sum, inside the reduction's kernel, before the one rounding to the
-    output dtype. More rows take a dot_general, rounded, then the bias and activation.
+    applied to the float32 sum before the one rounding to the output dtype (XLA fuses them into
+    the kernels that read the sum). More rows take a dot_general, rounded, then the bias and
+    activation.
     """
     out_axes = w.ndim - n_in
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(out_axes, w.ndim)))
