@@ -233,9 +233,8 @@ def main():
         varlen_tiles += [va.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
 
     rows = []
-    for bench, tiles in ((bench_decode, decode_tiles), (bench_prefill, flash_tiles),
-                         (bench_varlen, varlen_tiles)):
-        if bench.__name__.removeprefix("bench_").replace("_", "-") not in chosen:
+    for bench, tiles in ((bench_decode, decode_tiles), (bench_prefill, flash_tiles), (bench_varlen, varlen_tiles)):
+        if bench.__name__.removeprefix("bench_") not in chosen:
             continue
         try:
             rows += bench(tiles)

@@ -78,9 +78,9 @@ def project(x, w, n_in: int, bias=None, activation: Callable | None = None):
     if math.prod(x.shape[:-n_in]) == 1:
         xb = x.reshape(x.shape[:-n_in] + (1,) * out_axes + x.shape[-n_in:])
         y = jnp.sum(xb.astype(jnp.float32) * w.astype(jnp.float32), axis=tuple(range(-n_in, 0)))
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        return activation(y).astype(jnp.result_type(dtype, *(() if bias is None else (bias,))))
+        if bias is None:
+            return activation(y).astype(dtype)
+        return activation(y + bias.astype(jnp.float32)).astype(jnp.result_type(dtype, bias))
     y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=dtype)
     return activation(y if bias is None else y + bias)
 
