@@ -49,8 +49,10 @@ def test_reference_matches_naive():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_triton_kernel_matches_reference(dtype):
-    # default tiles, a cache of 1000 over four chunks: slots ending mid-chunk, empty chunks, an empty slot
+    # default tiles: 12 rows cut a cache of 1000 into 16 chunks (slots ending mid-chunk, empty
+    # chunks, an empty slot); the bf16 cache goes through the tl.dot variant, fp32 through exact sums
     q, k, v, lengths = _inputs(1, 4, 3, 1000, 32, [1, 7, 0, 1000], dtype)
+    assert da.DecodeTiles().num_splits(1000, 12) == 16
     out = da._launch_torch(q, k, v, lengths, scale=32**-0.5)
     ref = da.decode_attention_reference(q, k, v, lengths, scale=32**-0.5)
     assert out.dtype == dtype
@@ -60,11 +62,39 @@ def test_triton_kernel_matches_reference(dtype):
 
 @pytest.mark.parametrize("n,d", [(1, 64), (5, 16)])
 def test_triton_kernel_small_tiles_and_heads(n, d):
-    tiles = da.DecodeTiles(block_s=16, chunk=32)  # many chunks per slot
+    tiles = da.DecodeTiles(block_s=16, chunk=32, mma=False)  # many chunks per slot
     q, k, v, lengths = _inputs(2, 3, n, 129, d, [129, 1, 70])
     out = da._launch_torch(q, k, v, lengths, scale=0.3, tiles=tiles)
     ref = da.decode_attention_reference(q, k, v, lengths, scale=0.3)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_triton_kernel_one_chunk_per_slot_writes_the_output(dtype):
+    # chunk >= cache length: one program per (slot, head) normalises and stores in q's dtype, no merge
+    tiles = da.DecodeTiles(block_s=64, chunk=1024, mma=False)
+    assert tiles.num_splits(1000, 12) == 1
+    q, k, v, lengths = _inputs(6, 4, 3, 1000, 32, [1000, 7, 0, 129], dtype)
+    out = da._launch_torch(q, k, v, lengths, scale=32**-0.5, tiles=tiles)
+    ref = da.decode_attention_reference(q, k, v, lengths, scale=32**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert not np.any(np.asarray(out[2], np.float32))  # the empty slot gives zeros, not NaN
+    tol = TOL[dtype]
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("chunk", [32, 1024], ids=["chunks", "one-chunk"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_triton_kernel_mma_variant_matches_reference(dtype, chunk):
+    # mma=True: scores and the V sum through tl.dot for bf16; an fp32 cache keeps the exact sums
+    tiles = da.DecodeTiles(block_s=32, chunk=chunk, mma=True)
+    assert da._use_mma(tiles, dtype) == (dtype == jnp.bfloat16)
+    q, k, v, lengths = _inputs(7, 3, 2, 1000, 16, [1000, 0, 33], dtype)
+    out = da._launch_torch(q, k, v, lengths, scale=0.25, tiles=tiles)
+    ref = da.decode_attention_reference(q, k, v, lengths, scale=0.25)
+    assert out.dtype == dtype and not np.any(np.asarray(out[1], np.float32))
+    tol = TOL[dtype]
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=tol, atol=tol)
 
 
 def test_xla_path_under_mesh_matches_unsharded():
@@ -94,3 +124,15 @@ def test_bad_inputs_raise():
         da.decode_attention(q, k, v, lengths[:1], scale=0.25)
     with pytest.raises(ValueError, match="multiple of block_s"):
         da.DecodeTiles(block_s=64, chunk=100)
+    with pytest.raises(ValueError, match="block_s=48 must be a power of two"):
+        da.DecodeTiles(block_s=48)
+
+
+def test_default_tiles_split_only_to_fill_the_gpu():
+    tiles = da.DecodeTiles()  # block_s 64, min_programs 256
+    assert tiles.chunk_for(1024, 512) == 1024  # GPT-2 medium at batch 32: a program per row, no merge
+    assert tiles.chunk_for(2048, 800) == 2048 and tiles.num_splits(512, 256) == 1
+    assert tiles.num_splits(1024, 128) == 2  # 256 programs
+    assert tiles.num_splits(512, 25) == 8  # one slot of GPT-2 XL: one block of 64 positions per program
+    assert tiles.chunk_for(1000, 3) == 64 and tiles.num_splits(1000, 3) == 16
+    assert tiles.chunk_for(1000, 100) == 384 and tiles.num_splits(1000, 100) == 3  # chunks stay whole blocks

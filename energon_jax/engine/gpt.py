@@ -56,7 +56,8 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
 # kernel's grid is a few dozen programs plus a merge kernel, and XLA's fused attention is faster:
 # GPT-2 small at batch 1 decodes at 0.681 ms/step with XLA attention against 0.862 with Triton, and
 # GPT-2 medium at 1.422 against 1.826; at batch 32 (384 and 512 rows) Triton is level or ahead
-# (H100, BENCHMARKS.md).
+# (H100, BENCHMARKS.md). Those runs used the earlier elementwise kernel; the tl.dot kernel of session 10
+# was timed from 256 rows up (one program per row there), not below.
 MIN_TRITON_DECODE_ROWS = 256
 
 
