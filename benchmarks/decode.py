@@ -25,6 +25,15 @@ SHAPES = {  # (n_layer, n_embd, n_head)
 }
 
 
+def set_decode_tiles(spec: str) -> None:
+    """Make "BLOCK_S,CHUNK,WARPS,STAGES[,mma]" the Triton decode kernel's default tiles in this process."""
+    from energon_jax.kernels import decode_attention as da
+
+    bs, chunk, warps, stages, *mma = spec.split(",")
+    da.decode_attention.__kwdefaults__["tiles"] = da.DecodeTiles(int(bs), int(chunk), int(warps), int(stages),
+                                                                 mma=mma == ["mma"])
+
+
 def random_model(name: str, max_seq_len: int, attention_impl: str = "auto"):
     import jax
     import jax.numpy as jnp
@@ -147,9 +156,13 @@ def main():
     ap.add_argument("--skip-warm-cache", action="store_true", help="do not time compiles from the persistent cache")
     ap.add_argument("--impls", default="auto", help="attention implementations to time, e.g. xla,triton")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--decode-tiles", default=None, metavar="BLOCK_S,CHUNK,WARPS,STAGES[,mma]",
+                    help="override the Triton decode kernel's default tiles (kernels/decode_attention.DecodeTiles)")
     ap.add_argument("--min-rows", type=int, default=None,
                     help="override engine.gpt.min_decode_rows (rows a lone prompt decodes as)")
     args = ap.parse_args()
+    if args.decode_tiles:
+        set_decode_tiles(args.decode_tiles)
     if args.min_rows is not None:
         from energon_jax.engine import gpt as _gpt
         _gpt.min_decode_rows = lambda: args.min_rows

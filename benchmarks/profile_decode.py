@@ -125,7 +125,12 @@ def main() -> None:
                          "(benchmarks/serve.py's prompts) against one offline generate(max_new_tokens=1)")
     ap.add_argument("--out", default="/tmp/energon_profile")
     ap.add_argument("--top", type=int, default=25, help="kernel names listed, by total time")
+    ap.add_argument("--decode-tiles", default=None, metavar="BLOCK_S,CHUNK,WARPS,STAGES[,mma]",
+                    help="override the Triton decode kernel's default tiles (kernels/decode_attention.DecodeTiles)")
     args = ap.parse_args()
+    if args.decode_tiles:
+        from decode import set_decode_tiles
+        set_decode_tiles(args.decode_tiles)
     if args.prefill:
         return profile_prefill(args)
 
