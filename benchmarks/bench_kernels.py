@@ -2,8 +2,9 @@
 
 Run on a CUDA machine from the repository root:  python3 benchmarks/bench_kernels.py [--sweep]
 Prints each kernel's error against its reference, then a markdown table of times; writes the
-output to $OUT/kernels.txt too when OUT is set. --sweep also times several tile configurations;
-the default one comes first and again within the sweep, so the two rows show the timing noise.
+output to $OUT/kernels.txt (and the times to $OUT/kernels.json) too when OUT is set. --sweep also
+times several tile configurations after the default one. Decode is timed per call inside a chain
+of CHAIN calls in one jit (GPU time, as inside a decode step), with the single-call time beside it.
 
 Floors (copy: H100 ~3.0 TB/s, H200 ~4.3 TB/s; ~790 TFLOP/s bf16 matmul on both): decode reads
 K+V once, so its time is bytes / bandwidth; prefill and varlen are matmul work, reported in TFLOP/s.

@@ -29,9 +29,12 @@ def set_decode_tiles(spec: str) -> None:
     """Make "BLOCK_S,CHUNK,WARPS,STAGES[,mma]" the Triton decode kernel's default tiles in this process."""
     from energon_jax.kernels import decode_attention as da
 
-    bs, chunk, warps, stages, *mma = spec.split(",")
-    da.decode_attention.__kwdefaults__["tiles"] = da.DecodeTiles(int(bs), int(chunk), int(warps), int(stages),
-                                                                 mma=mma == ["mma"])
+    fields = spec.split(",")
+    if len(fields) not in (4, 5) or not all(f.isdigit() for f in fields[:4]) or fields[4:] not in ([], ["mma"]):
+        raise SystemExit(f"--decode-tiles {spec!r}: expected BLOCK_S,CHUNK,WARPS,STAGES as integers, "
+                         "then optionally ',mma' (e.g. 64,4096,4,3,mma)")
+    bs, chunk, warps, stages = (int(f) for f in fields[:4])
+    da.decode_attention.__kwdefaults__["tiles"] = da.DecodeTiles(bs, chunk, warps, stages, mma=fields[4:] == ["mma"])
 
 
 def random_model(name: str, max_seq_len: int, attention_impl: str = "auto"):
