@@ -56,8 +56,9 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
 # kernel's grid is a few dozen programs plus a merge kernel, and XLA's fused attention is faster:
 # GPT-2 small at batch 1 decodes at 0.681 ms/step with XLA attention against 0.862 with Triton, and
 # GPT-2 medium at 1.422 against 1.826; at batch 32 (384 and 512 rows) Triton is level or ahead
-# (H100, BENCHMARKS.md). Those runs used the earlier elementwise kernel; the tl.dot kernel of session 10
-# was timed from 256 rows up (one program per row there), not below.
+# (H100, BENCHMARKS.md). The tl.dot kernel of session 10 keeps the threshold on an H200: at batch 8, GPT-2
+# medium (128 rows) decodes at 1.098 ms/step through it against 0.918 with XLA's attention, GPT-2 XL (200
+# rows) at 3.083 against 2.851; from 256 rows it is level or ahead.
 MIN_TRITON_DECODE_ROWS = 256
 
 
