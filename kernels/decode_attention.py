@@ -174,8 +174,11 @@ def _check_shapes(q, k_cache, v_cache, lengths):
         raise ValueError(f"lengths has shape {lengths.shape}; expected [B] = {(b,)}")
 
 
-def _use_mma(tiles: DecodeTiles, dtype) -> bool:
-    return tiles.mma and jnp.dtype(dtype).itemsize == 2
+def _use_mma(tiles: DecodeTiles, q, k_cache, v_cache) -> bool:
+    """The tl.dot variant: asked for, and q, K and V of one 16-bit dtype (tl.dot takes one operand
+    type; an fp32 query over a bf16 cache keeps its precision in the elementwise sums)."""
+    dtypes = {jnp.dtype(x.dtype) for x in (q, k_cache, v_cache)}
+    return tiles.mma and len(dtypes) == 1 and dtypes.pop().itemsize == 2
 
 
 def _decode_triton(q, k_cache, v_cache, lengths, *, scale, tiles):
@@ -197,7 +200,7 @@ def _decode_triton(q, k_cache, v_cache, lengths, *, scale, tiles):
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         NUM_HEADS=n, NUM_SPLITS=splits, HEAD_DIM=d, CHUNK=chunk, BLOCK_S=tiles.block_s,
-        MMA=_use_mma(tiles, k_cache.dtype),
+        MMA=_use_mma(tiles, q, k_cache, v_cache),
     )
     return o if splits == 1 else _combine_splits(o, m, l).astype(q.dtype)
 
@@ -222,7 +225,7 @@ def _launch_torch(q, k_cache, v_cache, lengths, *, scale, tiles=DecodeTiles()):
         tq, to_torch(k_cache), to_torch(v_cache), to_torch(lengths.astype(jnp.int32)),
         scale * LOG2E, s, o, m, l,
         NUM_HEADS=n, NUM_SPLITS=splits, HEAD_DIM=d, CHUNK=chunk, BLOCK_S=tiles.block_s,
-        MMA=_use_mma(tiles, k_cache.dtype),
+        MMA=_use_mma(tiles, q, k_cache, v_cache),
     )
     if splits == 1:
         return from_torch(o, q.dtype)

@@ -88,13 +88,24 @@ def test_triton_kernel_one_chunk_per_slot_writes_the_output(dtype):
 def test_triton_kernel_mma_variant_matches_reference(dtype, chunk):
     # mma=True: scores and the V sum through tl.dot for bf16; an fp32 cache keeps the exact sums
     tiles = da.DecodeTiles(block_s=32, chunk=chunk, mma=True)
-    assert da._use_mma(tiles, dtype) == (dtype == jnp.bfloat16)
     q, k, v, lengths = _inputs(7, 3, 2, 1000, 16, [1000, 0, 33], dtype)
+    assert da._use_mma(tiles, q, k, v) == (dtype == jnp.bfloat16)
     out = da._launch_torch(q, k, v, lengths, scale=0.25, tiles=tiles)
     ref = da.decode_attention_reference(q, k, v, lengths, scale=0.25)
     assert out.dtype == dtype and not np.any(np.asarray(out[1], np.float32))
     tol = TOL[dtype]
     np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=tol, atol=tol)
+
+
+def test_triton_kernel_fp32_query_over_a_bf16_cache():
+    # tl.dot takes one operand type: a mixed call keeps the elementwise sums (and the fp32 query)
+    q, k, v, lengths = _inputs(8, 2, 3, 200, 32, [200, 57], jnp.bfloat16)
+    q = q.astype(jnp.float32) * 1.001  # not representable in bf16
+    assert not da._use_mma(da.DecodeTiles(), q, k, v)
+    out = da._launch_torch(q, k, v, lengths, scale=0.2)
+    ref = da.decode_attention_reference(q, k, v, lengths, scale=0.2)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_xla_path_under_mesh_matches_unsharded():
