@@ -40,7 +40,8 @@ class DecodeTiles:
     """Tile sizes: block_s cache positions per loop step, chunk positions per program.
 
     chunk None: one chunk per (slot, head) row, so no merge step, unless there are fewer than
-    min_programs rows; then the cache is cut into enough chunks to give that many programs.
+    min_programs rows; then the cache is cut into chunks of whole blocks until there are that many
+    programs (or one block per program).
     The defaults come from measurements on an H200 (BENCHMARKS.md, session 10):
     - per call inside a chain, GPT-2 medium's batch-32 decode at context 992 took 43.5 us with
       these tiles, against 47.9 for XLA's attention and 56.8 for the earlier elementwise kernel
@@ -62,14 +63,19 @@ class DecodeTiles:
             raise ValueError(f"block_s={self.block_s} must be a power of two >= 16")
         if self.chunk is not None and (self.chunk < self.block_s or self.chunk % self.block_s):
             raise ValueError(f"chunk={self.chunk} must be a multiple of block_s={self.block_s} (or None)")
+        if self.min_programs < 1:
+            raise ValueError(f"min_programs={self.min_programs} must be >= 1")
 
     def chunk_for(self, cache_len: int, rows: int) -> int:
-        """Cache positions per program for a cache of cache_len positions and rows (slot, head) rows."""
+        """Cache positions per program for a cache of cache_len positions and rows (slot, head) rows:
+        whole blocks, and at least min_programs programs where the cache has that many blocks."""
         if self.chunk is not None:
             return self.chunk
         blocks = triton.cdiv(cache_len, self.block_s)
-        splits = min(blocks, triton.cdiv(self.min_programs, rows))
-        return triton.cdiv(blocks, splits) * self.block_s
+        if blocks <= 1 or rows >= self.min_programs:
+            return max(blocks, 1) * self.block_s
+        splits = min(blocks, triton.cdiv(self.min_programs, max(rows, 1)))
+        return blocks // splits * self.block_s  # rounded down: at least `splits` chunks
 
     def num_splits(self, cache_len: int, rows: int) -> int:
         return triton.cdiv(cache_len, self.chunk_for(cache_len, rows))

@@ -15,7 +15,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from energon_jax.kernels import decode_attention as da  # noqa: E402
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 
 def _inputs(seed, b, n, s, d, lengths, dtype=jnp.float32):
@@ -97,6 +97,27 @@ def test_triton_kernel_mma_variant_matches_reference(dtype, chunk):
     np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+def test_triton_kernel_default_tiles_one_program_per_row(dtype):
+    # the defaults as a decode batch of >= min_programs rows runs them: tl.dot, one chunk, no merge
+    tiles = da.DecodeTiles(min_programs=1)
+    q, k, v, lengths = _inputs(9, 3, 2, 300, 64, [300, 0, 129], dtype)
+    assert tiles.num_splits(300, 6) == 1 and da._use_mma(tiles, q, k, v)
+    out = da._launch_torch(q, k, v, lengths, scale=0.125, tiles=tiles)
+    ref = da.decode_attention_reference(q, k, v, lengths, scale=0.125)
+    assert out.dtype == dtype and not np.any(np.asarray(out[1], np.float32))
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_triton_kernel_mma_several_blocks_per_chunk_and_a_merge():
+    tiles = da.DecodeTiles(block_s=16, chunk=64)  # 4 loop steps a program, 16 chunks merged
+    q, k, v, lengths = _inputs(10, 2, 3, 1000, 32, [1000, 517], jnp.bfloat16)
+    assert tiles.num_splits(1000, 6) == 16 and da._use_mma(tiles, q, k, v)
+    out = da._launch_torch(q, k, v, lengths, scale=32**-0.5, tiles=tiles)
+    ref = da.decode_attention_reference(q, k, v, lengths, scale=32**-0.5)
+    np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
 def test_triton_kernel_fp32_query_over_a_bf16_cache():
     # tl.dot takes one operand type: a mixed call keeps the elementwise sums (and the fp32 query)
     q, k, v, lengths = _inputs(8, 2, 3, 200, 32, [200, 57], jnp.bfloat16)
@@ -146,4 +167,12 @@ def test_default_tiles_split_only_to_fill_the_gpu():
     assert tiles.num_splits(1024, 128) == 2  # 256 programs
     assert tiles.num_splits(512, 25) == 8  # one slot of GPT-2 XL: one block of 64 positions per program
     assert tiles.chunk_for(1000, 3) == 64 and tiles.num_splits(1000, 3) == 16
-    assert tiles.chunk_for(1000, 100) == 384 and tiles.num_splits(1000, 100) == 3  # chunks stay whole blocks
+    assert tiles.chunk_for(1000, 100) == 320 and tiles.num_splits(1000, 100) == 4  # chunks stay whole blocks
+    for s in range(1, 1100, 7):  # every split reaches min_programs where the cache has enough blocks
+        for rows in (1, 3, 25, 64, 86, 100, 255, 256, 300):
+            chunk = tiles.chunk_for(s, rows)
+            assert chunk % 64 == 0 and chunk >= 64
+            assert rows * tiles.num_splits(s, rows) >= min(256, rows * -(-s // 64)), (s, rows)
+    assert tiles.chunk_for(0, 0) == 64  # an empty batch or cache: one block, no division by zero
+    with pytest.raises(ValueError, match="min_programs=0"):
+        da.DecodeTiles(min_programs=0)
