@@ -90,3 +90,25 @@ def test_auto_decode_attention_uses_xla_below_the_row_threshold():
         else:
             assert out is q
     assert calls == [(32, 12, 16), (64, 16, 16)]
+    # under data x tensor parallel over 4 devices, 64 slots x 16 heads are 256 rows per device: Triton;
+    # 32 x 12 are 96 per device: XLA
+    for b, n, want_triton in [(64, 16, True), (32, 12, False)]:
+        q = jnp.asarray(rng.standard_normal((b, n, 16)), jnp.float32)
+        k = v = jnp.asarray(rng.standard_normal((b, n, 8, 16)), jnp.float32)
+        out = gpt._decode_by_size(fake_triton, q, k, v, jnp.full((b,), 5, jnp.int32), scale=0.25, shards=4)
+        assert (out is q) == want_triton
+
+
+def test_auto_on_a_gpu_counts_one_devices_decode_rows(monkeypatch):
+    """engine.gpt.attention_kernels with "auto" as on a GPU (resolve_impl patched): the decode
+    dispatch counts rows per device of the data x tensor mesh, where the kernel runs."""
+    from energon_jax.config import GPT2Config
+    from energon_jax.engine import gpt
+    from energon_jax.runtime.mesh import make_mesh
+
+    monkeypatch.setattr(_dispatch, "resolve_impl", lambda impl: "triton")
+    cfg = GPT2Config(vocab_size=64, n_positions=64, n_embd=64, n_layer=1, n_head=4)
+    for (tp, dp), shards in [((1, 1), 1), ((2, 2), 4), ((4, 1), 4)]:
+        kernels = gpt.attention_kernels(cfg, make_mesh(tp=tp, dp=dp), "auto")
+        assert kernels.decode.func is gpt._decode_by_size and kernels.decode.keywords == {"shards": shards}
+    assert gpt.attention_kernels(cfg, make_mesh(), "triton").decode.keywords["impl"] == "triton"

@@ -46,8 +46,8 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
 
     kernel_mesh = mesh if mesh.devices.size > 1 else None  # shard_map per device's heads / rows
     decode = functools.partial(decode_attention, impl="triton", mesh=kernel_mesh)
-    if impl == "auto":
-        decode = functools.partial(_decode_by_size, decode)
+    if impl == "auto":  # the kernel runs per device: count one device's (slot, head) rows
+        decode = functools.partial(_decode_by_size, decode, shards=mesh.shape["data"] * mesh.shape["tensor"])
     return AttentionKernels(prefill=functools.partial(prefill_attention, impl="triton", mesh=kernel_mesh),
                             decode=decode)
 
@@ -58,12 +58,14 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
 # GPT-2 medium at 1.422 against 1.826; at batch 32 (384 and 512 rows) Triton is level or ahead
 # (H100, BENCHMARKS.md). The tl.dot kernel of session 10 keeps the threshold on an H200: at batch 8, GPT-2
 # medium (128 rows) decodes at 1.098 ms/step through it against 0.918 with XLA's attention, GPT-2 XL (200
-# rows) at 3.083 against 2.851; from 256 rows it is level or ahead.
+# rows) at 3.083 against 2.851. From 256 rows it is ahead at ~256 tokens of context (1.02-1.17x) and
+# 0.95-0.99x at ~1,000 (GPT-2 medium, batch 32). The rows are one device's under data / tensor parallel.
 MIN_TRITON_DECODE_ROWS = 256
 
 
-def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale):
-    if q_bnd.shape[0] * q_bnd.shape[1] < MIN_TRITON_DECODE_ROWS:  # shapes are static: chosen at trace time
+def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale, shards: int = 1):
+    """shards: devices the batch and heads split over (data x tensor); the rows counted are one device's."""
+    if q_bnd.shape[0] * q_bnd.shape[1] // shards < MIN_TRITON_DECODE_ROWS:  # static shapes: chosen at trace time
         return decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
     return triton_decode(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
 
