@@ -208,9 +208,12 @@ def main():
 
     # Compile time from the persistent cache: a fresh process, same cache folder.
     env = dict(os.environ, ENERGON_JAX_CACHE_DIR=str(cache_dir))
-    warm = None if args.skip_warm_cache else subprocess.run([sys.executable, __file__, "--warm-cache", "--models", args.models, "--batches", args.batches,
-                           "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--impls", args.impls],
-                          env=env, capture_output=True, text=True)
+    same = ["--models", args.models, "--batches", args.batches, "--prompt", str(args.prompt),
+            "--new-tokens", str(args.new_tokens), "--impls", args.impls]  # the programs timed above
+    same += ["--decode-tiles", args.decode_tiles] if args.decode_tiles else []
+    same += ["--min-rows", str(args.min_rows)] if args.min_rows is not None else []
+    warm = None if args.skip_warm_cache else subprocess.run([sys.executable, __file__, "--warm-cache", *same],
+                                                            env=env, capture_output=True, text=True)
     warm_rows = json.loads(warm.stdout.strip().splitlines()[-1]) if warm and warm.returncode == 0 else []
     if warm and warm.returncode:
         print(warm.stderr[-2000:])
