@@ -187,11 +187,19 @@ def _use_mma(tiles: DecodeTiles, q, k_cache, v_cache) -> bool:
     return tiles.mma and len(dtypes) == 1 and dtypes.pop().itemsize == 2
 
 
+def _launch_plan(q, k_cache, v_cache, tiles: DecodeTiles) -> tuple[int, dict]:
+    """(chunks per row, the kernel's constexprs) for one call; both launchers use this."""
+    b, n, s, d = k_cache.shape
+    chunk = tiles.chunk_for(s, b * n)
+    splits = triton.cdiv(s, chunk)
+    return splits, dict(NUM_HEADS=n, NUM_SPLITS=splits, HEAD_DIM=d, CHUNK=chunk, BLOCK_S=tiles.block_s,
+                        MMA=_use_mma(tiles, q, k_cache, v_cache))
+
+
 def _decode_triton(q, k_cache, v_cache, lengths, *, scale, tiles):
     b, n, s, d = k_cache.shape
     check_head_dim(d)
-    chunk = tiles.chunk_for(s, b * n)
-    splits = triton.cdiv(s, chunk)
+    splits, constexprs = _launch_plan(q, k_cache, v_cache, tiles)
     partial = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     if splits == 1:  # no merge step: the kernel writes the output (m / l: one unused float each)
         out_shape = (jax.ShapeDtypeStruct((b, n, d), q.dtype), partial(1), partial(1))
@@ -205,8 +213,7 @@ def _decode_triton(q, k_cache, v_cache, lengths, *, scale, tiles):
         grid=(b * n, splits),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        NUM_HEADS=n, NUM_SPLITS=splits, HEAD_DIM=d, CHUNK=chunk, BLOCK_S=tiles.block_s,
-        MMA=_use_mma(tiles, q, k_cache, v_cache),
+        **constexprs,
     )
     return o if splits == 1 else _combine_splits(o, m, l).astype(q.dtype)
 
@@ -217,8 +224,7 @@ def _launch_torch(q, k_cache, v_cache, lengths, *, scale, tiles=DecodeTiles()):
 
     _check_shapes(q, k_cache, v_cache, lengths)
     b, n, s, d = k_cache.shape
-    chunk = tiles.chunk_for(s, b * n)
-    splits = triton.cdiv(s, chunk)
+    splits, constexprs = _launch_plan(q, k_cache, v_cache, tiles)
     tq = to_torch(q)
     # NaN poison: a partial the kernel forgot to write shows up in the result
     if splits == 1:
@@ -229,9 +235,7 @@ def _launch_torch(q, k_cache, v_cache, lengths, *, scale, tiles=DecodeTiles()):
         l = torch.full((b, n, splits), float("nan"))
     interpreted(_decode_kernel)[(b * n, splits)](
         tq, to_torch(k_cache), to_torch(v_cache), to_torch(lengths.astype(jnp.int32)),
-        scale * LOG2E, s, o, m, l,
-        NUM_HEADS=n, NUM_SPLITS=splits, HEAD_DIM=d, CHUNK=chunk, BLOCK_S=tiles.block_s,
-        MMA=_use_mma(tiles, q, k_cache, v_cache),
+        scale * LOG2E, s, o, m, l, **constexprs,
     )
     if splits == 1:
         return from_torch(o, q.dtype)
