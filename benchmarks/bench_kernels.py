@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from kernels import decode_append as dap  # noqa: E402
 from kernels import decode_attention as da  # noqa: E402
 from kernels import prefill_attention as pa  # noqa: E402
 from kernels import varlen_attention as va  # noqa: E402
@@ -143,6 +144,78 @@ def bench_decode(tiles_list):
     return rows
 
 
+# ---- append: a decode step's cache write + attention in one kernel (kernels/decode_append.py) ----
+
+def append_case(dtype, b, n, s, d, positions, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (randn(kq, (b, 3, n, d), dtype), randn(kk, (b, n, s, d), dtype), randn(kv, (b, n, s, d), dtype),
+            jnp.asarray(positions, jnp.int32))
+
+
+def check_append():
+    ok = True
+    for b, positions in ((6, [0, 1, 7, 129, 999, 1023]), (64, [0, 1, 7, 129, 999, 1023, 640, 333] * 8)):
+        for dtype, limit in ((jnp.bfloat16, 2e-2), (jnp.float32, 1e-5)):
+            args = append_case(dtype, b, 5, 1024, 64, positions, seed=1)
+            out, k, v = jax.jit(lambda *a: dap.decode_append_attention(*a, scale=0.125, impl="triton"))(*args)
+            ref, k_ref, v_ref = dap.decode_append_reference(*args, scale=0.125)
+            same = bool(jnp.array_equal(k, k_ref)) and bool(jnp.array_equal(v, v_ref))
+            say(f"check append {jnp.dtype(dtype).name}, {b * 5} rows: caches written as the reference: {same}")
+            ok &= same and report_check(f"append {jnp.dtype(dtype).name}, {b * 5} rows", out, ref, limit)
+    return ok
+
+
+def _write_then(attend):
+    """The unfused step: two scatters into the cache (as models/gpt2.write_token), then attend."""
+    def step(qkv, k, v, pos, *, scale):
+        put = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new[:, None, :].astype(c.dtype), (0, p, 0)))
+        k, v = put(k, qkv[:, 1], pos), put(v, qkv[:, 2], pos)
+        return attend(qkv[:, 0], k, v, pos + 1, scale=scale), k, v
+    return step
+
+
+def bench_append(configs):
+    """Per step in an unrolled chain of CHAIN steps in one jit, the caches carried from step to step
+    (updated in place: each step's caches are dead after it), each query made from the last output:
+    GPU time, cache writes included, as inside a decode step. configs: (block_s, warps, stages) of
+    the fused kernel."""
+    rows = []
+    for b, n, s, live in DECODE_SHAPES:
+        args = append_case(jnp.bfloat16, b, n, s, 64, [live - 1] * b)
+        kv_bytes = 2 * b * n * live * 64 * 2
+
+        def chain(step):
+            def run(qkv, k, v, pos):
+                for _ in range(CHAIN):
+                    out, k, v = step(qkv, k, v, pos, scale=0.125)
+                    qkv = qkv.at[:, 0].set(out.astype(qkv.dtype))
+                return qkv, k, v
+            return jax.jit(run, donate_argnums=(1, 2))
+
+        impls = [("xla: scatters + XLA attention (the XLA path)", _write_then(da.decode_attention_reference)),
+                 ("scatters + jax-triton decode_attention", _write_then(
+                     lambda *a, scale: da.decode_attention(*a, scale=scale, impl="triton")))]
+        impls += [(f"fused decode_append (Pallas), block_s {bs}, {w} warps, {st} stages",
+                   lambda *a, scale, bs=bs, w=w, st=st: dap.decode_append_attention(
+                       *a, scale=scale, impl="triton", block_s=bs, num_warps=w, num_stages=st))
+                  for bs, w, st in configs]
+        for label, step in impls:
+            fn = chain(step)
+            qkv, k, v, pos = args
+            jax.block_until_ready(fn(qkv, k.copy(), v.copy(), pos))  # compile
+            runs = []
+            for _ in range(5):
+                k_c, v_c = k.copy(), v.copy()
+                jax.block_until_ready((k_c, v_c))
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(qkv, k_c, v_c, pos))
+                runs.append((time.perf_counter() - t0) * 1e6 / CHAIN)
+            per = statistics.median(runs)
+            rows.append((f"append B{b} N{n} S{s} pos {live - 1}", label, per,
+                         f"{kv_bytes / per / 1e6:.2f} TB/s ({kv_bytes / per * 1e6 / HBM_BYTES_PER_S:.0%} of copy)"))
+    return rows
+
+
 # ---- prefill: batch 8, T 1024, 16 heads x 64, bf16, causal ----
 
 def prefill_case(dtype=jnp.bfloat16, b=8, t=1024, n=16, d=64, lengths=None, seed=0):
@@ -233,22 +306,23 @@ def bench_varlen(tiles_list):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time several tile configurations")
-    parser.add_argument("--kernels", default="decode,prefill,varlen",
-                        help="comma-separated subset of decode,prefill,varlen")
+    parser.add_argument("--kernels", default="decode,append,prefill,varlen",
+                        help="comma-separated subset of decode,append,prefill,varlen")
     args = parser.parse_args()
     sweep = args.sweep
     chosen = set(args.kernels.split(","))
-    if not chosen <= {"decode", "prefill", "varlen"}:
-        parser.error(f"--kernels {args.kernels!r}: choose from decode, prefill, varlen")
+    if not chosen <= {"decode", "append", "prefill", "varlen"}:
+        parser.error(f"--kernels {args.kernels!r}: choose from decode, append, prefill, varlen")
 
     dev = jax.devices()[0]
     say(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if jax.default_backend() != "gpu":
         sys.exit("benchmarks/bench_kernels.py needs a CUDA GPU")
-    checks = {"decode": check_decode, "prefill": check_prefill, "varlen": check_varlen}
+    checks = {"decode": check_decode, "append": check_append, "prefill": check_prefill, "varlen": check_varlen}
     ok = all([checks[name]() for name in sorted(chosen)])
 
     decode_tiles = [da.DecodeTiles()]
+    append_configs = [(dap.DEFAULT_BLOCK_S, 4, 3)]
     flash_tiles = [pa.FlashTiles()]
     varlen_tiles = [va.FlashTiles()]
     if sweep:
@@ -260,12 +334,15 @@ def main():
                              (64, 512, 4, 3, True), (128, 512, 8, 3, True), (32, 4096, 4, 4, True),
                              (64, 4096, 4, 3, True), (64, 4096, 4, 4, True), (128, 4096, 4, 3, True),
                              (128, 4096, 8, 3, True))]
+        append_configs += [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3),
+                           (128, 8, 2)]
         more = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))
         flash_tiles += [pa.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
         varlen_tiles += [va.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
 
     rows = []
-    for bench, tiles in ((bench_decode, decode_tiles), (bench_prefill, flash_tiles), (bench_varlen, varlen_tiles)):
+    for bench, tiles in ((bench_decode, decode_tiles), (bench_append, append_configs), (bench_prefill, flash_tiles),
+                         (bench_varlen, varlen_tiles)):
         if bench.__name__.removeprefix("bench_") not in chosen:
             continue
         try:

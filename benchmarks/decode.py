@@ -37,6 +37,17 @@ def set_decode_tiles(spec: str) -> None:
     da.decode_attention.__kwdefaults__["tiles"] = da.DecodeTiles(bs, chunk, warps, stages, mma=fields[4:] == ["mma"])
 
 
+def set_step_tiles(spec: str) -> None:
+    """Make "BLOCK_S,WARPS,STAGES" the fused decode-step kernel's defaults (kernels/decode_append.py)."""
+    from energon_jax.kernels import decode_append as dap
+
+    fields = spec.split(",")
+    if len(fields) != 3 or not all(f.isdigit() for f in fields):
+        raise SystemExit(f"--step-tiles {spec!r}: expected BLOCK_S,WARPS,STAGES as integers (e.g. 64,4,3)")
+    bs, warps, stages = (int(f) for f in fields)
+    dap.decode_append_attention.__kwdefaults__.update(block_s=bs, num_warps=warps, num_stages=stages)
+
+
 def random_model(name: str, max_seq_len: int, attention_impl: str = "auto"):
     import jax
     import jax.numpy as jnp
@@ -161,11 +172,15 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--decode-tiles", default=None, metavar="BLOCK_S,CHUNK,WARPS,STAGES[,mma]",
                     help="override the Triton decode kernel's default tiles (kernels/decode_attention.DecodeTiles)")
+    ap.add_argument("--step-tiles", default=None, metavar="BLOCK_S,WARPS,STAGES",
+                    help="override the fused decode-step kernel's defaults (kernels/decode_append.py)")
     ap.add_argument("--min-rows", type=int, default=None,
                     help="override engine.gpt.min_decode_rows (rows a lone prompt decodes as)")
     args = ap.parse_args()
     if args.decode_tiles:
         set_decode_tiles(args.decode_tiles)
+    if args.step_tiles:
+        set_step_tiles(args.step_tiles)
     if args.min_rows is not None:
         from energon_jax.engine import gpt as _gpt
         _gpt.min_decode_rows = lambda: args.min_rows
@@ -211,6 +226,7 @@ def main():
     same = ["--models", args.models, "--batches", args.batches, "--prompt", str(args.prompt),
             "--new-tokens", str(args.new_tokens), "--impls", args.impls]  # the programs timed above
     same += ["--decode-tiles", args.decode_tiles] if args.decode_tiles else []
+    same += ["--step-tiles", args.step_tiles] if args.step_tiles else []
     same += ["--min-rows", str(args.min_rows)] if args.min_rows is not None else []
     warm = None if args.skip_warm_cache else subprocess.run([sys.executable, __file__, "--warm-cache", *same],
                                                             env=env, capture_output=True, text=True)

@@ -13,7 +13,7 @@ from energon_jax.engine.base import ShardedModel
 from energon_jax.engine.sampling import SamplingParams, validate_sampling
 from energon_jax.engine.steps import (CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
-from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla
+from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla, write_token
 from energon_jax.runtime.sharding import table_multiple
 
 
@@ -41,15 +41,18 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
         if impl == "triton":
             raise ValueError(f"attention_impl='triton': {e}; use 'xla' or 'auto'") from None
         return None
+    from energon_jax.kernels.decode_append import decode_append_attention
     from energon_jax.kernels.decode_attention import decode_attention
     from energon_jax.kernels.prefill_attention import prefill_attention
 
     kernel_mesh = mesh if mesh.devices.size > 1 else None  # shard_map per device's heads / rows
+    shards = mesh.shape["data"] * mesh.shape["tensor"]  # the kernels run per device: count one device's rows
     decode = functools.partial(decode_attention, impl="triton", mesh=kernel_mesh)
-    if impl == "auto":  # the kernel runs per device: count one device's (slot, head) rows
-        decode = functools.partial(_decode_by_size, decode, shards=mesh.shape["data"] * mesh.shape["tensor"])
+    if impl == "auto":
+        decode = functools.partial(_decode_by_size, decode, shards=shards)
+    step = functools.partial(decode_append_attention, impl="triton", mesh=kernel_mesh)
     return AttentionKernels(prefill=functools.partial(prefill_attention, impl="triton", mesh=kernel_mesh),
-                            decode=decode)
+                            decode=decode, decode_step=functools.partial(_decode_step, step, decode, shards=shards))
 
 
 # "auto" runs decode attention through Triton only from this many (slot, head) rows. Below it the
@@ -68,6 +71,20 @@ def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale, s
     if q_bnd.shape[0] * q_bnd.shape[1] // shards < MIN_TRITON_DECODE_ROWS:  # static shapes: chosen at trace time
         return decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
     return triton_decode(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
+
+
+def _decode_step(fused_step, decode, qkv_b3nd, k_bnsd, v_bnsd, pos_b, *, scale, shards: int = 1):
+    """A decode step's cache write and attention: the fused kernel (kernels/decode_append.py) from
+    MIN_TRITON_DECODE_ROWS rows per device where its blocks tile the cache; otherwise the two cache
+    scatters, then `decode` (which under "auto" is XLA's attention below that many rows)."""
+    from energon_jax.kernels.decode_append import fits
+
+    b, n, s, d = k_bnsd.shape
+    if b * n // shards >= MIN_TRITON_DECODE_ROWS and fits(s, d):  # static: chosen at trace time
+        return fused_step(qkv_b3nd, k_bnsd, v_bnsd, pos_b, scale=scale)
+    k_bnsd = write_token(k_bnsd[None], qkv_b3nd[:, 1], 0, pos_b)[0]
+    v_bnsd = write_token(v_bnsd[None], qkv_b3nd[:, 2], 0, pos_b)[0]
+    return decode(qkv_b3nd[:, 0], k_bnsd, v_bnsd, pos_b + 1, scale=scale), k_bnsd, v_bnsd
 
 
 def min_decode_rows() -> int:

@@ -31,10 +31,14 @@ class AttentionKernels:
     """Fused attention handed in by the engine (see energon_jax/kernels); same contracts as the
     XLA code they replace.
     prefill(q_btnd, k_btnd, v_btnd, lengths_b, *, scale) -> [B, T, N, D] (causal, rows >= length zero)
-    decode(q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale) -> [B, N, D] (row b sees [0, lengths[b]))"""
+    decode(q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale) -> [B, N, D] (row b sees [0, lengths[b]))
+    decode_step(qkv_b3nd, k_bnsd, v_bnsd, positions_b, *, scale) -> (out_bnd, k_bnsd, v_bnsd): writes
+      row b's K/V at positions[b], then attends over [0, positions[b]]; replaces the cache write and
+      `decode` where a layer's cache is its own array (no pipeline stages). None: write, then `decode`."""
 
     prefill: Callable
     decode: Callable
+    decode_step: Callable | None = None
 
 
 def write_token(cache_lbnsd, new_bnd, layer, pos_b):
@@ -91,6 +95,13 @@ class Attention(nn.Module):
             else:
                 out_btnd = masked_attention(q_btnd, k_btnd, v_btnd, mask_bts, scale)
             new_kv = (jnp.swapaxes(k_btnd, 1, 2), jnp.swapaxes(v_btnd, 1, 2))  # [B, N, T, D]
+        elif self.kernels is not None and self.kernels.decode_step is not None and layer_cache[0].shape[0] == 1:
+            # decode, one layer's cache [1, B, N, S, D]: the write and the attention in one call
+            k_all, v_all, _ = layer_cache
+            out_bnd, k_bnsd, v_bnsd = self.kernels.decode_step(qkv_btcnd[:, 0], k_all[0], v_all[0], positions_bt[:, 0],
+                                                               scale=scale)
+            out_btnd = out_bnd[:, None]
+            new_kv = (k_bnsd[None], v_bnsd[None])
         else:  # decode: write this token's K/V into the cache, then attend over it
             k_all, v_all, layer = layer_cache
             pos = positions_bt[:, 0]

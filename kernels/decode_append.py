@@ -1,0 +1,210 @@
+"""One decode step's attention in one kernel: write the new token's K/V into the cache, then attend.
+
+Per layer and step, a decode otherwise runs a copy of the query out of the QKV projection's
+output, two scatters that write K and V into the cache, and the attention kernel. Here one
+program per (slot, head) reads its query, key and value straight from the projection's output
+[B, 3, N, D], stores the key and value at the slot's position (the caches are aliased to the
+outputs, so XLA updates them in place), and runs an online softmax over the older positions,
+adding the new one from registers.
+
+Why Pallas (its Triton lowering) and not a @triton.jit kernel through jax-triton, as the other
+kernels here: Pallas emits XLA's own Triton custom call, which XLA compiles and launches like its
+fusions, inside its command buffers (CUDA graphs). jax-triton's call is a legacy custom call that
+XLA cannot capture. On an H200 (benchmarks/launch_cost.py, BENCHMARKS.md session 11) a no-op
+jax-triton launch costs 4.4 us inside a jitted loop against 0.8 us for an XLA or Pallas one; in a
+GPT-2 medium decode step the GPU idled ~4.6 us around each of the 24 jax-triton attention calls,
+~110 us a step. Both lowerings go through Triton.
+
+For 16-bit caches the scores and the V sum are dots of a 16-row copy of the query (as
+decode_attention.py's tl.dot variant: Triton pipelines the loads that feed a dot); other dtypes
+use exact elementwise float32 sums. The softmax denominator sums the probabilities as rounded for
+the V product, so numerator and denominator agree.
+
+Layout: qkv [B, 3, N, D] (query, key, value of one token per slot), k_cache / v_cache [B, N, S, D],
+positions [B] int32. Slot b's token goes to position clip(positions[b], 0, S - 1), as
+lax.dynamic_update_slice clamps, and it attends to positions [0, that position].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from ._dispatch import check_head_dim, over_mesh, resolve_impl
+from ._flash import LOG2E
+from .decode_attention import decode_attention_reference
+
+MMA_ROWS = 16  # a dot's smallest M: the query is copied to 16 rows, row 0 kept
+
+
+def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_log2, block_s, cache_len, mma):
+    # k_in_ref and k_ref (v likewise) are one buffer on the GPU, the input aliased to the output:
+    # older positions are read through the input, the new one is stored through the output
+    f32 = jnp.float32
+    b, h = pl.program_id(0), pl.program_id(1)
+    pos = jnp.clip(pos_ref[b], 0, cache_len - 1)  # older positions: [0, pos)
+    cdt = k_in_ref.dtype
+    q = qkv_ref[b, 0, h, :]
+    k_new = qkv_ref[b, 1, h, :].astype(cdt)
+    v_new = qkv_ref[b, 2, h, :].astype(cdt)
+    d = q.shape[0]
+    offs = jnp.arange(block_s)
+    rows = MMA_ROWS if mma else 1
+    if mma:
+        q_rd = jnp.broadcast_to(q.astype(cdt)[None, :], (rows, d))
+    else:
+        q_rd = q.astype(f32)[None, :]
+
+    def step(i, carry):
+        m, l, acc = carry  # [rows], [rows], [rows, D]
+        start = pl.multiple_of(i * block_s, block_s)
+        k = k_in_ref[b, h, pl.ds(start, block_s), :]  # [block_s, D]; blocks end inside the cache
+        v = v_in_ref[b, h, pl.ds(start, block_s), :]
+        live = start + offs < pos
+        v = jnp.where(live[:, None], v, jnp.zeros_like(v))  # stale rows past pos may hold anything
+        if mma:
+            s = jax.lax.dot_general(q_rd, k, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        else:
+            s = jnp.sum(k.astype(f32)[None, :, :] * q_rd[:, None, :], axis=2)  # [1, block_s]
+        s = jnp.where(live[None, :], s * scale_log2, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: every block walked holds a live position
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        if mma:
+            p = p.astype(cdt)
+            pv = jax.lax.dot_general(p, v, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+        else:
+            pv = jnp.sum(p[:, :, None] * v.astype(f32)[None, :, :], axis=1)
+        return m_new, l * alpha + jnp.sum(p.astype(f32), axis=1), acc * alpha[:, None] + pv
+
+    init = (jnp.full((rows,), -jnp.inf, f32), jnp.zeros((rows,), f32), jnp.zeros((rows, d), f32))
+    m, l, acc = jax.lax.fori_loop(0, (pos + block_s - 1) // block_s, step, init)
+    if mma:  # every row holds the same values: keep row 0
+        first = jnp.arange(rows) == 0
+        m = jnp.max(jnp.where(first, m, -jnp.inf))
+        l = jnp.sum(jnp.where(first, l, 0.0))
+        acc = jnp.sum(jnp.where(first[:, None], acc, 0.0), axis=0)
+    else:
+        m, l, acc = jnp.max(m), jnp.sum(l), jnp.sum(acc, axis=0)
+    # the new token, at position pos, from registers (its cache row is written below)
+    s_new = jnp.sum(q.astype(f32) * k_new.astype(f32)) * scale_log2
+    m_all = jnp.maximum(m, s_new)
+    alpha = jnp.exp2(m - m_all)  # 0 when there is no older position (m = -inf)
+    p_new = jnp.exp2(s_new - m_all)
+    acc = acc * alpha + p_new * v_new.astype(f32)
+    l = l * alpha + p_new  # >= 1
+    o_ref[b, h, :] = (acc / l).astype(o_ref.dtype)
+    k_ref[b, h, pos, :] = k_new
+    v_ref[b, h, pos, :] = v_new
+
+
+def uses_mma(qkv, k_cache, v_cache) -> bool:
+    """The dot variant: query, key and value all of one 16-bit dtype."""
+    dtypes = {jnp.dtype(x.dtype) for x in (qkv, k_cache, v_cache)}
+    return len(dtypes) == 1 and dtypes.pop().itemsize == 2
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "num_stages", "interpret"))
+def _decode_append_pallas(positions, qkv, k_cache, v_cache, *, scale, block_s, num_warps, num_stages, interpret):
+    b, n, s, d = k_cache.shape
+    kernel = functools.partial(_kernel, scale_log2=scale * LOG2E, block_s=block_s, cache_len=s,
+                               mma=uses_mma(qkv, k_cache, v_cache))
+    extra = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out_shape = (jax.ShapeDtypeStruct((b, n, d), qkv.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, n), input_output_aliases={2: 1, 3: 2},
+                          interpret=interpret, **extra)(positions.astype(jnp.int32), qkv, k_cache, v_cache)
+
+
+def check_step_shapes(qkv, k_cache, v_cache, positions, block_s: int | None = None):
+    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be [B, N, S, D]")
+    b, n, s, d = k_cache.shape
+    if qkv.shape != (b, 3, n, d):
+        raise ValueError(f"qkv has shape {qkv.shape}; expected [B, 3, N, D] = {(b, 3, n, d)}")
+    if positions.shape != (b,):
+        raise ValueError(f"positions has shape {positions.shape}; expected [B] = {(b,)}")
+    if block_s is not None and (block_s < 16 or block_s & (block_s - 1) or s % block_s):
+        raise ValueError(f"block_s={block_s} must be a power of two >= 16 dividing the cache length {s}")
+
+
+# 32 positions a loop step, 4 warps, 3 stages: the fastest of 9 settings at both shapes of
+# benchmarks/bench_kernels.py --kernels append --sweep on an H200 (BENCHMARKS.md session 11): per
+# step in a chain, 48.5 us against 54.5 with blocks of 64 at GPT-2 medium's batch 32 and context
+# 992, 124.1 against 145.2 at batch 32, context 2,048 and GPT-2 XL's 25 heads.
+DEFAULT_BLOCK_S = 32
+
+
+def default_block(cache_len: int) -> int:
+    """DEFAULT_BLOCK_S cache positions a loop step, or 16 where that does not divide the cache."""
+    return DEFAULT_BLOCK_S if cache_len % DEFAULT_BLOCK_S == 0 else 16
+
+
+def fits(cache_len: int, head_dim: int) -> bool:
+    """Whether the kernel takes this cache: a multiple of 16 positions, a power-of-two head dim >= 16."""
+    return cache_len % 16 == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+def decode_append_attention(
+    qkv: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    *,
+    scale: float,
+    impl: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    block_s: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write each slot's new K/V and attend with its query: returns (out [B, N, D] in qkv's dtype,
+    k_cache, v_cache) with the caches updated (in place under jit when the old ones are dead, as in a
+    decode loop's carry).
+
+    qkv [B, 3, N, D]; slot b's token goes to position p = clip(positions[b], 0, S - 1) and attends
+    to [0, p]. Softmax in float32. impl: "auto" (the kernel on a GPU, else the reference), "triton"
+    (the kernel) or "xla". interpret: run the kernel through Pallas' interpreter (CPU tests).
+    block_s: cache positions per loop step, a power of two >= 16 dividing S (None: default_block(S)).
+    With a mesh, slots split over "data" and heads over "tensor"."""
+    if block_s is None:
+        block_s = default_block(k_cache.shape[2])
+    check_step_shapes(qkv, k_cache, v_cache, positions, block_s)
+    if interpret or resolve_impl(impl) == "triton":
+        check_head_dim(k_cache.shape[3])
+        fn = functools.partial(_decode_append_pallas, scale=float(scale), block_s=block_s, num_warps=num_warps,
+                               num_stages=num_stages, interpret=interpret)
+        args = (positions, qkv, k_cache, v_cache)
+        specs = (P("data"), P("data", None, "tensor", None), P("data", "tensor", None, None),
+                 P("data", "tensor", None, None))
+    else:
+        fn = functools.partial(decode_append_reference, scale=float(scale))
+        args = (qkv, k_cache, v_cache, positions)
+        specs = (P("data", None, "tensor", None), P("data", "tensor", None, None), P("data", "tensor", None, None),
+                 P("data"))
+    cache = P("data", "tensor", None, None)
+    return over_mesh(fn, mesh, specs, (P("data", "tensor", None), cache, cache), *args)
+
+
+def decode_append_reference(qkv, k_cache, v_cache, positions, *, scale):
+    """Plain JAX, same contract: per-row dynamic_update_slice, then decode_attention_reference."""
+    s = k_cache.shape[2]
+
+    def put(cache_nsd, new_nd, p):
+        return jax.lax.dynamic_update_slice(cache_nsd, new_nd[:, None, :].astype(cache_nsd.dtype), (0, p, 0))
+
+    pos = jnp.clip(positions.astype(jnp.int32), 0, s - 1)
+    k_cache = jax.vmap(put)(k_cache, qkv[:, 1], pos)
+    v_cache = jax.vmap(put)(v_cache, qkv[:, 2], pos)
+    out = decode_attention_reference(qkv[:, 0], k_cache, v_cache, pos + 1, scale=scale).astype(qkv.dtype)
+    return out, k_cache, v_cache
+

@@ -1,0 +1,165 @@
+"""kernels/decode_append.py: the fused cache write + decode attention, through Pallas' interpreter
+on CPU, against its plain-JAX reference; and the model decoding through it."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from energon_jax.kernels import decode_append as da
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+def _inputs(b, n, s, d, dtype, seed=0, cache_dtype=None):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    qkv = jax.random.normal(ks[0], (b, 3, n, d), jnp.float32).astype(dtype)
+    cache_dtype = cache_dtype or dtype
+    k = jax.random.normal(ks[1], (b, n, s, d), jnp.float32).astype(cache_dtype)
+    v = jax.random.normal(ks[2], (b, n, s, d), jnp.float32).astype(cache_dtype)
+    return qkv, k, v
+
+
+def _check(qkv, k, v, pos, *, scale, block_s, tol):
+    out, k1, v1 = da.decode_append_attention(qkv, k, v, pos, scale=scale, block_s=block_s, interpret=True)
+    want, k2, v2 = da.decode_append_reference(qkv, k, v, pos, scale=scale)
+    assert out.dtype == qkv.dtype and k1.dtype == k.dtype
+    np.testing.assert_array_equal(np.asarray(k1, np.float32), np.asarray(k2, np.float32))
+    np.testing.assert_array_equal(np.asarray(v1, np.float32), np.asarray(v2, np.float32))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+    return out, k1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_against_reference_odd_positions(dtype):
+    # positions 0 (nothing older), 1, 6, 128 and 999 (last block partly live), 1023 (the last slot)
+    pos = jnp.array([0, 1, 6, 128, 999, 1023], jnp.int32)
+    qkv, k, v = _inputs(6, 3, 1024, 32, dtype)
+    _check(qkv, k, v, pos, scale=32 ** -0.5, block_s=64, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("heads,block_s", [(1, 16), (5, 32), (12, 128)])
+def test_head_counts_and_blocks(heads, block_s):
+    pos = jnp.array([129, 7], jnp.int32)
+    qkv, k, v = _inputs(2, heads, 256, 16, jnp.bfloat16, seed=heads)
+    _check(qkv, k, v, pos, scale=0.25, block_s=block_s, tol=TOL[jnp.bfloat16])
+
+
+def test_positions_past_the_cache_clamp_like_dynamic_update_slice():
+    qkv, k, v = _inputs(2, 2, 64, 16, jnp.float32)
+    out, k1 = _check(qkv, k, v, jnp.array([64, 500], jnp.int32), scale=0.25, block_s=16, tol=2e-5)
+    np.testing.assert_array_equal(k1[:, :, 63], qkv[:, 1])  # written at the last position
+
+
+def test_nothing_but_the_row_at_pos_changes():
+    qkv, k, v = _inputs(3, 2, 128, 16, jnp.bfloat16)
+    pos = jnp.array([5, 0, 127], jnp.int32)
+    _, k1, v1 = da.decode_append_attention(qkv, k, v, pos, scale=0.25, block_s=32, interpret=True)
+    changed = np.argwhere(np.any(np.asarray(k1, np.float32) != np.asarray(k, np.float32), axis=-1))
+    assert {(int(b), int(s)) for b, _, s in changed} <= {(0, 5), (1, 0), (2, 127)}
+    np.testing.assert_array_equal(np.asarray(v1[np.arange(3), :, pos], np.float32),
+                                  np.asarray(qkv[:, 2], np.float32))
+
+
+def test_stale_values_past_the_position_are_ignored():
+    """The cache past a slot's position may hold anything (an earlier request's tokens): huge
+    values there change nothing."""
+    qkv, k, v = _inputs(1, 2, 128, 16, jnp.float32)
+    pos = jnp.array([40], jnp.int32)
+    base, _, _ = da.decode_append_attention(qkv, k, v, pos, scale=0.25, block_s=32, interpret=True)
+    k_bad = k.at[:, :, 41:].set(1e30)
+    v_bad = v.at[:, :, 41:].set(jnp.inf)
+    out, _, _ = da.decode_append_attention(qkv, k_bad, v_bad, pos, scale=0.25, block_s=32, interpret=True)
+    np.testing.assert_array_equal(out, base)
+
+
+def test_mixed_dtypes_use_exact_sums():
+    """A float32 token over a bfloat16 cache: no dot (one operand type), elementwise float32 sums."""
+    qkv, k, v = _inputs(2, 2, 128, 16, jnp.float32, cache_dtype=jnp.bfloat16)
+    assert not da.uses_mma(qkv, k, v)
+    _check(qkv, k, v, jnp.array([3, 100], jnp.int32), scale=0.25, block_s=32, tol=2e-5)
+
+
+def test_over_a_mesh():
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ("data", "stage", "tensor"))
+    qkv, k, v = _inputs(4, 8, 128, 16, jnp.float32)
+    pos = jnp.array([0, 17, 64, 127], jnp.int32)
+    out, k1, v1 = da.decode_append_attention(qkv, k, v, pos, scale=0.25, block_s=32, mesh=mesh, interpret=True)
+    want, k2, v2 = da.decode_append_reference(qkv, k, v, pos, scale=0.25)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(v1, v2)
+
+
+def test_bad_shapes_and_blocks():
+    qkv, k, v = _inputs(2, 2, 96, 16, jnp.float32)
+    pos = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match=r"block_s=64 must be a power of two >= 16 dividing the cache length 96"):
+        da.decode_append_attention(qkv, k, v, pos, scale=1.0, block_s=64, interpret=True)
+    with pytest.raises(ValueError, match=r"qkv has shape \(2, 2, 2, 16\); expected \[B, 3, N, D\]"):
+        da.decode_append_attention(qkv[:, :2], k, v, pos, scale=1.0, block_s=32, interpret=True)
+    with pytest.raises(ValueError, match=r"positions has shape \(3,\)"):
+        da.decode_append_attention(qkv, k, v, jnp.zeros((3,), jnp.int32), scale=1.0, block_s=32, interpret=True)
+    assert da.fits(1024, 64) and da.fits(96, 64) and not da.fits(72, 64) and not da.fits(1024, 48)
+    assert [da.default_block(s) for s in (1024, 96, 48)] == [32, 32, 16]
+
+
+def test_xla_impl_is_the_reference():
+    qkv, k, v = _inputs(2, 2, 64, 16, jnp.float32)
+    pos = jnp.array([3, 9], jnp.int32)
+    got = da.decode_append_attention(qkv, k, v, pos, scale=0.5, impl="xla")
+    want = da.decode_append_reference(qkv, k, v, pos, scale=0.5)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def _xla_prefill(q, k, v, lengths, *, scale):
+    from energon_jax.models.layers import masked_attention
+
+    t = q.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & (jnp.arange(t)[None, :] < lengths[:, None])[:, None, :]
+    return masked_attention(q, k, v, mask, scale)
+
+
+@pytest.mark.parametrize("tp,dp", [(1, 1), (2, 2)])
+def test_generate_through_the_fused_step_equals_xla(tiny_gpt2_factory, monkeypatch, tp, dp):
+    """GPT-2 generate with every decode step's cache write and attention through the fused kernel
+    (Pallas' interpreter, threshold lowered so the tiny model takes it) gives XLA's tokens."""
+    from energon_jax import load_sharded_model
+    from energon_jax.engine import gpt
+    from energon_jax.models.gpt2 import AttentionKernels, decode_attention_xla
+
+    folder, _ = tiny_gpt2_factory(n_positions=128, n_head=4, n_embd=64)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]] * 2
+    want = [o.token_ids for o in load_sharded_model(folder, tp=tp, dp=dp).generate(
+        prompts, max_new_tokens=12)]
+
+    calls = []
+
+    def fused(*args, **kw):
+        calls.append(args[0].shape)
+        return da.decode_append_attention(*args, **kw, mesh=mesh, interpret=True)
+
+    def kernels(config, mesh_, impl):
+        nonlocal mesh
+        mesh = mesh_ if mesh_.devices.size > 1 else None
+        shards = mesh_.shape["data"] * mesh_.shape["tensor"]
+        return AttentionKernels(prefill=_xla_prefill, decode=decode_attention_xla,
+                                decode_step=functools.partial(gpt._decode_step, fused, decode_attention_xla,
+                                                              shards=shards))
+
+    mesh = None
+    monkeypatch.setattr(gpt, "attention_kernels", kernels)
+    monkeypatch.setattr(gpt, "MIN_TRITON_DECODE_ROWS", 1)
+    gpt._compiled_steps.cache_clear()
+    try:
+        model = load_sharded_model(folder, tp=tp, dp=dp)  # "auto": the patched kernels
+        got = [o.token_ids for o in model.generate(prompts, max_new_tokens=12)]
+    finally:
+        gpt._compiled_steps.cache_clear()
+    assert calls, "the fused step was not traced"
+    assert got == want
