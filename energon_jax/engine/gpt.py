@@ -63,6 +63,9 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
 # medium (128 rows) decodes at 1.098 ms/step through it against 0.918 with XLA's attention, GPT-2 XL (200
 # rows) at 3.083 against 2.851. From 256 rows it is ahead at ~256 tokens of context (1.02-1.17x) and
 # 0.95-0.99x at ~1,000 (GPT-2 medium, batch 32). The rows are one device's under data / tensor parallel.
+# From this many rows the decode step is the fused write + attention kernel (kernels/decode_append.py,
+# session 11): GPT-2 medium at batch 32 1.564 ms/step against XLA's 1.728 at ~1,000 tokens, 0.986 against
+# 1.387 at ~256, batch 16 (256 rows) 0.844 against 1.066. It was not measured below 256 rows.
 MIN_TRITON_DECODE_ROWS = 256
 
 
