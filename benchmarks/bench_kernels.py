@@ -34,6 +34,7 @@ from kernels import decode_attention as da  # noqa: E402
 from kernels import prefill_attention as pa  # noqa: E402
 from kernels import varlen_attention as va  # noqa: E402
 from benchmarks.decode import COPY_CEILINGS, roofline_bandwidth  # noqa: E402
+from energon_jax.models.gpt2 import decode_attention_xla  # noqa: E402
 
 # the device copy ceiling of benchmarks/decode.py's table for this device kind; other devices are
 # reported against the H100's
@@ -192,7 +193,8 @@ def bench_append(configs):
                 return qkv, k, v
             return jax.jit(run, donate_argnums=(1, 2))
 
-        impls = [("xla: scatters + XLA attention (the XLA path)", _write_then(da.decode_attention_reference)),
+        impls = [("scatters + decode_attention_reference (f32, HIGHEST)", _write_then(da.decode_attention_reference)),
+                 ("scatters + models.gpt2.decode_attention_xla (the XLA path)", _write_then(decode_attention_xla)),
                  ("scatters + jax-triton decode_attention", _write_then(
                      lambda *a, scale: da.decode_attention(*a, scale=scale, impl="triton")))]
         impls += [(f"fused decode_append (Pallas), block_s {bs}, {w} warps, {st} stages",

@@ -8,10 +8,11 @@ outputs, so XLA updates them in place), and runs an online softmax over the olde
 adding the new one from registers.
 
 Why Pallas (its Triton lowering) and not a @triton.jit kernel through jax-triton, as the other
-kernels here: Pallas emits XLA's own Triton custom call, which XLA compiles and launches like its
-fusions, inside its command buffers (CUDA graphs). jax-triton's call is a legacy custom call that
-XLA cannot capture. On an H200 (benchmarks/launch_cost.py, BENCHMARKS.md session 11) a no-op
-jax-triton launch costs 4.4 us inside a jitted loop against 0.8 us for an XLA or Pallas one; in a
+kernels here: Pallas emits XLA's own Triton custom call, which XLA compiles itself and launches
+back to back with its fusions. jax-triton's call is a legacy custom call that XLA cannot capture in
+its command buffers. On an H200 (benchmarks/launch_cost.py, BENCHMARKS.md session 11), in a chain
+of kernels inside a jitted loop, a no-op jax-triton launch costs 4.4 us against 0.8 us for an XLA
+or Pallas one (a loop whose body is a single Pallas kernel still costs ~2x an XLA one); in a
 GPT-2 medium decode step the GPU idled ~4.6 us around each of the 24 jax-triton attention calls,
 ~110 us a step. Both lowerings go through Triton.
 
@@ -21,8 +22,10 @@ use exact elementwise float32 sums. The softmax denominator sums the probabiliti
 the V product, so numerator and denominator agree.
 
 Layout: qkv [B, 3, N, D] (query, key, value of one token per slot), k_cache / v_cache [B, N, S, D],
-positions [B] int32. Slot b's token goes to position clip(positions[b], 0, S - 1), as
-lax.dynamic_update_slice clamps, and it attends to positions [0, that position].
+positions [B] int32, each >= 0. Slot b's token goes to position p = min(positions[b], S - 1) (a
+position past the cache is clamped, as lax.dynamic_update_slice clamps it in the XLA path), and it
+attends to positions [0, p]. Negative positions are outside the contract: dynamic_update_slice
+would wrap them (p + S), this kernel clips them to 0; the engine never passes one.
 """
 
 from __future__ import annotations
@@ -171,8 +174,8 @@ def decode_append_attention(
     k_cache, v_cache) with the caches updated (in place under jit when the old ones are dead, as in a
     decode loop's carry).
 
-    qkv [B, 3, N, D]; slot b's token goes to position p = clip(positions[b], 0, S - 1) and attends
-    to [0, p]. Softmax in float32. impl: "auto" (the kernel on a GPU, else the reference), "triton"
+    qkv [B, 3, N, D]; positions [B] >= 0; slot b's token goes to position p = min(positions[b], S - 1)
+    and attends to [0, p]. Softmax in float32. impl: "auto" (the kernel on a GPU, else the reference), "triton"
     (the kernel) or "xla". interpret: run the kernel through Pallas' interpreter (CPU tests).
     block_s: cache positions per loop step, a power of two >= 16 dividing S (None: default_block(S)).
     With a mesh, slots split over "data" and heads over "tensor"."""

@@ -63,16 +63,35 @@ def test_nothing_but_the_row_at_pos_changes():
                                   np.asarray(qkv[:, 2], np.float32))
 
 
-def test_stale_values_past_the_position_are_ignored():
-    """The cache past a slot's position may hold anything (an earlier request's tokens): huge
-    values there change nothing."""
-    qkv, k, v = _inputs(1, 2, 128, 16, jnp.float32)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_stale_values_from_the_position_on_are_ignored(dtype):
+    """The cache from a slot's position on may hold anything (an earlier request's tokens, or
+    garbage): NaN keys and infinite values there change nothing, in the dot path (16-bit) and the
+    elementwise one (float32)."""
+    qkv, k, v = _inputs(1, 2, 128, 16, dtype)
     pos = jnp.array([40], jnp.int32)
     base, _, _ = da.decode_append_attention(qkv, k, v, pos, scale=0.25, block_s=32, interpret=True)
-    k_bad = k.at[:, :, 41:].set(1e30)
-    v_bad = v.at[:, :, 41:].set(jnp.inf)
+    k_bad = k.at[:, :, 40:].set(jnp.nan)
+    v_bad = v.at[:, :, 40:].set(jnp.inf)
     out, _, _ = da.decode_append_attention(qkv, k_bad, v_bad, pos, scale=0.25, block_s=32, interpret=True)
-    np.testing.assert_array_equal(out, base)
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(base, np.float32))
+
+
+def test_equals_the_models_xla_write_and_attention():
+    """Against what the XLA path of models/gpt2.py does: write_token, then decode_attention_xla over
+    positions + 1 (a position past the cache is clamped by dynamic_update_slice: both agree)."""
+    from energon_jax.models.gpt2 import decode_attention_xla, write_token
+
+    qkv, k, v = _inputs(4, 2, 64, 16, jnp.float32)
+    pos = jnp.array([0, 9, 63, 80], jnp.int32)
+    out, k1, v1 = da.decode_append_attention(qkv, k, v, pos, scale=0.25, block_s=16, interpret=True)
+    k2 = write_token(k[None], qkv[:, 1], 0, pos)[0]
+    v2 = write_token(v[None], qkv[:, 2], 0, pos)[0]
+    want = decode_attention_xla(qkv[:, 0], k2, v2, pos + 1, scale=0.25)
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(v1, v2)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
 
 
 def test_mixed_dtypes_use_exact_sums():
@@ -106,6 +125,51 @@ def test_bad_shapes_and_blocks():
         da.decode_append_attention(qkv, k, v, jnp.zeros((3,), jnp.int32), scale=1.0, block_s=32, interpret=True)
     assert da.fits(1024, 64) and da.fits(96, 64) and not da.fits(72, 64) and not da.fits(1024, 48)
     assert [da.default_block(s) for s in (1024, 96, 48)] == [32, 32, 16]
+
+
+def test_decode_step_dispatch(monkeypatch):
+    """engine.gpt._decode_step: the fused step from MIN_TRITON_DECODE_ROWS rows per device where the
+    cache is a multiple of 16 positions; otherwise the two writes, then the decode attention given."""
+    from energon_jax.engine import gpt
+    from energon_jax.models.gpt2 import decode_attention_xla
+
+    fused_calls, decode_calls = [], []
+
+    def fused(qkv, k, v, pos, *, scale):
+        fused_calls.append(qkv.shape)
+        return da.decode_append_reference(qkv, k, v, pos, scale=scale)
+
+    def decode(q, k, v, lengths, *, scale):
+        decode_calls.append(q.shape)
+        return decode_attention_xla(q, k, v, lengths, scale=scale)
+
+    for b, n, s, shards, want_fused in [(32, 8, 64, 1, True), (16, 8, 64, 1, False), (64, 16, 64, 4, True),
+                                        (32, 16, 64, 4, False), (64, 8, 72, 1, False)]:
+        fused_calls.clear()
+        decode_calls.clear()
+        qkv, k, v = _inputs(b, n, s, 16, jnp.float32)
+        pos = jnp.arange(b, dtype=jnp.int32) % s
+        out, k1, v1 = gpt._decode_step(fused, decode, qkv, k, v, pos, scale=0.25, shards=shards)
+        assert (len(fused_calls), len(decode_calls)) == ((1, 0) if want_fused else (0, 1)), (b, n, s, shards)
+        want, k2, v2 = da.decode_append_reference(qkv, k, v, pos, scale=0.25)
+        np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+        np.testing.assert_array_equal(k1, k2)
+        np.testing.assert_array_equal(v1, v2)
+
+
+def test_auto_passes_one_devices_share_to_the_decode_step(monkeypatch):
+    from energon_jax.config import GPT2Config
+    from energon_jax.engine import gpt
+    from energon_jax.kernels import _dispatch
+    from energon_jax.runtime.mesh import make_mesh
+
+    monkeypatch.setattr(_dispatch, "resolve_impl", lambda impl: "triton")
+    cfg = GPT2Config(vocab_size=64, n_positions=64, n_embd=64, n_layer=1, n_head=4)
+    for impl in ("auto", "triton"):
+        for (tp, dp), shards in [((1, 1), 1), ((2, 2), 4)]:
+            step = gpt.attention_kernels(cfg, make_mesh(tp=tp, dp=dp), impl).decode_step
+            assert step.func is gpt._decode_step and step.keywords == {"shards": shards}
+            assert step.args[0].func is da.decode_append_attention and step.args[0].keywords["impl"] == "triton"
 
 
 def test_xla_impl_is_the_reference():
@@ -159,7 +223,21 @@ def test_generate_through_the_fused_step_equals_xla(tiny_gpt2_factory, monkeypat
     try:
         model = load_sharded_model(folder, tp=tp, dp=dp)  # "auto": the patched kernels
         got = [o.token_ids for o in model.generate(prompts, max_new_tokens=12)]
+        # the serving engine's decode loop (its cache donated to a fori_loop) through the same step
+        from energon_jax.engine.slots import SlotEngine
+
+        assert calls, "generate did not take the fused step"
+        calls.clear()
+        eng = SlotEngine(model, 4, decode_steps=4, cache_len=32, max_prefill_batch=4)
+        slots, four = [2, 0, 3, 1], prompts[:3] + [prompts[0][:2]]
+        firsts = np.asarray(eng.prefill_batch(slots, four, temperature=[0.0] * 4, top_k=[0] * 4, top_p=[1.0] * 4,
+                                              seed=[0] * 4))[:4]
+        rest = np.concatenate([np.asarray(eng.decode(4, [True] * 4)) for _ in range(2)])
+        assert calls, "the serving engine's decode did not take the fused step"
     finally:
         gpt._compiled_steps.cache_clear()
-    assert calls, "the fused step was not traced"
     assert got == want
+    alone = [o.token_ids for o in load_sharded_model(folder, tp=tp, dp=dp).generate([four[3]], max_new_tokens=9)]
+    for i, slot in enumerate(slots):  # generate stops at EOS; the engine decodes on (its scheduler stops)
+        expected = (want[i] if i < 3 else alone[0])[:9]
+        assert ([int(firsts[i])] + rest[:, slot].tolist())[: len(expected)] == expected
