@@ -34,7 +34,7 @@ from kernels import decode_attention as da  # noqa: E402
 from kernels import prefill_attention as pa  # noqa: E402
 from kernels import varlen_attention as va  # noqa: E402
 from benchmarks.decode import COPY_CEILINGS, roofline_bandwidth  # noqa: E402
-from energon_jax.models.gpt2 import decode_attention_xla  # noqa: E402
+from energon_jax.models.gpt2 import decode_attention_xla, write_token  # noqa: E402
 
 # the device copy ceiling of benchmarks/decode.py's table for this device kind; other devices are
 # reported against the H100's
@@ -169,8 +169,7 @@ def check_append():
 def _write_then(attend):
     """The unfused step: two scatters into the cache (as models/gpt2.write_token), then attend."""
     def step(qkv, k, v, pos, *, scale):
-        put = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new[:, None, :].astype(c.dtype), (0, p, 0)))
-        k, v = put(k, qkv[:, 1], pos), put(v, qkv[:, 2], pos)
+        k, v = write_token(k[None], qkv[:, 1], 0, pos)[0], write_token(v[None], qkv[:, 2], 0, pos)[0]
         return attend(qkv[:, 0], k, v, pos + 1, scale=scale), k, v
     return step
 

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from ._dispatch import check_head_dim, over_mesh, resolve_impl
 from ._flash import LOG2E
-from .decode_attention import decode_attention_reference
+from .decode_attention import decode_attention_reference, one_16bit_dtype
 
 MMA_ROWS = 16  # a dot's smallest M: the query is copied to 16 rows, row 0 kept
 
@@ -106,13 +106,12 @@ def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_
 
 
 def uses_mma(qkv, k_cache, v_cache) -> bool:
-    """The dot variant: query, key and value all of one 16-bit dtype."""
-    dtypes = {jnp.dtype(x.dtype) for x in (qkv, k_cache, v_cache)}
-    return len(dtypes) == 1 and dtypes.pop().itemsize == 2
+    """The dot variant: query, key and value all of one 16-bit dtype (decode_attention.py's rule)."""
+    return one_16bit_dtype(qkv, k_cache, v_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "num_stages", "interpret"))
-def _decode_append_pallas(positions, qkv, k_cache, v_cache, *, scale, block_s, num_warps, num_stages, interpret):
+def _decode_append_pallas(qkv, k_cache, v_cache, positions, *, scale, block_s, num_warps, num_stages, interpret):
     b, n, s, d = k_cache.shape
     kernel = functools.partial(_kernel, scale_log2=scale * LOG2E, block_s=block_s, cache_len=s,
                                mma=uses_mma(qkv, k_cache, v_cache))
@@ -152,8 +151,13 @@ def default_block(cache_len: int) -> int:
 
 
 def fits(cache_len: int, head_dim: int) -> bool:
-    """Whether the kernel takes this cache: a multiple of 16 positions, a power-of-two head dim >= 16."""
-    return cache_len % 16 == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
+    """Whether the kernel takes this cache: a multiple of 16 positions, and a head dim the Triton
+    kernels take (_dispatch.check_head_dim: a power of two >= 16)."""
+    try:
+        check_head_dim(head_dim)
+    except ValueError:
+        return False
+    return cache_len % 16 == 0
 
 
 def decode_append_attention(
@@ -186,16 +190,11 @@ def decode_append_attention(
         check_head_dim(k_cache.shape[3])
         fn = functools.partial(_decode_append_pallas, scale=float(scale), block_s=block_s, num_warps=num_warps,
                                num_stages=num_stages, interpret=interpret)
-        args = (positions, qkv, k_cache, v_cache)
-        specs = (P("data"), P("data", None, "tensor", None), P("data", "tensor", None, None),
-                 P("data", "tensor", None, None))
     else:
         fn = functools.partial(decode_append_reference, scale=float(scale))
-        args = (qkv, k_cache, v_cache, positions)
-        specs = (P("data", None, "tensor", None), P("data", "tensor", None, None), P("data", "tensor", None, None),
-                 P("data"))
     cache = P("data", "tensor", None, None)
-    return over_mesh(fn, mesh, specs, (P("data", "tensor", None), cache, cache), *args)
+    return over_mesh(fn, mesh, (P("data", None, "tensor", None), cache, cache, P("data")),
+                     (P("data", "tensor", None), cache, cache), qkv, k_cache, v_cache, positions)
 
 
 def decode_append_reference(qkv, k_cache, v_cache, positions, *, scale):

@@ -180,11 +180,16 @@ def _check_shapes(q, k_cache, v_cache, lengths):
         raise ValueError(f"lengths has shape {lengths.shape}; expected [B] = {(b,)}")
 
 
+def one_16bit_dtype(*arrays) -> bool:
+    """Whether the arrays share one 16-bit dtype: what a tl.dot of them takes (one operand type;
+    an fp32 query over a bf16 cache keeps its precision in elementwise sums instead)."""
+    dtypes = {jnp.dtype(x.dtype) for x in arrays}
+    return len(dtypes) == 1 and dtypes.pop().itemsize == 2
+
+
 def _use_mma(tiles: DecodeTiles, q, k_cache, v_cache) -> bool:
-    """The tl.dot variant: asked for, and q, K and V of one 16-bit dtype (tl.dot takes one operand
-    type; an fp32 query over a bf16 cache keeps its precision in the elementwise sums)."""
-    dtypes = {jnp.dtype(x.dtype) for x in (q, k_cache, v_cache)}
-    return tiles.mma and len(dtypes) == 1 and dtypes.pop().itemsize == 2
+    """The tl.dot variant: asked for, and q, K and V of one 16-bit dtype."""
+    return tiles.mma and one_16bit_dtype(q, k_cache, v_cache)
 
 
 def _launch_plan(q, k_cache, v_cache, tiles: DecodeTiles) -> tuple[int, dict]:

@@ -69,9 +69,14 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
 MIN_TRITON_DECODE_ROWS = 256
 
 
+def _enough_rows(batch: int, heads: int, shards: int) -> bool:
+    """Whether one device's (slot, head) rows reach MIN_TRITON_DECODE_ROWS; shards: devices the batch
+    and heads split over (data x tensor). Shapes are static: the choice is made at trace time."""
+    return batch * heads // shards >= MIN_TRITON_DECODE_ROWS
+
+
 def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale, shards: int = 1):
-    """shards: devices the batch and heads split over (data x tensor); the rows counted are one device's."""
-    if q_bnd.shape[0] * q_bnd.shape[1] // shards < MIN_TRITON_DECODE_ROWS:  # static shapes: chosen at trace time
+    if not _enough_rows(q_bnd.shape[0], q_bnd.shape[1], shards):
         return decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
     return triton_decode(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
 
@@ -83,7 +88,7 @@ def _decode_step(fused_step, decode, qkv_b3nd, k_bnsd, v_bnsd, pos_b, *, scale, 
     from energon_jax.kernels.decode_append import fits
 
     b, n, s, d = k_bnsd.shape
-    if b * n // shards >= MIN_TRITON_DECODE_ROWS and fits(s, d):  # static: chosen at trace time
+    if _enough_rows(b, n, shards) and fits(s, d):
         return fused_step(qkv_b3nd, k_bnsd, v_bnsd, pos_b, scale=scale)
     k_bnsd = write_token(k_bnsd[None], qkv_b3nd[:, 1], 0, pos_b)[0]
     v_bnsd = write_token(v_bnsd[None], qkv_b3nd[:, 2], 0, pos_b)[0]
