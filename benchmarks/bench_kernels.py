@@ -1,6 +1,7 @@
 """GPU check and timing of the Triton attention kernels (through jax-triton) against their XLA references.
 
-Run on a CUDA machine from the repository root:  python3 benchmarks/bench_kernels.py [--sweep]
+Run on a CUDA machine from the repository root, with the package installed (make install or pip install .):
+    python3 -P benchmarks/bench_kernels.py [--kernels decode,append,prefill,varlen] [--sweep]
 Prints each kernel's error against its reference, then a markdown table of times; writes the
 output to $OUT/kernels.txt (and the times to $OUT/kernels.json) too when OUT is set. --sweep also
 times several tile configurations after the default one. Decode is timed per call inside a chain
@@ -22,17 +23,18 @@ import time
 
 import numpy as np
 
-# The repository is not pip-installed on the GPU machine: import kernels/ as a package from the
-# root, put first so that it wins over this script's own name (benchmarks/bench_kernels.py).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The kernels come from the installed package (pip install . or make install): the repository root
+# goes last on the path, for benchmarks.decode only, so that its energon_jax/ folder (which lacks the
+# energon_jax.kernels and energon_jax.convert the package maps from kernels/ and convert/) never shadows it.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels import decode_append as dap  # noqa: E402
-from kernels import decode_attention as da  # noqa: E402
-from kernels import prefill_attention as pa  # noqa: E402
-from kernels import varlen_attention as va  # noqa: E402
+from energon_jax.kernels import decode_append as dap  # noqa: E402
+from energon_jax.kernels import decode_attention as da  # noqa: E402
+from energon_jax.kernels import prefill_attention as pa  # noqa: E402
+from energon_jax.kernels import varlen_attention as va  # noqa: E402
 from benchmarks.decode import COPY_CEILINGS, roofline_bandwidth  # noqa: E402
 from energon_jax.models.gpt2 import decode_attention_xla, write_token  # noqa: E402
 
