@@ -1,7 +1,7 @@
 """GPU check and timing of the Triton attention kernels (through jax-triton) against their XLA references.
 
 Run on a CUDA machine from the repository root, with the package installed (make install or pip install .):
-    python3 -P benchmarks/bench_kernels.py [--kernels decode,append,linear,prefill,varlen] [--sweep]
+    python3 -P benchmarks/bench_kernels.py [--kernels decode,append,prefill,varlen] [--sweep]
 Prints each kernel's error against its reference, then a markdown table of times; writes the
 output to $OUT/kernels.txt (and the times to $OUT/kernels.json) too when OUT is set. --sweep also
 times several tile configurations after the default one. Decode is timed per call inside a chain
@@ -14,7 +14,6 @@ K+V once, so its time is bytes / bandwidth; prefill and varlen are matmul work, 
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import os
@@ -34,12 +33,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from energon_jax.kernels import decode_append as dap  # noqa: E402
 from energon_jax.kernels import decode_attention as da  # noqa: E402
-from energon_jax.kernels import linear as fl  # noqa: E402
 from energon_jax.kernels import prefill_attention as pa  # noqa: E402
 from energon_jax.kernels import varlen_attention as va  # noqa: E402
 from benchmarks.decode import COPY_CEILINGS, roofline_bandwidth  # noqa: E402
 from energon_jax.models.gpt2 import decode_attention_xla, write_token  # noqa: E402
-from energon_jax.models.layers import gelu_new, project  # noqa: E402
 
 # the device copy ceiling of benchmarks/decode.py's table for this device kind; other devices are
 # reported against the H100's
@@ -201,11 +198,10 @@ def bench_append(configs):
                  ("scatters + models.gpt2.decode_attention_xla (the XLA path)", _write_then(decode_attention_xla)),
                  ("scatters + jax-triton decode_attention", _write_then(
                      lambda *a, scale: da.decode_attention(*a, scale=scale, impl="triton")))]
-        impls += [(f"fused decode_append (Pallas), block_s {bs}, {w} warps, {st} stages"
-                   + ("" if split else ", every block masked"),
-                   lambda *a, scale, bs=bs, w=w, st=st, split=split: dap.decode_append_attention(
-                       *a, scale=scale, impl="triton", block_s=bs, num_warps=w, num_stages=st, split_tail=split))
-                  for bs, w, st, split in configs]
+        impls += [(f"fused decode_append (Pallas), block_s {bs}, {w} warps, {st} stages",
+                   lambda *a, scale, bs=bs, w=w, st=st: dap.decode_append_attention(
+                       *a, scale=scale, impl="triton", block_s=bs, num_warps=w, num_stages=st))
+                  for bs, w, st in configs]
         for label, step in impls:
             fn = chain(step)
             qkv, k, v, pos = args
@@ -220,133 +216,6 @@ def bench_append(configs):
             per = statistics.median(runs)
             rows.append((f"append B{b} N{n} S{s} pos {live - 1}", label, per,
                          f"{kv_bytes / per / 1e6:.2f} TB/s ({kv_bytes / per * 1e6 / HBM_BYTES_PER_S:.0%} of copy)"))
-    return rows
-
-
-# ---- linear: a decode step's four projections with their layer norms, bias, GELU and residuals ----
-
-LINEAR_ROWS = (32, 16, 64)  # the sweep runs at the first
-REPEATS = 8
-EMBED, MLP = 1024, 4096  # GPT-2 medium
-
-
-def linear_case(m, layers=CHAIN, seed=0):
-    """x [m, E] and `layers` distinct sets of GPT-2 medium weights (a set is 24 MB: the chain reads
-    576 MB, so nothing is served from L2 as it would not be in a real step)."""
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 1 + 10 * layers))
-    x = randn(next(keys), (m, EMBED), jnp.bfloat16)
-    e, f = EMBED, MLP
-
-    def one():
-        return {"ln1": (1 + 0.1 * randn(next(keys), (e,), jnp.bfloat16), randn(next(keys), (e,), jnp.bfloat16)),
-                "qkv": (0.02 * randn(next(keys), (3 * e, e), jnp.bfloat16), randn(next(keys), (3 * e,), jnp.bfloat16)),
-                "out": (0.02 * randn(next(keys), (e, e), jnp.bfloat16), jnp.zeros((e,), jnp.bfloat16)),
-                "ln2": (1 + 0.1 * randn(next(keys), (e,), jnp.bfloat16), randn(next(keys), (e,), jnp.bfloat16)),
-                "fc": (0.02 * randn(next(keys), (f, e), jnp.bfloat16), randn(next(keys), (f,), jnp.bfloat16)),
-                "proj": (0.02 * randn(next(keys), (e, f), jnp.bfloat16), jnp.zeros((e,), jnp.bfloat16))}
-    return x, [one() for _ in range(layers)]
-
-
-def _layer_norm_xla(x, scale, bias):
-    xf = x.astype(jnp.float32)  # models/layers.LayerNorm's two-pass form
-    mean = xf.mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + 1e-5)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
-def layer_xla(x, p):
-    """A GPT-2 block's projections as the model's XLA path runs them, attention replaced by the
-    first E columns of the QKV output (so each GEMM waits for the previous one)."""
-    qkv = project(_layer_norm_xla(x, *p["ln1"]), p["qkv"][0], 1, p["qkv"][1])
-    x = x + project(qkv[:, :EMBED], p["out"][0], 1, p["out"][1])
-    h = project(_layer_norm_xla(x, *p["ln2"]), p["fc"][0], 1, p["fc"][1], gelu_new)
-    return x + project(h, p["proj"][0], 1, p["proj"][1])
-
-
-def layer_fused(x, p, tiles):
-    """The same with kernels/linear.py's fused_linear where tiles names a setting for the projection
-    (tiles: {"qkv" | "out" | "fc" | "proj": fused_linear keyword arguments}); XLA for the others."""
-    def lin(name, a, **kw):
-        if name in tiles:
-            return fl.fused_linear(a, *p[name], impl="triton", **kw, **tiles[name])
-        r = kw.get("residual")
-        if kw.get("norm") is not None:
-            a = _layer_norm_xla(a, *kw["norm"])
-        y = project(a, p[name][0], 1, p[name][1], gelu_new if kw.get("activation") else None)
-        return y if r is None else r + y
-    qkv = lin("qkv", x, norm=p["ln1"])
-    x = lin("out", qkv[:, :EMBED], residual=x)
-    h = lin("fc", x, norm=p["ln2"], activation="gelu_new")
-    return lin("proj", h, residual=x)
-
-
-def check_linear():
-    ok = True
-    x, params = linear_case(32, layers=1, seed=1)
-    p = params[0]
-    for name, kw in (("qkv", {"norm": p["ln1"]}), ("fc", {"norm": p["ln2"], "activation": "gelu_new"}),
-                     ("proj", {"residual": randn(jax.random.PRNGKey(3), (32, EMBED), jnp.bfloat16)})):
-        a = x if name != "proj" else randn(jax.random.PRNGKey(4), (32, MLP), jnp.bfloat16)
-        out = jax.jit(lambda a, w, b: fl.fused_linear(a, w, b, impl="triton", **kw))(a, *p[name])
-        ref = fl.fused_linear_reference(a, *p[name], kw.get("norm"), kw.get("residual"),
-                                        activation=kw.get("activation"))
-        ok &= report_check(f"linear {name}", out, ref, 1e-2)
-    every = {name: {} for name in ("qkv", "out", "fc", "proj")}
-    ok &= report_check("linear layer (fused vs the XLA path)", jax.jit(lambda x, p: layer_fused(x, p, every))(x, p),
-                       jax.jit(layer_xla)(x, p), 2e-2)
-    return ok
-
-
-KINDS = ("qkv", "out", "fc", "proj")
-
-
-def _label(t):
-    return ", ".join(f"{k} {v}" for k, v in t.items()) or "defaults"
-
-
-def bench_linear(configs):
-    """Per layer in a chain of CHAIN layers with distinct weights in one jit (GPU time, as inside a
-    decode step): the XLA path; all four projections fused at the defaults; and with more than one
-    config (the sweep), each projection fused alone under each config (the layer's time with that
-    kernel in place of XLA's GEMM and the fusions around it), then all four at each one's best.
-    configs: dicts of fused_linear keyword arguments ({} = the defaults)."""
-    rows = []
-    wbytes = 2 * (3 * EMBED * EMBED + EMBED * EMBED + 2 * EMBED * MLP)
-
-    def timed(m, label, x, params, tiles):
-        layer = layer_xla if tiles is None else functools.partial(layer_fused, tiles=tiles)
-        try:
-            # REPEATS passes over the chain in one dispatch: the call's ~300 weight arguments cost the host
-            # about as long to dispatch as one pass takes on the GPU, which made single passes noisy
-            def passes(x, ps):
-                return jax.lax.fori_loop(0, REPEATS, lambda i, x: functools.reduce(layer, ps, x), x)
-            per = time_us(jax.jit(passes), x, params, inner=3) / CHAIN / REPEATS
-        except Exception as e:  # noqa: BLE001 - a tile setting that does not compile: report, go on
-            say(f"linear M{m} {label} failed: {type(e).__name__}: {str(e)[:200]}")
-            return None
-        rows.append((f"linear layer M{m} (GPT-2 medium)", label, per,
-                     f"{wbytes / per / 1e6:.2f} TB/s of weights ({wbytes / per * 1e6 / HBM_BYTES_PER_S:.0%} of copy)"))
-        say(f"linear M{m} {label}: {per:.2f} us per layer")  # as it goes: a sweep is long
-        return per
-
-    for m in LINEAR_ROWS:
-        x, params = linear_case(m)
-        base = timed(m, "XLA (models/layers.project, two-pass layer norm)", x, params, None)
-        timed(m, "all four fused, defaults", x, params, {k: {} for k in KINDS})
-        if len(configs) == 1 or m != LINEAR_ROWS[0]:
-            continue
-        best = {}
-        for kind in KINDS:
-            for t in configs:
-                per = timed(m, f"only {kind} fused, {_label(t)}", x, params, {kind: t})
-                if per is not None and per < best.get(kind, (base, None))[0]:
-                    best[kind] = (per, t)
-        say(f"linear M{m}: best per projection (only those ahead of XLA): "
-            + "; ".join(f"{k}: {_label(t)} ({base - per:.2f} us saved)" for k, (per, t) in best.items()))
-        timed(m, "XLA again (the spread between the two XLA rows is the noise)", x, params, None)
-        if best:
-            timed(m, "each ahead fused at its best: " + "; ".join(f"{k} {_label(t)}" for k, (_, t) in best.items()),
-                  x, params, {k: t for k, (_, t) in best.items()})
     return rows
 
 
@@ -440,25 +309,23 @@ def bench_varlen(tiles_list):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time several tile configurations")
-    parser.add_argument("--kernels", default="decode,append,linear,prefill,varlen",
-                        help="comma-separated subset of decode,append,linear,prefill,varlen")
+    parser.add_argument("--kernels", default="decode,append,prefill,varlen",
+                        help="comma-separated subset of decode,append,prefill,varlen")
     args = parser.parse_args()
     sweep = args.sweep
     chosen = set(args.kernels.split(","))
-    if not chosen <= {"decode", "append", "linear", "prefill", "varlen"}:
-        parser.error(f"--kernels {args.kernels!r}: choose from decode, append, linear, prefill, varlen")
+    if not chosen <= {"decode", "append", "prefill", "varlen"}:
+        parser.error(f"--kernels {args.kernels!r}: choose from decode, append, prefill, varlen")
 
     dev = jax.devices()[0]
     say(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if jax.default_backend() != "gpu":
         sys.exit("benchmarks/bench_kernels.py needs a CUDA GPU")
-    checks = {"decode": check_decode, "append": check_append, "linear": check_linear, "prefill": check_prefill,
-              "varlen": check_varlen}
+    checks = {"decode": check_decode, "append": check_append, "prefill": check_prefill, "varlen": check_varlen}
     ok = all([checks[name]() for name in sorted(chosen)])
 
     decode_tiles = [da.DecodeTiles()]
-    append_configs = [(dap.DEFAULT_BLOCK_S, 4, 3, True)]
-    linear_configs = [{}]
+    append_configs = [(dap.DEFAULT_BLOCK_S, 4, 3)]
     flash_tiles = [pa.FlashTiles()]
     varlen_tiles = [va.FlashTiles()]
     if sweep:
@@ -470,23 +337,14 @@ def main():
                              (64, 512, 4, 3, True), (128, 512, 8, 3, True), (32, 4096, 4, 4, True),
                              (64, 4096, 4, 3, True), (64, 4096, 4, 4, True), (128, 4096, 4, 3, True),
                              (128, 4096, 8, 3, True))]
-        append_configs += [(32, 4, 3, False), (32, 4, 4, True), (32, 2, 4, True), (64, 4, 3, True), (64, 4, 4, True),
-                           (64, 8, 3, True), (64, 4, 3, False), (128, 4, 3, True), (128, 8, 3, True), (16, 2, 4, True),
-                           (16, 4, 4, True)]
-        linear_configs += [dict(zip(("block_n", "block_k", "num_warps", "num_stages", "block_m", "swap"), c))
-                           for c in ((16, 128, 2, 4, None, False), (32, 256, 4, 4, None, False),
-                                     (16, 256, 4, 4, None, False), (64, 128, 4, 4, None, False),
-                                     (16, 64, 2, 6, None, False), (64, 256, 4, 3, None, True),
-                                     (16, 128, 2, 4, 16, False), (32, 256, 4, 4, 16, False),
-                                     (16, 256, 2, 4, 16, False), (32, 128, 4, 4, 16, False))]
-        linear_configs += [{"block_n": 16, "block_k": 128, "num_warps": 2, "num_stages": 4, "one_loop": False}]
+        append_configs += [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3),
+                           (128, 8, 2)]
         more = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))
         flash_tiles += [pa.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
         varlen_tiles += [va.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
 
     rows = []
-    for bench, tiles in ((bench_decode, decode_tiles), (bench_append, append_configs), (bench_linear, linear_configs),
-                         (bench_prefill, flash_tiles),
+    for bench, tiles in ((bench_decode, decode_tiles), (bench_append, append_configs), (bench_prefill, flash_tiles),
                          (bench_varlen, varlen_tiles)):
         if bench.__name__.removeprefix("bench_") not in chosen:
             continue

@@ -44,8 +44,7 @@ from .decode_attention import decode_attention_reference, one_16bit_dtype
 MMA_ROWS = 16  # a dot's smallest M: the query is copied to 16 rows, row 0 kept
 
 
-def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_log2, block_s, cache_len, mma,
-            split_tail=True):
+def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_log2, block_s, cache_len, mma):
     # k_in_ref and k_ref (v likewise) are one buffer on the GPU, the input aliased to the output:
     # older positions are read through the input, the new one is stored through the output
     f32 = jnp.float32
@@ -63,21 +62,18 @@ def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_
     else:
         q_rd = q.astype(f32)[None, :]
 
-    def step(i, carry, masked=True):
+    def step(i, carry):
         m, l, acc = carry  # [rows], [rows], [rows, D]
         start = pl.multiple_of(i * block_s, block_s)
         k = k_in_ref[b, h, pl.ds(start, block_s), :]  # [block_s, D]; blocks end inside the cache
         v = v_in_ref[b, h, pl.ds(start, block_s), :]
-        if masked:
-            live = start + offs < pos
-            v = jnp.where(live[:, None], v, jnp.zeros_like(v))  # stale rows past pos may hold anything
+        live = start + offs < pos
+        v = jnp.where(live[:, None], v, jnp.zeros_like(v))  # stale rows past pos may hold anything
         if mma:
             s = jax.lax.dot_general(q_rd, k, (((1,), (1,)), ((), ())), preferred_element_type=f32)
         else:
             s = jnp.sum(k.astype(f32)[None, :, :] * q_rd[:, None, :], axis=2)  # [1, block_s]
-        s = s * scale_log2
-        if masked:
-            s = jnp.where(live[None, :], s, -jnp.inf)
+        s = jnp.where(live[None, :], s * scale_log2, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: every block walked holds a live position
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -89,13 +85,7 @@ def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_
         return m_new, l * alpha + jnp.sum(p.astype(f32), axis=1), acc * alpha[:, None] + pv
 
     init = (jnp.full((rows,), -jnp.inf, f32), jnp.zeros((rows,), f32), jnp.zeros((rows, d), f32))
-    if split_tail:
-        # whole blocks without masks (their loads feed the dots directly), then the partial block
-        full = pos // block_s
-        carry = jax.lax.fori_loop(0, full, functools.partial(step, masked=False), init)
-        m, l, acc = jax.lax.fori_loop(full, (pos + block_s - 1) // block_s, step, carry)
-    else:
-        m, l, acc = jax.lax.fori_loop(0, (pos + block_s - 1) // block_s, step, init)
+    m, l, acc = jax.lax.fori_loop(0, (pos + block_s - 1) // block_s, step, init)
     if mma:  # every row holds the same values: keep row 0
         first = jnp.arange(rows) == 0
         m = jnp.max(jnp.where(first, m, -jnp.inf))
@@ -120,12 +110,11 @@ def uses_mma(qkv, k_cache, v_cache) -> bool:
     return one_16bit_dtype(qkv, k_cache, v_cache)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "num_stages", "interpret", "split_tail"))
-def _decode_append_pallas(qkv, k_cache, v_cache, positions, *, scale, block_s, num_warps, num_stages, interpret,
-                          split_tail=True):
+@functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "num_stages", "interpret"))
+def _decode_append_pallas(qkv, k_cache, v_cache, positions, *, scale, block_s, num_warps, num_stages, interpret):
     b, n, s, d = k_cache.shape
     kernel = functools.partial(_kernel, scale_log2=scale * LOG2E, block_s=block_s, cache_len=s,
-                               mma=uses_mma(qkv, k_cache, v_cache), split_tail=split_tail)
+                               mma=uses_mma(qkv, k_cache, v_cache))
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -183,7 +172,6 @@ def decode_append_attention(
     block_s: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
-    split_tail: bool = True,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write each slot's new K/V and attend with its query: returns (out [B, N, D] in qkv's dtype,
@@ -201,7 +189,7 @@ def decode_append_attention(
     if interpret or resolve_impl(impl) == "triton":
         check_head_dim(k_cache.shape[3])
         fn = functools.partial(_decode_append_pallas, scale=float(scale), block_s=block_s, num_warps=num_warps,
-                               num_stages=num_stages, interpret=interpret, split_tail=split_tail)
+                               num_stages=num_stages, interpret=interpret)
     else:
         fn = functools.partial(decode_append_reference, scale=float(scale))
     cache = P("data", "tensor", None, None)
