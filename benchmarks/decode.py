@@ -176,6 +176,9 @@ def main():
                     help="override the fused decode-step kernel's defaults (kernels/decode_append.py)")
     ap.add_argument("--min-rows", type=int, default=None,
                     help="override engine.gpt.min_decode_rows (rows a lone prompt decodes as)")
+    ap.add_argument("--triton-rows", type=int, default=None,
+                    help="override engine.gpt.MIN_TRITON_DECODE_ROWS and MIN_FUSED_STEP_ROWS (rows per device "
+                         "from which 'auto' decodes through the Triton kernel and the fused Pallas step)")
     args = ap.parse_args()
     if args.decode_tiles:
         set_decode_tiles(args.decode_tiles)
@@ -184,6 +187,9 @@ def main():
     if args.min_rows is not None:
         from energon_jax.engine import gpt as _gpt
         _gpt.min_decode_rows = lambda: args.min_rows
+    if args.triton_rows is not None:
+        from energon_jax.engine import gpt as _gpt
+        _gpt.MIN_TRITON_DECODE_ROWS = _gpt.MIN_FUSED_STEP_ROWS = args.triton_rows  # read at trace time
 
     import jax
 
@@ -228,6 +234,7 @@ def main():
     same += ["--decode-tiles", args.decode_tiles] if args.decode_tiles else []
     same += ["--step-tiles", args.step_tiles] if args.step_tiles else []
     same += ["--min-rows", str(args.min_rows)] if args.min_rows is not None else []
+    same += ["--triton-rows", str(args.triton_rows)] if args.triton_rows is not None else []
     warm = None if args.skip_warm_cache else subprocess.run([sys.executable, __file__, "--warm-cache", *same],
                                                             env=env, capture_output=True, text=True)
     warm_rows = json.loads(warm.stdout.strip().splitlines()[-1]) if warm and warm.returncode == 0 else []

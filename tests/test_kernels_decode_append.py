@@ -128,7 +128,7 @@ def test_bad_shapes_and_blocks():
 
 
 def test_decode_step_dispatch(monkeypatch):
-    """engine.gpt._decode_step: the fused step from MIN_TRITON_DECODE_ROWS rows per device where the
+    """engine.gpt._decode_step: the fused step from MIN_FUSED_STEP_ROWS (96) rows per device where the
     cache is a multiple of 16 positions; otherwise the two writes, then the decode attention given."""
     from energon_jax.engine import gpt
     from energon_jax.models.gpt2 import decode_attention_xla
@@ -143,8 +143,10 @@ def test_decode_step_dispatch(monkeypatch):
         decode_calls.append(q.shape)
         return decode_attention_xla(q, k, v, lengths, scale=scale)
 
-    for b, n, s, shards, want_fused in [(32, 8, 64, 1, True), (16, 8, 64, 1, False), (64, 16, 64, 4, True),
-                                        (32, 16, 64, 4, False), (64, 8, 72, 1, False)]:
+    assert gpt.MIN_FUSED_STEP_ROWS == 96
+    for b, n, s, shards, want_fused in [(32, 8, 64, 1, True), (12, 8, 64, 1, True), (11, 8, 64, 1, False),
+                                        (1, 12, 64, 1, False), (24, 16, 64, 4, True), (20, 16, 64, 4, False),
+                                        (64, 8, 72, 1, False)]:
         fused_calls.clear()
         decode_calls.clear()
         qkv, k, v = _inputs(b, n, s, 16, jnp.float32)
@@ -218,7 +220,7 @@ def test_generate_through_the_fused_step_equals_xla(tiny_gpt2_factory, monkeypat
 
     mesh = None
     monkeypatch.setattr(gpt, "attention_kernels", kernels)
-    monkeypatch.setattr(gpt, "MIN_TRITON_DECODE_ROWS", 1)
+    monkeypatch.setattr(gpt, "MIN_FUSED_STEP_ROWS", 1)
     gpt._compiled_steps.cache_clear()
     try:
         model = load_sharded_model(folder, tp=tp, dp=dp)  # "auto": the patched kernels

@@ -63,16 +63,26 @@ def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
 # medium (128 rows) decodes at 1.098 ms/step through it against 0.918 with XLA's attention, GPT-2 XL (200
 # rows) at 3.083 against 2.851. From 256 rows it is ahead at ~256 tokens of context (1.02-1.17x) and
 # 0.95-0.99x at ~1,000 (GPT-2 medium, batch 32). The rows are one device's under data / tensor parallel.
-# From this many rows the decode step is the fused write + attention kernel (kernels/decode_append.py,
-# session 11): GPT-2 medium at batch 32 1.564 ms/step against XLA's 1.728 at ~1,000 tokens, 0.986 against
-# 1.387 at ~256, batch 16 (256 rows) 0.844 against 1.066. It was not measured below 256 rows.
 MIN_TRITON_DECODE_ROWS = 256
 
+# The decode step is the fused write + attention kernel (kernels/decode_append.py) from this many
+# (slot, head) rows per device. At 256 rows and more it is ahead everywhere measured (session 11,
+# H200): GPT-2 medium at batch 32 1.564 ms/step against XLA's 1.728 at ~1,000 tokens of context, 0.986
+# against 1.387 at ~256, batch 16 (256 rows) 0.844 against 1.066. Below that (session 12, H200,
+# benchmarks/decode.py --triton-rows 1 against --impls xla): at batch 8 and ~256 tokens it is ahead at
+# 96 rows (GPT-2 small, 0.422 against 0.470 ms/step), 128 (medium, 0.800 against 0.908) and 200 (XL,
+# 2.429 against 2.814), and level at ~1,000 tokens (medium, 1.162 against 1.184); at batch 1 (12-25
+# rows) it is behind or mixed (GPT-2 small 0.413 against 0.369 at ~256 tokens, medium 1.063 against
+# 0.943 at ~1,000; medium 0.758 against 0.868 and XL 1.906 against 1.942 at ~256): a few dozen
+# programs, each walking its whole context alone. Rows between 25 and 96 were not measured.
+MIN_FUSED_STEP_ROWS = 96
 
-def _enough_rows(batch: int, heads: int, shards: int) -> bool:
-    """Whether one device's (slot, head) rows reach MIN_TRITON_DECODE_ROWS; shards: devices the batch
-    and heads split over (data x tensor). Shapes are static: the choice is made at trace time."""
-    return batch * heads // shards >= MIN_TRITON_DECODE_ROWS
+
+def _enough_rows(batch: int, heads: int, shards: int, minimum: int | None = None) -> bool:
+    """Whether one device's (slot, head) rows reach `minimum` (None: MIN_TRITON_DECODE_ROWS); shards:
+    devices the batch and heads split over (data x tensor). Shapes are static: the choice is made at
+    trace time."""
+    return batch * heads // shards >= (MIN_TRITON_DECODE_ROWS if minimum is None else minimum)
 
 
 def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale, shards: int = 1):
@@ -83,12 +93,12 @@ def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale, s
 
 def _decode_step(fused_step, decode, qkv_b3nd, k_bnsd, v_bnsd, pos_b, *, scale, shards: int = 1):
     """A decode step's cache write and attention: the fused kernel (kernels/decode_append.py) from
-    MIN_TRITON_DECODE_ROWS rows per device where its blocks tile the cache; otherwise the two cache
-    scatters, then `decode` (which under "auto" is XLA's attention below that many rows)."""
+    MIN_FUSED_STEP_ROWS rows per device where its blocks tile the cache; otherwise the two cache
+    scatters, then `decode` (under "auto", XLA's attention below MIN_TRITON_DECODE_ROWS rows)."""
     from energon_jax.kernels.decode_append import fits
 
     b, n, s, d = k_bnsd.shape
-    if _enough_rows(b, n, shards) and fits(s, d):
+    if _enough_rows(b, n, shards, MIN_FUSED_STEP_ROWS) and fits(s, d):
         return fused_step(qkv_b3nd, k_bnsd, v_bnsd, pos_b, scale=scale)
     k_bnsd = write_token(k_bnsd[None], qkv_b3nd[:, 1], 0, pos_b)[0]
     v_bnsd = write_token(v_bnsd[None], qkv_b3nd[:, 2], 0, pos_b)[0]
