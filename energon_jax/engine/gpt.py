@@ -78,15 +78,14 @@ MIN_TRITON_DECODE_ROWS = 256
 MIN_FUSED_STEP_ROWS = 96
 
 
-def _enough_rows(batch: int, heads: int, shards: int, minimum: int | None = None) -> bool:
-    """Whether one device's (slot, head) rows reach `minimum` (None: MIN_TRITON_DECODE_ROWS); shards:
-    devices the batch and heads split over (data x tensor). Shapes are static: the choice is made at
-    trace time."""
-    return batch * heads // shards >= (MIN_TRITON_DECODE_ROWS if minimum is None else minimum)
+def _enough_rows(batch: int, heads: int, shards: int, minimum: int) -> bool:
+    """Whether one device's (slot, head) rows reach `minimum`; shards: devices the batch and heads
+    split over (data x tensor). Shapes are static: the choice is made at trace time."""
+    return batch * heads // shards >= minimum
 
 
 def _decode_by_size(triton_decode, q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale, shards: int = 1):
-    if not _enough_rows(q_bnd.shape[0], q_bnd.shape[1], shards):
+    if not _enough_rows(q_bnd.shape[0], q_bnd.shape[1], shards, MIN_TRITON_DECODE_ROWS):
         return decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
     return triton_decode(q_bnd, k_bnsd, v_bnsd, lengths_b, scale=scale)
 
