@@ -112,6 +112,8 @@ def check_decode():
 # (B, N, S, live length): the issue's target shape (GPT-2 XL heads, context 2,048), then GPT-2
 # medium's batch-32 decode at ~1,000 tokens of context, as benchmarks/decode.py runs it end to end
 DECODE_SHAPES = ((32, 25, 2048, 2048), (32, 16, 1024, 992))
+# the fused step also at one and four slots (16 and 64 rows: several runs per row)
+APPEND_SHAPES = DECODE_SHAPES + ((1, 16, 1024, 992), (4, 16, 1024, 992))
 CHAIN = 24  # calls per dispatch in the chained timing (GPT-2 medium's layers)
 
 
@@ -160,11 +162,14 @@ def check_append():
     for b, positions in ((6, [0, 1, 7, 129, 999, 1023]), (64, [0, 1, 7, 129, 999, 1023, 640, 333] * 8)):
         for dtype, limit in ((jnp.bfloat16, 2e-2), (jnp.float32, 1e-5)):
             args = append_case(dtype, b, 5, 1024, 64, positions, seed=1)
-            out, k, v = jax.jit(lambda *a: dap.decode_append_attention(*a, scale=0.125, impl="triton"))(*args)
             ref, k_ref, v_ref = dap.decode_append_reference(*args, scale=0.125)
-            same = bool(jnp.array_equal(k, k_ref)) and bool(jnp.array_equal(v, v_ref))
-            say(f"check append {jnp.dtype(dtype).name}, {b * 5} rows: caches written as the reference: {same}")
-            ok &= same and report_check(f"append {jnp.dtype(dtype).name}, {b * 5} rows", out, ref, limit)
+            for splits in (None, 1, 5):  # None: runs chosen from the rows (16 at 30 rows, 1 at 320)
+                out, k, v = jax.jit(lambda *a, n=splits: dap.decode_append_attention(
+                    *a, scale=0.125, impl="triton", splits=n))(*args)
+                same = bool(jnp.array_equal(k, k_ref)) and bool(jnp.array_equal(v, v_ref))
+                what = f"append {jnp.dtype(dtype).name}, {b * 5} rows, splits {splits}"
+                say(f"check {what}: caches written as the reference: {same}")
+                ok &= same and report_check(what, out, ref, limit)
     return ok
 
 
@@ -179,10 +184,10 @@ def _write_then(attend):
 def bench_append(configs):
     """Per step in an unrolled chain of CHAIN steps in one jit, the caches carried from step to step
     (updated in place: each step's caches are dead after it), each query made from the last output:
-    GPU time, cache writes included, as inside a decode step. configs: (block_s, warps, stages) of
-    the fused kernel."""
+    GPU time, cache writes included, as inside a decode step. configs: (block_s, warps, stages, splits)
+    of the fused kernel (splits None: chosen from the rows)."""
     rows = []
-    for b, n, s, live in DECODE_SHAPES:
+    for b, n, s, live in APPEND_SHAPES:
         args = append_case(jnp.bfloat16, b, n, s, 64, [live - 1] * b)
         kv_bytes = 2 * b * n * live * 64 * 2
 
@@ -198,10 +203,11 @@ def bench_append(configs):
                  ("scatters + models.gpt2.decode_attention_xla (the XLA path)", _write_then(decode_attention_xla)),
                  ("scatters + jax-triton decode_attention", _write_then(
                      lambda *a, scale: da.decode_attention(*a, scale=scale, impl="triton")))]
-        impls += [(f"fused decode_append (Pallas), block_s {bs}, {w} warps, {st} stages",
-                   lambda *a, scale, bs=bs, w=w, st=st: dap.decode_append_attention(
-                       *a, scale=scale, impl="triton", block_s=bs, num_warps=w, num_stages=st))
-                  for bs, w, st in configs]
+        impls += [(f"fused decode_append (Pallas), block_s {bs}, {w} warps, {st} stages, splits "
+                   f"{sp if sp else dap.default_splits(b * n, s, bs)}{'' if sp else ' (default)'}",
+                   lambda *a, scale, bs=bs, w=w, st=st, sp=sp: dap.decode_append_attention(
+                       *a, scale=scale, impl="triton", block_s=bs, num_warps=w, num_stages=st, splits=sp))
+                  for bs, w, st, sp in configs]
         for label, step in impls:
             fn = chain(step)
             qkv, k, v, pos = args
@@ -325,7 +331,7 @@ def main():
     ok = all([checks[name]() for name in sorted(chosen)])
 
     decode_tiles = [da.DecodeTiles()]
-    append_configs = [(dap.DEFAULT_BLOCK_S, 4, 3)]
+    append_configs = [(dap.DEFAULT_BLOCK_S, 4, 3, None), (dap.DEFAULT_BLOCK_S, 4, 3, 1)]
     flash_tiles = [pa.FlashTiles()]
     varlen_tiles = [va.FlashTiles()]
     if sweep:
@@ -337,8 +343,9 @@ def main():
                              (64, 512, 4, 3, True), (128, 512, 8, 3, True), (32, 4096, 4, 4, True),
                              (64, 4096, 4, 3, True), (64, 4096, 4, 4, True), (128, 4096, 4, 3, True),
                              (128, 4096, 8, 3, True))]
-        append_configs += [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3),
-                           (128, 8, 2)]
+        append_configs += [(32, 4, 4, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 3, 1),
+                           (128, 8, 3, 1), (128, 8, 2, 1), (32, 4, 3, 2), (32, 4, 3, 4), (32, 2, 3, None),
+                           (16, 4, 3, None)]
         more = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))
         flash_tiles += [pa.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]
         varlen_tiles += [va.FlashTiles(block_m=m, block_n=nn, num_warps=w, num_stages=st) for m, nn, w, st in more]

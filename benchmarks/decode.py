@@ -38,14 +38,17 @@ def set_decode_tiles(spec: str) -> None:
 
 
 def set_step_tiles(spec: str) -> None:
-    """Make "BLOCK_S,WARPS,STAGES" the fused decode-step kernel's defaults (kernels/decode_append.py)."""
+    """Make "BLOCK_S,WARPS,STAGES[,SPLITS]" the fused decode-step kernel's defaults
+    (kernels/decode_append.py); SPLITS fixes the runs per row (default: chosen from the rows)."""
     from energon_jax.kernels import decode_append as dap
 
     fields = spec.split(",")
-    if len(fields) != 3 or not all(f.isdigit() for f in fields):
-        raise SystemExit(f"--step-tiles {spec!r}: expected BLOCK_S,WARPS,STAGES as integers (e.g. 64,4,3)")
-    bs, warps, stages = (int(f) for f in fields)
-    dap.decode_append_attention.__kwdefaults__.update(block_s=bs, num_warps=warps, num_stages=stages)
+    if len(fields) not in (3, 4) or not all(f.isdigit() and int(f) > 0 for f in fields):
+        raise SystemExit(f"--step-tiles {spec!r}: expected BLOCK_S,WARPS,STAGES[,SPLITS] as positive integers "
+                         "(e.g. 64,4,3 or 32,4,3,2)")
+    bs, warps, stages = (int(f) for f in fields[:3])
+    splits = int(fields[3]) if len(fields) == 4 else None
+    dap.decode_append_attention.__kwdefaults__.update(block_s=bs, num_warps=warps, num_stages=stages, splits=splits)
 
 
 def random_model(name: str, max_seq_len: int, attention_impl: str = "auto"):
@@ -172,7 +175,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--decode-tiles", default=None, metavar="BLOCK_S,CHUNK,WARPS,STAGES[,mma]",
                     help="override the Triton decode kernel's default tiles (kernels/decode_attention.DecodeTiles)")
-    ap.add_argument("--step-tiles", default=None, metavar="BLOCK_S,WARPS,STAGES",
+    ap.add_argument("--step-tiles", default=None, metavar="BLOCK_S,WARPS,STAGES[,SPLITS]",
                     help="override the fused decode-step kernel's defaults (kernels/decode_append.py)")
     ap.add_argument("--min-rows", type=int, default=None,
                     help="override engine.gpt.min_decode_rows (rows a lone prompt decodes as)")

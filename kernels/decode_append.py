@@ -44,16 +44,12 @@ from .decode_attention import decode_attention_reference, one_16bit_dtype
 MMA_ROWS = 16  # a dot's smallest M: the query is copied to 16 rows, row 0 kept
 
 
-def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_log2, block_s, cache_len, mma):
-    # k_in_ref and k_ref (v likewise) are one buffer on the GPU, the input aliased to the output:
-    # older positions are read through the input, the new one is stored through the output
+def _walk(q, k_in_ref, v_in_ref, b, h, pos, lo, hi, *, scale_log2, block_s, mma):
+    """Online softmax of one (slot, head) row's query over cache blocks [lo, hi) (positions < pos
+    live): the base-2 running max m, the sum l and the unnormalised float32 output acc [D]. No block
+    walked: m = -inf, l = 0, acc = 0."""
     f32 = jnp.float32
-    b, h = pl.program_id(0), pl.program_id(1)
-    pos = jnp.clip(pos_ref[b], 0, cache_len - 1)  # older positions: [0, pos)
     cdt = k_in_ref.dtype
-    q = qkv_ref[b, 0, h, :]
-    k_new = qkv_ref[b, 1, h, :].astype(cdt)
-    v_new = qkv_ref[b, 2, h, :].astype(cdt)
     d = q.shape[0]
     offs = jnp.arange(block_s)
     rows = MMA_ROWS if mma else 1
@@ -85,14 +81,25 @@ def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_
         return m_new, l * alpha + jnp.sum(p.astype(f32), axis=1), acc * alpha[:, None] + pv
 
     init = (jnp.full((rows,), -jnp.inf, f32), jnp.zeros((rows,), f32), jnp.zeros((rows, d), f32))
-    m, l, acc = jax.lax.fori_loop(0, (pos + block_s - 1) // block_s, step, init)
+    m, l, acc = jax.lax.fori_loop(lo, hi, step, init)
     if mma:  # every row holds the same values: keep row 0
         first = jnp.arange(rows) == 0
-        m = jnp.max(jnp.where(first, m, -jnp.inf))
-        l = jnp.sum(jnp.where(first, l, 0.0))
-        acc = jnp.sum(jnp.where(first[:, None], acc, 0.0), axis=0)
-    else:
-        m, l, acc = jnp.max(m), jnp.sum(l), jnp.sum(acc, axis=0)
+        return (jnp.max(jnp.where(first, m, -jnp.inf)), jnp.sum(jnp.where(first, l, 0.0)),
+                jnp.sum(jnp.where(first[:, None], acc, 0.0), axis=0))
+    return jnp.max(m), jnp.sum(l), jnp.sum(acc, axis=0)
+
+
+def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_log2, block_s, cache_len, mma):
+    # k_in_ref and k_ref (v likewise) are one buffer on the GPU, the input aliased to the output:
+    # older positions are read through the input, the new one is stored through the output
+    f32 = jnp.float32
+    b, h = pl.program_id(0), pl.program_id(1)
+    pos = jnp.clip(pos_ref[b], 0, cache_len - 1)  # older positions: [0, pos)
+    q = qkv_ref[b, 0, h, :]
+    k_new = qkv_ref[b, 1, h, :].astype(k_in_ref.dtype)
+    v_new = qkv_ref[b, 2, h, :].astype(k_in_ref.dtype)
+    m, l, acc = _walk(q, k_in_ref, v_in_ref, b, h, pos, 0, (pos + block_s - 1) // block_s,
+                      scale_log2=scale_log2, block_s=block_s, mma=mma)
     # the new token, at position pos, from registers (its cache row is written below)
     s_new = jnp.sum(q.astype(f32) * k_new.astype(f32)) * scale_log2
     m_all = jnp.maximum(m, s_new)
@@ -105,25 +112,77 @@ def _kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, k_ref, v_ref, *, scale_
     v_ref[b, h, pos, :] = v_new
 
 
+def _split_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, m_ref, l_ref, k_ref, v_ref, *, scale_log2, block_s,
+                  cache_len, splits, mma):
+    # flash-decoding: program (b, h, j) walks the j-th of `splits` runs of whole blocks of the slot's
+    # older positions and writes its partial (acc, m, l); the merge, with the new token, is _merge's
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pos = jnp.clip(pos_ref[b], 0, cache_len - 1)
+    blocks = (pos + block_s - 1) // block_s
+    per = (blocks + splits - 1) // splits  # runs follow the slot's length, not the cache's: balanced
+    lo = jnp.minimum(j * per, blocks)
+    hi = jnp.minimum(lo + per, blocks)
+    m, l, acc = _walk(qkv_ref[b, 0, h, :], k_in_ref, v_in_ref, b, h, pos, lo, hi,
+                      scale_log2=scale_log2, block_s=block_s, mma=mma)
+    o_ref[b, h, j, :] = acc
+    m_ref[b, h, j] = m
+    l_ref[b, h, j] = l
+
+    @pl.when(j == 0)  # another run may load position pos in its last block, masked: no race matters
+    def _():
+        k_ref[b, h, pos, :] = qkv_ref[b, 1, h, :].astype(k_ref.dtype)
+        v_ref[b, h, pos, :] = qkv_ref[b, 2, h, :].astype(v_ref.dtype)
+
+
+def _merge(qkv, o, m, l, *, scale_log2, cache_dtype):
+    """The runs' partials o [B, N, P, D], m / l [B, N, P] and the new token (scored from qkv [B, 3, N, D],
+    its key and value rounded to the cache's dtype as stored) merged into the output [B, N, D] in qkv's
+    dtype: one small XLA fusion after the kernel."""
+    f32 = jnp.float32
+    q = qkv[:, 0].astype(f32)
+    k_new, v_new = (qkv[:, i].astype(cache_dtype).astype(f32) for i in (1, 2))
+    s_new = jnp.sum(q * k_new, axis=-1) * scale_log2  # [B, N]; finite, so the merged max is too
+    m_all = jnp.maximum(jnp.max(m, axis=-1), s_new)
+    w = jnp.exp2(m - m_all[..., None])  # 0 for runs that walked nothing (m = -inf)
+    w_new = jnp.exp2(s_new - m_all)
+    num = jnp.sum(w[..., None] * o, axis=-2) + w_new[..., None] * v_new  # elementwise: no tf32 dot
+    den = jnp.sum(w * l, axis=-1) + w_new  # >= 1 term of exp2(0)
+    return (num / den[..., None]).astype(qkv.dtype)
+
+
 def uses_mma(qkv, k_cache, v_cache) -> bool:
     """The dot variant: query, key and value all of one 16-bit dtype (decode_attention.py's rule)."""
     return one_16bit_dtype(qkv, k_cache, v_cache)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "num_stages", "interpret"))
-def _decode_append_pallas(qkv, k_cache, v_cache, positions, *, scale, block_s, num_warps, num_stages, interpret):
+@functools.partial(jax.jit, static_argnames=("scale", "block_s", "splits", "num_warps", "num_stages", "interpret"))
+def _decode_append_pallas(qkv, k_cache, v_cache, positions, *, scale, block_s, splits, num_warps, num_stages,
+                          interpret):
     b, n, s, d = k_cache.shape
-    kernel = functools.partial(_kernel, scale_log2=scale * LOG2E, block_s=block_s, cache_len=s,
-                               mma=uses_mma(qkv, k_cache, v_cache))
+    if splits is None:
+        splits = default_splits(b * n, s, block_s)
+    mma = uses_mma(qkv, k_cache, v_cache)
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    out_shape = (jax.ShapeDtypeStruct((b, n, d), qkv.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, n), input_output_aliases={2: 1, 3: 2},
-                          interpret=interpret, **extra)(positions.astype(jnp.int32), qkv, k_cache, v_cache)
+    caches = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    args = (positions.astype(jnp.int32), qkv, k_cache, v_cache)
+    scale_log2 = scale * LOG2E
+    if splits == 1:
+        kernel = functools.partial(_kernel, scale_log2=scale_log2, block_s=block_s, cache_len=s, mma=mma)
+        return pl.pallas_call(kernel, out_shape=(jax.ShapeDtypeStruct((b, n, d), qkv.dtype), *caches), grid=(b, n),
+                              input_output_aliases={2: 1, 3: 2}, interpret=interpret, **extra)(*args)
+    kernel = functools.partial(_split_kernel, scale_log2=scale_log2, block_s=block_s, cache_len=s, splits=splits,
+                               mma=mma)
+    f32 = jnp.float32
+    parts = (jax.ShapeDtypeStruct((b, n, splits, d), f32), jax.ShapeDtypeStruct((b, n, splits), f32),
+             jax.ShapeDtypeStruct((b, n, splits), f32))
+    o, m, l, k_cache, v_cache = pl.pallas_call(kernel, out_shape=(*parts, *caches), grid=(b, n, splits),
+                                               input_output_aliases={2: 3, 3: 4}, interpret=interpret,
+                                               **extra)(*args)
+    return _merge(qkv, o, m, l, scale_log2=scale_log2, cache_dtype=k_cache.dtype), k_cache, v_cache
 
 
 def check_step_shapes(qkv, k_cache, v_cache, positions, block_s: int | None = None):
@@ -150,6 +209,21 @@ def default_block(cache_len: int) -> int:
     return DEFAULT_BLOCK_S if cache_len % DEFAULT_BLOCK_S == 0 else 16
 
 
+# Below this many (slot, head) rows the older positions are cut into runs, one program each, until
+# there are about this many programs (flash-decoding; the decode_attention kernel's min_programs):
+# with a program per row, a batch-1 step is a dozen or two programs, each walking its whole context
+# while most of the GPU idles. Each run keeps at least MIN_RUN_BLOCKS blocks of the cache.
+MIN_PROGRAMS = 256
+MIN_RUN_BLOCKS = 2
+
+
+def default_splits(rows: int, cache_len: int, block_s: int) -> int:
+    """Runs per row for `rows` (slot, head) rows on one device over a cache of cache_len positions."""
+    if rows >= MIN_PROGRAMS:
+        return 1
+    return max(1, min(-(-MIN_PROGRAMS // max(rows, 1)), cache_len // block_s // MIN_RUN_BLOCKS))
+
+
 def fits(cache_len: int, head_dim: int) -> bool:
     """Whether the kernel takes this cache: a multiple of 16 positions, and a head dim the Triton
     kernels take (_dispatch.check_head_dim: a power of two >= 16)."""
@@ -170,6 +244,7 @@ def decode_append_attention(
     impl: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
     block_s: int | None = None,
+    splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
     interpret: bool = False,
@@ -182,14 +257,18 @@ def decode_append_attention(
     and attends to [0, p]. Softmax in float32. impl: "auto" (the kernel on a GPU, else the reference), "triton"
     (the kernel) or "xla". interpret: run the kernel through Pallas' interpreter (CPU tests).
     block_s: cache positions per loop step, a power of two >= 16 dividing S (None: default_block(S)).
+    splits: programs per (slot, head) row, each walking a run of the older positions, their partials
+    merged after the kernel (None: default_splits of one device's rows; 1: no merge).
     With a mesh, slots split over "data" and heads over "tensor"."""
     if block_s is None:
         block_s = default_block(k_cache.shape[2])
     check_step_shapes(qkv, k_cache, v_cache, positions, block_s)
+    if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
+        raise ValueError(f"splits={splits!r} must be an int >= 1 (or None: chosen from the rows)")
     if interpret or resolve_impl(impl) == "triton":
         check_head_dim(k_cache.shape[3])
-        fn = functools.partial(_decode_append_pallas, scale=float(scale), block_s=block_s, num_warps=num_warps,
-                               num_stages=num_stages, interpret=interpret)
+        fn = functools.partial(_decode_append_pallas, scale=float(scale), block_s=block_s, splits=splits,
+                               num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     else:
         fn = functools.partial(decode_append_reference, scale=float(scale))
     cache = P("data", "tensor", None, None)

@@ -23,12 +23,16 @@ def _inputs(b, n, s, d, dtype, seed=0, cache_dtype=None):
 
 
 def _check(qkv, k, v, pos, *, scale, block_s, tol):
-    out, k1, v1 = da.decode_append_attention(qkv, k, v, pos, scale=scale, block_s=block_s, interpret=True)
+    """The kernel with one program per row (splits=1) and with its default runs (a few rows here:
+    several runs each) against the reference."""
     want, k2, v2 = da.decode_append_reference(qkv, k, v, pos, scale=scale)
-    assert out.dtype == qkv.dtype and k1.dtype == k.dtype
-    np.testing.assert_array_equal(np.asarray(k1, np.float32), np.asarray(k2, np.float32))
-    np.testing.assert_array_equal(np.asarray(v1, np.float32), np.asarray(v2, np.float32))
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+    for splits in (1, None):
+        out, k1, v1 = da.decode_append_attention(qkv, k, v, pos, scale=scale, block_s=block_s, splits=splits,
+                                                 interpret=True)
+        assert out.dtype == qkv.dtype and k1.dtype == k.dtype
+        np.testing.assert_array_equal(np.asarray(k1, np.float32), np.asarray(k2, np.float32))
+        np.testing.assert_array_equal(np.asarray(v1, np.float32), np.asarray(v2, np.float32))
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
     return out, k1
 
 
@@ -70,12 +74,15 @@ def test_stale_values_from_the_position_on_are_ignored(dtype):
     elementwise one (float32)."""
     qkv, k, v = _inputs(1, 2, 128, 16, dtype)
     pos = jnp.array([40], jnp.int32)
-    base, _, _ = da.decode_append_attention(qkv, k, v, pos, scale=0.25, block_s=32, interpret=True)
     k_bad = k.at[:, :, 40:].set(jnp.nan)
     v_bad = v.at[:, :, 40:].set(jnp.inf)
-    out, _, _ = da.decode_append_attention(qkv, k_bad, v_bad, pos, scale=0.25, block_s=32, interpret=True)
-    assert not np.isnan(np.asarray(out, np.float32)).any()
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(base, np.float32))
+    for splits in (1, 2):
+        base, _, _ = da.decode_append_attention(qkv, k, v, pos, scale=0.25, block_s=32, splits=splits,
+                                                interpret=True)
+        out, _, _ = da.decode_append_attention(qkv, k_bad, v_bad, pos, scale=0.25, block_s=32, splits=splits,
+                                               interpret=True)
+        assert not np.isnan(np.asarray(out, np.float32)).any()
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(base, np.float32))
 
 
 def test_equals_the_models_xla_write_and_attention():
@@ -125,6 +132,68 @@ def test_bad_shapes_and_blocks():
         da.decode_append_attention(qkv, k, v, jnp.zeros((3,), jnp.int32), scale=1.0, block_s=32, interpret=True)
     assert da.fits(1024, 64) and da.fits(96, 64) and not da.fits(72, 64) and not da.fits(1024, 48)
     assert [da.default_block(s) for s in (1024, 96, 48)] == [32, 32, 16]
+
+
+def _check_splits(qkv, k, v, pos, *, scale, block_s, splits, tol):
+    out, k1, v1 = da.decode_append_attention(qkv, k, v, pos, scale=scale, block_s=block_s, splits=splits,
+                                             interpret=True)
+    want, k2, v2 = da.decode_append_reference(qkv, k, v, pos, scale=scale)
+    np.testing.assert_array_equal(np.asarray(k1, np.float32), np.asarray(k2, np.float32))
+    np.testing.assert_array_equal(np.asarray(v1, np.float32), np.asarray(v2, np.float32))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("splits", [2, 3, 7, 40])
+def test_runs_over_the_older_positions_merge_to_the_reference(dtype, splits):
+    """Flash-decoding: each row's older positions cut into `splits` runs of whole blocks, merged with
+    the new token after the kernel. Positions 0 (every run empty), 1, 7, 129, 1000, 1023; 40 runs
+    is more than a 1,000-position slot has blocks of 16 (empty runs merge to nothing)."""
+    pos = jnp.array([0, 1, 7, 129, 1000, 1023], jnp.int32)
+    qkv, k, v = _inputs(6, 3, 1024, 32, dtype, seed=splits)
+    out = _check_splits(qkv, k, v, pos, scale=32 ** -0.5, block_s=16, splits=splits, tol=TOL[dtype])
+    one, _, _ = da.decode_append_attention(qkv, k, v, pos, scale=32 ** -0.5, block_s=16, splits=1, interpret=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(one, np.float32), atol=TOL[dtype],
+                               rtol=TOL[dtype])
+
+
+def test_runs_ignore_stale_values_and_clamp_past_the_cache():
+    qkv, k, v = _inputs(3, 2, 128, 16, jnp.bfloat16)
+    pos = jnp.array([40, 0, 300], jnp.int32)  # 300: clamped to the last position, 127
+    base = _check_splits(qkv, k, v, pos, scale=0.25, block_s=16, splits=4, tol=TOL[jnp.bfloat16])
+    k_bad = k.at[0, :, 40:].set(jnp.nan).at[1].set(jnp.nan)
+    v_bad = v.at[0, :, 40:].set(jnp.inf).at[1].set(jnp.inf)
+    out, _, _ = da.decode_append_attention(qkv, k_bad, v_bad, pos, scale=0.25, block_s=16, splits=4, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out[:2], np.float32), np.asarray(base[:2], np.float32))
+
+
+def test_runs_over_a_mesh():
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ("data", "stage", "tensor"))
+    qkv, k, v = _inputs(4, 8, 128, 16, jnp.float32)
+    pos = jnp.array([0, 17, 64, 127], jnp.int32)
+    out, k1, v1 = da.decode_append_attention(qkv, k, v, pos, scale=0.25, block_s=16, splits=3, mesh=mesh,
+                                             interpret=True)
+    want, k2, v2 = da.decode_append_reference(qkv, k, v, pos, scale=0.25)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(v1, v2)
+
+
+def test_default_splits_and_bad_splits():
+    """Runs until ~MIN_PROGRAMS programs, each at least MIN_RUN_BLOCKS blocks of the cache; none from
+    MIN_PROGRAMS rows (GPT-2 medium's batch 32 is 512 rows)."""
+    assert (da.MIN_PROGRAMS, da.MIN_RUN_BLOCKS) == (256, 2)
+    assert da.default_splits(512, 1024, 32) == 1 and da.default_splits(256, 1024, 32) == 1
+    assert da.default_splits(128, 1024, 32) == 2 and da.default_splits(96, 1024, 32) == 3
+    assert da.default_splits(12, 1024, 32) == 16  # 22 wanted; 32 blocks give 16 runs of 2
+    assert da.default_splits(25, 384, 32) == 6 and da.default_splits(1, 32, 32) == 1
+    qkv, k, v = _inputs(1, 2, 64, 16, jnp.float32)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=rf"splits={bad!r} must be an int >= 1"):
+            da.decode_append_attention(qkv, k, v, jnp.zeros((1,), jnp.int32), scale=1.0, splits=bad, interpret=True)
 
 
 def test_decode_step_dispatch(monkeypatch):
