@@ -232,6 +232,8 @@ def test_bad_input(tiny_gpt2_factory, tmp_path):
         model.generate([[1, 101]])
     with pytest.raises(ValueError, match="top_p=0"):
         model.generate([[1]], top_p=0.0)
+    with pytest.raises(ValueError, match=r"top_k=2147483648 must be an int in \[0, 2147483647\]"):
+        model.generate([[1]], temperature=1.0, top_k=2**31)  # past int32: refused, not an OverflowError
     with pytest.raises(TypeError, match="wrap a single prompt"):
         model.generate("hello")
     with pytest.raises(ValueError, match="dtype='int8'"):

@@ -178,6 +178,8 @@ def test_bad_requests():
         sched.add_request([1] * 10, SamplingOptions(max_tokens=7))
     with pytest.raises(ValueError, match="token-id mode"):
         sched.add_request([1], SamplingOptions(max_tokens=2, stop_strings=("x",)))
+    with pytest.raises(ValueError, match="top_k=2147483648"):  # past int32: refused before the engine sees it
+        sched.add_request([1], SamplingOptions(max_tokens=2, temperature=0.5, top_k=2**31))
 
 
 def test_prefill_budget_grows_as_fewer_requests_run():

@@ -382,6 +382,8 @@ def test_energon_routes(served):
     ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "top_p": 0}).encode(), "top_p=0"),
     ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "top_p": 1.5}).encode(), "top_p=1.5"),
     ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "temperature": -1}).encode(), "temperature"),
+    ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "temperature": 0.5, "top_k": 2 ** 31}).encode(),
+     "top_k=2147483648 must be an int in [0, 2147483647]"),
     ("/v1/completions", json.dumps({"prompt": "word " * 80, "max_tokens": 2}).encode(), "context of 64"),
     ("/v1/completions", json.dumps({"prompt": [1, 2, 10 ** 6], "max_tokens": 2}).encode(), "outside the vocabulary"),
     ("/v1/completions", json.dumps({"prompt": "a", "n": 3}).encode(), "n=3"),

@@ -10,6 +10,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+MAX_TOP_K = 2**31 - 1  # top_k goes to the device as int32: a larger value fails there, not with a message
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +29,8 @@ class SamplingParams:
 def validate_sampling(temperature, top_k, top_p) -> None:
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature!r} must be >= 0 (0 is greedy)")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top_k={top_k!r} must be an int >= 0 (0 is off)")
+    if not (isinstance(top_k, int) and 0 <= top_k <= MAX_TOP_K):
+        raise ValueError(f"top_k={top_k!r} must be an int in [0, {MAX_TOP_K}] (0 is off)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 is off)")
 

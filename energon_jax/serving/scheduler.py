@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from energon_jax.engine.sampling import validate_sampling
+
 
 class QueueFull(Exception):
     """The waiting queue is at its bound; retry after `retry_after` seconds (HTTP 429)."""
@@ -193,6 +195,7 @@ class Scheduler:
             raise ValueError("the prompt is empty; it needs at least one token")
         if not isinstance(options.max_tokens, int) or options.max_tokens < 1:
             raise ValueError(f"max_tokens={options.max_tokens!r} must be an int >= 1")
+        validate_sampling(options.temperature, options.top_k, options.top_p)  # here, not on the engine thread
         total = len(prompt_ids) + options.max_tokens
         if total > self.context_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={options.max_tokens} that is "
