@@ -319,6 +319,75 @@ def test_engine_loop_overlapped_and_not(overlap):
     assert executor.most_in_flight == (2 if overlap else 0)
 
 
+def wait_until(condition, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.005)
+    return condition()
+
+
+class FailingExecutor(FakeLaunchExecutor):
+    """Fails any step that prefills the prompt [666]; its reset wipes every slot's state, as the
+    slot engine's does."""
+
+    def __init__(self, num_slots):
+        super().__init__(num_slots)
+        self.resets = 0
+
+    def execute(self, out):
+        if any(p.token_ids == [666] for p in out.prefills):
+            raise RuntimeError("device fault")
+        return super().execute(out)
+
+    def reset(self):
+        self.resets += 1
+        self.next = [0] * len(self.next)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_engine_failure_ends_every_request_whose_state_the_reset_wiped(overlap):
+    from energon_jax.serving.loop import EngineLoop
+
+    # a frozen clock inside a long burst window: decode stays held, so a is in no dispatch after its prefill
+    sched = Scheduler(3, context_len=64, prefill_window=100.0, burst_gap=100.0, clock=lambda: 0.0)
+    executor = FailingExecutor(3)
+    loop = EngineLoop(sched, executor, overlap=overlap)
+    loop.start()
+    try:
+        a = sched.add_request([1], SamplingOptions(max_tokens=20))
+        assert wait_until(lambda: a.output_ids == [2])
+        b = sched.add_request([666], SamplingOptions(max_tokens=4))
+        assert wait_until(lambda: b.finished and a.finished)
+        assert loop.alive and executor.resets == 1
+    finally:
+        loop.stop()
+    assert b.finish_reason == "error" and b.error == "engine error: RuntimeError: device fault"
+    # a was not in the failed step, but the reset wiped its cache: it ends instead of decoding garbage
+    assert a.finish_reason == "error" and "decode state was lost" in a.error and a.output_ids == [2]
+
+
+def test_an_error_outside_the_engine_calls_ends_the_loop_and_every_request(monkeypatch):
+    from energon_jax.serving.loop import EngineLoop
+
+    sched = Scheduler(1, context_len=64)
+    loop = EngineLoop(sched, FakeLaunchExecutor(1))
+
+    def broken(out, result):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(sched, "update_from_output", broken)
+    loop.start()
+    try:
+        reqs = [sched.add_request([i + 1], SamplingOptions(max_tokens=4)) for i in range(3)]  # 1 runs, 2 wait
+        assert wait_until(lambda: not loop.alive)
+        assert loop.failure == "KeyError: 'bug'"
+        assert all(r.finish_reason == "error" and "the engine loop stopped: KeyError" in r.error for r in reqs)
+        with pytest.raises(ShuttingDown):  # nobody would serve it
+            sched.add_request([1], SamplingOptions(max_tokens=4))
+    finally:
+        loop.stop()
+
+
 def test_admission_delay_gathers_a_burst_while_idle():
     now = [0.0]
     sched, eng = make(4, batch_wait=0.02, arrival_gap=0.002, clock=lambda: now[0])

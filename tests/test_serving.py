@@ -289,6 +289,34 @@ def test_health_was_503_until_warm(served):
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
+def test_health_reports_a_dead_engine_loop(model, monkeypatch):
+    """An error the loop cannot recover from ends it; /health then answers 503, not 200, and
+    requests are refused instead of waiting on a thread that is gone."""
+    from fastapi.testclient import TestClient
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    server = Server(model, max_batch_size=2, cache_len=CACHE_LEN, tune_gc=False).start(warmup=False)
+    try:
+        client = TestClient(create_app(server))  # no lifespan: the server already runs
+        assert client.get("/health").status_code == 200
+
+        def broken(out, result):
+            raise RuntimeError("bug in update")
+
+        monkeypatch.setattr(server.scheduler, "update_from_output", broken)
+        handle = server.submit([5, 6, 7], max_tokens=3)
+        with pytest.raises(RuntimeError, match="the engine loop stopped: RuntimeError: bug in update"):
+            handle.result(60)
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2})
+        assert r.status_code == 503 and "engine thread stopped" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
 def test_64_concurrent_greedy_completions_equal_offline_generate(served, model):
     prompts = [f"def f{i}(x):\n    return x * {i}" for i in range(64)]
     bodies = [{"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0} for p in prompts]

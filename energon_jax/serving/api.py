@@ -329,7 +329,14 @@ class Server:
 
     @property
     def accepting(self) -> bool:
-        return self.ready and not self.stopping
+        return self.ready and not self.stopping and not self.failed
+
+    @property
+    def failed(self) -> bool:
+        """Started and not stopped, but its background thread (decode loop or embedding batcher)
+        has ended after an error it could not recover from: nothing is served any more."""
+        worker = self.loop if self.kind == "gpt" else self.batcher
+        return self.ready and not self.stopping and worker is not None and not worker.alive
 
     # ------------------------------------------------------------ generation
     def _require(self, kind: str, what: str) -> None:
@@ -338,6 +345,9 @@ class Server:
                              f"{self.name} is a {self.kind} model")
         if not self.ready or self.stopping:
             raise ShuttingDown(f"the server for {self.name} is not running")
+        if self.failed:
+            raise ShuttingDown(f"the engine thread of {self.name} stopped after an error (see the server log); "
+                               "restart the server")
 
     def submit(self, prompt, *, max_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None, stop=None, timeout: float | None = None,

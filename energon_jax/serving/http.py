@@ -144,6 +144,9 @@ def create_app(server) -> FastAPI:
             raise HTTPError(503, "the server is shutting down and admits no new requests", retry_after=5)
         if not server.ready:
             raise HTTPError(503, "the model is still compiling (see /health); retry shortly", retry_after=5)
+        if server.failed:
+            raise HTTPError(503, "the engine thread stopped after an error (see /health and the server log); "
+                                 "the server must be restarted")
 
     def submit(prompt, aio_loop, **kw):
         check_ready()
@@ -186,8 +189,11 @@ def create_app(server) -> FastAPI:
     # -------------------------------------------------------------- routes
     @app.get("/health")
     async def health():
-        if server.ready and server.accepting:
+        if server.accepting:
             return {"status": "ok", "model": server.name, "kind": server.kind, "warmup_seconds": server.warmup_seconds}
+        if server.failed:  # no Retry-After: a dead engine thread does not come back
+            return JSONResponse({"status": "failed", "model": server.name,
+                                 "error": "the engine thread stopped after an error; see the server log"}, 503)
         state = "stopping" if server.stopping else "starting"
         return JSONResponse({"status": state, "model": server.name}, 503, headers={"Retry-After": "5"})
 

@@ -76,6 +76,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.iterations = 0
+        self.failure: str | None = None  # why the thread ended on its own (then `alive` is False)
         # the last iterations as (start, scheduled, executed, updated) perf_counter times, prompts
         # prefilled, decode steps: the device idles while the host schedules and updates, and the
         # host waits for the device inside execute (benchmarks/serve.py reads this). With overlap,
@@ -90,11 +91,17 @@ class EngineLoop:
         return self._thread.is_alive()
 
     def _fail(self, outs, e: Exception) -> None:
-        """An engine failure ends the requests in flight, not the server."""
-        reqs = {r.request_id: r for out in outs for r in out.slot_requests.values()}
-        log.exception("engine step failed; failing %d requests", len(reqs))
-        for rid in reqs:
-            self.scheduler.cancel(rid, "error", f"engine error: {type(e).__name__}: {e}")
+        """An engine failure ends the requests in flight, not the server. The reset wipes every
+        slot's decode state, so every other request holding a slot ends too: none may decode on
+        from a zeroed cache."""
+        error = f"engine error: {type(e).__name__}: {e}"
+        in_flight = {r.request_id for out in outs for r in out.slot_requests.values()}
+        for rid in in_flight:
+            self.scheduler.cancel(rid, "error", error)
+        others = self.scheduler.fail_running("error", f"{error} (in another request's step: the engine was reset "
+                                                      "and this request's decode state was lost)")
+        log.exception("engine step failed; failing %d requests in flight and %d more running",
+                      len(in_flight), len(others))
         self.executor.reset()
 
     def _finish_iteration(self, out, result, t0: float, t1: float, t2: float) -> None:
@@ -106,6 +113,17 @@ class EngineLoop:
             self.metrics.record_tokens(len(result.first_tokens) + len(result.decode_tokens) * sum(out.active))
 
     def _run(self) -> None:
+        """Errors of the engine calls end their requests (`_fail`); any other error ends the loop:
+        every request then ends with an error and new ones are refused, so none waits on a dead thread."""
+        try:
+            self._iterate()
+        except Exception as e:
+            log.exception("the engine loop stopped")
+            self.failure = f"{type(e).__name__}: {e}"
+            self.scheduler.stop_accepting()
+            self.scheduler.fail_all("error", f"the engine loop stopped: {self.failure}")
+
+    def _iterate(self) -> None:
         sched = self.scheduler
         pending = None  # (out, launched, t0, t1): dispatched, tokens not read back yet
         while not self._stop.is_set():
@@ -194,6 +212,10 @@ class EmbeddingBatcher:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def submit(self, inputs: list, pooling: str = "mean", normalize: bool = False) -> concurrent.futures.Future:
         """inputs: list of str or list of token-id lists. The future gives what encode returns for them."""

@@ -415,6 +415,14 @@ class Scheduler:
             for req in list(self.requests.values()):
                 self._finish(req, reason, error)
 
+    def fail_running(self, reason: str, error: str) -> list[Request]:
+        """End every request holding a slot (the engine lost their decode state); returns them."""
+        with self._lock:
+            running = [r for r in self.slots if r is not None]
+            for req in running:
+                self._finish(req, reason, error)
+            return running
+
     def stop_accepting(self) -> None:
         with self._lock:
             self.accepting = False
