@@ -387,6 +387,32 @@ def test_disconnected_stream_frees_its_slot(served, monkeypatch):
     assert all(r.status_code == 200 for r in run_async(post_many(served.url, bodies)))
 
 
+def test_disconnected_non_streaming_client_frees_its_slot_while_tokens_flow(served, monkeypatch):
+    """A client gone while tokens keep arriving (faster than DISCONNECT_POLL_S) is noticed within
+    about DISCONNECT_POLL_S, not when its generation ends."""
+    from energon_jax.serving.http import DISCONNECT_POLL_S
+
+    sched, executor = served.srv.scheduler, served.srv.loop.executor
+    collect = executor.collect
+
+    def slow_collect(launched):  # 2 tokens per 0.1 s: the whole generation takes ~3 s
+        time.sleep(0.1)
+        return collect(launched)
+
+    monkeypatch.setattr(executor, "collect", slow_collect)
+    before = cancelled_count(served.url)
+    body = {"prompt": "for i in", "max_tokens": CACHE_LEN - 8, "temperature": 0.0}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(served.url + "/v1/completions", json=body, timeout=0.3)
+    gone = time.monotonic()
+    while sched.slots_in_use and time.monotonic() - gone < 20:
+        time.sleep(0.02)
+    freed_after = time.monotonic() - gone
+    assert sched.slots_in_use == 0
+    assert cancelled_count(served.url) == before + 1  # cancelled, not run to its end
+    assert freed_after < DISCONNECT_POLL_S + 1.0, freed_after
+
+
 def test_energon_routes(served):
     r = httpx.get(served.url + "/run_hf_gpt2/I%20do%20not?max_seq_length=16", timeout=60)
     assert r.status_code == 200, r.text

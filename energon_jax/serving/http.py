@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5
 
 
+async def _cancel_on_disconnect(request: Request, handle) -> None:
+    """Cancel `handle` once its client has gone, checked every DISCONNECT_POLL_S whether or not
+    tokens arrive (checked only after a quiet spell, a gone client kept its slot to the end)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    handle.cancel()
+
+
 # ------------------------------------------------------------------ schemas
 class GenerationBody(BaseModel):
     """Energon's OPT server request."""
@@ -164,13 +172,14 @@ def create_app(server) -> FastAPI:
 
     async def collect(handle, request: Request):
         """Wait for the whole generation; a client that goes away cancels it."""
-        while not handle.done:  # the handle's fields are final once done is set
-            try:
-                await asyncio.wait_for(handle._queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    handle.cancel()
-                    raise HTTPError(499, "client disconnected") from None
+        watch = asyncio.create_task(_cancel_on_disconnect(request, handle))
+        try:
+            while not handle.done:  # the handle's fields are final once done is set
+                await handle._queue.get()
+        finally:
+            watch.cancel()
+        if handle.finish_reason == "cancelled" and await request.is_disconnected():
+            raise HTTPError(499, "client disconnected")
         if handle.finish_reason == "error":
             raise HTTPError(503, f"generation failed: {handle.error}", retry_after=5)
         if handle.finish_reason == "timeout" and not handle.token_ids:
