@@ -243,6 +243,17 @@ def test_overlapped_updates_give_the_same_outputs():
     assert all(out == ids for out, _, _, ids in results[0])  # the stream carries exactly the kept tokens
 
 
+def test_on_tokens_counts_the_tokens_requests_keep():
+    """Not the tokens computed: steps past max_tokens, tokens after a stop token or string, and a
+    dispatch that arrives after its request stopped are not counted."""
+    sched, eng = make(2, detokenize=detok, decode_step_options=(1, 2, 4, 8))
+    counted = []
+    sched.on_tokens = counted.append
+    reqs = mixed_requests(sched)
+    run_overlapped(sched, eng)
+    assert sum(counted) == sum(len(r.output_ids) for r in reqs) == 3 + 3 + 1 + 9 + 3 + 11
+
+
 def test_slot_with_all_tokens_scheduled_is_refilled_before_they_arrive():
     sched, eng = make(1, decode_step_options=(1, 2, 4))
     a = sched.add_request([1], SamplingOptions(max_tokens=3))

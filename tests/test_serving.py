@@ -169,6 +169,22 @@ def test_batched_prefill_equals_one_at_a_time(model):
         eng.prefill_batch(slots, [[5] * 20] * 4, **settings)
 
 
+def test_generated_tokens_metric_counts_the_tokens_returned(model):
+    """energon_generated_tokens_total counts what requests keep, not decode steps x active slots
+    (8-step dispatches overshoot a 2-token request; a stop token drops the steps after it)."""
+    from energon_jax.serving import Server
+
+    stop = model.generate([[7, 8, 9]], max_new_tokens=6)[0].token_ids[2]
+    with Server(model, max_batch_size=4, decode_steps=8, cache_len=CACHE_LEN, batch_wait=0.05) as server:
+        handles = [server.submit([1, 2, 3], max_tokens=2), server.submit([4, 5, 6], max_tokens=9),
+                   server.submit([7, 8, 9], max_tokens=20, stop=[stop])]
+        returned = sum(len(h.result(60).token_ids) for h in handles)
+        text = server.metrics.render().decode()
+    assert handles[2].result().finish_reason == "stop"
+    counted = [float(x.split()[-1]) for x in text.splitlines() if x.startswith("energon_generated_tokens_total")]
+    assert counted == [returned]
+
+
 def test_server_sets_and_restores_the_switch_interval(model):
     import sys
 

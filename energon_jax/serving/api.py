@@ -268,6 +268,7 @@ class Server:
             self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.slots_in_use,
                                    max_batch_size)
             self.scheduler.on_finish = self.metrics.record_finished
+            self.scheduler.on_tokens = self.metrics.record_tokens
         else:
             self.context_len = model.max_seq_len
             self.metrics = Metrics(num_slots=max_batch_size)

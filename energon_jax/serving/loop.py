@@ -110,7 +110,6 @@ class EngineLoop:
         self.timeline.append((t0, t1, t2, time.perf_counter(), len(out.prefills), out.decode_steps))
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in out.prefills))
-            self.metrics.record_tokens(len(result.first_tokens) + len(result.decode_tokens) * sum(out.active))
 
     def _run(self) -> None:
         """Errors of the engine calls end their requests (`_fail`); any other error ends the loop:

@@ -25,7 +25,7 @@ class Metrics:
                               buckets=_TOKEN_BUCKETS, registry=r)
         self.latency = Histogram("energon_request_latency_seconds", "arrival to last token",
                                  buckets=_LATENCY_BUCKETS, registry=r)
-        self.generated = Counter("energon_generated_tokens", "output tokens", registry=r)
+        self.generated = Counter("energon_generated_tokens", "output tokens kept by requests", registry=r)
         self.prompt_tokens = Counter("energon_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.finished = Counter("energon_finished_requests", "requests ended, by finish reason", ["reason"], registry=r)
         self.http = Counter("energon_http_requests", "HTTP requests by route and status code", ["route", "status"],

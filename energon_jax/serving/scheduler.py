@@ -183,6 +183,7 @@ class Scheduler:
         self._ids = itertools.count()
         self.work_available = threading.Condition(self._lock)  # notified when a request arrives
         self.on_finish: Callable[[Request], None] | None = None  # every ending, cancellations included
+        self.on_tokens: Callable[[int], None] | None = None  # output tokens each update kept
 
     # ------------------------------------------------------------ submission
     def new_request_id(self) -> str:
@@ -344,17 +345,22 @@ class Scheduler:
                 if columns and out.active[slot]:
                     new_ids[req.request_id].extend(columns[slot])
             now = self.clock()
+            kept = 0  # not the tokens computed: overshoot steps and tokens past a stop are dropped
             for req in out.slot_requests.values():
                 if req.finished or not new_ids[req.request_id]:
                     continue
                 if req.first_token_time is None:
                     req.first_token_time = now
+                before = len(req.output_ids)
                 reason = self._append(req, new_ids[req.request_id])
+                kept += max(0, len(req.output_ids) - before)
                 if reason:
                     self._finish(req, reason)
                     done.append(req)
                 else:
                     self._emit(req)
+            if kept and self.on_tokens is not None:
+                self.on_tokens(kept)
         return done
 
     def _append(self, req: Request, ids: list[int]) -> str | None:
