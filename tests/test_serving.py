@@ -559,6 +559,39 @@ def test_embeddings_are_batched_across_requests():
         web.stop()
 
 
+def test_embedding_batcher_survives_cancelled_futures():
+    """A caller that cancels its future (asyncio.wrap_future does when its task is cancelled) must
+    not kill the batcher thread, or every later embedding request hangs."""
+    from energon_jax.serving.loop import EmbeddingBatcher
+
+    class GatedEncoder(FakeEncoder):
+        def __init__(self):
+            super().__init__()
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def encode(self, inputs, **kw):
+            self.entered.set()
+            assert self.release.wait(10)
+            return super().encode(inputs, **kw)
+
+    enc = GatedEncoder()
+    batcher = EmbeddingBatcher(enc, max_wait=0.001)
+    batcher.start()
+    try:
+        running = batcher.submit([[1, 2]])
+        assert enc.entered.wait(10)
+        queued = batcher.submit([[3]])
+        running.cancel()  # too late: it is being encoded
+        assert queued.cancel()  # in time: it is never encoded
+        enc.release.set()
+        np.testing.assert_array_equal(running.result(10), [[2, 3]])
+        np.testing.assert_array_equal(batcher.submit([[4, 5]]).result(10), [[2, 9]])
+        assert batcher.alive and enc.calls == [1, 1]
+    finally:
+        enc.release.set()
+        batcher.stop()
+
+
 def test_options_of_the_other_model_kind_are_refused(model):
     from energon_jax.serving import Server
 

@@ -243,7 +243,16 @@ class EmbeddingBatcher:
                     break
                 batch.append(nxt)
                 count += len(nxt[0])
-            self._encode(batch)
+            # a future its caller cancelled is skipped; the others can no longer be cancelled, so
+            # setting their results cannot fail (a cancelled one's set_result killed this thread)
+            batch = [item for item in batch if item[3].set_running_or_notify_cancel()]
+            try:
+                self._encode(batch)
+            except Exception as e:  # a bug here must fail this batch, not every later request
+                log.exception("embedding batch failed")
+                for item in batch:
+                    if not item[3].done():
+                        item[3].set_exception(e)
 
     def _encode(self, batch) -> None:
         groups: dict[tuple[str, bool], list] = {}
@@ -278,5 +287,5 @@ class EmbeddingBatcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None:
+            if item is not None and item[3].set_running_or_notify_cancel():
                 item[3].set_exception(ShuttingDown("the server stopped before this request was encoded"))
