@@ -137,6 +137,19 @@ def test_slot_engine_matches_generate_and_never_recompiles(model):
     assert dict(eng.compile_counts) == compiled  # new lengths in a bucket and new sampling settings: no compile
 
 
+def test_a_cache_length_off_the_powers_of_two_is_warmed_up(model):
+    """The longest prompts go to bucket cache_len itself (the cap): warm-up compiles it too, so
+    they do not compile mid-serving."""
+    from energon_jax.engine.slots import SlotEngine
+
+    eng = SlotEngine(model, 2, decode_steps=1, cache_len=40, max_prefill_batch=1)
+    assert eng.prefill_buckets == (16, 32, 40)
+    eng.warmup()
+    compiled = dict(eng.compile_counts)
+    eng.prefill(0, list(range(1, 36)))  # 35 tokens: bucket 40
+    assert dict(eng.compile_counts) == compiled
+
+
 def test_batched_prefill_equals_one_at_a_time(model):
     """Prompts prefilled together (padded rows, mixed lengths, one dispatch) sample what each
     prefilled alone samples, and decode on from the same state."""

@@ -92,9 +92,10 @@ class SlotEngine:
         self.step_options = tuple(1 << i for i in range(decode_steps.bit_length()))
         self.max_prefill_batch = min(max_prefill_batch, num_slots)
         self.prefill_batch_tokens = prefill_batch_tokens
+        # every bucket a prompt can get: the powers of two below cache_len, and cache_len itself
+        # (the cap, not a power of two in general, where the longest prompts go)
         self.prefill_buckets = tuple(sorted({bucket(n, self.cache_len) for n in
-                                             [1] + [1 << i for i in range(self.cache_len.bit_length() + 1)]
-                                             if n <= self.cache_len}))
+                                             [1 << i for i in range(self.cache_len.bit_length())] + [self.cache_len]}))
         self.compile_counts = CompileCounter()
         mesh = model.mesh
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
