@@ -159,6 +159,18 @@ def test_seeds_and_top_k(tiny_gpt2_factory):
     assert [o.token_ids for o in tiny_p] == [o.token_ids for o in greedy]
 
 
+def test_padded_vocabulary_is_never_sampled(tiny_gpt2_factory):
+    """tp=2 pads the 101-row vocabulary to 102 rows; the padded row stays impossible at any
+    temperature (a finite mask value divided by 1e38 came up level with the real logits)."""
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder, tp=2)
+    assert model.params["wte"].shape[0] > model.config.vocab_size
+    for temperature in (1e38, 3e38, float("inf")):
+        outs = model.generate([[1, 2, 3]] * 8, max_new_tokens=100, temperature=temperature, seed=1)
+        ids = np.array([t for o in outs for t in o.token_ids])
+        assert ids.size > 100 and ids.max() < model.config.vocab_size, temperature
+
+
 def test_sampling_settings_never_recompile(tiny_gpt2_factory):
     folder, _ = tiny_gpt2_factory()
     model = ej.load_sharded_model(folder)

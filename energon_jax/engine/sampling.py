@@ -37,7 +37,8 @@ def validate_sampling(temperature, top_k, top_p) -> None:
 
 def _filtered_sample(logits_bv, params: SamplingParams, keys_b):
     v = logits_bv.shape[-1]
-    scaled_bv = logits_bv / jnp.maximum(params.temperature, 1e-6)[:, None]
+    # -inf (padded vocabulary entries) stays -inf whatever the temperature: -inf / inf would be nan
+    scaled_bv = jnp.where(logits_bv == -jnp.inf, -jnp.inf, logits_bv / jnp.maximum(params.temperature, 1e-6)[:, None])
     sorted_bv, order_bv = jax.lax.sort_key_val(-scaled_bv, jnp.broadcast_to(jnp.arange(v), scaled_bv.shape))
     sorted_bv = -sorted_bv  # descending
     rank_v = jnp.arange(v)

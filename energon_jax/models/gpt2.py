@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from energon_jax.config import GPT2Config
-from energon_jax.models.layers import (MASK_VALUE, LayerNorm, attention_scale, gelu_new, masked_attention, padded_rows,
-                                      param, project)
+from energon_jax.models.layers import (LayerNorm, attention_scale, gelu_new, masked_attention, padded_rows, param,
+                                      project)
 
 Cache = dict  # {"k": [L, B, N, S, D], "v": [L, B, N, S, D]}
 
@@ -182,7 +182,8 @@ class BlockStack(nn.Module):
 
 class GPT2(nn.Module):
     """`table_multiple` pads the embedding tables' rows so they split evenly over devices;
-    padded vocabulary entries get logits of MASK_VALUE and are never sampled."""
+    padded vocabulary entries get logits of -inf, which no temperature makes samplable (a finite
+    mask value divided by a huge temperature came up to ~0, level with the real logits)."""
 
     config: GPT2Config
     param_dtype: jnp.dtype = jnp.float32
@@ -205,7 +206,7 @@ class GPT2(nn.Module):
         """Final layer norm and the tied LM head; logits in float32."""
         logits_btv = jnp.einsum("BTE,VE->BTV", self.ln_f(x_bte), self.wte, preferred_element_type=jnp.float32)
         if self.wte.shape[0] > self.config.vocab_size:
-            logits_btv = jnp.where(jnp.arange(self.wte.shape[0]) < self.config.vocab_size, logits_btv, MASK_VALUE)
+            logits_btv = jnp.where(jnp.arange(self.wte.shape[0]) < self.config.vocab_size, logits_btv, -jnp.inf)
         return logits_btv
 
 
