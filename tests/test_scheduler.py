@@ -93,6 +93,21 @@ def test_stop_token_and_stop_string():
     assert streamed[-1].finished and streamed[-1].finish_reason == "stop"
 
 
+def test_stop_string_keeps_the_token_that_completes_its_last_character():
+    """A token that ends inside a UTF-8 character decodes to U+FFFD: that prefix is as long as the
+    text up to the stop string's end without containing it, so the next token is kept as well."""
+    sched = Scheduler(1, context_len=64, detokenize=lambda ids: bytes(ids).decode("utf-8", "replace"),
+                      decode_step_options=(1, 2, 4))
+    streamed = []
+    req = sched.add_request([1], SamplingOptions(max_tokens=8, stop_strings=("\u00e9",)), sink=streamed.append)
+    out = sched.schedule()
+    seq = list("a\u00e9!b".encode())  # a, the two bytes of \u00e9 (0xC3 0xA9), !, b
+    sched.update_from_output(out, EngineOutput({req.request_id: seq[0]}, [[t] for t in seq[1: 1 + out.decode_steps]]))
+    assert req.finish_reason == "stop" and req.text == "a"
+    assert req.output_ids == list("a\u00e9".encode())  # not [a, 0xC3]: its text holds the whole stop string
+    assert "".join(d.text for d in streamed) == "a" and sum((d.token_ids for d in streamed), []) == req.output_ids
+
+
 def test_decode_steps_stop_where_a_waiting_request_can_enter():
     sched, eng = make(1, decode_step_options=(1, 2, 4, 8))
     first = sched.add_request([1], SamplingOptions(max_tokens=4))

@@ -1,7 +1,8 @@
 """Next-token sampling with per-row traced parameters (changing them never recompiles).
 
 temperature 0 -> greedy; top_k 0 -> off; top_p 1.0 -> off. Each row has its own PRNG key,
-so a row's samples depend only on its seed and step, not on the rest of the batch.
+so a row's samples depend only on its seed and step, not on the rest of the batch. The host-side
+checks and the stop-string cut here are shared by offline generate and the serving scheduler.
 """
 from __future__ import annotations
 
@@ -33,6 +34,21 @@ def validate_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k={top_k!r} must be an int in [0, {MAX_TOP_K}] (0 is off)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 is off)")
+
+
+def cut_at_stop_string(body: list[int], text: str, stop_strings, detokenize) -> tuple[str, list[int]] | None:
+    """Where the earliest of `stop_strings` occurs in `text` (the text of token ids `body`): the
+    text before it and the fewest tokens whose own text holds the whole stop string (as
+    `GPTModel.generate` and the serving scheduler keep them); None if none occurs. A prefix that
+    ends inside a UTF-8 character decodes to U+FFFD, so its length alone reaches the stop
+    string's end a token early: the prefix's text must contain it."""
+    hits = [(text.find(s), s) for s in stop_strings if s in text]
+    if not hits:
+        return None
+    cut, s = min(hits)
+    upto = text[: cut + len(s)]
+    k = next((k for k in range(1, len(body) + 1) if detokenize(body[:k]).startswith(upto)), len(body))
+    return text[:cut], body[:k]
 
 
 def _filtered_sample(logits_bv, params: SamplingParams, keys_b):

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from energon_jax.engine.sampling import validate_sampling
+from energon_jax.engine.sampling import cut_at_stop_string, validate_sampling
 
 
 class QueueFull(Exception):
@@ -378,13 +378,9 @@ class Scheduler:
             return reason
         body = req.output_ids[:-1] if reason == "stop" else req.output_ids
         req.text = self.detokenize(body)
-        if opts.stop_strings:
-            hits = [(req.text.find(s), s) for s in opts.stop_strings if s in req.text]
-            if hits:
-                cut, s = min(hits)
-                # keep the fewest tokens whose text reaches the end of the stop string (as GPTModel.generate)
-                k = next(k for k in range(1, len(body) + 1) if len(self.detokenize(body[:k])) >= cut + len(s))
-                req.output_ids, req.text, reason = body[:k], req.text[:cut], "stop"
+        cut = cut_at_stop_string(body, req.text, opts.stop_strings, self.detokenize)
+        if cut is not None:
+            (req.text, req.output_ids), reason = cut, "stop"
         return reason
 
     def _emit(self, req: Request, final: bool = False) -> None:
