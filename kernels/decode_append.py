@@ -7,6 +7,12 @@ program per (slot, head) reads its query, key and value straight from the projec
 outputs, so XLA updates them in place), and runs an online softmax over the older positions,
 adding the new one from registers.
 
+Below MIN_PROGRAMS rows that is too few programs for the GPU, each walking a whole context, so the
+older positions are cut into runs (flash-decoding): program (b, h, j) walks the j-th run and
+writes its partial max, sum and output, and a small XLA fusion merges them with the new token. On
+an H200 at ~1,000 tokens of context this took GPT-2 medium at batch 2 from 1.107 to 0.896 ms/step
+and at batch 8 from 1.153 to 1.087 (BENCHMARKS.md session 13).
+
 Why Pallas (its Triton lowering) and not a @triton.jit kernel through jax-triton, as the other
 kernels here: Pallas emits XLA's own Triton custom call, which XLA compiles itself and launches
 back to back with its fusions. jax-triton's call is a legacy custom call that XLA cannot capture in
