@@ -159,6 +159,25 @@ def test_seeds_and_top_k(tiny_gpt2_factory):
     assert [o.token_ids for o in tiny_p] == [o.token_ids for o in greedy]
 
 
+def test_seeds_are_ints_in_the_uint32_range(tiny_gpt2_factory, capsys):
+    """Seeds go to the device as uint32: -1 and 2**40 raised numpy's OverflowError and 1.5 was
+    taken; the Server (tests/test_serving.py) and the CLI take exactly the same seeds."""
+    from energon_jax import cli
+
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    kwargs = dict(max_new_tokens=4, temperature=1.0)
+    for seed in (-1, 2**32, 2**40, 1.5, "3", True):
+        with pytest.raises(ValueError, match=rf"seed={seed!r} must be an int in \[0, 4294967295\]"):
+            model.generate([[1, 2]], seed=seed, **kwargs)
+    assert model.generate([[1, 2]], seed=np.int64(3), **kwargs) == model.generate([[1, 2]], seed=3, **kwargs)
+    assert len(model.generate([[1, 2]] * 2, seed=2**32 - 1, **kwargs)[1].token_ids) == 4
+    capsys.readouterr()
+    assert cli.main(["generate", str(folder), "1 2", "--seed", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "energon generate: error: seed=-1 must be an int in [0, 4294967295]" in err and "Traceback" not in err
+
+
 def test_padded_vocabulary_is_never_sampled(tiny_gpt2_factory):
     """tp=2 pads the 101-row vocabulary to 102 rows; the padded row stays impossible at any
     temperature (a finite mask value divided by 1e38 came up level with the real logits)."""

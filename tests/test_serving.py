@@ -470,6 +470,8 @@ def test_energon_routes(served):
     ("/v1/completions", json.dumps({"prompt": "word " * 80, "max_tokens": 2}).encode(), "context of 64"),
     ("/v1/completions", json.dumps({"prompt": [1, 2, 10 ** 6], "max_tokens": 2}).encode(), "outside the vocabulary"),
     ("/v1/completions", json.dumps({"prompt": "a", "n": 3}).encode(), "n=3"),
+    ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "seed": 2 ** 40}).encode(),
+     "seed=1099511627776 must be an int in [0, 4294967295]"),
     ("/generation", json.dumps({"prompt": "a"}).encode(), "max_tokens"),
     ("/generation", json.dumps({"prompt": "a", "max_tokens": 0}).encode(), "max_tokens=0"),
     ("/v1/embeddings", json.dumps({"input": "hello"}).encode(), "needs a Bert model"),
@@ -527,6 +529,14 @@ def test_python_api_stream_and_cancel(served, model):
     assert out.token_ids == model.generate(["def add(a, b):"], max_new_tokens=6)[0].token_ids
     long = server.submit("x", max_tokens=CACHE_LEN - 4)
     assert long.cancel() and long.result().finish_reason == "cancelled"
+
+
+def test_server_takes_the_seeds_generate_takes(served):
+    """2**40 was masked to 32 bits here while generate raised; both refuse it now."""
+    for seed in (-1, 2**32, 2**40, 1.5, True):
+        with pytest.raises(ValueError, match=rf"seed={seed!r} must be an int in \[0, 4294967295\]"):
+            served.srv.submit("x", max_tokens=2, seed=seed)
+    assert served.srv.submit("x", max_tokens=2, seed=2**32 - 1, temperature=1.0).result(60).finish_reason
 
 
 # -------------------------------------------------------------- embeddings

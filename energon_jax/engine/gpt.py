@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.engine.base import ShardedModel
-from energon_jax.engine.sampling import SamplingParams, validate_sampling
+from energon_jax.engine.sampling import SamplingParams, resolve_seed, validate_sampling
 from energon_jax.engine.steps import (CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
 from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla, write_token
@@ -221,6 +220,7 @@ class GPTModel(ShardedModel):
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
         validate_sampling(temperature, top_k, top_p)
+        seed = resolve_seed(seed)
         ids = self.encode_prompts(prompts)
         for i, p in enumerate(ids):
             if len(p) + max_new_tokens > self.max_seq_len:
@@ -229,8 +229,6 @@ class GPTModel(ShardedModel):
         stop_ids, stop_strings = self.stop_token_ids(stop)
         if max_new_tokens == 0:
             return [GenerationOutput("" if self.tokenizer else None, [], "length") for _ in ids]
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little") >> 1
 
         n = len(ids)
         # padded rows generate nothing (max_new 0); at least min_decode_rows() of them

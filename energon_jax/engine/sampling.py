@@ -7,11 +7,14 @@ checks and the stop-string cut here are shared by offline generate and the servi
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_TOP_K = 2**31 - 1  # top_k goes to the device as int32: a larger value fails there, not with a message
+MAX_SEED = 2**32 - 1  # seeds go to the device as uint32: a larger one would be wrapped or fail
 
 
 @jax.tree_util.register_dataclass
@@ -25,6 +28,24 @@ class SamplingParams:
     def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0) -> "SamplingParams":
         return cls(jnp.full((batch,), temperature, jnp.float32), jnp.full((batch,), top_k, jnp.int32),
                    jnp.full((batch,), top_p, jnp.float32))
+
+
+def check_int(name: str, value, low: int, high: int | None = None, note: str = "") -> int:
+    """`value` as an int if it is one (numpy integers too, bools not) in [low, high], else a
+    ValueError naming it and the accepted range."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and low <= value and (
+            high is None or value <= high):
+        return int(value)
+    accepted = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ValueError(f"{name}={value!r} must be an int {accepted}{note}")
+
+
+def resolve_seed(seed) -> int:
+    """The seed a request samples with: `seed` checked (an int in [0, MAX_SEED]), or a random one
+    for None. Offline generate and the Server take exactly the same seeds."""
+    if seed is None:
+        return int.from_bytes(os.urandom(4), "little") >> 1
+    return check_int("seed", seed, 0, MAX_SEED, " (or None: random)")
 
 
 def validate_sampling(temperature, top_k, top_p) -> None:

@@ -23,7 +23,7 @@ import time
 import weakref
 
 from energon_jax.engine.gpt import GenerationOutput
-from energon_jax.engine.sampling import validate_sampling
+from energon_jax.engine.sampling import resolve_seed, validate_sampling
 from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -363,10 +363,7 @@ class Server:
             raise ValueError("prompt is empty; it needs at least one token")
         prompt_ids = self.model.encode_prompts([prompt])[0]
         stop_ids, stop_strings = self.model.stop_token_ids(stop)
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little") >> 1
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r} must be an int >= 0")
+        seed = resolve_seed(seed)
         options = SamplingOptions(max_tokens, float(temperature), int(top_k), float(top_p), seed,
                                   tuple(stop_ids), tuple(stop_strings))
         handle = RequestHandle(self, prompt_ids, aio_loop)
