@@ -615,6 +615,21 @@ def test_embedding_batcher_survives_cancelled_futures():
         batcher.stop()
 
 
+def test_request_timeouts_are_positive_seconds(model, served):
+    """A negative request_timeout ended every request at once, and a str failed only at the first
+    request (a TypeError on the engine side); both are refused when given, as is a bad timeout=."""
+    from energon_jax.serving import Server
+
+    for value in (-5, 0, "x", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=rf"request_timeout={value!r} must be a number of seconds > 0, or None"):
+            Server(model, max_batch_size=2, request_timeout=value)
+    assert Server(model, max_batch_size=2, request_timeout=np.float32(2.5)).request_timeout == 2.5
+    for value in (-1, 0, "soon"):
+        with pytest.raises(ValueError, match=rf"timeout={value!r} must be a number of seconds > 0"):
+            served.srv.submit("x", max_tokens=2, timeout=value)
+    assert served.srv.submit("x", max_tokens=2, timeout=60).result(60).finish_reason == "length"
+
+
 def test_options_of_the_other_model_kind_are_refused(model):
     from energon_jax.serving import Server
 
@@ -665,6 +680,9 @@ def test_service_config_keys(tmp_path):
         read_config(cfg)
     cfg.write_text("checkpoint = 'x'\nserver_port = '80'\n")
     with pytest.raises(ValueError, match="server_port='80' must be int"):
+        read_config(cfg)
+    cfg.write_text("checkpoint = 'x'\nrequest_timeout = -5\n")
+    with pytest.raises(ValueError, match="cfg.py: request_timeout=-5 must be a number of seconds > 0"):
         read_config(cfg)
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_gpt2", "hf_gpt2_config.py")
     assert read_config(example)["model_type"] == "gpt"
@@ -722,6 +740,8 @@ def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkey
     assert "prefill_window=-1.0 must be a number of seconds >= 0" in capsys.readouterr().err
     assert main(base + ["--max-prefill-tokens", "0"]) == 2
     assert "max_prefill_tokens=0 must be an int >= 1" in capsys.readouterr().err
+    assert main(base + ["--request-timeout", "-5"]) == 2
+    assert "request_timeout=-5.0 must be a number of seconds > 0, or None" in capsys.readouterr().err
 
 
 def test_sigterm_finishes_or_cleanly_fails_requests_in_flight(gpt_folder, tmp_path):

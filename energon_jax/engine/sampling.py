@@ -7,6 +7,8 @@ checks and the stop-string cut here are shared by offline generate and the servi
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 
 import jax
@@ -28,6 +30,17 @@ class SamplingParams:
     def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0) -> "SamplingParams":
         return cls(jnp.full((batch,), temperature, jnp.float32), jnp.full((batch,), top_k, jnp.int32),
                    jnp.full((batch,), top_p, jnp.float32))
+
+
+def is_finite_number(value) -> bool:
+    """A real number (numpy's too; not a bool, str or None) that is finite: JSON's Infinity and
+    NaN parse to Python floats, and an int too large for a float is not finite either."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_int(name: str, value, low: int, high: int | None = None, note: str = "") -> int:

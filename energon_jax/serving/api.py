@@ -24,7 +24,7 @@ import weakref
 
 from energon_jax.engine.gpt import GenerationOutput
 from energon_jax.engine.sampling import resolve_seed, validate_sampling
-from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown
+from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown, check_timeout
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Server:
     max_batch_size: decode slots (concurrent generations). max_queue: requests waiting for a slot
     beyond that (a full queue raises QueueFull). decode_steps: most decode steps per dispatch.
     cache_len: positions per slot (default: the model's max_seq_len); prompt + max_tokens must fit.
-    request_timeout: seconds after which a request is ended with finish_reason "timeout".
+    request_timeout: seconds (> 0) after which a request is ended with finish_reason "timeout"; None: never.
     max_prefill_tokens: prompt tokens admitted per engine iteration (beyond the first request)
     when every slot is busy; more while fewer requests run (`Scheduler.prefill_budget`).
     max_prefill_batch / prefill_batch_tokens: prompts admitted together are prefilled in batches of
@@ -248,7 +248,7 @@ class Server:
             raise ValueError(f"max_queue={max_queue!r} must be an int >= 0")
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.request_timeout = request_timeout
+        self.request_timeout = check_timeout(request_timeout, "request_timeout")
         tok = getattr(model, "tokenizer", None)
         self.detokenize = tok.decode if tok is not None else None
         self.ready = False

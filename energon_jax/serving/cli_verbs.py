@@ -7,6 +7,7 @@ import runpy
 import types
 
 from energon_jax.cli import add_parallel_args
+from energon_jax.serving.scheduler import check_timeout
 
 log = logging.getLogger("energon_jax.serving")
 
@@ -24,6 +25,8 @@ EXTRA_KEYS: dict[str, type | tuple[type, ...]] = {
     "decode_steps": int, "max_prefill_tokens": int, "max_prefill_batch": int, "prefill_batch_tokens": int,
     "batch_wait": _SECONDS, "prefill_window": _SECONDS, "overlap": bool, "embed_max_wait": _SECONDS,
 }
+# Keys whose type does not settle their value: checked at reading with the library's own check.
+VALUE_CHECKS = {"request_timeout": check_timeout}
 # Energon's torch-RPC keys: they configure worker processes that a JAX controller does not have.
 IGNORED_KEYS = ("host", "port", "backend", "engine_server")
 MODEL_TYPES = ("gpt", "bert")
@@ -39,7 +42,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-batch-size", type=int, default=16, help="decode slots (concurrent generations)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 429")
     s.add_argument("--max-seq-len", type=int, default=None, help="positions per slot (default: the model's)")
-    s.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is ended")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds (> 0) before a request is ended (default: no timeout)")
     add_batching_args(s)
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let requests in flight finish")
@@ -130,6 +134,11 @@ def read_config(path: str) -> dict:
         if not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
             kind = "a number" if want == _SECONDS else want.__name__
             raise ValueError(f"{path}: {k}={v!r} must be {kind}")
+        if k in VALUE_CHECKS:
+            try:
+                VALUE_CHECKS[k](v, k)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
     if "model_class" not in keys and "checkpoint" not in keys:
         raise ValueError(f"{path}: needs model_class (a preset name or folder) or checkpoint (a folder)")
     if keys.get("model_type", "gpt") not in MODEL_TYPES:

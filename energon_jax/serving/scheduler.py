@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from energon_jax.engine.sampling import cut_at_stop_string, validate_sampling
+from energon_jax.engine.sampling import cut_at_stop_string, is_finite_number, validate_sampling
 
 
 class QueueFull(Exception):
@@ -44,6 +44,16 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+def check_timeout(value, name: str = "timeout") -> float | None:
+    """A request's time limit: a finite number of seconds > 0, or None (no limit). A negative one
+    ended every request at once; a str failed only when the first request came."""
+    if value is None:
+        return None
+    if not (is_finite_number(value) and value > 0):
+        raise ValueError(f"{name}={value!r} must be a number of seconds > 0, or None (no timeout)")
+    return float(value)
 
 
 # finish_reason values: "length" and "stop" as in GPTModel.generate; the rest end a request early.
@@ -203,6 +213,7 @@ class Scheduler:
                              f"{total} > the context of {self.context_len} tokens")
         if options.stop_strings and self.detokenize is None:
             raise ValueError("stop strings need a tokenizer; this model runs in token-id mode (use stop token ids)")
+        timeout = check_timeout(timeout)
         with self._lock:
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down and admits no new requests")
