@@ -684,6 +684,12 @@ def test_service_config_keys(tmp_path):
     cfg.write_text("checkpoint = 'x'\nrequest_timeout = -5\n")
     with pytest.raises(ValueError, match="cfg.py: request_timeout=-5 must be a number of seconds > 0"):
         read_config(cfg)
+    for line, match in (("server_port = 99999", r"server_port=99999 must be an int in \[1, 65535\]"),
+                        ("server_port = 0", r"server_port=0 must be an int in \[1, 65535\]"),
+                        ("server_host = ' '", "server_host=' ' must be a non-empty address")):
+        cfg.write_text(f"checkpoint = 'x'\n{line}\n")
+        with pytest.raises(ValueError, match=match):
+            read_config(cfg)
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_gpt2", "hf_gpt2_config.py")
     assert read_config(example)["model_type"] == "gpt"
 
@@ -742,6 +748,23 @@ def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkey
     assert "max_prefill_tokens=0 must be an int >= 1" in capsys.readouterr().err
     assert main(base + ["--request-timeout", "-5"]) == 2
     assert "request_timeout=-5.0 must be a number of seconds > 0, or None" in capsys.readouterr().err
+
+
+def test_ports_past_65535_and_empty_hosts_are_refused(model, capsys):
+    """--port 99999 listened on 99999 mod 65536; the flags are checked before the model loads."""
+    from energon_jax.cli import main
+    from energon_jax.serving import Server
+
+    assert main(["serve", "no-such-model", "--port", "99999"]) == 2
+    assert "energon serve: error: --port=99999 must be an int in [1, 65535]" in capsys.readouterr().err
+    assert main(["serve", "no-such-model", "--host", ""]) == 2
+    assert "--host='' must be a non-empty address" in capsys.readouterr().err
+    server = Server(model, max_batch_size=2)
+    for kwargs, match in ((dict(port=65536), r"port=65536 must be an int in \[1, 65535\]"),
+                          (dict(port="8005"), "port='8005' must be an int"), (dict(host=""), "host=''")):
+        with pytest.raises(ValueError, match=match):
+            server.serve_http(**kwargs)
+    assert not server.ready  # refused before anything started
 
 
 def test_sigterm_finishes_or_cleanly_fails_requests_in_flight(gpt_folder, tmp_path):

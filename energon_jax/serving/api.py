@@ -23,10 +23,22 @@ import time
 import weakref
 
 from energon_jax.engine.gpt import GenerationOutput
-from energon_jax.engine.sampling import resolve_seed, validate_sampling
+from energon_jax.engine.sampling import check_int, resolve_seed, validate_sampling
 from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown, check_timeout
 
 log = logging.getLogger(__name__)
+
+
+def check_host(host, name: str = "host") -> str:
+    """An address to listen on: a non-empty str."""
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(f"{name}={host!r} must be a non-empty address, e.g. '127.0.0.1' or '0.0.0.0'")
+    return host
+
+
+def check_port(port, name: str = "port") -> int:
+    """A TCP port to listen on: 99999 was taken modulo 65536 by the socket, without a word."""
+    return check_int(name, port, 1, 65535)
 
 
 class _Mailbox:
@@ -396,4 +408,6 @@ class Server:
         """Serve the HTTP routes until SIGINT/SIGTERM (blocking); starts this server if needed."""
         from energon_jax.serving.http import run_http
 
+        check_host(host)
+        check_port(port)
         run_http(self, host=host, port=port, log_level=log_level, shutdown_timeout=shutdown_timeout)

@@ -7,6 +7,7 @@ import runpy
 import types
 
 from energon_jax.cli import add_parallel_args
+from energon_jax.serving.api import check_host, check_port
 from energon_jax.serving.scheduler import check_timeout
 
 log = logging.getLogger("energon_jax.serving")
@@ -26,7 +27,7 @@ EXTRA_KEYS: dict[str, type | tuple[type, ...]] = {
     "batch_wait": _SECONDS, "prefill_window": _SECONDS, "overlap": bool, "embed_max_wait": _SECONDS,
 }
 # Keys whose type does not settle their value: checked at reading with the library's own check.
-VALUE_CHECKS = {"request_timeout": check_timeout}
+VALUE_CHECKS = {"request_timeout": check_timeout, "server_host": check_host, "server_port": check_port}
 # Energon's torch-RPC keys: they configure worker processes that a JAX controller does not have.
 IGNORED_KEYS = ("host", "port", "backend", "engine_server")
 MODEL_TYPES = ("gpt", "bert")
@@ -37,7 +38,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="serve a model over HTTP (Energon's and OpenAI-style routes)")
     s.add_argument("model", help="HF folder, converted folder or preset name")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8005)
+    s.add_argument("--port", type=int, default=8005, help="TCP port, 1-65535 (default 8005)")
     add_parallel_args(s)
     s.add_argument("--max-batch-size", type=int, default=16, help="decode slots (concurrent generations)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 429")
@@ -103,6 +104,8 @@ def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, reques
 def _serve(args) -> int:
     import energon_jax as ej
 
+    check_host(args.host, "--host")  # before the model loads: a typo should not cost a load
+    check_port(args.port, "--port")
     _setup_logging(args.log_level)
     model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
                                   max_seq_len=args.max_seq_len)
