@@ -26,6 +26,9 @@ def _generate(args) -> int:
 
     t0 = time.perf_counter()
     model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype)
+    if not isinstance(model, ej.GPTModel):
+        raise ValueError(f"{args.model} is a Bert model (encoder); it embeds text rather than generating it: use "
+                         f"`energon serve {args.model}` (POST /v1/embeddings) or BertModel.encode()")
     prompt = args.prompt
     if model.tokenizer is None:
         try:

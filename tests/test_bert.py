@@ -292,6 +292,17 @@ def test_token_ids_without_tokenizer(tiny_bert_factory, tmp_path):
     assert model.encode([[101, 2054, 102]]).shape == (1, 32)
 
 
+def test_cli_generate_on_a_bert_model_is_a_usage_error(tiny_bert_factory, capsys):
+    """It printed an AttributeError traceback ('BertModel' object has no attribute 'generate')."""
+    from energon_jax import cli
+
+    folder, _ = tiny_bert_factory("base")
+    assert cli.main(["generate", str(folder), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert f"energon generate: error: {folder} is a Bert model (encoder)" in err and "energon serve" in err
+    assert "Traceback" not in err
+
+
 # ----------------------------------------------------------------- config
 @pytest.mark.parametrize("option,value,match", [
     ("position_embedding_type", "relative_key", "position_embedding_type='relative_key'"),
