@@ -234,6 +234,19 @@ def test_stop_token_ids_and_eos(tiny_gpt2_factory, tmp_path):
     assert all(o.finish_reason == "stop" for o in out)
 
 
+def test_stop_strings_without_a_tokenizer_are_refused(tiny_gpt2_factory):
+    """They were dropped without a word (nothing to match them in), while the Server refused them."""
+    from energon_jax.serving.scheduler import SamplingOptions, Scheduler
+
+    model = ej.load_sharded_model(tiny_gpt2_factory()[0])
+    with pytest.raises(ValueError, match=r"stop=\['x'\]: stop strings need a tokenizer") as offline:
+        model.generate([[5, 6, 7]], max_new_tokens=4, stop=["x", 9])
+    with pytest.raises(ValueError) as served:
+        Scheduler(1, context_len=64).add_request([1], SamplingOptions(stop_strings=("x",)))
+    assert str(offline.value) == str(served.value)
+    assert model.generate([[5, 6, 7]], max_new_tokens=4, stop=[9])[0].token_ids  # token-id stops still work
+
+
 def test_stop_strings_with_tokenizer(gpt2_with_tokenizer):
     model = ej.load_sharded_model(gpt2_with_tokenizer)
     free = model.generate(["the cat"], max_new_tokens=24)[0]

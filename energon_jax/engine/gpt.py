@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.engine.base import ShardedModel
-from energon_jax.engine.sampling import SamplingParams, resolve_seed, validate_sampling
+from energon_jax.engine.sampling import SamplingParams, check_stop_strings, resolve_seed, validate_sampling
 from energon_jax.engine.steps import (CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
 from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla, write_token
@@ -199,6 +199,7 @@ class GPTModel(ShardedModel):
 
     # --------------------------------------------------------------- generate
     def stop_token_ids(self, stop) -> tuple[list[int], list[str]]:
+        """`stop` (a str, a token id, or a list of both) -> (stop token ids with EOS, stop strings)."""
         ids, strings = [], []
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else self.config.eos_token_id
         if eos is not None:
@@ -212,6 +213,7 @@ class GPTModel(ShardedModel):
                 ids.extend(self._check_ids([s], "stop"))
             else:
                 raise TypeError(f"stop entries must be str or int token ids, got {type(s).__name__} {s!r}")
+        check_stop_strings(strings, self.tokenizer is not None)  # generate and Server.submit alike
         return ids, strings
 
     def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,

@@ -70,6 +70,13 @@ def validate_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 is off)")
 
 
+def check_stop_strings(stop_strings, detokenizes: bool) -> None:
+    """Stop strings are matched in decoded text: without a tokenizer they could never match."""
+    if stop_strings and not detokenizes:
+        raise ValueError(f"stop={list(stop_strings)!r}: stop strings need a tokenizer, and this model runs in "
+                         "token-id mode; give stop token ids (int) instead")
+
+
 def cut_at_stop_string(body: list[int], text: str, stop_strings, detokenize) -> tuple[str, list[int]] | None:
     """Where the earliest of `stop_strings` occurs in `text` (the text of token ids `body`): the
     text before it and the fewest tokens whose own text holds the whole stop string (as

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from energon_jax.engine.sampling import cut_at_stop_string, is_finite_number, validate_sampling
+from energon_jax.engine.sampling import check_stop_strings, cut_at_stop_string, is_finite_number, validate_sampling
 
 
 class QueueFull(Exception):
@@ -211,8 +211,7 @@ class Scheduler:
         if total > self.context_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={options.max_tokens} that is "
                              f"{total} > the context of {self.context_len} tokens")
-        if options.stop_strings and self.detokenize is None:
-            raise ValueError("stop strings need a tokenizer; this model runs in token-id mode (use stop token ids)")
+        check_stop_strings(options.stop_strings, self.detokenize is not None)
         timeout = check_timeout(timeout)
         with self._lock:
             if not self.accepting:
