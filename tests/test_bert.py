@@ -292,6 +292,12 @@ def test_token_ids_without_tokenizer(tiny_bert_factory, tmp_path):
     assert model.encode([[101, 2054, 102]]).shape == (1, 32)
 
 
+def test_mlm_logits_of_ragged_rows_name_the_rows(tiny_bert_factory):
+    model = ej.load_sharded_model(tiny_bert_factory("mlm")[0])
+    with pytest.raises(ValueError, match=r"rectangular \[B, T\] int array .*got rows of lengths \[3, 1\]"):
+        model.logits([[101, 7, 102], [101]])
+
+
 def test_cli_generate_on_a_bert_model_is_a_usage_error(tiny_bert_factory, capsys):
     """It printed an AttributeError traceback ('BertModel' object has no attribute 'generate')."""
     from energon_jax import cli

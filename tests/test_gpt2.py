@@ -184,7 +184,7 @@ def test_padded_vocabulary_is_never_sampled(tiny_gpt2_factory):
     folder, _ = tiny_gpt2_factory()
     model = ej.load_sharded_model(folder, tp=2)
     assert model.params["wte"].shape[0] > model.config.vocab_size
-    for temperature in (1e38, 3e38, float("inf")):
+    for temperature in (1e38, 3e38):
         outs = model.generate([[1, 2, 3]] * 8, max_new_tokens=100, temperature=temperature, seed=1)
         ids = np.array([t for o in outs for t in o.token_ids])
         assert ids.size > 100 and ids.max() < model.config.vocab_size, temperature
@@ -307,6 +307,42 @@ def test_bad_input(tiny_gpt2_factory, tmp_path):
         (bad / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(UnsupportedConfigError, match=option):
             ej.load_sharded_model(bad)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=None), r"temperature=None must be a finite number >= 0"),
+    (dict(temperature="0.5"), r"temperature='0.5' must be a finite number >= 0"),
+    (dict(temperature=float("inf")), r"temperature=inf must be a finite number >= 0"),
+    (dict(temperature=float("nan")), r"temperature=nan must be a finite number >= 0"),
+    (dict(temperature=1e39), r"temperature=1e\+39 must be .* at most 3.403e\+38\)"),  # inf in float32
+    (dict(top_p="0.5"), r"top_p='0.5' must be a number in \(0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p=nan must be a number in \(0, 1\]"),
+    (dict(top_k=True), r"top_k=True must be an int in \[0, 2147483647\]"),
+    (dict(top_k=3.0), r"top_k=3.0 must be an int"),
+    (dict(max_new_tokens=True), r"max_new_tokens=True must be an int >= 0"),
+    (dict(max_new_tokens=2.0), r"max_new_tokens=2.0 must be an int >= 0"),
+])
+def test_bad_sampling_settings_name_the_value(tiny_gpt2_factory, kwargs, match):
+    """None and strings gave raw TypeErrors from comparisons, inf and NaN were taken, and bools
+    passed as 1."""
+    model = ej.load_sharded_model(tiny_gpt2_factory()[0])
+    with pytest.raises(ValueError, match=match):
+        model.generate([[1, 2]], **kwargs)
+
+
+def test_numpy_settings_are_taken_and_bools_and_ragged_rows_are_not(tiny_gpt2_factory):
+    model = ej.load_sharded_model(tiny_gpt2_factory()[0])
+    kwargs = dict(max_new_tokens=6, temperature=0.8, seed=4)
+    assert (model.generate([[1, 2]], top_k=np.int64(3), top_p=np.float32(0.5), **kwargs)
+            == model.generate([[1, 2]], top_k=3, top_p=0.5, **kwargs))
+    with pytest.raises(TypeError, match="stop entries must be str or int token ids, got bool True"):
+        model.generate([[1, 2]], stop=True)
+    assert model.generate([[1, 2]], max_new_tokens=3, stop=np.int64(100))[0].token_ids
+    with pytest.raises(ValueError, match=r"token_ids must be a rectangular \[B, T\] int array \(rows of equal length"
+                                         r".*got rows of lengths \[2, 1\]"):
+        model.logits([[1, 2], [3]])
+    with pytest.raises(ValueError, match=r"rectangular \[B, T\].*got shape \(3,\)"):
+        model.logits([1, 2, 3])
 
 
 def test_pytorch_bin_and_sharded_safetensors(tiny_gpt2_factory, tmp_path):

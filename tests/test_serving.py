@@ -470,6 +470,11 @@ def test_energon_routes(served):
     ("/v1/completions", json.dumps({"prompt": "word " * 80, "max_tokens": 2}).encode(), "context of 64"),
     ("/v1/completions", json.dumps({"prompt": [1, 2, 10 ** 6], "max_tokens": 2}).encode(), "outside the vocabulary"),
     ("/v1/completions", json.dumps({"prompt": "a", "n": 3}).encode(), "n=3"),
+    # JSON's Infinity / NaN parse to Python floats: they answered 200 (sampling at an infinite temperature)
+    ("/v1/completions", b'{"prompt": "a", "max_tokens": 2, "temperature": Infinity}', "temperature=inf must be"),
+    ("/v1/completions", b'{"prompt": "a", "max_tokens": 2, "temperature": NaN}', "temperature=nan"),
+    ("/v1/completions", b'{"prompt": "a", "max_tokens": 2, "top_p": NaN}', "top_p=nan"),
+    ("/generation", b'{"prompt": "a", "max_tokens": 2, "temperature": -Infinity}', "temperature=-inf"),
     ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "seed": 2 ** 40}).encode(),
      "seed=1099511627776 must be an int in [0, 4294967295]"),
     ("/generation", json.dumps({"prompt": "a"}).encode(), "max_tokens"),

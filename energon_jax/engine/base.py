@@ -8,6 +8,20 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 
+def token_matrix(token_ids) -> np.ndarray:
+    """`token_ids` as a non-empty [B, T] integer array, or a ValueError saying what was given
+    (numpy's own message for ragged rows, "inhomogeneous shape", names neither)."""
+    try:
+        arr = np.asarray(token_ids)
+        got = f"shape {arr.shape} dtype {arr.dtype}"
+    except ValueError:
+        arr, got = None, f"rows of lengths {[len(r) if hasattr(r, '__len__') else '-' for r in token_ids]}"
+    if arr is None or arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token_ids must be a rectangular [B, T] int array (rows of equal length, at least one "
+                         f"token), got {got}")
+    return arr
+
+
 class ShardedModel:
     def __init__(self, config, params, mesh, tokenizer, *, max_seq_len: int, source: str = ""):
         self.config = config

@@ -18,7 +18,7 @@ import numpy as np
 
 from energon_jax.convert import bert as bert_convert
 from energon_jax.convert.hf_files import TensorSource
-from energon_jax.engine.base import ShardedModel
+from energon_jax.engine.base import ShardedModel, token_matrix
 from energon_jax.engine.packing import PackedChunk, check_sequences, pack_chunk, pack_microbatches, plan_chunks
 from energon_jax.engine.pipeline import pipelined_microbatches
 from energon_jax.engine.steps import CompileCounter, bucket
@@ -327,9 +327,7 @@ class BertModel(ShardedModel):
         if not self.config.has_mlm_head:
             raise ValueError(f"logits() needs a masked-LM head (cls.predictions.*), which {self.source or 'this model'}"
                              " does not have; use encode()")
-        arr = np.asarray(token_ids)
-        if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"token_ids must be a non-empty int array [B, T], got shape {arr.shape} dtype {arr.dtype}")
+        arr = token_matrix(token_ids)
         b, t = arr.shape
         if t > self.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={self.max_seq_len}")

@@ -8,8 +8,9 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from energon_jax.engine.base import ShardedModel
-from energon_jax.engine.sampling import SamplingParams, check_stop_strings, resolve_seed, validate_sampling
+from energon_jax.engine.base import ShardedModel, token_matrix
+from energon_jax.engine.sampling import (SamplingParams, check_int, check_stop_strings, resolve_seed,
+                                        validate_sampling)
 from energon_jax.engine.steps import (CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
 from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla, write_token
@@ -181,9 +182,7 @@ class GPTModel(ShardedModel):
     # ----------------------------------------------------------------- logits
     def logits(self, token_ids) -> np.ndarray:
         """[B, T] int token ids -> float32 logits [B, T, vocab]."""
-        arr = np.asarray(token_ids)
-        if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"token_ids must be a non-empty int array [B, T], got shape {arr.shape} dtype {arr.dtype}")
+        arr = token_matrix(token_ids)
         b, t = arr.shape
         if b % self.dp:
             raise ValueError(f"batch of {b} rows does not split over dp={self.dp} data-parallel replicas; "
@@ -204,12 +203,12 @@ class GPTModel(ShardedModel):
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else self.config.eos_token_id
         if eos is not None:
             ids.append(int(eos))
-        for s in [] if stop is None else ([stop] if isinstance(stop, (str, int)) else list(stop)):
+        for s in [] if stop is None else ([stop] if isinstance(stop, (str, int, np.integer)) else list(stop)):
             if isinstance(s, str):
                 if not s:
                     raise ValueError("stop contains an empty string")
                 strings.append(s)
-            elif isinstance(s, (int, np.integer)):
+            elif isinstance(s, (int, np.integer)) and not isinstance(s, bool):  # True is no token id
                 ids.extend(self._check_ids([s], "stop"))
             else:
                 raise TypeError(f"stop entries must be str or int token ids, got {type(s).__name__} {s!r}")
@@ -219,8 +218,7 @@ class GPTModel(ShardedModel):
     def generate(self, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop=None) -> list[GenerationOutput]:
         """Generate up to `max_new_tokens` for each prompt (list[str] or list[list[int]]) in one dispatch."""
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
         validate_sampling(temperature, top_k, top_p)
         seed = resolve_seed(seed)
         ids = self.encode_prompts(prompts)

@@ -17,6 +17,7 @@ import numpy as np
 
 MAX_TOP_K = 2**31 - 1  # top_k goes to the device as int32: a larger value fails there, not with a message
 MAX_SEED = 2**32 - 1  # seeds go to the device as uint32: a larger one would be wrapped or fail
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # goes to the device as float32: larger is inf there
 
 
 @jax.tree_util.register_dataclass
@@ -62,12 +63,14 @@ def resolve_seed(seed) -> int:
 
 
 def validate_sampling(temperature, top_k, top_p) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 is greedy)")
-    if not (isinstance(top_k, int) and 0 <= top_k <= MAX_TOP_K):
-        raise ValueError(f"top_k={top_k!r} must be an int in [0, {MAX_TOP_K}] (0 is off)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 is off)")
+    """Sampling settings a request may carry (Python or numpy numbers); anything else is a
+    ValueError naming it, never a TypeError from a comparison or a NaN on the device."""
+    if not (is_finite_number(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy; float32, so at "
+                         f"most {MAX_TEMPERATURE:.4g})")
+    check_int("top_k", top_k, 0, MAX_TOP_K, " (0 is off)")
+    if not (is_finite_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (1 is off)")
 
 
 def check_stop_strings(stop_strings, detokenizes: bool) -> None:

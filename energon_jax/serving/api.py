@@ -368,8 +368,7 @@ class Server:
         """Queue one prompt (str, or a list of token ids). Raises ValueError for bad input, QueueFull
         when the queue is full, ShuttingDown when stopped."""
         self._require("gpt", "generation")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens!r} must be an int >= 1")
+        max_tokens = check_int("max_tokens", max_tokens, 1)
         validate_sampling(temperature, top_k, top_p)
         if isinstance(prompt, (list, tuple)) and not prompt:
             raise ValueError("prompt is empty; it needs at least one token")

@@ -25,7 +25,8 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from energon_jax.engine.sampling import check_stop_strings, cut_at_stop_string, is_finite_number, validate_sampling
+from energon_jax.engine.sampling import (check_int, check_stop_strings, cut_at_stop_string, is_finite_number,
+                                        validate_sampling)
 
 
 class QueueFull(Exception):
@@ -204,8 +205,7 @@ class Scheduler:
         """Queue a request; raises ValueError (bad input), QueueFull or ShuttingDown."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; it needs at least one token")
-        if not isinstance(options.max_tokens, int) or options.max_tokens < 1:
-            raise ValueError(f"max_tokens={options.max_tokens!r} must be an int >= 1")
+        check_int("max_tokens", options.max_tokens, 1)
         validate_sampling(options.temperature, options.top_k, options.top_p)  # here, not on the engine thread
         total = len(prompt_ids) + options.max_tokens
         if total > self.context_len:
