@@ -261,6 +261,33 @@ def test_stop_strings_with_tokenizer(gpt2_with_tokenizer):
     assert stop in model.tokenizer.decode(out.token_ids)
 
 
+class _ByteTokenizer:
+    """Token i is byte i: a non-ASCII character spans several tokens."""
+
+    eos_token_id = None
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", "replace")
+
+
+def test_non_ascii_stop_string_keeps_the_token_that_completes_it(tiny_gpt2_factory):
+    """The tokens kept must decode to text holding the stop string: a prefix ending inside its
+    UTF-8 bytes decodes to U+FFFD, as long as the text up to its end, so the length test of the
+    old cut kept one token too few (the scheduler's cut_at_stop_string, shared now)."""
+    model = ej.load_sharded_model(tiny_gpt2_factory(vocab_size=256, bos_token_id=None, eos_token_id=None)[0])
+    model.tokenizer = _ByteTokenizer()
+    kwargs = dict(max_new_tokens=48, temperature=1.0)
+    free = model.generate(["ab"] * 8, seed=0, **kwargs)  # row i samples as a lone prompt with seed i
+    row, stop = next((i, c) for i, o in enumerate(free) for c in o.text if ord(c) > 127 and c != "\ufffd")
+    out = model.generate(["ab"], seed=row, stop=[stop], **kwargs)[0]
+    assert out.finish_reason == "stop" and out.text == free[row].text[: free[row].text.index(stop)]
+    assert out.token_ids == free[row].token_ids[: len(out.token_ids)]
+    assert model.tokenizer.decode(out.token_ids).endswith(stop)
+
+
 def test_bad_input(tiny_gpt2_factory, tmp_path):
     folder, _ = tiny_gpt2_factory()
     model = ej.load_sharded_model(folder)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.engine.base import ShardedModel, token_matrix
-from energon_jax.engine.sampling import (SamplingParams, check_int, check_stop_strings, resolve_seed,
-                                        validate_sampling)
+from energon_jax.engine.sampling import (SamplingParams, check_int, check_stop_strings, cut_at_stop_string,
+                                        resolve_seed, validate_sampling)
 from energon_jax.engine.steps import (CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
 from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla, write_token
@@ -257,12 +257,7 @@ class GPTModel(ShardedModel):
             return GenerationOutput(None, new_ids, "stop" if stopped else "length")
         body = new_ids[:-1] if stopped and new_ids and new_ids[-1] in stop_ids else new_ids
         text = self.tokenizer.decode(body)
-        hits = [(text.find(s), s) for s in stop_strings if s in text]
-        if hits:
-            cut, s = min(hits)
-            # keep the fewest tokens whose text reaches the end of the stop string
-            for k in range(1, len(body) + 1):
-                if len(self.tokenizer.decode(body[:k])) >= cut + len(s):
-                    break
-            return GenerationOutput(text[:cut], body[:k], "stop")
+        cut = cut_at_stop_string(body, text, stop_strings, self.tokenizer.decode)
+        if cut is not None:
+            return GenerationOutput(cut[0], cut[1], "stop")
         return GenerationOutput(text, new_ids, "stop" if stopped else "length")
