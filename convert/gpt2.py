@@ -19,7 +19,8 @@ _REJECTED_IF_SET = {
     "add_cross_attention": False,
     "tie_word_embeddings": True,
 }
-_ACCEPTED_ACTIVATIONS = ("gelu_new",)
+# HF's "gelu_pytorch_tanh" is torch's tanh-approximate GELU: the formula of "gelu_new", which the model computes.
+_ACCEPTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 class UnsupportedConfigError(ValueError):

@@ -43,6 +43,15 @@ def test_parity_with_hf(tiny_gpt2_factory, overrides):
         assert ours.finish_reason == ("stop" if len(theirs) < 32 else "length")
 
 
+def test_gelu_pytorch_tanh_matches_hf(tiny_gpt2_factory):
+    """HF's "gelu_pytorch_tanh" is gelu_new's formula: it was refused as an unsupported option."""
+    folder, hf = tiny_gpt2_factory(activation_function="gelu_pytorch_tanh")
+    ids = np.random.RandomState(4).randint(0, 101, (2, 13))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(ej.load_sharded_model(folder).logits(ids) - ref).max() <= 1e-4
+
+
 def test_mixed_lengths_equal_alone(tiny_gpt2_factory):
     folder, _ = tiny_gpt2_factory()
     model = ej.load_sharded_model(folder)
