@@ -52,6 +52,22 @@ def test_gelu_pytorch_tanh_matches_hf(tiny_gpt2_factory):
     assert np.abs(ej.load_sharded_model(folder).logits(ids) - ref).max() <= 1e-4
 
 
+def test_attention_impl_is_checked_and_switches_the_compiled_steps(tiny_gpt2_factory):
+    """A plain attribute took "bogus" and changed nothing: the steps stayed those of the first impl."""
+    from energon_jax.engine.gpt import _compiled_steps
+
+    model = ej.load_sharded_model(tiny_gpt2_factory()[0])
+    before = model.generate([[1, 2, 3]], max_new_tokens=6)[0].token_ids
+    with pytest.raises(ValueError, match=r"attention_impl='bogus' is not supported; accepted: \('auto', 'triton'"):
+        model.attention_impl = "bogus"
+    with pytest.raises(ValueError, match="attention_impl='triton': the Triton kernels need a power-of-two head dim"):
+        model.attention_impl = "triton"  # head dim 8
+    assert model.attention_impl == "auto"  # a refused switch leaves the model as it was
+    model.attention_impl = "xla"
+    assert model.compile_counts is _compiled_steps(model.config, model.dtype, model.mesh, "xla")[2]
+    assert model.generate([[1, 2, 3]], max_new_tokens=6)[0].token_ids == before
+
+
 def test_mixed_lengths_equal_alone(tiny_gpt2_factory):
     folder, _ = tiny_gpt2_factory()
     model = ej.load_sharded_model(folder)

@@ -140,8 +140,22 @@ class GPTModel(ShardedModel):
             params = unstack_layers(params, mesh)  # see engine/steps.make_runner for why
         super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
         self.attention_impl = attention_impl
+
+    @property
+    def attention_impl(self) -> str:
+        return self._attention_impl
+
+    @attention_impl.setter
+    def attention_impl(self, impl: str):
+        """The attention ("auto" | "triton" | "xla"). Steps are compiled per impl: setting it takes that
+        impl's steps (and their `compile_counts`); a Server built before keeps the steps it had."""
+        from energon_jax.kernels._dispatch import IMPLS
+
+        if impl not in IMPLS:
+            raise ValueError(f"attention_impl={impl!r} is not supported; accepted: {IMPLS}")
         self.module, self.runner, self.compile_counts, self._forward, self._generate = _compiled_steps(
-            config, self.dtype, mesh, attention_impl)
+            self.config, self.dtype, self.mesh, impl)
+        self._attention_impl = impl
 
     def kv_cache_bytes_per_device(self, batch: int, length: int) -> int:
         c, shape = self.config, self.mesh.shape
