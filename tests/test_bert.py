@@ -228,6 +228,41 @@ def test_compiles_are_bucketed(tiny_bert_factory):
     assert model.compile_counts["bert"] == 2
 
 
+def test_server_warmup_compiles_every_program_its_encodes_run(tiny_bert_factory):
+    """The Server reported ready with nothing compiled (BertModel had no warmup): the first
+    embedding requests of each shape compiled while /health said 200. Its encoder now has one
+    program per (token bucket, pooling), all compiled at start, and the results are encode's."""
+    from energon_jax.serving import Server
+
+    model = ej.load_sharded_model(tiny_bert_factory("nopool")[0], max_seq_len=8)  # few programs to compile
+    rng = np.random.default_rng(5)
+    batches = [[rng.integers(1000, 30000, size=n).tolist() for n in rng.integers(1, 9, size=k)]
+               for k in (1, 3, 8, 9, 21)]
+    with Server(model, max_batch_size=5, embed_max_wait=0.001) as server:
+        encoder = server.encoder
+        assert encoder.seq_slots == 8 and encoder.token_buckets() == [16, 32, 64]  # 8 slots x 8 tokens
+        compiled = encoder.compile_counts["bert"]
+        assert compiled == 3 * 3  # mean, cls, none (no pooler)
+        got = {(i, p): server.embed(b, pooling=p) for i, b in enumerate(batches) for p in ("mean", "cls", "none")}
+        assert encoder.compile_counts["bert"] == compiled  # nothing left to compile while serving
+    assert {shape[1] for shape in encoder.last_stats.shapes} == {8}
+    for (i, pooling), emb in got.items():
+        want = model.encode(batches[i], pooling=pooling)
+        for a, b in zip(emb, want):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    # with pipeline stages each chunk is one padded stream per stage: the same programs, stacked
+    staged = ej.load_sharded_model(tiny_bert_factory("nopool")[0], max_seq_len=8, pp=2).fixed_shapes(5)
+    staged.warmup(["mean"])
+    compiled = staged.compile_counts["bert"]
+    for i, b in enumerate(batches):
+        np.testing.assert_allclose(staged.encode(b), got[i, "mean"], atol=2e-5, rtol=0)
+    assert staged.compile_counts["bert"] == compiled == 3
+    with pytest.raises(ValueError, match="only a fixed_shapes"):
+        model.warmup()
+    with pytest.raises(ValueError, match="max_seqs=0 must be an int >= 1"):
+        model.fixed_shapes(0)
+
+
 def test_attention_impl_switch_and_tensor_parallel(tiny_bert_factory):
     pytest.importorskip("energon_jax.kernels.varlen_attention")
     folder, _ = tiny_bert_factory("base")

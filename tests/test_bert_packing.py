@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energon_jax.engine.packing import pack, pack_chunk, plan_chunks, token_bucket
+from energon_jax.engine.packing import pack, pack_chunk, plan_chunks, token_bucket, token_buckets
 from energon_jax.engine.steps import bucket
 from energon_jax.models.bert import PackedAttention, segment_attention_xla
 from energon_jax.models.layers import masked_attention
@@ -23,6 +23,16 @@ def test_plan_chunks_sorts_and_respects_budget():
         assert lengths[a].sum() + lengths[b[0]] > 256
     with pytest.raises(ValueError, match="exceeds the chunk budget"):
         plan_chunks([10, 300], max_tokens=256)
+
+
+def test_chunks_of_at_most_max_seqs_and_the_token_buckets_they_can_have():
+    """What a Server's fixed-shape encoder and its warm-up rely on (BertModel.fixed_shapes)."""
+    lengths = np.random.default_rng(1).integers(1, 9, size=50)
+    chunks = plan_chunks(lengths, max_tokens=1000, max_seqs=8)
+    assert [len(c) for c in chunks] == [8] * 6 + [2] and sorted(np.concatenate(chunks)) == list(range(50))
+    for most in (1, 100, 4096, 9000):
+        assert token_buckets(most, cap=9000) == sorted({token_bucket(n, cap=9000) for n in range(1, most + 1)})
+    assert token_buckets(9000, cap=9000)[-4:] == [6144, 7168, 8192, 9000]  # eighths of 8k, then capped
 
 
 def test_pack_layout():

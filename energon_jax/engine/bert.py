@@ -4,10 +4,12 @@ A call tokenizes, packs the sequences into length-sorted chunks of at most
 `max_tokens_per_chunk` tokens (engine/packing.py), and runs one compiled step per chunk.
 Steps are compiled per (token bucket, sequence bucket, max-length bucket, head), so a few
 programs serve every batch; `compile_counts["bert"]` counts them and `last_stats` says how
-many real and computed (bucket-padded) tokens the last call had.
+many real and computed (bucket-padded) tokens the last call had. A `fixed_shapes` view (what
+the Server encodes through) has one program per (token bucket, head), all compiled by `warmup`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Sequence
@@ -19,13 +21,15 @@ import numpy as np
 from energon_jax.convert import bert as bert_convert
 from energon_jax.convert.hf_files import TensorSource
 from energon_jax.engine.base import ShardedModel, token_matrix
-from energon_jax.engine.packing import PackedChunk, check_sequences, pack_chunk, pack_microbatches, plan_chunks
+from energon_jax.engine.packing import (MIN_SEQ_BUCKET, PackedChunk, check_sequences, pack_chunk, pack_microbatches,
+                                        plan_chunks, token_buckets)
 from energon_jax.engine.pipeline import pipelined_microbatches
+from energon_jax.engine.sampling import check_int
 from energon_jax.engine.steps import CompileCounter, bucket
 from energon_jax.loading import check_max_seq_len, pad_rows, place_params, stack_layers
 from energon_jax.runtime.mesh import check_layout
 from energon_jax.runtime.sharding import table_multiple
-from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, BertLayerStack, PackedAttention
+from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, BertLayerStack, PackedAttention, segment_window
 from energon_jax.tokenizer import Tokenizer
 
 POOLINGS = ("mean", "cls", "pooler", "none")
@@ -38,11 +42,16 @@ DEFAULT_MAX_TOKENS = 16384
 DEFAULT_MAX_TOKENS_FUSED = 65536
 
 
-def default_max_tokens(attention_impl: str) -> int:
-    """The token budget of one packed step when not given (see DEFAULT_MAX_TOKENS_FUSED)."""
+def _off_gpu(attention_impl: str) -> bool:
+    """Whether attention runs as XLA (no Triton kernel): "xla", or "auto" away from a CUDA GPU."""
     from energon_jax.kernels._dispatch import resolve_impl
 
-    return DEFAULT_MAX_TOKENS_FUSED if resolve_impl(attention_impl) == "triton" else DEFAULT_MAX_TOKENS
+    return resolve_impl(attention_impl) == "xla"
+
+
+def default_max_tokens(attention_impl: str) -> int:
+    """The token budget of one packed step when not given (see DEFAULT_MAX_TOKENS_FUSED)."""
+    return DEFAULT_MAX_TOKENS if _off_gpu(attention_impl) else DEFAULT_MAX_TOKENS_FUSED
 _HEADS = POOLINGS + ("mlm",)
 
 
@@ -156,6 +165,7 @@ class BertModel(ShardedModel):
         self.max_tokens_per_chunk = max_tokens_per_chunk or max(default_max_tokens(attention_impl), bucket(max_seq_len))
         self.compile_counts = CompileCounter()
         self.last_stats: EncodeStats | None = None
+        self._seq_slots: int | None = None  # None: each chunk's own bucket; see fixed_shapes
         check_layout(mesh, layers=config.num_hidden_layers)  # the loaders check before loading; this guards direct use
         self.num_stages = mesh.shape["stage"]
         self._step = make_bert_step(config, self.dtype, self.compile_counts, mesh)
@@ -180,6 +190,45 @@ class BertModel(ShardedModel):
             raise ValueError(f"max_tokens_per_chunk={n!r} must be an int >= max_seq_len={self.max_seq_len} "
                              "(one sequence must fit in a chunk)")
         self._max_tokens = int(n)
+
+    # ----------------------------------------------------------------- shapes
+    def fixed_shapes(self, max_seqs: int) -> "BertModel":
+        """A view of this model (the same params and compiled steps) with a bounded set of programs:
+        its chunks hold at most `max_seqs` sequences (rounded up to a power of two, `seq_slots`), in
+        exactly that many slots, and attention is bounded by the stream's length (capped at
+        max_seq_len) instead of the bucket of its longest sequence. That leaves one program per
+        (token bucket, pooling), which `warmup` compiles. The looser bound only adds programs past
+        each sequence's end (which return at once) to the varlen kernel's grid; off GPUs the view
+        takes the cheaper XLA attention for it (`_attention`). The Server encodes through one
+        (max_seqs: its max_batch_size), so nothing compiles once /health says 200. This model's own
+        `encode` is unchanged."""
+        view = copy.copy(self)
+        view._seq_slots = bucket(check_int("max_seqs", max_seqs, 1), minimum=MIN_SEQ_BUCKET)
+        view.last_stats = None
+        return view
+
+    @property
+    def seq_slots(self) -> int | None:
+        """Sequence slots of every chunk in a `fixed_shapes` view; None: each chunk's own bucket."""
+        return self._seq_slots
+
+    def token_buckets(self) -> list[int]:
+        """The stream lengths a chunk of a `fixed_shapes` view can have, ascending."""
+        if self.seq_slots is None:
+            raise ValueError("only a fixed_shapes() view has a bounded set of chunk shapes; "
+                             "use model.fixed_shapes(max_seqs)")
+        most = min(self.max_tokens_per_chunk, self.seq_slots * self.max_seq_len)
+        return token_buckets(most, cap=self.max_tokens_per_chunk)
+
+    def warmup(self, poolings: Sequence[str] | None = None) -> None:
+        """Compile every program `encode` can run on this `fixed_shapes` view: one per token bucket
+        and pooling (default: every pooling this checkpoint has), on streams of padding only."""
+        poolings = poolings or [p for p in POOLINGS if p != "pooler" or self.config.has_pooler]
+        for t in self.token_buckets():
+            padding = pack_chunk(np.zeros(0, np.int64), [], [], max_tokens=self.max_tokens_per_chunk, num_tokens=t,
+                                 num_seq_slots=self.seq_slots)
+            for pooling in poolings:
+                jax.block_until_ready(self._dispatch([padding] * self.num_stages, pooling)[0])
 
     # ----------------------------------------------------------------- inputs
     def _check_ids(self, ids: np.ndarray, where: str) -> np.ndarray:
@@ -244,9 +293,16 @@ class BertModel(ShardedModel):
         return all_ids, all_types
 
     # ----------------------------------------------------------------- running
-    def _attention(self, max_len: int) -> PackedAttention:
+    def _attention(self, max_len: int, tokens: int, slots: int) -> PackedAttention:
         if self.num_stages == 1:
-            return PackedAttention(max_len, self.attention_impl, self.mesh if self.mesh.size > 1 else None)
+            impl = self.attention_impl
+            if self._seq_slots is not None and impl == "auto" and _off_gpu(impl) and (
+                    tokens * segment_window(tokens, max_len) < slots * max_len * max_len):
+                # A view's max_len is loose (the stream's length): the kernel's XLA reference gathers
+                # [slots, max_len] and scores slots x max_len^2 keys; the segment mask scores fewer here
+                # (MiniLM on CPU, 16 short sentences: 114 ms against 990 ms).
+                impl = "xla"
+            return PackedAttention(max_len, impl, self.mesh if self.mesh.size > 1 else None)
         # Inside pipeline stages the kernels' own shard_map cannot nest: attention runs as XLA there.
         if self.attention_impl == "triton":
             raise ValueError("attention_impl='triton' does not run inside pipeline stages (pp > 1); use 'xla' or 'auto'")
@@ -255,8 +311,21 @@ class BertModel(ShardedModel):
     def _pack(self, rows, ids, types) -> list[PackedChunk]:
         """One dispatch's packed streams: one stream, or with pipeline stages one per microbatch."""
         if self.num_stages == 1:
-            return [pack_chunk(rows, ids, types, max_tokens=self.max_tokens_per_chunk)]
-        return pack_microbatches(rows, ids, types, self.num_stages, max_tokens=self.max_tokens_per_chunk)
+            return [pack_chunk(rows, ids, types, max_tokens=self.max_tokens_per_chunk, num_seq_slots=self.seq_slots)]
+        return pack_microbatches(rows, ids, types, self.num_stages, max_tokens=self.max_tokens_per_chunk,
+                                 num_seq_slots=self.seq_slots)
+
+    def _dispatch(self, parts: list[PackedChunk], head: str):
+        """Start one dispatch's packed streams through the step: (its result, its shape for EncodeStats)."""
+        if self.seq_slots is None:
+            max_len = bucket(max(max(c.max_len for c in parts), 1), cap=self.max_seq_len)
+        else:  # the stream's length bounds every sequence in it: one program per token bucket
+            max_len = min(parts[0].computed_tokens, self.max_seq_len)
+        arrays = [(c.tokens, c.positions, c.token_types, c.segments, c.cu_seqlens) for c in parts]
+        arrays = [np.stack(column) for column in zip(*arrays)] if self.num_stages > 1 else arrays[0]
+        tokens, slots = parts[0].computed_tokens, len(parts[0].cu_seqlens) - 1
+        out = self._step(self.params, *arrays, attention=self._attention(max_len, tokens, slots), head=head)
+        return out, (tokens * len(parts), slots, max_len)
 
     def _run(self, ids, types, head: str) -> list[tuple[PackedChunk, np.ndarray]]:
         """Run every packed chunk through the step: (packed stream, its result) pairs.
@@ -273,17 +342,11 @@ class BertModel(ShardedModel):
             out = np.asarray(out)
             results.extend(zip(parts, out if self.num_stages > 1 else [out]))
 
-        for rows in plan_chunks([len(x) for x in ids], self.max_tokens_per_chunk):
+        for rows in plan_chunks([len(x) for x in ids], self.max_tokens_per_chunk, self.seq_slots):
             parts = self._pack(rows, ids, types)
             streams.extend(parts)
-            max_len = bucket(max(max(c.max_len for c in parts), 1), cap=self.max_seq_len)
-            arrays = [(c.tokens, c.positions, c.token_types, c.segments, c.cu_seqlens) for c in parts]
-            if self.num_stages > 1:
-                arrays = [np.stack(column) for column in zip(*arrays)]
-            else:
-                arrays = arrays[0]
-            out = self._step(self.params, *arrays, attention=self._attention(max_len), head=head)
-            shapes.append((sum(c.computed_tokens for c in parts), len(parts[0].cu_seqlens) - 1, max_len))
+            out, shape = self._dispatch(parts, head)
+            shapes.append(shape)
             if pending is not None:  # the device works on `out` while the host copies the previous chunk
                 fetch(pending)
             pending = (parts, out)

@@ -38,6 +38,16 @@ def token_bucket(n: int, cap: int | None = None, minimum: int = 16) -> int:
     return min(b, cap) if cap is not None else b
 
 
+def token_buckets(most: int, cap: int | None = None, minimum: int = 16) -> list[int]:
+    """Every stream length `token_bucket` gives for 1 to `most` tokens, ascending: the token
+    buckets a warm-up compiles."""
+    out, n = [], 1
+    while n <= most:
+        out.append(token_bucket(n, cap, minimum))
+        n = out[-1] + 1
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedChunk:
     """One packed stream; arrays are host numpy, int32."""
@@ -66,15 +76,16 @@ class PackedChunk:
         return np.diff(self.cu_seqlens[: self.num_seqs + 1])
 
 
-def plan_chunks(lengths: Sequence[int], max_tokens: int) -> list[np.ndarray]:
-    """Group sequence indices into chunks of <= max_tokens tokens, shortest sequences first."""
+def plan_chunks(lengths: Sequence[int], max_tokens: int, max_seqs: int | None = None) -> list[np.ndarray]:
+    """Group sequence indices into chunks of <= max_tokens tokens (and <= max_seqs sequences),
+    shortest sequences first."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and lengths.max() > max_tokens:
         raise ValueError(f"a sequence of {int(lengths.max())} tokens exceeds the chunk budget max_tokens={max_tokens}")
     order = np.argsort(lengths, kind="stable")
     chunks, start, used = [], 0, 0
     for k, i in enumerate(order):
-        if used + lengths[i] > max_tokens:
+        if used + lengths[i] > max_tokens or k - start == max_seqs:
             chunks.append(order[start:k])
             start, used = k, 0
         used += lengths[i]
@@ -115,18 +126,21 @@ def pack_chunk(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[S
 
 
 def pack_microbatches(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None],
-                      num_microbatches: int, *, max_tokens: int, min_bucket: int = 16) -> list[PackedChunk]:
+                      num_microbatches: int, *, max_tokens: int, min_bucket: int = 16,
+                      num_seq_slots: int | None = None) -> list[PackedChunk]:
     """Split one chunk's sequences into `num_microbatches` packed streams of one shape (for the
     pipeline, which moves microbatches stage to stage).
 
     Rows (sorted by length, as `plan_chunks` gives them) are dealt round-robin, so the streams
     get similar token counts and similar lengths; each stream is padded to the bucket of the
-    fullest one. Streams may be padding only when there are fewer sequences than microbatches.
+    fullest one (and has `num_seq_slots` sequence slots if given, else the bucket of the most
+    sequences a stream holds). Streams may be padding only when there are fewer sequences than
+    microbatches.
     """
     groups = [rows[g::num_microbatches] for g in range(num_microbatches)]
     fullest = max(sum(len(ids[r]) for r in grp) for grp in groups)
     t = token_bucket(fullest, cap=max_tokens, minimum=min_bucket)
-    slots = bucket(max(len(grp) for grp in groups), minimum=MIN_SEQ_BUCKET)
+    slots = num_seq_slots or bucket(max(len(grp) for grp in groups), minimum=MIN_SEQ_BUCKET)
     return [pack_chunk(grp, ids, types, max_tokens=max_tokens, num_tokens=t, num_seq_slots=slots) for grp in groups]
 
 

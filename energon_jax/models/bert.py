@@ -86,6 +86,12 @@ class BertConfig:
 ATTENTION_IMPLS = ("xla", "auto", "triton")
 
 
+def segment_window(t: int, max_seqlen: int, block: int = 128) -> int:
+    """Keys each query of a t-token stream scores in `segment_attention_xla`: its window, or all t
+    (the dense mask) for short streams or ones not divisible into blocks."""
+    return t if t <= block + 2 * max_seqlen or t % block else block + 2 * max_seqlen
+
+
 def segment_attention_xla(q_tnd, k_tnd, v_tnd, segments_t, scale: float, max_seqlen: int, block: int = 128):
     """Attention within sequences of a packed stream, by segment mask: [T, N, D] -> [T, N, D].
 
@@ -97,7 +103,7 @@ def segment_attention_xla(q_tnd, k_tnd, v_tnd, segments_t, scale: float, max_seq
     """
     t, n, d = q_tnd.shape
     w = max_seqlen
-    if t <= block + 2 * w or t % block:
+    if segment_window(t, w, block) == t:
         seg_k = segments_t[None, :]
         mask_tt = (segments_t[:, None] == seg_k) & (seg_k >= 0)
         return masked_attention(q_tnd[None], k_tnd[None], v_tnd[None], mask_tt[None], scale)[0]

@@ -206,8 +206,10 @@ class Server:
     """Serve one loaded model in this process: continuous batching for GPT models (decode slots),
     batched encoding for Bert models.
 
-    max_batch_size: decode slots (concurrent generations). max_queue: requests waiting for a slot
-    beyond that (a full queue raises QueueFull). decode_steps: most decode steps per dispatch.
+    max_batch_size: decode slots (concurrent generations); for a Bert model, the sequences an
+    embedding batch gathers and one packed chunk holds (`BertModel.fixed_shapes`, whose programs
+    start() compiles). max_queue: requests waiting for a slot beyond that (a full queue raises
+    QueueFull). decode_steps: most decode steps per dispatch.
     cache_len: positions per slot (default: the model's max_seq_len); prompt + max_tokens must fit.
     request_timeout: seconds (> 0) after which a request is ended with finish_reason "timeout"; None: never.
     max_prefill_tokens: prompt tokens admitted per engine iteration (beyond the first request)
@@ -266,7 +268,7 @@ class Server:
         self.ready = False
         self.stopping = False
         self.warmup_seconds: float | None = None
-        self.engine = self.scheduler = self.loop = self.batcher = None
+        self.engine = self.scheduler = self.loop = self.batcher = self.encoder = None
         if self.kind == "gpt":
             from energon_jax.engine.slots import SlotEngine
 
@@ -283,6 +285,8 @@ class Server:
             self.scheduler.on_tokens = self.metrics.record_tokens
         else:
             self.context_len = model.max_seq_len
+            # chunks of at most max_batch_size sequences: one program per token bucket, all warmed up
+            self.encoder = model.fixed_shapes(max_batch_size) if hasattr(model, "fixed_shapes") else model
             self.metrics = Metrics(num_slots=max_batch_size)
             self._embed_args = dict(max_batch=max_batch_size, max_wait=embed_max_wait, max_queue=max_queue)
 
@@ -301,9 +305,9 @@ class Server:
             self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics, overlap=self.overlap)
             self.loop.start()
         else:
-            if warmup and hasattr(self.model, "warmup"):
-                self.model.warmup()
-            self.batcher = EmbeddingBatcher(self.model, metrics=self.metrics, **self._embed_args)
+            if warmup and hasattr(self.encoder, "warmup"):
+                self.encoder.warmup()
+            self.batcher = EmbeddingBatcher(self.encoder, metrics=self.metrics, **self._embed_args)
             self.batcher.start()
         if self.tune_gc and not self._gc_tuned:
             _GCTuning.acquire()
