@@ -74,7 +74,12 @@ MIN_TRITON_DECODE_ROWS = 256
 # 2.429 against 2.814), and level at ~1,000 tokens (medium, 1.162 against 1.184); at batch 1 (12-25
 # rows) it is behind or mixed (GPT-2 small 0.413 against 0.369 at ~256 tokens, medium 1.063 against
 # 0.943 at ~1,000; medium 0.758 against 0.868 and XL 1.906 against 1.942 at ~256): a few dozen
-# programs, each walking its whole context alone. Rows between 25 and 96 were not measured.
+# programs, each walking its whole context alone. Session 13 cut each row's context into runs below
+# 256 rows (kernels/decode_append.default_splits): at ~1,000 tokens that put the fused step ahead at
+# GPT-2 small batches 2-4 (0.430 / 0.441 against 0.443 / 0.487) and medium batch 8 (1.087 against
+# 1.173), but XLA stays ahead at batch 1 (small 0.391 against 0.443, medium 0.809 against 0.840; at
+# ~256 tokens XL 1.934 against 2.045) and medium batches 2-4 (0.874 / 0.928 against 0.896 / 1.062),
+# so the threshold stays; from it the fused step runs 2-3 runs a row up to 255 rows.
 MIN_FUSED_STEP_ROWS = 96
 
 
