@@ -194,7 +194,8 @@ def test_bert_pipeline_is_a_pipeline(bert_folder):
     assert len({p.tokens.shape for p in parts}) == 1
     arrays = [np.stack(col) for col in zip(*[(p.tokens, p.positions, p.token_types, p.segments, p.cu_seqlens)
                                              for p in parts])]
-    hlo = model._step.lower(model.params, *arrays, attention=model._attention(16), head="mean").compile().as_text()
+    attention = model._attention(16, parts[0].computed_tokens, len(parts[0].cu_seqlens) - 1)
+    hlo = model._step.lower(model.params, *arrays, attention=attention, head="mean").compile().as_text()
     assert "collective-permute" in hlo
     with pytest.raises(ValueError, match="triton.*pipeline"):
         model.attention_impl = "triton"
