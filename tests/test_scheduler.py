@@ -384,6 +384,8 @@ def test_engine_failure_ends_every_request_whose_state_the_reset_wiped(overlap):
         assert wait_until(lambda: a.output_ids == [2])
         b = sched.add_request([666], SamplingOptions(max_tokens=4))
         assert wait_until(lambda: b.finished and a.finished)
+        # _fail ends the requests before it resets the executor: wait for the reset too
+        assert wait_until(lambda: executor.resets == 1)
         assert loop.alive and executor.resets == 1
     finally:
         loop.stop()
