@@ -692,7 +692,8 @@ def test_service_config_keys(tmp_path):
         read_config(cfg)
     for line, match in (("server_port = 99999", r"server_port=99999 must be an int in \[1, 65535\]"),
                         ("server_port = 0", r"server_port=0 must be an int in \[1, 65535\]"),
-                        ("server_host = ' '", "server_host=' ' must be a non-empty address")):
+                        ("server_host = ' '", "server_host=' ' must be a non-empty address"),
+                        ("shutdown_timeout = -1", "shutdown_timeout=-1 must be a number of seconds >= 0")):
         cfg.write_text(f"checkpoint = 'x'\n{line}\n")
         with pytest.raises(ValueError, match=match):
             read_config(cfg)
@@ -756,7 +757,7 @@ def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkey
     assert "request_timeout=-5.0 must be a number of seconds > 0, or None" in capsys.readouterr().err
 
 
-def test_ports_past_65535_and_empty_hosts_are_refused(model, capsys):
+def test_ports_past_65535_empty_hosts_and_bad_shutdown_timeouts_are_refused(model, capsys):
     """--port 99999 listened on 99999 mod 65536; the flags are checked before the model loads."""
     from energon_jax.cli import main
     from energon_jax.serving import Server
@@ -765,9 +766,14 @@ def test_ports_past_65535_and_empty_hosts_are_refused(model, capsys):
     assert "energon serve: error: --port=99999 must be an int in [1, 65535]" in capsys.readouterr().err
     assert main(["serve", "no-such-model", "--host", ""]) == 2
     assert "--host='' must be a non-empty address" in capsys.readouterr().err
+    for value in ("-1", "inf", "nan"):  # a negative limit or a drain that never ends
+        assert main(["serve", "no-such-model", "--shutdown-timeout", value]) == 2
+        assert f"--shutdown-timeout={float(value)!r} must be a number of seconds >= 0" in capsys.readouterr().err
     server = Server(model, max_batch_size=2)
     for kwargs, match in ((dict(port=65536), r"port=65536 must be an int in \[1, 65535\]"),
-                          (dict(port="8005"), "port='8005' must be an int"), (dict(host=""), "host=''")):
+                          (dict(port="8005"), "port='8005' must be an int"), (dict(host=""), "host=''"),
+                          (dict(shutdown_timeout=-0.5), "shutdown_timeout=-0.5 must be a number of seconds >= 0"),
+                          (dict(shutdown_timeout=None), "shutdown_timeout=None must be")):
         with pytest.raises(ValueError, match=match):
             server.serve_http(**kwargs)
     assert not server.ready  # refused before anything started

@@ -23,7 +23,7 @@ import time
 import weakref
 
 from energon_jax.engine.gpt import GenerationOutput
-from energon_jax.engine.sampling import check_int, resolve_seed, validate_sampling
+from energon_jax.engine.sampling import check_int, is_finite_number, resolve_seed, validate_sampling
 from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown, check_timeout
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,15 @@ def check_host(host, name: str = "host") -> str:
 def check_port(port, name: str = "port") -> int:
     """A TCP port to listen on: 99999 was taken modulo 65536 by the socket, without a word."""
     return check_int(name, port, 1, 65535)
+
+
+def check_shutdown_timeout(value, name: str = "shutdown_timeout") -> float:
+    """How long SIGTERM lets requests in flight finish: a finite number of seconds >= 0 (0: end them
+    at once). A negative one handed uvicorn a graceful-shutdown limit below its 5 s margin, inf or
+    NaN a drain that never ends."""
+    if not (is_finite_number(value) and value >= 0):
+        raise ValueError(f"{name}={value!r} must be a number of seconds >= 0")
+    return float(value)
 
 
 class _Mailbox:
@@ -413,4 +422,5 @@ class Server:
 
         check_host(host)
         check_port(port)
+        shutdown_timeout = check_shutdown_timeout(shutdown_timeout)
         run_http(self, host=host, port=port, log_level=log_level, shutdown_timeout=shutdown_timeout)

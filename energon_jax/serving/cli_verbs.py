@@ -7,7 +7,7 @@ import runpy
 import types
 
 from energon_jax.cli import add_parallel_args
-from energon_jax.serving.api import check_host, check_port
+from energon_jax.serving.api import check_host, check_port, check_shutdown_timeout
 from energon_jax.serving.scheduler import check_timeout
 
 log = logging.getLogger("energon_jax.serving")
@@ -27,7 +27,8 @@ EXTRA_KEYS: dict[str, type | tuple[type, ...]] = {
     "batch_wait": _SECONDS, "prefill_window": _SECONDS, "overlap": bool, "embed_max_wait": _SECONDS,
 }
 # Keys whose type does not settle their value: checked at reading with the library's own check.
-VALUE_CHECKS = {"request_timeout": check_timeout, "server_host": check_host, "server_port": check_port}
+VALUE_CHECKS = {"request_timeout": check_timeout, "shutdown_timeout": check_shutdown_timeout,
+                "server_host": check_host, "server_port": check_port}
 # Energon's torch-RPC keys: they configure worker processes that a JAX controller does not have.
 IGNORED_KEYS = ("host", "port", "backend", "engine_server")
 MODEL_TYPES = ("gpt", "bert")
@@ -47,7 +48,7 @@ def add_parsers(sub) -> None:
                    help="seconds (> 0) before a request is ended (default: no timeout)")
     add_batching_args(s)
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to let requests in flight finish")
+                   help="on SIGTERM, seconds (>= 0) to let requests in flight finish")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     s.set_defaults(func=_serve)
 
@@ -106,6 +107,7 @@ def _serve(args) -> int:
 
     check_host(args.host, "--host")  # before the model loads: a typo should not cost a load
     check_port(args.port, "--port")
+    check_shutdown_timeout(args.shutdown_timeout, "--shutdown-timeout")
     _setup_logging(args.log_level)
     model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
                                   max_seq_len=args.max_seq_len)
