@@ -491,7 +491,7 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
     from energon_jax.runtime.mesh import check_layout
     from energon_jax.tokenizer import Tokenizer
 
-    folder = Path(folder)
+    folder = Path(folder).expanduser().absolute()  # Orbax refuses relative checkpoint paths
     meta = read_converted_config(folder)
     arch = architecture(meta["architecture"], folder / CONFIG_FILE)
     # The same validation as at conversion (some families read optional heads off the tensor names).

@@ -25,9 +25,10 @@ def list_presets() -> list[str]:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
+    """The model folder `path` names, made absolute (Orbax refuses relative checkpoint paths)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        return p
+        return p.absolute()
     if isinstance(path, str) and (PRESETS_DIR / path / "config.json").is_file():
         return PRESETS_DIR / path
     raise FileNotFoundError(f"{str(path)!r} is neither a model folder nor a preset name; presets: {list_presets()}")

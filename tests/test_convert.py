@@ -430,3 +430,13 @@ def test_gpt2_name_map_round_trips_hf_tensors(tiny_gpt2_factory):
     assert set(back) == {n for n in source.keys() if not n.endswith((".attn.bias", ".attn.masked_bias"))}
     for name, arr in back.items():
         np.testing.assert_array_equal(arr, source.get(name), err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------- paths
+def test_converted_folder_given_as_a_relative_path_loads(converted, monkeypatch):
+    """Orbax refuses relative checkpoint paths ("Checkpoint path should be absolute")."""
+    mesh = ej.make_mesh(1, 1, 1)
+    expected = ej.load_sharded_model(converted, mesh=mesh).logits(TOKENS)
+    monkeypatch.chdir(converted.parent)
+    np.testing.assert_array_equal(ej.load_sharded_model(converted.name, mesh=mesh).logits(TOKENS), expected)
+    np.testing.assert_array_equal(orbax_io.load_converted(converted.name, mesh=mesh).logits(TOKENS), expected)
