@@ -266,10 +266,12 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
         raise CheckpointError(f"{src}: source folder not found (SRC must be a Hugging Face model folder)")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r} is not supported; accepted: {list(DTYPES)}")
+    # Before the exists check: OUT is replaced as a whole, so an OUT that is or holds SRC would delete it.
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise ValueError(f"OUT {out} {'is' if out.resolve() == src.resolve() else 'holds'} SRC {src}; replacing "
+                         f"it would delete the source: choose an OUT outside SRC's folders")
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output already exists; pass --force to replace it")
-    if out.resolve() == src.resolve():
-        raise ValueError(f"{out}: OUT must differ from SRC")
     hf = read_config(src)
     arch = architecture(hf.get("model_type"), src / "config.json")
     source = TensorSource(src)

@@ -440,3 +440,17 @@ def test_converted_folder_given_as_a_relative_path_loads(converted, monkeypatch)
     monkeypatch.chdir(converted.parent)
     np.testing.assert_array_equal(ej.load_sharded_model(converted.name, mesh=mesh).logits(TOKENS), expected)
     np.testing.assert_array_equal(orbax_io.load_converted(converted.name, mesh=mesh).logits(TOKENS), expected)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_out_that_holds_src_is_refused(hf_gpt2, tmp_path, capsys, force):
+    """`convert x/hf x --force` replaced x, deleting the source with it; SRC == OUT was refused only
+    after the exists check, whose advice was to pass --force."""
+    src = tmp_path / "x" / "hf"
+    shutil.copytree(hf_gpt2[0], src)
+    for out in (tmp_path / "x", tmp_path, src):
+        assert _convert(src, out, *["--force"] * force) == 2
+        err = capsys.readouterr().err
+        assert str(src) in err and str(out) in err and "--force to replace" not in err, err
+        assert (src / "model.safetensors").is_file() and (src / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and os.listdir(tmp_path / "x") == ["hf"]
