@@ -46,6 +46,20 @@ def _bert_name(name: str, prefix: str) -> str:
     return name if name.startswith("cls.") else prefix + name
 
 
+# Older checkpoints (bert-base-uncased among them) keep TensorFlow's LayerNorm names, which
+# transformers renames as it loads them: new suffix -> legacy suffix.
+_LEGACY_SUFFIXES = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
+
+
+def _stored_name(name: str, names: set[str]) -> str:
+    """`name` as the checkpoint stores it: itself, else its legacy gamma / beta name if present."""
+    if name not in names:
+        for new, old in _LEGACY_SUFFIXES.items():
+            if name.endswith(new) and name.removesuffix(new) + old in names:
+                return name.removesuffix(new) + old
+    return name
+
+
 def config_from_hf(hf: dict, tensor_names: Iterable[str] = ()) -> BertConfig:
     """Validate an HF Bert config.json; the heads present are read off `tensor_names`."""
     model_type = hf.get("model_type")
@@ -214,7 +228,7 @@ def iter_params(source, cfg: BertConfig):
         for i in range(cfg.num_hidden_layers) if entry.per_layer else [None]:
             arrays = []
             for hf_name in entry.hf:
-                name = _bert_name(hf_name.format(i=i), prefix)
+                name = _stored_name(_bert_name(hf_name.format(i=i), prefix), names)
                 if name not in names:
                     raise CheckpointError(f"tensor {name!r} missing from the checkpoint")
                 expected = entry.hf_shape(cfg)

@@ -454,3 +454,28 @@ def test_out_that_holds_src_is_refused(hf_gpt2, tmp_path, capsys, force):
         assert str(src) in err and str(out) in err and "--force to replace" not in err, err
         assert (src / "model.safetensors").is_file() and (src / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and os.listdir(tmp_path / "x") == ["hf"]
+
+
+def test_bert_legacy_layer_norm_names_load_like_the_new_ones(hf_bert, tmp_path):
+    """Older Bert checkpoints (bert-base-uncased among them) name LayerNorm tensors gamma / beta,
+    which transformers renames to weight / bias as it loads them."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    folder, hf_model, _ = hf_bert
+    src = tmp_path / "legacy"
+    shutil.copytree(folder, src)
+    tensors = load_file(folder / "model.safetensors")
+    legacy = {n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+              for n, t in tensors.items()}
+    assert sum(n.endswith("LayerNorm.gamma") for n in legacy) == 6  # embeddings, 2 x 2 per layer, MLM transform
+    save_file(legacy, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert _convert(src, tmp_path / "out") == 0
+    ids = [2, 5, 17, 3, 99, 7]
+    with torch.no_grad():
+        hidden = hf_model.bert(torch.tensor([ids])).last_hidden_state[0].numpy()
+        logits = hf_model(torch.tensor([ids])).logits[0].numpy()
+    for model in (ej.load_sharded_model(src), ej.load_sharded_model(tmp_path / "out")):
+        assert model.config.has_mlm_head
+        np.testing.assert_allclose(model.encode([ids], pooling="none")[0], hidden, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(model.logits([ids])[0], logits, atol=1e-5, rtol=0)
