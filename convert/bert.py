@@ -214,6 +214,19 @@ def _entries(cfg: BertConfig):
     return [e for e in NAME_MAP if wanted[e.when]]
 
 
+def _mapped(names: set[str], cfg: BertConfig):
+    """(entry, layer index or None, checkpoint names of its HF tensors) of each parameter, legacy names resolved."""
+    prefix = _hf_prefix(names)
+    for entry in _entries(cfg):
+        for i in range(cfg.num_hidden_layers) if entry.per_layer else [None]:
+            yield entry, i, [_stored_name(_bert_name(n.format(i=i), prefix), names) for n in entry.hf]
+
+
+def mapped_names(names, cfg: BertConfig) -> list[str]:
+    """The checkpoint tensors (of tensor names `names`) that the name map reads."""
+    return [name for _, _, hf_names in _mapped(set(names), cfg) for name in hf_names]
+
+
 def iter_params(source, cfg: BertConfig):
     """Yield (our path, layer index or None, array in our layout), one parameter at a time.
 
@@ -224,20 +237,18 @@ def iter_params(source, cfg: BertConfig):
     names = set(source.keys())
     prefix = _hf_prefix(names)
     used = set()
-    for entry in _entries(cfg):
-        for i in range(cfg.num_hidden_layers) if entry.per_layer else [None]:
-            arrays = []
-            for hf_name in entry.hf:
-                name = _stored_name(_bert_name(hf_name.format(i=i), prefix), names)
-                if name not in names:
-                    raise CheckpointError(f"tensor {name!r} missing from the checkpoint")
-                expected = entry.hf_shape(cfg)
-                if tuple(source.shape(name)) != expected:
-                    raise CheckpointError(f"tensor {name!r} has shape {tuple(source.shape(name))}, expected "
-                                          f"{expected} from config.json")
-                used.add(name)
-                arrays.append(np.asarray(source.get(name)))
-            yield entry.path, i, entry.to_ours(arrays, cfg)
+    for entry, i, hf_names in _mapped(names, cfg):
+        arrays = []
+        for name in hf_names:
+            if name not in names:
+                raise CheckpointError(f"tensor {name!r} missing from the checkpoint")
+            expected = entry.hf_shape(cfg)
+            if tuple(source.shape(name)) != expected:
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(source.shape(name))}, expected "
+                                      f"{expected} from config.json")
+            used.add(name)
+            arrays.append(np.asarray(source.get(name)))
+        yield entry.path, i, entry.to_ours(arrays, cfg)
     for tied, target in _TIED.items():
         name, target = _bert_name(tied, prefix), _bert_name(target, prefix)
         if name in names and cfg.has_mlm_head:

@@ -132,6 +132,19 @@ def _hf_prefix(names) -> str:
     return "transformer." if any(n.startswith("transformer.") for n in names) else ""
 
 
+def _mapped(names: set[str], cfg: GPT2Config):
+    """(checkpoint name, our path, layer index or None, HF shape, transform) of each tensor the name map reads."""
+    prefix = _hf_prefix(names)
+    for hf_name, path, shape_fn, transform, _ in NAME_MAP:
+        for i in range(cfg.n_layer) if "{i}" in hf_name else [None]:
+            yield prefix + (hf_name if i is None else hf_name.format(i=i)), path, i, shape_fn(cfg), transform
+
+
+def mapped_names(names, cfg: GPT2Config) -> list[str]:
+    """The checkpoint tensors (of tensor names `names`) that the name map reads."""
+    return [name for name, *_ in _mapped(set(names), cfg)]
+
+
 def iter_params(source, cfg: GPT2Config):
     """Yield (our path, layer index or None, array in our layout) one HF tensor at a time.
 
@@ -139,20 +152,15 @@ def iter_params(source, cfg: GPT2Config):
     Shapes are asserted against the config before any transform.
     """
     names = set(source.keys())
-    prefix = _hf_prefix(names)
     used = set()
-    for hf_name, path, shape_fn, transform, _ in NAME_MAP:
-        layers = range(cfg.n_layer) if "{i}" in hf_name else [None]
-        for i in layers:
-            name = prefix + (hf_name.format(i=i) if i is not None else hf_name)
-            if name not in names:
-                raise CheckpointError(f"tensor {name!r} missing from the checkpoint")
-            expected = shape_fn(cfg)
-            if tuple(source.shape(name)) != expected:
-                raise CheckpointError(f"tensor {name!r} has shape {tuple(source.shape(name))}, expected {expected} "
-                                      f"from config.json")
-            used.add(name)
-            yield path, i, transform(np.asarray(source.get(name)), cfg)
+    for name, path, i, expected, transform in _mapped(names, cfg):
+        if name not in names:
+            raise CheckpointError(f"tensor {name!r} missing from the checkpoint")
+        if tuple(source.shape(name)) != expected:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(source.shape(name))}, expected {expected} "
+                                  f"from config.json")
+        used.add(name)
+        yield path, i, transform(np.asarray(source.get(name)), cfg)
     unknown = sorted(n for n in names - used if not n.endswith(_IGNORED_SUFFIXES))
     if unknown:
         raise CheckpointError(f"checkpoint has tensors this GPT-2 does not use: {unknown[:5]}"

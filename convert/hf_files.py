@@ -128,6 +128,10 @@ class TensorSource:
         src = self._where[name]
         return src.shape(name) if isinstance(src, SafetensorsFile) else tuple(src[name].shape)
 
+    def dtype(self, name: str) -> np.dtype:
+        src = self._where[name]
+        return src.dtype(name) if isinstance(src, SafetensorsFile) else src[name].dtype
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise CheckpointError(f"{self.folder}: tensor {name!r} missing from the checkpoint")

