@@ -424,8 +424,8 @@ def test_disconnected_non_streaming_client_frees_its_slot_while_tokens_flow(serv
     sched, executor = served.srv.scheduler, served.srv.loop.executor
     collect = executor.collect
 
-    def slow_collect(launched):  # 2 tokens per 0.1 s: the whole generation takes ~3 s
-        time.sleep(0.1)
+    def slow_collect(launched):  # 2 tokens per 0.2 s: the whole generation takes ~5.6 s
+        time.sleep(0.2)
         return collect(launched)
 
     monkeypatch.setattr(executor, "collect", slow_collect)
@@ -439,7 +439,8 @@ def test_disconnected_non_streaming_client_frees_its_slot_while_tokens_flow(serv
     freed_after = time.monotonic() - gone
     assert sched.slots_in_use == 0
     assert cancelled_count(served.url) == before + 1  # cancelled, not run to its end
-    assert freed_after < DISCONNECT_POLL_S + 1.0, freed_after
+    # well before the generation's end, with room for a loaded 2-core CI machine
+    assert freed_after < DISCONNECT_POLL_S + 2.5, freed_after
 
 
 def test_energon_routes(served):
