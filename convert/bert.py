@@ -60,8 +60,9 @@ def _stored_name(name: str, names: set[str]) -> str:
     return name
 
 
-def config_from_hf(hf: dict, tensor_names: Iterable[str] = ()) -> BertConfig:
-    """Validate an HF Bert config.json; the heads present are read off `tensor_names`."""
+def config_from_hf(hf: dict, tensor_names: Iterable[str] = (), where="config.json") -> BertConfig:
+    """Validate an HF Bert config.json; the heads present are read off `tensor_names`; `where`
+    (the file) names it in errors."""
     model_type = hf.get("model_type")
     if model_type != "bert":
         raise UnsupportedConfigError(f"model_type={model_type!r} is not Bert (expected 'bert')")
@@ -82,6 +83,8 @@ def config_from_hf(hf: dict, tensor_names: Iterable[str] = ()) -> BertConfig:
     if has_mlm and not hf.get("tie_word_embeddings", True):
         raise UnsupportedConfigError("unsupported Bert config option tie_word_embeddings=False with a masked-LM "
                                      "head; only a decoder tied to the word embeddings is implemented")
+    if "vocab_size" not in hf:
+        raise CheckpointError(f"{where}: 'vocab_size' missing; a Bert config.json must give it")
     try:
         return BertConfig(
             vocab_size=hf["vocab_size"],

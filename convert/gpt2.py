@@ -27,7 +27,8 @@ class UnsupportedConfigError(ValueError):
     """A config option whose numbers this library would not reproduce."""
 
 
-def config_from_hf(hf: dict) -> GPT2Config:
+def config_from_hf(hf: dict, where="config.json") -> GPT2Config:
+    """Validate an HF GPT-2 config.json; `where` (the file) names it in errors."""
     model_type = hf.get("model_type")
     if model_type != "gpt2":
         raise UnsupportedConfigError(f"model_type={model_type!r} is not GPT-2 (expected 'gpt2')")
@@ -39,6 +40,8 @@ def config_from_hf(hf: dict) -> GPT2Config:
     if act not in _ACCEPTED_ACTIVATIONS:
         raise UnsupportedConfigError(
             f"unsupported GPT-2 config option activation_function={act!r}; accepted: {list(_ACCEPTED_ACTIVATIONS)}")
+    if "vocab_size" not in hf:
+        raise CheckpointError(f"{where}: 'vocab_size' missing; a GPT-2 config.json must give it")
     eos = hf.get("eos_token_id")
     return GPT2Config(
         vocab_size=hf["vocab_size"],

@@ -31,9 +31,12 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: config.json not found; a Hugging Face model folder needs one")
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: not a JSON object of config options (got {type(hf).__name__})")
+    return hf
 
 
 class SafetensorsFile:
@@ -57,6 +60,9 @@ class SafetensorsFile:
         self._data_start = 8 + n
         self._entries = header
         for name, entry in header.items():
+            if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()):
+                raise CheckpointError(f"{self.path}: corrupt safetensors header: tensor {name!r} needs dtype, shape "
+                                      f"and data_offsets, got {entry!r:.200}")
             begin, end = entry["data_offsets"]
             if self._data_start + end > size:
                 raise CheckpointError(
@@ -64,6 +70,11 @@ class SafetensorsFile:
                     f"{self._data_start + end} but the file has {size}")
             if entry["dtype"] not in _ST_DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+            need = int(np.prod(entry["shape"])) * np.dtype(_ST_DTYPES[entry["dtype"]]).itemsize
+            if not 0 <= begin <= end or end - begin != need:
+                raise CheckpointError(
+                    f"{self.path}: corrupt safetensors header: tensor {name!r} of shape {tuple(entry['shape'])} "
+                    f"{entry['dtype']} needs {need} bytes, its data_offsets [{begin}, {end}] hold {end - begin}")
         self._mmap = None
 
     def keys(self) -> list[str]:
@@ -100,7 +111,7 @@ class TensorSource:
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
             shards = {f: SafetensorsFile(self.folder / f) for f in sorted(set(weight_map.values()))}
             self._where = {name: shards[f] for name, f in weight_map.items()}
             self.files = [self.folder / f for f in shards]
@@ -141,6 +152,21 @@ class TensorSource:
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._where:
             yield name, self.get(name)
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file), checked against the folder."""
+    try:
+        meta = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+        raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor name -> safetensors file name")
+    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if missing:
+        raise CheckpointError(f"{index}: weight_map names files that are not in {index.parent}: {missing[:5]}")
+    return weight_map
 
 
 def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:

@@ -60,8 +60,9 @@ class Architecture:
 
     converter: module with `iter_params(source, cfg)` (name map, transforms, shape asserts) and
         `mapped_names(tensor names, cfg)` (the checkpoint tensors that name map reads).
-    config: (HF config dict, tensor names) -> validated config dataclass (some families read
-        optional heads off the tensor names); a converted folder rebuilds it from its recorded dims.
+    config: (HF config dict, tensor names, file it came from) -> validated config dataclass (some
+        families read optional heads off the tensor names); a converted folder rebuilds it from its
+        recorded HF config.
     layout_sizes: cfg -> {"heads": .., "mlp": .., "layers": ..}, the dims split over tensor / stage.
     module: (cfg, param dtype, mesh or None) -> (flax module, example call args) whose params are the
         target tree on that mesh (embedding tables may be padded to split evenly; None: unpadded).
@@ -75,10 +76,10 @@ class Architecture:
     model: Callable
 
 
-def _gpt2_config(hf, names):
+def _gpt2_config(hf, names, where):
     from energon_jax.convert.gpt2 import config_from_hf
 
-    return config_from_hf(hf)
+    return config_from_hf(hf, where)
 
 
 def _gpt2_module(cfg, dtype, mesh):
@@ -95,10 +96,10 @@ def _gpt2_model(cfg, params, mesh, tokenizer, max_seq_len, source):
     return GPTModel(cfg, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
 
 
-def _bert_config(hf, names):
+def _bert_config(hf, names, where):
     from energon_jax.convert.bert import config_from_hf
 
-    return config_from_hf(hf, names)
+    return config_from_hf(hf, names, where)
 
 
 def _bert_module(cfg, dtype, mesh):
@@ -276,7 +277,7 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     hf = read_config(src)
     arch = architecture(hf.get("model_type"), src / "config.json")
     source = TensorSource(src)
-    cfg = arch.config(hf, source.keys())
+    cfg = arch.config(hf, source.keys(), src / "config.json")
     _check_layout(arch, cfg, tp, pp)
 
     # The module's own parameter tree says which tensors exist, their shapes and which are per-layer.
@@ -498,7 +499,7 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
     meta = read_converted_config(folder)
     arch = architecture(meta["architecture"], folder / CONFIG_FILE)
     # The same validation as at conversion (some families read optional heads off the tensor names).
-    cfg = arch.config(meta["hf_config"], meta["source"]["tensors"])
+    cfg = arch.config(meta["hf_config"], meta["source"]["tensors"], folder / CONFIG_FILE)
     check_layout(mesh, **arch.layout_sizes(cfg))
     max_seq_len = check_max_seq_len(max_seq_len, cfg.max_seq_len)
     dtype = jnp.dtype(dtype or meta["dtype"])
@@ -577,7 +578,7 @@ def describe(path) -> dict:
     hf = read_config(folder)
     arch = architecture(hf.get("model_type"), folder / "config.json")
     source = TensorSource(folder)
-    cfg = arch.config(hf, source.keys())
+    cfg = arch.config(hf, source.keys(), folder / "config.json")
     from energon_jax.loading import param_specs
 
     _, shapes = param_specs(*arch.module(cfg, jnp.float32, None))

@@ -148,7 +148,7 @@ def _load_gpt2(folder, hf_config, mesh, dtype, max_seq_len):
     from energon_jax.engine.gpt import GPTModel
     from energon_jax.models.gpt2 import GPT2
 
-    cfg = gpt2_convert.config_from_hf(hf_config)
+    cfg = gpt2_convert.config_from_hf(hf_config, folder / "config.json")
     check_layout(mesh, heads=cfg.n_head, mlp=cfg.mlp_dim, layers=cfg.n_layer)
     max_seq_len = check_max_seq_len(max_seq_len, cfg.n_positions)
     host = stack_layers(gpt2_convert.iter_params(TensorSource(folder), cfg), cfg.n_layer)

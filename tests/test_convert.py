@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -498,3 +499,59 @@ def test_inspect_takes_dtype_and_bytes_from_the_weights(hf_gpt2, converted, tmp_
     mixed = orbax_io.describe(src)
     assert mixed["dtype"] == "float16+float32", mixed["dtype"]
     assert mixed["bytes"] == 2 * hf["num_params"] + 2 * sum(tensors[n].size for n in ln) > 2 * hf["num_params"]
+
+
+def _drop_vocab_size(src: Path) -> tuple[str, ...]:
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["vocab_size"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    return str(src / "config.json"), "'vocab_size'"
+
+
+def _index(src: Path, text: str) -> tuple[str, ...]:
+    (src / "model.safetensors.index.json").write_text(text)
+    return (str(src / "model.safetensors.index.json"),)
+
+
+def _short_data_offsets(src: Path) -> tuple[str, ...]:
+    """One tensor's data_offsets a float short of its shape (the file's size still fits them)."""
+    data = (src / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k.endswith("h.0.mlp.c_fc.bias"))
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end - 4]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return str(src / "model.safetensors"), name, "(128,)", "508"
+
+
+MALFORMED = {
+    "config without vocab_size": _drop_vocab_size,
+    "index without weight_map": lambda src: (*_index(src, "{}"), "'weight_map'"),
+    "index of bad JSON": lambda src: (*_index(src, '{"weight_map": {'), "not valid JSON"),
+    "index naming a missing shard": lambda src: (*_index(src, '{"weight_map": {"wte.weight": "nope.safetensors"}}'),
+                                                 "nope.safetensors"),
+    "data_offsets that disagree with the shape": _short_data_offsets,
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_input_names_the_file_and_key(hf_gpt2, tmp_path, capsys, case):
+    """These gave KeyError or numpy reshape tracebacks, or a JSON error without the file's name."""
+    src = _tiny_copy(hf_gpt2, tmp_path)
+    needles = MALFORMED[case](src)
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], *needles)
+    with pytest.raises(orbax_io.CheckpointError) as e:
+        ej.load_sharded_model(src)
+    assert all(needle in str(e.value) for needle in needles), (needles, str(e.value))
+
+
+def test_bert_config_without_vocab_size_names_the_key(hf_bert, tmp_path, capsys):
+    src = tmp_path / "bert"
+    shutil.copytree(hf_bert[0], src)
+    needles = _drop_vocab_size(src)
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], *needles)
+    with pytest.raises(orbax_io.CheckpointError, match="config.json: 'vocab_size' missing"):
+        ej.load_sharded_model(src)
