@@ -45,7 +45,7 @@ async def _cancel_on_disconnect(request: Request, handle) -> None:
 class GenerationBody(BaseModel):
     """Energon's OPT server request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: true is no max_tokens, 2.0 no top_k
     prompt: str = Field(min_length=1)
     max_tokens: int
     top_k: int | None = None
@@ -54,7 +54,8 @@ class GenerationBody(BaseModel):
 
 
 class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields with default values
+    # OpenAI clients send fields with default values; strict: JSON true is not 1, nor 2.0 an int
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     prompt: str | list[int] | list[str]
     max_tokens: int = 16
@@ -70,7 +71,7 @@ class CompletionBody(BaseModel):
 
 
 class EmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     pooling: Literal["mean", "cls", "pooler"] = "mean"
