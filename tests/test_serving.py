@@ -198,6 +198,64 @@ def test_generated_tokens_metric_counts_the_tokens_returned(model):
     assert counted == [returned]
 
 
+def test_in_process_server_needs_no_http_packages(model, monkeypatch):
+    """`Server` is the Python API (README's Jupyter section): it runs without fastapi and uvicorn
+    (the `serve` extra); prometheus-client, which its metrics need, is a base dependency."""
+    import tomllib
+
+    from energon_jax.serving import Server
+
+    for name in ("fastapi", "uvicorn", "starlette"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import fastapi` now raises ImportError
+    with Server(model, max_batch_size=2, cache_len=CACHE_LEN) as server:
+        assert server.generate([[5, 6, 7]], max_tokens=3)[0].finish_reason == "length"
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    assert any(d.startswith("prometheus-client") for d in deps), deps
+
+
+def test_start_http_serves_from_a_thread_that_runs_an_event_loop(model):
+    """A Jupyter cell runs inside the kernel's event loop: serve_http (uvicorn's own blocking loop)
+    cannot start there and says what to call instead; start_http serves from a background thread,
+    its stop leaves the Server running, and the Server's stop ends it."""
+    from energon_jax.serving import Server
+
+    server = Server(model, max_batch_size=4, decode_steps=2, cache_len=CACHE_LEN, max_prefill_batch=4)
+
+    async def cell():  # as in a notebook: called while this thread's loop runs
+        with pytest.raises(RuntimeError, match=r"server.start_http\(host, port\)"):
+            server.serve_http(port=free_port())
+        return server.start_http(port=free_port())
+
+    http = asyncio.run(cell())
+    try:
+        assert http.running and repr(http).endswith("running)")
+        end = time.monotonic() + 240  # the server warms up in the background: 503 until ready
+        while httpx.get(http.url + "/health", timeout=5).status_code != 200 and time.monotonic() < end:
+            time.sleep(0.1)
+        r = httpx.post(http.url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3
+        http.stop()
+        assert not http.running
+        with pytest.raises(httpx.TransportError):
+            httpx.get(http.url + "/health", timeout=5)
+        assert server.generate([[5, 6, 7]], max_tokens=3)[0].finish_reason == "length"  # still serving
+        with socket.socket() as taken:  # a port in use: a clear error, no thread left behind
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            with pytest.raises(OSError, match=rf"could not listen on 127.0.0.1:{taken.getsockname()[1]}"):
+                server.start_http(port=taken.getsockname()[1])
+        again = server.start_http(port=free_port())
+        assert again.running
+    finally:
+        server.stop()
+    assert not again.running  # the Server's stop ends its HTTP servers
+    from energon_jax.serving import ShuttingDown
+
+    with pytest.raises(ShuttingDown):
+        server.start_http(port=free_port())
+
+
 def test_server_sets_and_restores_the_switch_interval(model):
     import sys
 

@@ -1,6 +1,7 @@
 """Serving: a pure-Python scheduler, engine loops, the HTTP front end and an in-process `Server`.
 
-FastAPI/uvicorn/prometheus-client (the `serve` extra) are imported only when a server starts.
+FastAPI and uvicorn (the `serve` extra) are imported only when the HTTP routes start; the in-process
+`Server` needs neither (its metrics use prometheus-client, a base dependency).
 """
 from energon_jax.serving.api import RequestHandle, Server
 from energon_jax.serving.scheduler import Delta, QueueFull, SamplingOptions, Scheduler, ShuttingDown

@@ -278,6 +278,7 @@ class Server:
         self.stopping = False
         self.warmup_seconds: float | None = None
         self.engine = self.scheduler = self.loop = self.batcher = self.encoder = None
+        self._http: list = []  # start_http's servers
         if self.kind == "gpt":
             from energon_jax.engine.slots import SlotEngine
 
@@ -332,6 +333,9 @@ class Server:
         """Stop admitting, let requests in flight finish for up to `drain_timeout` s, then end the rest
         (finish_reason "error")."""
         self.stopping = True
+        for http in self._http:  # no routes left answering for a stopped engine
+            http.stop()
+        self._http.clear()
         if self.loop is not None:
             if drain_timeout > 0:
                 self.loop.drain(drain_timeout)
@@ -417,10 +421,35 @@ class Server:
     # ----------------------------------------------------------------- HTTP
     def serve_http(self, host: str = "127.0.0.1", port: int = 8005, log_level: str = "info",
                    shutdown_timeout: float = 30.0) -> None:
-        """Serve the HTTP routes until SIGINT/SIGTERM (blocking); starts this server if needed."""
+        """Serve the HTTP routes until SIGINT/SIGTERM (blocking); starts this server if needed, and
+        stops it at the end. In a thread that runs an event loop already (a Jupyter cell), use
+        `start_http`."""
         from energon_jax.serving.http import run_http
 
         check_host(host)
         check_port(port)
         shutdown_timeout = check_shutdown_timeout(shutdown_timeout)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # none: uvicorn can run its own here
+            pass
+        else:
+            raise RuntimeError("serve_http blocks in an event loop of its own, and this thread runs one already "
+                               "(a Jupyter kernel's?): use server.start_http(host, port), which serves from a "
+                               "background thread")
         run_http(self, host=host, port=port, log_level=log_level, shutdown_timeout=shutdown_timeout)
+
+    def start_http(self, host: str = "127.0.0.1", port: int = 8005, log_level: str = "warning"):
+        """Serve the HTTP routes from a background thread and return at once (notebooks): a
+        `BackgroundHTTP` with `.url` and `.stop()`. Starts this server in the background if needed
+        (/health answers 503 until it is ready); stopping the HTTP leaves the server running, and
+        `stop()` ends both."""
+        from energon_jax.serving.http import BackgroundHTTP
+
+        check_host(host)
+        check_port(port)
+        if self.stopping:
+            raise ShuttingDown(f"the server for {self.name} has been stopped")
+        http = BackgroundHTTP(self, host=host, port=port, log_level=log_level)
+        self._http.append(http)
+        return http

@@ -117,9 +117,9 @@ def _schema(schema: type[BaseModel]) -> dict:
 
 
 # ---------------------------------------------------------------------- app
-def create_app(server) -> FastAPI:
+def create_app(server, stop_server: bool = True) -> FastAPI:
     """The FastAPI app for a `Server`; the app starts the server (warm-up in the background) and
-    /health answers 503 until it is ready."""
+    /health answers 503 until it is ready. stop_server: the app's shutdown stops the server too."""
 
     def warm():
         try:
@@ -131,7 +131,8 @@ def create_app(server) -> FastAPI:
         if not server.ready:
             threading.Thread(target=warm, name="energon-warmup", daemon=True).start()
         yield
-        await asyncio.to_thread(server.stop, 0.0)
+        if stop_server:
+            await asyncio.to_thread(server.stop, 0.0)
 
     app = FastAPI(title="energon-jax", version="0.1.0", lifespan=lifespan,
                   description=f"Serving {server.name} ({server.kind}).")
@@ -394,3 +395,51 @@ def run_http(server, *, host: str = "127.0.0.1", port: int = 8005, log_level: st
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 5, access_log=log_level == "debug")
     _Server(config).run()
+
+
+class BackgroundHTTP:
+    """The HTTP routes of a `Server` on a daemon thread with its own event loop (`Server.start_http`):
+    a Jupyter kernel already runs an event loop in its thread, so uvicorn's blocking `run` cannot
+    start there. No signal handling: `stop()` (or the Server's) ends it; the Server keeps running."""
+
+    def __init__(self, server, *, host: str, port: int, log_level: str = "warning", startup_timeout: float = 60.0):
+        import uvicorn
+
+        self.host, self.port = host, port
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        config = uvicorn.Config(create_app(server, stop_server=False), host=host, port=port, log_level=log_level,
+                                access_log=log_level == "debug")
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name=f"energon-http-{port}", daemon=True)
+        self._thread.start()
+        end = time.monotonic() + startup_timeout
+        while not self._uvicorn.started and self._thread.is_alive() and time.monotonic() < end:
+            time.sleep(0.01)
+        if not self._uvicorn.started:  # uvicorn logs why (a port in use, say) and exits its thread
+            self.stop()
+            raise OSError(f"the HTTP server could not listen on {host}:{port} (see the log above)")
+
+    def _run(self) -> None:
+        try:
+            self._uvicorn.run()
+        except SystemExit:  # uvicorn's answer to a failed start-up, after logging why
+            pass
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Close the listening socket and end the thread; requests in flight end with the connection."""
+        self._uvicorn.should_exit = True
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundHTTP":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"BackgroundHTTP({self.url}, {'running' if self.running else 'stopped'})"
