@@ -68,7 +68,7 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=4096,
                    help="prompt tokens admitted per iteration while every slot is busy")
     p.add_argument("--max-prefill-batch", type=int, default=None,
-                   help="prompts per prefill dispatch (1: one at a time; default: 16 on GPUs, 1 on CPU)")
+                   help="prompts per prefill dispatch, a power of two (1: one at a time; default: 16 on GPUs, 1 on CPU)")
     p.add_argument("--prefill-batch-tokens", type=int, default=8192, help="rows x bucket tokens per prefill dispatch")
     p.add_argument("--batch-wait", type=float, default=0.02,
                    help="seconds an idle engine gathers a burst of arrivals (0: admit at once)")
