@@ -37,7 +37,10 @@ def resolve_path(path: str | os.PathLike) -> Path:
 def resolve_dtype(dtype):
     if dtype is None:
         return None
-    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:  # not a dtype at all, e.g. 5
+        name = None
     if name not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; accepted: None, {list(DTYPES)}")
     return DTYPES[name]
@@ -104,9 +107,10 @@ def load_sharded_model(path, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype=Non
 def check_max_seq_len(max_seq_len, limit: int) -> int:
     if max_seq_len is None:
         return limit
-    if not (isinstance(max_seq_len, int) and 1 <= max_seq_len <= limit):
+    # bool is an int to Python, but max_seq_len=True is a mistake, not 1.
+    if isinstance(max_seq_len, bool) or not (isinstance(max_seq_len, (int, np.integer)) and 1 <= max_seq_len <= limit):
         raise ValueError(f"max_seq_len={max_seq_len!r} must be an int in [1, {limit}] (the model's positions)")
-    return max_seq_len
+    return int(max_seq_len)
 
 
 def param_specs(module, example_args) -> tuple[dict, dict]:

@@ -555,3 +555,25 @@ def test_bert_config_without_vocab_size_names_the_key(hf_bert, tmp_path, capsys)
     _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], *needles)
     with pytest.raises(orbax_io.CheckpointError, match="config.json: 'vocab_size' missing"):
         ej.load_sharded_model(src)
+
+
+# ------------------------------------------------------------------------------------------- load arguments
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype=5), r"dtype=5 is not supported; accepted: None, \['float32', 'bfloat16', 'float16'\]"),
+    (dict(dtype="bf16"), r"dtype='bf16' is not supported; accepted: None, \["),
+    (dict(mesh="x"), r"mesh='x' must be a jax.sharding.Mesh with axes \('data', 'stage', 'tensor'\).*or None"),
+    (dict(max_seq_len=True), r"max_seq_len=True must be an int in \[1, 128\]"),
+    (dict(max_seq_len=16.0), r"max_seq_len=16.0 must be an int in \[1, 128\]"),
+    (dict(max_seq_len=129), r"max_seq_len=129 must be an int in \[1, 128\]"),
+])
+def test_bad_load_arguments_name_the_value_and_what_is_accepted(hf_gpt2, converted, kwargs, match):
+    """dtype=5 gave a raw TypeError, mesh='x' an AttributeError, and max_seq_len=True loaded as 1."""
+    for folder in (hf_gpt2[0], converted):
+        with pytest.raises(ValueError, match=match):
+            ej.load_sharded_model(folder, **kwargs)
+
+
+def test_numpy_load_arguments_are_taken(converted):
+    model = ej.load_sharded_model(converted, dtype=np.float16, max_seq_len=np.int64(16))
+    assert model.max_seq_len == 16 and type(model.max_seq_len) is int
+    assert {x.dtype for x in jax.tree.leaves(model.params)} == {np.dtype("float16")}

@@ -38,6 +38,9 @@ def resolve_mesh(mesh: Mesh | None, tp: int, pp: int, dp: int) -> Mesh:
     """`mesh` if given (it must have the axes data/stage/tensor), else a fresh (dp, pp, tp) mesh."""
     if mesh is None:
         return make_mesh(tp=tp, pp=pp, dp=dp)
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh={mesh!r} must be a jax.sharding.Mesh with axes {MESH_AXES} (see energon_jax.make_mesh) "
+                         f"or None")
     if tuple(mesh.axis_names) != MESH_AXES:
         raise ValueError(f"mesh axes {tuple(mesh.axis_names)} must be {MESH_AXES} (see energon_jax.make_mesh)")
     given = (mesh.shape["tensor"], mesh.shape["stage"], mesh.shape["data"])
