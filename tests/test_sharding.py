@@ -121,13 +121,24 @@ def test_validation_errors(gpt2_folder):
     with pytest.raises(ValueError, match="tp=0"):
         ej.load_sharded_model(gpt2_folder, tp=0)
     model = ej.load_sharded_model(gpt2_folder, dp=2)
-    with pytest.raises(ValueError, match="batch of 3 rows does not split over dp=2"):
-        model.logits(np.ones((3, 4), np.int32))
     mesh = ej.make_mesh(tp=2)
     with pytest.raises(ValueError, match="disagree with the mesh"):
         ej.load_sharded_model(gpt2_folder, tp=4, mesh=mesh)
     # generate pads an odd batch to the data-parallel size instead of failing
     assert len(model.generate([[1, 2], [3], [4, 5, 6]], max_new_tokens=3)) == 3
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+def test_gpt2_logits_of_a_batch_that_does_not_split_over_dp(gpt2_folder, reference, dp):
+    """logits refused a batch of rows that is no multiple of dp ("batch of 1 rows does not split
+    over dp=2") where generate pads: it now pads rows to the replicas and cuts them off again."""
+    ids, ref_logits, _, _ = reference
+    model = ej.load_sharded_model(gpt2_folder, dp=dp)
+    for rows in (ids[:1], ids[:3], ids[:dp + 1]):
+        got = model.logits(rows)
+        assert got.shape == (len(rows), ids.shape[1], CONFIG["vocab_size"]) and np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref_logits[: len(rows)], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(model.logits(ids[:1, :4].tolist()), model.logits(ids[:2, :4])[:1], atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- Bert

@@ -11,7 +11,7 @@ import numpy as np
 from energon_jax.engine.base import ShardedModel, token_matrix
 from energon_jax.engine.sampling import (SamplingParams, check_int, check_stop_strings, cut_at_stop_string,
                                         resolve_seed, validate_sampling)
-from energon_jax.engine.steps import (CompileCounter, bucket, make_forward, make_generate, make_runner,
+from energon_jax.engine.steps import (PAD_ID, CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
 from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla, write_token
 from energon_jax.runtime.sharding import table_multiple
@@ -169,6 +169,11 @@ class GPTModel(ShardedModel):
         return 2 * local * np.dtype(self.dtype).itemsize  # K and V
 
     # ----------------------------------------------------------------- inputs
+    def _dp_rows(self, n: int) -> int:
+        """`n` rows rounded up to a multiple of dp: a dispatch's batch splits evenly over the
+        data-parallel replicas, and `logits` and `generate` pad their rows up to it."""
+        return -(-n // self.dp) * self.dp
+
     def _check_ids(self, ids: Sequence[int], where: str) -> list[int]:
         # converted and range-checked by C loops (map, min, max): a per-id Python loop cost the
         # HTTP server's one event loop ~50 us a prompt
@@ -203,17 +208,16 @@ class GPTModel(ShardedModel):
         """[B, T] int token ids -> float32 logits [B, T, vocab]."""
         arr = token_matrix(token_ids)
         b, t = arr.shape
-        if b % self.dp:
-            raise ValueError(f"batch of {b} rows does not split over dp={self.dp} data-parallel replicas; "
-                             f"use a multiple of {self.dp}")
         if t > self.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds the context of {self.max_seq_len} tokens")
         self._check_ids(arr.ravel(), "token_ids")
         tb = bucket(t, self.max_seq_len)
-        padded = np.zeros((b, tb), np.int32)
-        padded[:, :t] = arr
-        out = self._forward(self.params, self.put_rows(padded), self.put_rows(np.full((b,), t, np.int32)))
-        return np.asarray(out[:, :t, : self.config.vocab_size], dtype=np.float32)
+        # any batch: rows past b (token PAD_ID, a valid id, over all t positions) fill the last
+        # data-parallel replica and are cut from the result
+        padded = np.full((self._dp_rows(b), tb), PAD_ID, np.int32)
+        padded[:b, :t] = arr
+        out = self._forward(self.params, self.put_rows(padded), self.put_rows(np.full((len(padded),), t, np.int32)))
+        return np.asarray(out[:b, :t, : self.config.vocab_size], dtype=np.float32)
 
     # --------------------------------------------------------------- generate
     def stop_token_ids(self, stop) -> tuple[list[int], list[str]]:
@@ -251,7 +255,7 @@ class GPTModel(ShardedModel):
 
         n = len(ids)
         # padded rows generate nothing (max_new 0); at least min_decode_rows() of them
-        b = -(-bucket(n, minimum=min_decode_rows() * self.dp) // self.dp) * self.dp
+        b = self._dp_rows(bucket(n, minimum=min_decode_rows() * self.dp))
         t = bucket(max(len(p) for p in ids), self.max_seq_len)
         out_len = bucket(max_new_tokens, minimum=8)
         cache_len = bucket(t + out_len, self.max_seq_len)
