@@ -12,7 +12,8 @@ cache in place:
     sampling          SamplingParams [S]
 
 Programs: one prefill per (rows, prompt-length bucket) shape, a batch of prompts run together
-and each one's K/V inserted into its slot's row with `dynamic_update_slice`, and one decode per
+and their K/V inserted into their slots' rows with one scatter per cache array
+(`Runner.write_kv_rows`), and one decode per
 step count `k` (a `fori_loop` of k steps in one dispatch). Sampling settings, seeds, positions
 and active flags are traced arrays, so new requests never recompile. With the same seed, a slot samples exactly what `GPTModel.generate`
 samples for that prompt alone.
