@@ -195,9 +195,18 @@ def _temp_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _remove(path: Path) -> None:
+    """Remove a folder tree, a file, or a symlink (not what it points to: rmtree refuses links)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _remove_stale_temp_dirs(out: Path) -> None:
-    """Temp folders of earlier runs that were killed (SIGKILL leaves no chance to clean up)."""
-    for p in out.parent.glob(f".{out.name}.tmp-*-*"):
+    """Temp folders, and OUTs moved aside by --force, of earlier runs that were killed (SIGKILL
+    leaves no chance to clean up)."""
+    for p in [*out.parent.glob(f".{out.name}.tmp-*-*"), *out.parent.glob(f".{out.name}.old-*-*")]:
         try:
             pid = int(p.name.rsplit("-", 2)[-2])
         except ValueError:
@@ -205,7 +214,7 @@ def _remove_stale_temp_dirs(out: Path) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
         except PermissionError:  # alive, someone else's
             pass
 
@@ -409,7 +418,7 @@ def _replace(tmp: Path, out: Path) -> None:
         trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, trash)
         os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
+        _remove(trash)
     else:
         os.replace(tmp, out)
 

@@ -577,3 +577,33 @@ def test_numpy_load_arguments_are_taken(converted):
     model = ej.load_sharded_model(converted, dtype=np.float16, max_seq_len=np.int64(16))
     assert model.max_seq_len == 16 and type(model.max_seq_len) is int
     assert {x.dtype for x in jax.tree.leaves(model.params)} == {np.dtype("float16")}
+
+
+# ------------------------------------------------------------------------------------------- replacing OUT
+def test_force_replaces_a_symlinked_out_and_leaves_what_it_pointed_to(hf_gpt2, tmp_path):
+    """The moved-aside link was given to rmtree, which refuses links (silently, ignore_errors): a
+    .out.old-* link stayed behind."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    out.symlink_to(target, target_is_directory=True)
+    assert _convert(hf_gpt2[0], out, "--force") == 0
+    assert not out.is_symlink() and (out / "energon_config.json").is_file()
+    assert (target / "keep.txt").read_text() == "mine"
+    assert _leftovers(out) == ["out"]
+
+
+def test_old_out_left_by_a_killed_run_is_removed(hf_gpt2, tmp_path):
+    """A run killed while removing the OUT it replaced leaves .out.old-PID-*; the next run clears it."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    out = tmp_path / "out"
+    stale, link = tmp_path / f".out.old-{dead.pid}-0123abcd", tmp_path / f".out.old-{dead.pid}-4567ef01"
+    (stale / "checkpoint").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    live = tmp_path / f".out.old-{os.getpid()}-89abcdef"  # a running conversion's: left alone
+    live.mkdir()
+    assert _convert(hf_gpt2[0], out) == 0
+    assert _leftovers(out) == [live.name, "out"] and (tmp_path / "elsewhere").is_dir()
