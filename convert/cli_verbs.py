@@ -25,8 +25,11 @@ def _convert(args) -> int:
     except FileExistsError as e:  # energon_jax.cli reports ValueError-like errors only
         print(f"energon convert: error: {e}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, SystemExit):
-        print(f"energon convert: interrupted; {args.out} not written", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as e:
+        if getattr(e, "out_written", None) is not None:  # the signal came as OUT was renamed into place
+            print(f"energon convert: {args.out} written; interrupted afterwards", file=sys.stderr)
+        else:
+            print(f"energon convert: interrupted; {args.out} not written", file=sys.stderr)
         raise
     print(summary.line())
     return 0

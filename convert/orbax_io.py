@@ -15,6 +15,7 @@ the stage's layers are stacked on each device: no host ever holds more than one 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -223,12 +224,14 @@ class _DeferredSignals:
     """SIGINT / SIGTERM during conversion stop it at the next tensor boundary, not mid-write.
 
     Orbax writes from background threads; unwinding the main thread mid-save would delete the
-    temporary folder while those threads still write into it. A second signal interrupts at once.
+    temporary folder while those threads still write into it. A second signal interrupts at once,
+    except inside `held()`.
     """
 
     def __init__(self):
         self.received = None
         self.raised = False
+        self._holding = False
         self._previous = {}
 
     def __enter__(self):
@@ -238,9 +241,19 @@ class _DeferredSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:
+        if self.received is not None and not self._holding:
             self._raise(signum)
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+
+    @contextlib.contextmanager
+    def held(self):
+        """Every signal waits until the block is done (steps that must all happen or none)."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
 
     def check(self):
         if self.received is not None:
@@ -256,7 +269,15 @@ class _DeferredSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.received is not None and not self.raised:  # came after the last check: deliver it now
-            os.kill(os.getpid(), self.received)
+            previous = self._previous.get(self.received)
+            # Run here, not re-sent: what it raises (KeyboardInterrupt from Python's default handler)
+            # then comes from this `with`, where convert_checkpoint can tell whether OUT was written.
+            if callable(previous):
+                previous(self.received, None)
+            elif previous == signal.SIG_DFL:  # SIGTERM's: it would end the process without a word
+                self._raise(self.received)
+            elif previous is None:  # a handler installed outside Python
+                os.kill(os.getpid(), self.received)
 
 
 def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: int = 1, force: bool = False,
@@ -269,6 +290,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     host memory is about the largest tensor plus this buffer, whatever the model size.
     Writes into a temporary folder beside `out` and renames it at the end; on any failure
     (or KeyboardInterrupt / SystemExit) the temporary folder is removed and `out` is untouched.
+    A signal that comes while `out` is renamed into place (or after) still interrupts the caller,
+    with `out` complete: the KeyboardInterrupt / SystemExit then has `out_written` = `out`.
     """
     t0 = time.perf_counter()
     # Absolute paths: Orbax's partial save refuses relative ones.
@@ -302,6 +325,7 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     _remove_stale_temp_dirs(out)
     tmp = _temp_dir_for(out)
     tmp.mkdir()
+    written = False
     try:
         with _DeferredSignals() as signals:
             manifest, out_dtype, nbytes, ntensors = _write_params(
@@ -328,9 +352,16 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
                 if (src / name).is_file():
                     shutil.copy2(src / name, tmp / name)
             signals.check()
-            _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with signals.held():  # both renames of a --force replace, or none: never no OUT at all
+                old = _replace(tmp, out)
+            written = True
+            if old is not None:
+                _remove(old)
+    except BaseException as e:
+        if written:
+            e.out_written = out
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ConvertSummary(out, hf["model_type"], num_params, ntensors, nbytes, out_dtype, time.perf_counter() - t0)
 
@@ -412,15 +443,16 @@ def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, nu
     return manifest, out_dtype, nbytes, ntensors
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename tmp -> out; an existing out (allowed by --force) is moved aside first, then removed."""
-    if out.exists() or out.is_symlink():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
+def _replace(tmp: Path, out: Path) -> Path | None:
+    """Rename tmp -> out; an existing out (allowed by --force) is moved aside first, and where to
+    is returned for the caller to remove (None when there was none)."""
+    if not (out.exists() or out.is_symlink()):
         os.replace(tmp, out)
-        _remove(trash)
-    else:
-        os.replace(tmp, out)
+        return None
+    trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(out, trash)
+    os.replace(tmp, out)
+    return trash
 
 
 # ---------------------------------------------------------------------------------- reading

@@ -607,3 +607,50 @@ def test_old_out_left_by_a_killed_run_is_removed(hf_gpt2, tmp_path):
     live.mkdir()
     assert _convert(hf_gpt2[0], out) == 0
     assert _leftovers(out) == [live.name, "out"] and (tmp_path / "elsewhere").is_dir()
+
+
+@pytest.mark.parametrize("force, signum, raised", [(False, signal.SIGINT, KeyboardInterrupt),
+                                                   (True, signal.SIGTERM, SystemExit)])
+def test_interrupt_during_the_final_rename_says_out_was_written(hf_gpt2, tmp_path, capsys, monkeypatch, force,
+                                                                signum, raised):
+    """A Ctrl-C deferred while OUT was renamed into place was re-raised after the rename, and the
+    CLI said OUT was not written although it was complete (a SIGTERM ended the process silently)."""
+    out = tmp_path / "out"
+    if force:
+        out.mkdir()
+        (out / "old.txt").write_text("replaced")
+    real = orbax_io._replace
+
+    def replace_with_signal(tmp, out):
+        os.kill(os.getpid(), signum)
+        return real(tmp, out)
+
+    monkeypatch.setattr(orbax_io, "_replace", replace_with_signal)
+    with pytest.raises(raised):  # the interrupt still reaches the caller
+        _convert(hf_gpt2[0], out, *["--force"] * force)
+    err = capsys.readouterr().err
+    assert f"{out} written; interrupted afterwards" in err and "not written" not in err, err
+    assert (out / "energon_config.json").is_file() and not (out / "old.txt").exists()
+    assert _leftovers(out) == ["out"]
+    np.testing.assert_array_equal(ej.load_sharded_model(out).logits(TOKENS),
+                                  ej.load_sharded_model(hf_gpt2[0]).logits(TOKENS))
+
+
+def test_second_interrupt_waits_for_both_renames_of_force(hf_gpt2, tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C interrupts at once, but between moving the old OUT aside and renaming the new
+    one into place it would leave neither at OUT."""
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.replace
+
+    def replace_then_ctrl_c_twice(src, dst):
+        real(src, dst)
+        if Path(src) == out:  # the old OUT moved aside, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(orbax_io.os, "replace", replace_then_ctrl_c_twice)
+    with pytest.raises(KeyboardInterrupt):
+        _convert(hf_gpt2[0], out, "--force")
+    assert f"{out} written; interrupted afterwards" in capsys.readouterr().err
+    assert (out / "energon_config.json").is_file() and _leftovers(out) == ["out"]
