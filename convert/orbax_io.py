@@ -451,7 +451,11 @@ def _replace(tmp: Path, out: Path) -> Path | None:
         return None
     trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.replace(out, trash)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(trash, out)  # the old OUT back where it was
+        raise
     return trash
 
 

@@ -654,3 +654,21 @@ def test_second_interrupt_waits_for_both_renames_of_force(hf_gpt2, tmp_path, cap
         _convert(hf_gpt2[0], out, "--force")
     assert f"{out} written; interrupted afterwards" in capsys.readouterr().err
     assert (out / "energon_config.json").is_file() and _leftovers(out) == ["out"]
+
+
+def test_force_puts_the_old_out_back_when_the_new_one_cannot_take_its_place(hf_gpt2, tmp_path, monkeypatch):
+    """The old OUT was moved aside first; a failing second rename left it there and no OUT at all."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    real = os.replace
+
+    def failing_second_rename(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):
+            raise OSError("injected: rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(orbax_io.os, "replace", failing_second_rename)
+    with pytest.raises(OSError, match="injected"):
+        orbax_io.convert_checkpoint(hf_gpt2[0], out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine" and _leftovers(out) == ["out"]
