@@ -9,7 +9,7 @@ import torch
 import energon_jax as ej
 from energon_jax.convert import bert as bert_convert
 from energon_jax.convert.hf_files import TensorSource
-from energon_jax.engine.bert import BertModel
+from energon_jax.engine.bert import BertModel, _compiled_step
 from energon_jax.engine.packing import token_bucket
 from energon_jax.loading import stack_layers
 from energon_jax.runtime.mesh import make_mesh
@@ -220,6 +220,7 @@ def test_packed_batch_equals_each_alone(tiny_bert_factory):
 
 
 def test_compiles_are_bucketed(tiny_bert_factory):
+    _compiled_step.cache_clear()  # loads share compiled steps: start from none compiled
     model = ej.load_sharded_model(tiny_bert_factory("base")[0])
     model.encode([[101, 7, 102]] * 3)
     model.encode([[101, 8, 9, 102], [101, 5, 102]])  # same (token, sequence, length) buckets: no new program
@@ -234,6 +235,7 @@ def test_server_warmup_compiles_every_program_its_encodes_run(tiny_bert_factory)
     program per (token bucket, pooling), all compiled at start, and the results are encode's."""
     from energon_jax.serving import Server
 
+    _compiled_step.cache_clear()  # loads share compiled steps: start from none compiled
     model = ej.load_sharded_model(tiny_bert_factory("nopool")[0], max_seq_len=8)  # few programs to compile
     rng = np.random.default_rng(5)
     batches = [[rng.integers(1000, 30000, size=n).tolist() for n in rng.integers(1, 9, size=k)]

@@ -129,6 +129,17 @@ def make_bert_step(config: BertConfig, param_dtype, counter: CompileCounter, mes
     return pipelined_step if num_stages > 1 else step
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_step(config: BertConfig, dtype, mesh, attention_impl: str):
+    """One jitted step and its CompileCounter per (config, dtype, mesh, impl), as GPT's steps
+    (engine/gpt._compiled_steps): models loaded twice share their compiled programs, and so their
+    `compile_counts`. The step closes over nothing else: params are its argument (the cache keeps
+    no model's weights alive), and the attention (impl, max length, a `fixed_shapes` view's choice)
+    and pooling are static arguments, part of each program's own jit key."""
+    counter = CompileCounter()
+    return counter, make_bert_step(config, dtype, counter, mesh)
+
+
 def _as_token_array(x) -> np.ndarray | None:
     """x as a 1-D integer array if it is a sequence of ints (list, tuple or array), else None.
 
@@ -161,14 +172,12 @@ class BertModel(ShardedModel):
     def __init__(self, config: BertConfig, params, mesh, tokenizer, *, max_seq_len: int, source: str = "",
                  attention_impl: str = "auto", max_tokens_per_chunk: int | None = None):
         super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
-        self.attention_impl = attention_impl
-        self.max_tokens_per_chunk = max_tokens_per_chunk or max(default_max_tokens(attention_impl), bucket(max_seq_len))
-        self.compile_counts = CompileCounter()
-        self.last_stats: EncodeStats | None = None
-        self._seq_slots: int | None = None  # None: each chunk's own bucket; see fixed_shapes
         check_layout(mesh, layers=config.num_hidden_layers)  # the loaders check before loading; this guards direct use
         self.num_stages = mesh.shape["stage"]
-        self._step = make_bert_step(config, self.dtype, self.compile_counts, mesh)
+        self.attention_impl = attention_impl
+        self.max_tokens_per_chunk = max_tokens_per_chunk or max(default_max_tokens(attention_impl), bucket(max_seq_len))
+        self.last_stats: EncodeStats | None = None
+        self._seq_slots: int | None = None  # None: each chunk's own bucket; see fixed_shapes
 
     @property
     def attention_impl(self) -> str:
@@ -176,8 +185,11 @@ class BertModel(ShardedModel):
 
     @attention_impl.setter
     def attention_impl(self, impl: str):
+        """The attention ("auto" | "triton" | "xla"). Steps are compiled per impl, as GPT's: setting it
+        takes that impl's step (and its `compile_counts`); a `fixed_shapes` view made before keeps its own."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={impl!r} is not supported; accepted: {ATTENTION_IMPLS}")
+        self.compile_counts, self._step = _compiled_step(self.config, self.dtype, self.mesh, impl)
         self._attention_impl = impl
 
     @property
