@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -430,7 +431,7 @@ def example_args(num_tokens: int = 1):
 def load_bert(folder, hf_config: dict, mesh, dtype, max_seq_len):
     """HF Bert folder (BertModel or BertFor*) -> BertModel with params placed on `mesh`."""
     source = TensorSource(folder)
-    cfg = bert_convert.config_from_hf(hf_config, source.keys())
+    cfg = bert_convert.config_from_hf(hf_config, source.keys(), Path(folder) / "config.json")
     max_seq_len = check_max_seq_len(max_seq_len, cfg.max_position_embeddings)
     check_layout(mesh, heads=cfg.num_attention_heads, mlp=cfg.intermediate_size, layers=cfg.num_hidden_layers)
     host = stack_layers(bert_convert.iter_params(source, cfg), cfg.num_hidden_layers)
