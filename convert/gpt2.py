@@ -1,7 +1,8 @@
 """Hugging Face GPT-2 <-> energon GPT-2: config validation, the name map, and its transforms.
 
-HF stores attention / MLP weights as Conv1D, i.e. [in, out] (already the orientation of
-our einsum kernels); we only split the fused QKV output axis into (3, heads, head_dim).
+HF stores attention / MLP weights as Conv1D, i.e. [in, out]; ours are [out, in]
+(models/layers.project, checkpoint format version 2), so each is transposed, and the fused QKV
+output axis is split into (3, heads, head_dim).
 """
 from __future__ import annotations
 
