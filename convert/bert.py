@@ -8,6 +8,8 @@ transposed, and the separate query / key / value projections are fused into one
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -110,6 +112,45 @@ def config_to_hf(cfg: BertConfig) -> dict:
            "tie_word_embeddings": True}
     out.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.name.startswith("has_")})
     return out
+
+
+# sentence-transformers' settings of its Transformer module, beside config.json in a sentence-transformers
+# folder (all-MiniLM-L6-v2: {"max_seq_length": 256, "do_lower_case": false}). It truncates every input to
+# max_seq_length tokens, so serving the model at its 512 positions gives other embeddings past 256.
+SENTENCE_CONFIG = "sentence_bert_config.json"
+
+
+def sentence_max_seq_len(folder) -> int | None:
+    """`max_seq_length` of `folder`'s sentence_bert_config.json: None when the file is absent, or
+    absent or null in it (sentence-transformers then uses the model's positions too); a file that is
+    not a JSON object with a positive int there raises CheckpointError naming it."""
+    path = Path(folder) / SENTENCE_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or remove the file") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path}: not a JSON object of sentence-transformers settings "
+                              f"(got {type(settings).__name__}); fix or remove the file")
+    value = settings.get("max_seq_length")
+    if value is None:
+        return None
+    # bool is an int to Python; 256.0 is not what sentence-transformers writes either.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{path}: max_seq_length={value!r} must be a positive int (or null); "
+                              f"fix or remove the file")
+    return value
+
+
+def default_max_seq_len(folder, cfg: BertConfig) -> int:
+    """The max_seq_len a load of `folder` takes when the caller gives none: sentence_bert_config.json's
+    max_seq_length (what sentence-transformers truncates to), capped at the model's positions; else
+    the positions."""
+    limit = cfg.max_position_embeddings
+    value = sentence_max_seq_len(folder)
+    return limit if value is None else min(value, limit)
 
 
 # ------------------------------------------------------------------ transforms (ours <-> HF)

@@ -5,6 +5,8 @@ On-disk layout of a converted folder OUT:
     OUT/energon_config.json   architecture, HF config, dtype, layout, parameter manifest, source hashes
     OUT/checkpoint/           one Orbax checkpoint (OCDBT); per-layer tensors are separate leaves
     OUT/config.json, tokenizer files   copied from the source folder
+    OUT/sentence_bert_config.json      too, where the source has one: its max_seq_length is a Bert
+                                       load's default max_seq_len, as for the Hugging Face folder
 
 Why per-layer leaves: the model stacks layers on a leading "layers" axis, but a stacked
 tensor is as large as all its layers together. Writing layer leaves lets the converter hold
@@ -47,8 +49,10 @@ CONFIG_FILE = "energon_config.json"  # the marker loading.CONVERTED_MARKER looks
 CHECKPOINT_DIR = "checkpoint"
 DTYPES = ("bfloat16", "float16", "float32")
 # Files carried over beside the checkpoint so the tokenizer loads from OUT as from the HF folder.
+# sentence_bert_config.json: read back at load for the default max_seq_len (Architecture.default_max_seq_len).
 _CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
+                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+                  "sentence_bert_config.json")
 _LAYER_KEY = "layer_{:04d}"
 # Storage chunks of at most this size: a device reading its slice reads little more than the slice.
 _CHUNK_BYTES = 16 << 20
@@ -68,6 +72,8 @@ class Architecture:
     module: (cfg, param dtype, mesh or None) -> (flax module, example call args) whose params are the
         target tree on that mesh (embedding tables may be padded to split evenly; None: unpadded).
     model: (cfg, params, mesh, tokenizer, max_seq_len, source) -> the user-facing model object.
+    default_max_seq_len: (folder, cfg) -> the max_seq_len a load takes when given none; it reads the
+        folder's own files (a converted folder carries them), raising CheckpointError on a bad one.
     """
 
     converter: str
@@ -75,6 +81,7 @@ class Architecture:
     layout_sizes: Callable
     module: Callable
     model: Callable
+    default_max_seq_len: Callable = lambda folder, cfg: cfg.max_seq_len
 
 
 def _gpt2_config(hf, names, where):
@@ -117,6 +124,12 @@ def _bert_model(cfg, params, mesh, tokenizer, max_seq_len, source):
     return BertModel(cfg, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
 
 
+def _bert_default_max_seq_len(folder, cfg):
+    from energon_jax.convert.bert import default_max_seq_len
+
+    return default_max_seq_len(folder, cfg)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture("energon_jax.convert.gpt2", _gpt2_config,
                          lambda c: {"heads": c.n_head, "mlp": c.mlp_dim, "layers": c.n_layer},
@@ -124,7 +137,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "bert": Architecture("energon_jax.convert.bert", _bert_config,
                          lambda c: {"heads": c.num_attention_heads, "mlp": c.intermediate_size,
                                     "layers": c.num_hidden_layers},
-                         _bert_module, _bert_model),
+                         _bert_module, _bert_model, _bert_default_max_seq_len),
 }
 
 
@@ -311,6 +324,7 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     source = TensorSource(src)
     cfg = arch.config(hf, source.keys(), src / "config.json")
     _check_layout(arch, cfg, tp, pp)
+    arch.default_max_seq_len(src, cfg)  # a bad sentence_bert_config.json fails here, not at every load
 
     # The module's own parameter tree says which tensors exist, their shapes and which are per-layer.
     from energon_jax.loading import param_specs
@@ -331,7 +345,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
             manifest, out_dtype, nbytes, ntensors = _write_params(
                 source, cfg, arch, expected, tmp / CHECKPOINT_DIR, dtype, buffer_bytes, num_params, progress,
                 signals.check)
-            hashed = [src / "config.json", *src.glob("*.index.json"), *source.files]
+            hashed = [src / "config.json", *src.glob("*.index.json"), *source.files,
+                      *[p for p in [src / "sentence_bert_config.json"] if p.is_file()]]
             meta = {
                 "format": FORMAT, "format_version": FORMAT_VERSION,
                 "converter_version": _converter_version(),
@@ -546,7 +561,8 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
     # The same validation as at conversion (some families read optional heads off the tensor names).
     cfg = arch.config(meta["hf_config"], meta["source"]["tensors"], folder / CONFIG_FILE)
     check_layout(mesh, **arch.layout_sizes(cfg))
-    max_seq_len = check_max_seq_len(max_seq_len, cfg.max_seq_len)
+    default = arch.default_max_seq_len(folder, cfg)  # from the carried files, as load_bert from the HF folder
+    max_seq_len = check_max_seq_len(default if max_seq_len is None else max_seq_len, cfg.max_seq_len)
     dtype = jnp.dtype(dtype or meta["dtype"])
     module, example = arch.module(cfg, dtype, mesh)
     shardings = param_shardings(module, example, mesh)
@@ -605,7 +621,8 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
 
 # ---------------------------------------------------------------------------------- inspecting
 def describe(path) -> dict:
-    """What `energon inspect` prints: architecture, dims, dtype, params, bytes, layout of a folder.
+    """What `energon inspect` prints: architecture, dims, dtype, params, bytes, layout of a folder, and
+    max_seq_len: what a load takes when given none (a Bert folder's sentence_bert_config.json can set it).
 
     A Hugging Face folder's dtype and bytes are those of the tensors the model reads (buffers and
     unused heads left out); a checkpoint of mixed floating dtypes gets "float16+float32", the dtype
@@ -616,8 +633,11 @@ def describe(path) -> dict:
     if (folder / CONFIG_FILE).is_file():
         meta = read_converted_config(folder)
         disk = sum(p.stat().st_size for p in (folder / CHECKPOINT_DIR).rglob("*") if p.is_file())
+        arch = architecture(meta["architecture"], folder / CONFIG_FILE)
+        cfg = arch.config(meta["hf_config"], meta["source"]["tensors"], folder / CONFIG_FILE)
         return {"kind": "converted", "path": str(folder), "architecture": meta["architecture"],
-                "dims": meta["dims"], "dtype": meta["dtype"], "num_params": meta["num_params"],
+                "dims": meta["dims"], "max_seq_len": arch.default_max_seq_len(folder, cfg),
+                "dtype": meta["dtype"], "num_params": meta["num_params"],
                 "bytes": meta["bytes"], "bytes_on_disk": disk, "layout": meta["layout"],
                 "converter_version": meta["converter_version"], "source": meta["source"]}
     hf = read_config(folder)
@@ -635,8 +655,8 @@ def describe(path) -> dict:
             dtype = np.dtype(source.dtype(name)).name
             params_by_dtype[dtype] = params_by_dtype.get(dtype, 0) + int(np.prod(source.shape(name)))
     return {"kind": "huggingface", "path": str(folder), "architecture": hf["model_type"],
-            "dims": dataclasses.asdict(cfg), "dtype": "+".join(sorted(params_by_dtype, key=params_by_dtype.get,
-                                                                     reverse=True)),
+            "dims": dataclasses.asdict(cfg), "max_seq_len": arch.default_max_seq_len(folder, cfg),
+            "dtype": "+".join(sorted(params_by_dtype, key=params_by_dtype.get, reverse=True)),
             "num_params": num_params,
             "bytes": sum(int(np.prod(source.shape(n))) * np.dtype(source.dtype(n)).itemsize for n in mapped),
             "bytes_on_disk": sum(p.stat().st_size for p in source.files),

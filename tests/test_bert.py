@@ -1,4 +1,5 @@
 """Bert: Hugging Face parity (real all-MiniLM-L6-v2 and tiny random configs), packing, bad input."""
+import re
 import shutil
 
 import jax
@@ -299,8 +300,8 @@ def test_bad_input_errors(minilm):
         minilm.encode([[101, 99999, 102]])
     with pytest.raises(TypeError, match=r"texts_or_ids\[0\] is float"):
         minilm.encode([1.5])
-    long_text = "token " * 600
-    with pytest.raises(ValueError, match="602 tokens, more than max_seq_len=512.*truncate=True"):
+    long_text = "token " * 600  # past sentence_bert_config.json's 256, MiniLM's max_seq_len
+    with pytest.raises(ValueError, match="602 tokens, more than max_seq_len=256.*truncate=True"):
         minilm.encode([long_text])
 
 
@@ -310,10 +311,90 @@ def test_truncate(minilm, minilm_path):
     hf_tok = AutoTokenizer.from_pretrained(minilm_path)
     long_text = "embedding " * 600
     ids, _ = minilm.tokenize([long_text, list(range(1000, 1700))], truncate=True)
-    assert ids[0].tolist() == hf_tok(long_text, truncation=True, max_length=512)["input_ids"] and len(ids[0]) == 512
-    assert ids[1].tolist() == list(range(1000, 1512))
+    assert ids[0].tolist() == hf_tok(long_text, truncation=True, max_length=256)["input_ids"] and len(ids[0]) == 256
+    assert ids[1].tolist() == list(range(1000, 1256))
     emb = minilm.encode([long_text], truncate=True)
     np.testing.assert_allclose(emb, minilm.encode([ids[0]]), atol=1e-6)
+
+
+# ----------------------------------------------------------------- sentence_bert_config.json
+LONG_TEXT = " ".join(f"Sentence {i} says that packed encoders skip the padding of short inputs." for i in range(45))
+
+
+def test_minilm_truncates_where_sentence_transformers_does(minilm, minilm_path):
+    """sentence_bert_config.json says max_seq_length 256: sentence-transformers cuts every input there,
+    so a load that kept the 512 positions gave other embeddings past 256 tokens (cosine 0.65 at ~700)."""
+    from transformers import AutoTokenizer
+    from transformers import BertModel as HFBertModel
+
+    assert minilm.max_seq_len == 256
+    hf_tok = AutoTokenizer.from_pretrained(minilm_path)
+    assert 650 < len(hf_tok(LONG_TEXT)["input_ids"]) < 750
+    texts = [LONG_TEXT, SENTENCES[2]]
+    emb = minilm.encode(texts, pooling="mean", normalize=True, truncate=True)
+    hf = HFBertModel.from_pretrained(minilm_path).eval()
+    batch = hf_tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    assert batch["input_ids"].shape[1] == 256
+    with torch.no_grad():
+        hidden = hf(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    ref = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(emb, ref, atol=1e-5, rtol=0)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    st = SentenceTransformer(str(minilm_path), device="cpu")
+    assert st.max_seq_length == 256
+    np.testing.assert_allclose(emb, st.encode(texts, normalize_embeddings=True), atol=1e-5, rtol=0)
+
+
+def test_minilm_explicit_max_seq_len_wins(minilm_path):
+    model = ej.load_sharded_model(minilm_path, max_seq_len=512)
+    assert model.max_seq_len == 512
+    ids, _ = model.tokenize([LONG_TEXT], truncate=True)
+    assert len(ids[0]) == 512
+    assert ej.load_sharded_model(minilm_path, max_seq_len=100).max_seq_len == 100
+    with pytest.raises(ValueError, match=r"max_seq_len=513 must be an int in \[1, 512\]"):
+        ej.load_sharded_model(minilm_path, max_seq_len=513)
+
+
+def _with_sentence_config(tiny_bert_factory, tmp_path, text: str | None):
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny_bert_factory("base")[0], folder)
+    if text is not None:
+        (folder / "sentence_bert_config.json").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("text,want", [
+    (None, 64),  # no file: the positions
+    ('{"max_seq_length": 16, "do_lower_case": false}', 16),
+    ('{"max_seq_length": 1000}', 64),  # capped at the 64 positions
+    ('{"do_lower_case": false}', 64),  # no max_seq_length: sentence-transformers takes the positions too
+    ('{"max_seq_length": null}', 64),
+])
+def test_sentence_config_sets_the_default_max_seq_len(tiny_bert_factory, tmp_path, text, want):
+    folder = _with_sentence_config(tiny_bert_factory, tmp_path, text)
+    assert ej.load_sharded_model(folder).max_seq_len == want
+    assert ej.load_sharded_model(folder, max_seq_len=40).max_seq_len == 40
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"max_seq_length": 256', "not valid JSON"),
+    ('[256]', "not a JSON object"),
+    ('{"max_seq_length": "256"}', "max_seq_length='256' must be a positive int"),
+    ('{"max_seq_length": 0}', "max_seq_length=0 must be a positive int"),
+    ('{"max_seq_length": 256.0}', "max_seq_length=256.0 must be a positive int"),
+    ('{"max_seq_length": true}', "max_seq_length=True must be a positive int"),
+])
+def test_malformed_sentence_config_names_the_file(tiny_bert_factory, tmp_path, text, match):
+    from energon_jax.convert.hf_files import CheckpointError
+
+    folder = _with_sentence_config(tiny_bert_factory, tmp_path, text)
+    for max_seq_len in (None, 40):  # a broken checkpoint file, whatever the caller asks
+        with pytest.raises(CheckpointError, match=re.escape(str(folder / "sentence_bert_config.json")) + ".*" + match):
+            ej.load_sharded_model(folder, max_seq_len=max_seq_len)
 
 
 def test_token_ids_without_tokenizer(tiny_bert_factory, tmp_path):

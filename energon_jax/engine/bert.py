@@ -429,10 +429,15 @@ def example_args(num_tokens: int = 1):
 
 
 def load_bert(folder, hf_config: dict, mesh, dtype, max_seq_len):
-    """HF Bert folder (BertModel or BertFor*) -> BertModel with params placed on `mesh`."""
+    """HF Bert folder (BertModel or BertFor*) -> BertModel with params placed on `mesh`.
+
+    max_seq_len None: a sentence-transformers folder's sentence_bert_config.json max_seq_length (the
+    length it truncates to; capped at the positions), else max_position_embeddings.
+    """
     source = TensorSource(folder)
     cfg = bert_convert.config_from_hf(hf_config, source.keys(), Path(folder) / "config.json")
-    max_seq_len = check_max_seq_len(max_seq_len, cfg.max_position_embeddings)
+    default = bert_convert.default_max_seq_len(folder, cfg)  # checks the file even when max_seq_len is given
+    max_seq_len = check_max_seq_len(default if max_seq_len is None else max_seq_len, cfg.max_position_embeddings)
     check_layout(mesh, heads=cfg.num_attention_heads, mlp=cfg.intermediate_size, layers=cfg.num_hidden_layers)
     host = stack_layers(bert_convert.iter_params(source, cfg), cfg.num_hidden_layers)
     multiple = table_multiple(mesh)
