@@ -1,8 +1,10 @@
 """Next-token sampling with per-row traced parameters (changing them never recompiles).
 
-temperature 0 -> greedy; top_k 0 -> off; top_p 1.0 -> off. Each row has its own PRNG key,
-so a row's samples depend only on its seed and step, not on the rest of the batch. The host-side
-checks and the stop-string cut here are shared by offline generate and the serving scheduler.
+temperature 0 -> greedy; top_k 0 -> off; top_p 1.0 -> off. As in Hugging Face, temperature
+scales first, then top_k keeps the tokens whose logit is >= the k-th largest (all tied with it
+stay), then top_p. Each row has its own PRNG key, so a row's samples depend only on its seed and
+step, not on the rest of the batch. The host-side checks and the stop-string cut here are shared
+by offline generate and the serving scheduler.
 """
 from __future__ import annotations
 
@@ -95,18 +97,28 @@ def cut_at_stop_string(body: list[int], text: str, stop_strings, detokenize) -> 
     return text[:cut], body[:k]
 
 
-def _filtered_sample(logits_bv, params: SamplingParams, keys_b):
+def _sorted_filtered_logits(logits_bv, params: SamplingParams):
+    """The logits after temperature, then top_k, then top_p (Hugging Face's warper order), sorted
+    descending per row, with the permutation that sorted them: ([B, V] logits, [B, V] ids).
+
+    top_k keeps every token whose logit is >= the k-th largest (HF's TopKLogitsWarper), so tokens
+    tied with the k-th are all kept; top_k >= V keeps all. Either filter keeps a prefix of the
+    sorted row, so one sort serves both."""
     v = logits_bv.shape[-1]
     # -inf (padded vocabulary entries) stays -inf whatever the temperature: -inf / inf would be nan
     scaled_bv = jnp.where(logits_bv == -jnp.inf, -jnp.inf, logits_bv / jnp.maximum(params.temperature, 1e-6)[:, None])
     sorted_bv, order_bv = jax.lax.sort_key_val(-scaled_bv, jnp.broadcast_to(jnp.arange(v), scaled_bv.shape))
     sorted_bv = -sorted_bv  # descending
-    rank_v = jnp.arange(v)
-    keep_k = (params.top_k[:, None] <= 0) | (rank_v[None, :] < params.top_k[:, None])
+    kth_b1 = jnp.take_along_axis(sorted_bv, jnp.clip(params.top_k - 1, 0, v - 1)[:, None], axis=-1)
+    keep_k = (params.top_k[:, None] <= 0) | (sorted_bv >= kth_b1)
     probs_bv = jax.nn.softmax(jnp.where(keep_k, sorted_bv, -jnp.inf), axis=-1)
     mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
     keep_p = mass_before_bv < params.top_p[:, None]  # the top token is always kept
-    filtered_bv = jnp.where(keep_k & keep_p, sorted_bv, -jnp.inf)
+    return jnp.where(keep_k & keep_p, sorted_bv, -jnp.inf), order_bv
+
+
+def _filtered_sample(logits_bv, params: SamplingParams, keys_b):
+    filtered_bv, order_bv = _sorted_filtered_logits(logits_bv, params)
     pick_b = jax.vmap(jax.random.categorical)(keys_b, filtered_bv)
     return jnp.take_along_axis(order_bv, pick_b[:, None], axis=-1)[:, 0]
 
