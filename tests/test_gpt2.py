@@ -298,6 +298,23 @@ class _ByteTokenizer:
         return bytes(ids).decode("utf-8", "replace")
 
 
+def test_text_whose_tokens_lie_past_the_vocabulary_is_refused(gpt2_with_tokenizer, tmp_path):
+    """A token added to the tokenizer after training has an id past the model's vocabulary: text
+    holding it generated garbage (an embedding lookup out of range) instead of an error."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "added"
+    shutil.copytree(gpt2_with_tokenizer, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    vocab = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
+    tok.save_pretrained(folder)
+    model = ej.load_sharded_model(folder)
+    assert model.generate(["the cat"], max_new_tokens=2)[0].token_ids  # in the vocabulary: fine
+    with pytest.raises(ValueError, match=rf"prompts\[1\]: token id {vocab} outside the vocabulary \[0, {vocab}\)"):
+        model.generate(["the cat", "<|user|> the cat"], max_new_tokens=2)
+
+
 def test_non_ascii_stop_string_keeps_the_token_that_completes_it(tiny_gpt2_factory):
     """The tokens kept must decode to text holding the stop string: a prefix ending inside its
     UTF-8 bytes decodes to U+FFFD, as long as the text up to its end, so the length test of the

@@ -193,7 +193,8 @@ class GPTModel(ShardedModel):
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                ids = self._require_tokenizer(f"prompts[{i}]={p[:30]!r}").encode(p)
+                # a tokenizer's added tokens may lie past the model's vocabulary: checked as ids are
+                ids = self._check_ids(self._require_tokenizer(f"prompts[{i}]={p[:30]!r}").encode(p), f"prompts[{i}]")
             elif _is_token_list(p):
                 ids = self._check_ids(p, f"prompts[{i}]")
             else:
