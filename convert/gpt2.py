@@ -6,6 +6,8 @@ output axis is split into (3, heads, head_dim).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -29,7 +31,8 @@ class UnsupportedConfigError(ValueError):
 
 
 def config_from_hf(hf: dict, where="config.json") -> GPT2Config:
-    """Validate an HF GPT-2 config.json; `where` (the file) names it in errors."""
+    """Validate an HF GPT-2 config.json; `where` (the file) names it in errors, and when it is a
+    Path, a generation_config.json beside it adds its eos_token_id(s)."""
     model_type = hf.get("model_type")
     if model_type != "gpt2":
         raise UnsupportedConfigError(f"model_type={model_type!r} is not GPT-2 (expected 'gpt2')")
@@ -43,7 +46,19 @@ def config_from_hf(hf: dict, where="config.json") -> GPT2Config:
             f"unsupported GPT-2 config option activation_function={act!r}; accepted: {list(_ACCEPTED_ACTIVATIONS)}")
     if "vocab_size" not in hf:
         raise CheckpointError(f"{where}: 'vocab_size' missing; a GPT-2 config.json must give it")
-    eos = hf.get("eos_token_id")
+    eos = _eos_ids(hf.get("eos_token_id"), where, "eos_token_id")
+    # HF generate stops on generation_config.json's EOS ids too: read the one beside a config.json
+    # given by its path (a bare name, the default, is no file of ours)
+    generation = where.with_name("generation_config.json") if isinstance(where, Path) else None
+    if generation is not None and generation.is_file():
+        try:
+            with open(generation) as f:
+                gen = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{generation}: cannot read it ({e})") from None
+        if not isinstance(gen, dict):
+            raise CheckpointError(f"{generation}: must hold a JSON object, not {type(gen).__name__}")
+        eos += tuple(i for i in _eos_ids(gen.get("eos_token_id"), generation, "eos_token_id") if i not in eos)
     return GPT2Config(
         vocab_size=hf["vocab_size"],
         n_positions=hf.get("n_positions", 1024),
@@ -54,8 +69,16 @@ def config_from_hf(hf: dict, where="config.json") -> GPT2Config:
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
         scale_attn_weights=hf.get("scale_attn_weights", True),
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        eos_token_ids=eos,
     )
+
+
+def _eos_ids(value, where, key) -> tuple[int, ...]:
+    """An HF eos_token_id (None, an int or a list of ints) as a tuple."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise CheckpointError(f"{where}: {key}={value!r} must be a token id >= 0, a list of them, or null")
+    return tuple(dict.fromkeys(values))
 
 
 def config_to_hf(cfg: GPT2Config) -> dict:
@@ -64,7 +87,7 @@ def config_to_hf(cfg: GPT2Config) -> dict:
         "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.n_inner,
         "layer_norm_epsilon": cfg.layer_norm_epsilon, "scale_attn_weights": cfg.scale_attn_weights,
-        "activation_function": "gelu_new", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "activation_function": "gelu_new", "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_id,
         "tie_word_embeddings": True,
     }
 

@@ -21,12 +21,20 @@ class GPT2Config:
     scale_attn_weights: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # every id that ends a generation: config.json's eos_token_id may be a list, and HF generate
+    # also stops on generation_config.json's; eos_token_id is the first of them
+    eos_token_ids: tuple[int, ...] = ()
 
     model_type = "gpt2"
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        ids = tuple(int(i) for i in self.eos_token_ids)
+        if self.eos_token_id is not None and int(self.eos_token_id) not in ids:
+            ids = (int(self.eos_token_id),) + ids
+        object.__setattr__(self, "eos_token_ids", ids)
+        object.__setattr__(self, "eos_token_id", ids[0] if ids else None)
 
     @property
     def head_dim(self) -> int:

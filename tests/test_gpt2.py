@@ -259,6 +259,42 @@ def test_stop_token_ids_and_eos(tiny_gpt2_factory, tmp_path):
     assert all(o.finish_reason == "stop" for o in out)
 
 
+@pytest.mark.parametrize("where", ["config.json", "generation_config.json"])
+def test_every_eos_id_stops_as_in_hf_generate(tiny_gpt2_factory, tmp_path, where):
+    """config.json's eos_token_id may be a list, and HF generate stops on generation_config.json's
+    ids (which take the place of config.json's): only the first id of config.json's used to stop
+    a generation, and generation_config.json was not read. energon-jax stops on both files' ids."""
+    from energon_jax.cli import main
+
+    folder, _ = tiny_gpt2_factory()
+    free = ej.load_sharded_model(folder).generate([[5, 6, 7]], max_new_tokens=20)[0].token_ids
+    late = free[7]
+    src = tmp_path / "eos"
+    shutil.copytree(folder, src)
+    path = src / where
+    if where == "config.json":  # HF generate reads config.json's ids only without a generation config
+        (src / "generation_config.json").unlink()
+    cfg = json.loads(path.read_text())
+    cfg["eos_token_id"] = [100, int(late)]  # 100 is never sampled here; the second id is
+    path.write_text(json.dumps(cfg))
+    model = ej.load_sharded_model(src)
+    assert int(late) in model.config.eos_token_ids
+    out = model.generate([[5, 6, 7]], max_new_tokens=20)[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[: free.index(late) + 1]
+    with torch.no_grad():  # HF, with the folder's own generation config
+        from transformers import GPT2LMHeadModel
+
+        ref = GPT2LMHeadModel.from_pretrained(src).generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20,
+                                                            do_sample=False)
+    assert ref[0, 3:].tolist() == out.token_ids
+    converted = tmp_path / "converted"  # the generation config travels with a converted folder
+    assert main(["convert", str(src), str(converted), "--quiet"]) == 0
+    assert ej.load_sharded_model(converted).generate([[5, 6, 7]], max_new_tokens=20)[0].token_ids == out.token_ids
+    path.write_text(json.dumps({**cfg, "eos_token_id": "x"}))
+    with pytest.raises(CheckpointError, match=r"eos_token_id='x' must be a token id >= 0, a list of them"):
+        ej.load_sharded_model(src)
+
+
 def test_stop_strings_without_a_tokenizer_are_refused(tiny_gpt2_factory):
     """They were dropped without a word (nothing to match them in), while the Server refused them."""
     from energon_jax.serving.scheduler import SamplingOptions, Scheduler

@@ -223,9 +223,11 @@ class GPTModel(ShardedModel):
     # --------------------------------------------------------------- generate
     def stop_token_ids(self, stop) -> tuple[list[int], list[str]]:
         """`stop` (a str, a token id, or a list of both) -> (stop token ids with EOS, stop strings)."""
-        ids, strings = [], []
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else self.config.eos_token_id
-        if eos is not None:
+        # EOS: every id the config (and generation_config.json) names, as HF generate stops on
+        # them, and the tokenizer's
+        ids, strings = list(self.config.eos_token_ids), []
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        if eos is not None and int(eos) not in ids:
             ids.append(int(eos))
         for s in [] if stop is None else ([stop] if isinstance(stop, (str, int, np.integer)) else list(stop)):
             if isinstance(s, str):
