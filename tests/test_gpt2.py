@@ -295,6 +295,20 @@ def test_every_eos_id_stops_as_in_hf_generate(tiny_gpt2_factory, tmp_path, where
         ej.load_sharded_model(src)
 
 
+def test_a_prompt_at_the_full_context_still_gets_its_token(tiny_gpt2_factory):
+    """The last new token is never fed back, so a prompt of the whole context gets one token, and
+    L + N - 1 positions are enough for N tokens: greedy tokens equal the logits' argmax."""
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    rng = np.random.default_rng(0)
+    for length, new in ((128, 1), (125, 4)):
+        prompt = rng.integers(0, 100, length).tolist()
+        out = model.generate([prompt], max_new_tokens=new)[0].token_ids
+        assert len(out) == new or out[-1] == 100
+        teacher = model.logits([(prompt + out)[:128]])[0]
+        assert out == teacher[length - 1: length - 1 + len(out), :101].argmax(-1).tolist()
+
+
 def test_stop_strings_without_a_tokenizer_are_refused(tiny_gpt2_factory):
     """They were dropped without a word (nothing to match them in), while the Server refused them."""
     from energon_jax.serving.scheduler import SamplingOptions, Scheduler
@@ -373,8 +387,8 @@ def test_bad_input(tiny_gpt2_factory, tmp_path):
         model.generate([])
     with pytest.raises(ValueError, match="max_new_tokens=-1"):
         model.generate([[1]], max_new_tokens=-1)
-    with pytest.raises(ValueError, match="context of 128"):
-        model.generate([[1] * 100], max_new_tokens=29)
+    with pytest.raises(ValueError, match=r"needs 129 positions \(the last new token is not fed back\) > the context of 128"):
+        model.generate([[1] * 100], max_new_tokens=30)
     with pytest.raises(ValueError, match="without a tokenizer"):
         model.generate(["hello"])
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -189,8 +189,9 @@ def test_bad_requests():
         sched.add_request([], SamplingOptions())
     with pytest.raises(ValueError, match="max_tokens"):
         sched.add_request([1], SamplingOptions(max_tokens=0))
-    with pytest.raises(ValueError, match="context of 16"):
-        sched.add_request([1] * 10, SamplingOptions(max_tokens=7))
+    with pytest.raises(ValueError, match="needs 17 positions .* > the context of 16"):
+        sched.add_request([1] * 10, SamplingOptions(max_tokens=8))
+    sched.add_request([1] * 10, SamplingOptions(max_tokens=7))  # 16 positions: the 7th token is not fed back
     with pytest.raises(ValueError, match="token-id mode"):
         sched.add_request([1], SamplingOptions(max_tokens=2, stop_strings=("x",)))
     with pytest.raises(ValueError, match="top_k=2147483648"):  # past int32: refused before the engine sees it

@@ -501,6 +501,19 @@ def test_disconnected_non_streaming_client_frees_its_slot_while_tokens_flow(serv
     assert freed_after < DISCONNECT_POLL_S + 2.5, freed_after
 
 
+def test_a_prompt_at_the_full_context_is_served(served, model):
+    """A prompt of the whole slot context still gets one token (the last is never fed back), and
+    L + N - 1 positions serve N tokens, equal to offline generate."""
+    rng = np.random.default_rng(1)
+    for length, new in ((CACHE_LEN, 1), (CACHE_LEN - 3, 4)):
+        prompt = rng.integers(1, 200, length).tolist()
+        got = served.srv.submit(prompt, max_tokens=new).result(60)
+        assert got.token_ids == model.generate([prompt], max_new_tokens=new)[0].token_ids[: len(got.token_ids)]
+        assert len(got.token_ids) == new or got.finish_reason == "stop"
+    with pytest.raises(ValueError, match=f"needs {CACHE_LEN + 1} positions"):
+        served.srv.submit(prompt, max_tokens=5)
+
+
 def test_energon_routes(served):
     r = httpx.get(served.url + "/run_hf_gpt2/I%20do%20not?max_seq_length=16", timeout=60)
     assert r.status_code == 200, r.text

@@ -249,9 +249,11 @@ class GPTModel(ShardedModel):
         seed = resolve_seed(seed)
         ids = self.encode_prompts(prompts)
         for i, p in enumerate(ids):
-            if len(p) + max_new_tokens > self.max_seq_len:
-                raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
-                                 f"{len(p) + max_new_tokens} > the context of {self.max_seq_len} tokens")
+            # the last new token is never fed back: it needs no position of its own
+            if len(p) + max_new_tokens - 1 > self.max_seq_len:
+                raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                                 f"{len(p) + max_new_tokens - 1} positions (the last new token is not fed back) > "
+                                 f"the context of {self.max_seq_len} tokens")
         stop_ids, stop_strings = self.stop_token_ids(stop)
         if max_new_tokens == 0:
             return [GenerationOutput("" if self.tokenizer else None, [], "length") for _ in ids]

@@ -145,7 +145,7 @@ class Scheduler:
     max_prefill_tokens: prompt tokens admitted per iteration beyond the first request when every
       slot is busy, so that long prompt bursts interleave with the decode of running requests.
       With fewer running requests the budget grows as num_slots / running (`prefill_budget`).
-    context_len: prompt + max_tokens must fit (the decode cache length).
+    context_len: prompt + max_tokens - 1 positions must fit (the decode cache length).
     batch_wait / arrival_gap: while nothing runs, requests that arrive close together (each within
       arrival_gap s of the last) are gathered for up to batch_wait s, so a burst starts as one batch
       (`admission_delay`); a lone request waits arrival_gap. batch_wait=0 admits at once.
@@ -207,10 +207,11 @@ class Scheduler:
             raise ValueError("the prompt is empty; it needs at least one token")
         check_int("max_tokens", options.max_tokens, 1)
         validate_sampling(options.temperature, options.top_k, options.top_p)  # here, not on the engine thread
-        total = len(prompt_ids) + options.max_tokens
-        if total > self.context_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={options.max_tokens} that is "
-                             f"{total} > the context of {self.context_len} tokens")
+        positions = len(prompt_ids) + options.max_tokens - 1  # the last token is never fed back
+        if positions > self.context_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={options.max_tokens} it needs "
+                             f"{positions} positions (the last new token is not fed back) > the context of "
+                             f"{self.context_len} tokens")
         check_stop_strings(options.stop_strings, self.detokenize is not None)
         timeout = check_timeout(timeout)
         with self._lock:
