@@ -53,6 +53,7 @@ def _inspect(args) -> int:
         f"architecture:  {info['architecture']}",
         "dims:          " + ", ".join(f"{k}={v}" for k, v in info["dims"].items()),
         f"dtype:         {info['dtype']}",
+        f"max_seq_len:   {info['max_seq_len']} (a load's default)",
         f"parameters:    {info['num_params']:,} ({info['num_params'] / 1e6:.2f}M)",
         f"bytes:         {_format_bytes(info['bytes'])}; on disk {_format_bytes(info['bytes_on_disk'])}",
         "layout:        " + (f"written for tp={layout['tp']} pp={layout['pp']} (loads on any mesh)" if layout

@@ -153,6 +153,7 @@ def test_inspect_hf_and_converted(hf_gpt2, converted, capsys):
     assert main(["inspect", str(converted)]) == 0
     text = capsys.readouterr().out
     assert "architecture:  gpt2" in text and "tp=2 pp=2" in text and f"{hf['num_params']:,}" in text
+    assert f"max_seq_len:   {conv['max_seq_len']} (a load's default)" in text and conv["max_seq_len"] == hf["max_seq_len"]
 
 
 def test_pytorch_bin_source_converts_to_the_same_params(tiny_gpt2_factory, converted, tmp_path):
