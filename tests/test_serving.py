@@ -252,6 +252,24 @@ def test_start_http_serves_from_a_thread_that_runs_an_event_loop(model):
                 server.start_http(port=taken.getsockname()[1])
         again = server.start_http(port=free_port())
         assert again.running
+        collect = server.loop.executor.collect
+
+        def slow_collect(launched):  # 2 tokens per 0.2 s: the stream runs ~5 s unless stopped
+            time.sleep(0.2)
+            return collect(launched)
+
+        server.loop.executor.collect = slow_collect
+        body = {"prompt": [5, 6, 7], "max_tokens": CACHE_LEN - 8, "stream": True}
+        with httpx.stream("POST", again.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # streaming now
+            t0 = time.monotonic()
+            server.stop()  # ends the stream's request, then the routes
+            stopped_in = time.monotonic() - t0
+            rest = list(lines)
+        assert stopped_in < 10, stopped_in
+        assert any("the server stopped before this request finished" in line for line in rest), rest
+        assert rest[-1] == "data: [DONE]" or rest[-2:] == ["data: [DONE]", ""]
     finally:
         server.stop()
     assert not again.running  # the Server's stop ends its HTTP servers

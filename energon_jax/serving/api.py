@@ -333,15 +333,17 @@ class Server:
         """Stop admitting, let requests in flight finish for up to `drain_timeout` s, then end the rest
         (finish_reason "error")."""
         self.stopping = True
-        for http in self._http:  # no routes left answering for a stopped engine
-            http.stop()
-        self._http.clear()
         if self.loop is not None:
             if drain_timeout > 0:
                 self.loop.drain(drain_timeout)
             self.loop.stop()
         if self.batcher is not None:
             self.batcher.stop()
+        # then start_http's routes: the requests still streaming have just ended, so their
+        # connections close at once
+        for http in self._http:
+            http.stop()
+        self._http.clear()
         if self._saved_switch_interval is not None:
             sys.setswitchinterval(self._saved_switch_interval)
             self._saved_switch_interval = None

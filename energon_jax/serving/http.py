@@ -407,8 +407,9 @@ class BackgroundHTTP:
 
         self.host, self.port = host, port
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        # timeout_graceful_shutdown: a connection still open at stop() is closed after 5 s
         config = uvicorn.Config(create_app(server, stop_server=False), host=host, port=port, log_level=log_level,
-                                access_log=log_level == "debug")
+                                access_log=log_level == "debug", timeout_graceful_shutdown=5)
         self._uvicorn = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"energon-http-{port}", daemon=True)
         self._thread.start()
