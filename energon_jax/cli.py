@@ -71,11 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cache_dir is not None:
-        from energon_jax.runtime.compile_cache import enable_compilation_cache
-
-        enable_compilation_cache(args.cache_dir)
     try:
+        if args.cache_dir is not None:
+            import os
+
+            from energon_jax.runtime.compile_cache import ENV_VAR, enable_compilation_cache
+
+            # Through the variable, so every later load (and a child process) takes the same choice,
+            # "off" and an unusable folder included, rather than falling back to the default folder.
+            os.environ[ENV_VAR] = args.cache_dir
+            enable_compilation_cache(args.cache_dir)
         return args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError, TypeError) as e:
         print(f"energon {args.verb}: error: {e}", file=sys.stderr)
