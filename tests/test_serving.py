@@ -882,6 +882,75 @@ def test_ports_past_65535_empty_hosts_and_bad_shutdown_timeouts_are_refused(mode
     assert not server.ready  # refused before anything started
 
 
+def test_serve_refuses_a_taken_port_or_missing_http_packages_before_loading(monkeypatch, capsys):
+    """Both were found by uvicorn after the model had loaded, during the warm-up, and the process
+    then ended in a C++ abort or a traceback."""
+    import importlib.util
+
+    from energon_jax.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "no-such-model", "--port", str(port)]) == 2  # the model name is never read
+        assert f"energon serve: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a))
+    assert main(["serve", "no-such-model", "--port", str(free_port())]) == 2
+    assert 'needs fastapi (the serve extra): pip install "energon-jax[serve]"' in capsys.readouterr().err
+
+
+def test_config_files_that_do_not_run_are_errors_naming_them(tmp_path):
+    from energon_jax.serving.cli_verbs import read_config
+
+    cfg = tmp_path / "cfg.py"
+    for text, match in (("checkpoint = 'x'\nmax_batch_size = = 4\n", r"cfg.py:2: not valid Python"),
+                        ("import no_such_module_here\n", r"cfg.py: running it failed: ModuleNotFoundError"),
+                        ("checkpoint = undefined_name\n", r"cfg.py: running it failed: NameError")):
+        cfg.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            read_config(cfg)
+    with pytest.raises(ValueError, match="is a folder; pass the Python file"):
+        read_config(tmp_path)
+    # imported names and helpers are no settings; a typo'd setting still is an unknown key
+    cfg.write_text("from pathlib import Path\nimport os\ndef where(x):\n    return str(Path(x))\n"
+                   "checkpoint = where('/m')\nmax_batch_size = 2\n")
+    assert read_config(cfg) == {"checkpoint": "/m", "max_batch_size": 2}
+    cfg.write_text("checkpoint = 'x'\nmax_batch = 2\n")
+    with pytest.raises(ValueError, match=r"unknown config keys \['max_batch'\]"):
+        read_config(cfg)
+
+
+def test_ctrl_c_during_the_warm_up_exits_cleanly(gpt_folder, tmp_path):
+    """SIGINT while the warm-up compiles: the interpreter used to exit under the compiling thread
+    and abort in C++ ('terminate called ...', SIGABRT)."""
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "energon_jax.cli", "serve", str(gpt_folder), "--port", str(port),
+                             "--max-batch-size", "2", "--max-seq-len", "64", "--log-level", "info"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        end = time.monotonic() + 240
+        while time.monotonic() < end and proc.poll() is None:  # listening, still compiling
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 503:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert code == 130, (code, text)
+    assert "terminate called" not in text and "Traceback" not in text, text
+    assert "Unable to initialize backend" not in text  # jax's INFO noise stays out of the log
+
+
 def test_sigterm_finishes_or_cleanly_fails_requests_in_flight(gpt_folder, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import os
 import runpy
+import socket
+import sys
 import types
 
 from energon_jax.cli import add_parallel_args
@@ -84,9 +88,31 @@ def batching_options(args: argparse.Namespace) -> dict:
                 batch_wait=args.batch_wait, prefill_window=args.prefill_window, overlap=not args.no_overlap)
 
 
+def check_http_ready(host: str, port: int) -> None:
+    """Before a model loads: the HTTP packages are installed and (host, port) can be listened on.
+    Found only by uvicorn, after the load and during the warm-up, either ended the process."""
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"the HTTP server needs {' and '.join(missing)} (the serve extra): "
+                         'pip install "energon-jax[serve]"')
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"host={host!r} is no address to listen on: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO) if level != "trace" else logging.DEBUG,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level not in ("debug", "trace"):  # jax's INFO lines (backends it did not find) are no news to a user
+        logging.getLogger("jax").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, request_timeout=None,
@@ -96,10 +122,28 @@ def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, reques
 
     server = Server(model, max_batch_size=max_batch_size, max_queue=max_queue, decode_steps=decode_steps,
                     request_timeout=request_timeout, name=name, **server_options)
-    log.info("serving %r on http://%s:%d (compiling before /health reports ready)", model, host, port)
-    server.serve_http(host=host, port=port, log_level=log_level if log_level != "trace" else "debug",
-                      shutdown_timeout=shutdown_timeout)
-    return 0
+    log.info("serving %s on http://%s:%d (compiling before /health reports ready)", server.name, host, port)
+    code = 0
+    try:
+        server.serve_http(host=host, port=port, log_level=log_level if log_level != "trace" else "debug",
+                          shutdown_timeout=shutdown_timeout)
+    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown
+        log.info("interrupted; stopped")
+        code = 130
+    except OSError as e:  # the port was taken between the check and the bind
+        print(f"energon serve: error: {e}", file=sys.stderr)
+        code = 2
+    server.stop()
+    warm = getattr(server, "warmup_thread", None)
+    if warm is not None and warm.is_alive():
+        # the warm-up thread is inside an XLA compile, which nothing interrupts; an interpreter
+        # exiting under it aborts in C++ ("terminate called ..."): leave without waiting
+        log.info("exiting during the warm-up")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 130)
+    return code
 
 
 def _serve(args) -> int:
@@ -108,6 +152,7 @@ def _serve(args) -> int:
     check_host(args.host, "--host")  # before the model loads: a typo should not cost a load
     check_port(args.port, "--port")
     check_shutdown_timeout(args.shutdown_timeout, "--shutdown-timeout")
+    check_http_ready(args.host, args.port)
     _setup_logging(args.log_level)
     model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
                                   max_seq_len=args.max_seq_len)
@@ -118,12 +163,21 @@ def _serve(args) -> int:
 
 def read_config(path: str) -> dict:
     """An Energon config file -> {key: value}, checked: unknown keys and wrong types raise ValueError."""
+    if os.path.isdir(path):
+        raise ValueError(f"config file {str(path)!r} is a folder; pass the Python file that sets the keys")
     try:
         raw = runpy.run_path(str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path!r} does not exist") from None
-    keys = {k: v for k, v in raw.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    except SyntaxError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid Python: {e.msg}") from None
+    except Exception as e:  # the file runs as a script: an import or a name in it may fail
+        raise ValueError(f"{path}: running it failed: {type(e).__name__}: {e}") from None
     accepted = {**CONFIG_KEYS, **EXTRA_KEYS}
+    # modules, classes and functions (imported or helpers) are no settings, unless under a key's name
+    keys = {k: v for k, v in raw.items() if not k.startswith("_") and (
+        k in accepted or k in IGNORED_KEYS or not isinstance(v, (types.ModuleType, type, types.FunctionType,
+                                                                 types.BuiltinFunctionType)))}
     unknown = sorted(set(keys) - set(accepted) - set(IGNORED_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown config keys {unknown}; accepted: Energon's {sorted(CONFIG_KEYS)} "
@@ -158,6 +212,7 @@ def _service_init(args) -> int:
     from energon_jax.tokenizer import Tokenizer
 
     cfg = read_config(args.config_file)
+    check_http_ready(cfg.get("server_host", "127.0.0.1"), cfg.get("server_port", 8005))
     level = cfg.get("log_level", "info").lower()
     _setup_logging(level)
     path = cfg.get("checkpoint") or cfg["model_class"]

@@ -129,7 +129,9 @@ def create_app(server, stop_server: bool = True) -> FastAPI:
 
     async def lifespan(app):
         if not server.ready:
-            threading.Thread(target=warm, name="energon-warmup", daemon=True).start()
+            # kept on the server: a process leaving while it compiles must not wait on it (cli_verbs._run)
+            server.warmup_thread = threading.Thread(target=warm, name="energon-warmup", daemon=True)
+            server.warmup_thread.start()
         yield
         if stop_server:
             await asyncio.to_thread(server.stop, 0.0)
@@ -394,7 +396,11 @@ def run_http(server, *, host: str = "127.0.0.1", port: int = 8005, log_level: st
 
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 5, access_log=log_level == "debug")
-    _Server(config).run()
+    try:
+        _Server(config).run()
+    except SystemExit as e:  # uvicorn's answer to a start-up it could not make (it logged why)
+        if e.code not in (None, 0):
+            raise OSError(f"the HTTP server could not start on {host}:{port} (see the log above)") from None
 
 
 class BackgroundHTTP:
