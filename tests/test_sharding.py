@@ -64,6 +64,11 @@ def test_slot_engine_serves_a_sharded_model(gpt2_folder, reference, tp, pp, dp):
     for i, slot in enumerate(slots):  # the reference stops at EOS; the engine decodes on (its scheduler stops)
         expected = ref_tokens[i][:9]
         assert ([int(firsts[i])] + rest[:, slot].tolist())[: len(expected)] == expected
+    # every prefill program's rows split over "data": on a GPU the prefill kernel's shard_map splits
+    # them, and a 1-row program (a lone prompt) could not start a Server under dp=2
+    assert all(rows % dp == 0 for rows, _ in eng.prefill_shapes), eng.prefill_shapes
+    lone = np.asarray(eng.prefill_batch([1], [prompts[0]], temperature=[0.0], top_k=[0], top_p=[1.0], seed=[0]))
+    assert lone.shape == (dp,) and int(lone[0]) == ref_tokens[0][0]
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 2), (4, 2), (1, 4)])

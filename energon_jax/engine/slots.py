@@ -77,7 +77,9 @@ class SlotEngine:
             raise ValueError(f"decode_steps={decode_steps!r} must be a power of two >= 1")
         dp = model.mesh.shape["data"]
         if num_slots % dp:
-            raise ValueError(f"num_slots={num_slots} must be a multiple of the data-parallel size {dp}")
+            raise ValueError(f"num_slots={num_slots} (a Server's max_batch_size) must be a multiple of the "
+                             f"data-parallel size dp={dp}")
+        self.dp = dp
         self.model = model
         self.runner = model.runner
         self.num_slots = num_slots
@@ -116,8 +118,8 @@ class SlotEngine:
         batched program of `rows_for(bucket)` rows (<= max_prefill_batch, rows x bucket <=
         prefill_batch_tokens). Two per bucket keeps start-up compiles few (each program of a
         24-layer model takes seconds to compile); a small batch pads to the bucket's rows."""
-        return [(1, t) for t in self.prefill_buckets] + [(self.rows_for(t), t) for t in self.prefill_buckets
-                                                         if self.rows_for(t) > 1]
+        return [(self.dp, t) for t in self.prefill_buckets] + [
+            (self.rows_for(t), t) for t in self.prefill_buckets if self.rows_for(t) > self.dp]
 
     # ------------------------------------------------------------------ state
     def fresh_state(self) -> DecodeState:
@@ -198,14 +200,17 @@ class SlotEngine:
                                   seed=[seed])[0]
 
     def rows_for(self, t: int) -> int:
-        """Rows of the batched prefill program for prompt bucket t: as many as fit the token budget."""
-        return max(1, min(self.max_prefill_batch, self.prefill_batch_tokens // t))
+        """Rows of the batched prefill program for prompt bucket t: as many as fit the token budget,
+        rounded up to a multiple of dp (the kernels' shard_map splits rows over "data")."""
+        rows = max(1, min(self.max_prefill_batch, self.prefill_batch_tokens // t))
+        return -(-rows // self.dp) * self.dp
 
     def prefill_shape(self, lengths) -> tuple[int, int]:
         """The compiled (rows, tokens) program that prompts of these lengths run as one batch:
-        one row alone, else the bucket's batched program (its spare rows are padding)."""
+        one row alone (dp rows under data parallelism), else the bucket's batched program (its
+        spare rows are padding)."""
         t = bucket(max(lengths), self.cache_len)
-        return (1 if len(lengths) == 1 else self.rows_for(t)), t
+        return (self.dp if len(lengths) <= self.dp else self.rows_for(t)), t
 
     def fits_one_prefill(self, lengths) -> bool:
         """Whether prompts of these lengths can share one prefill dispatch (a compiled shape)."""
