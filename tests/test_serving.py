@@ -647,6 +647,18 @@ def test_server_takes_the_seeds_generate_takes(served):
     assert served.srv.submit("x", max_tokens=2, seed=2**32 - 1, temperature=1.0).result(60).finish_reason
 
 
+def test_server_generate_samples_what_offline_generate_samples(served, model):
+    """Every prompt of Server.generate sampled with the one seed (repeated prompts all came back
+    alike); prompt i now takes seed + i, as row i of GPTModel.generate, wrapping past 2**32 - 1."""
+    prompts = [[5, 6, 7]] * 3 + [[9, 1]]
+    for seed in (3, 2**32 - 2):
+        kw = dict(temperature=1.0, top_k=20, seed=seed)
+        served_out = served.srv.generate(prompts, max_tokens=6, **kw)
+        offline = model.generate(prompts, max_new_tokens=6, **kw)
+        assert [o.token_ids for o in served_out] == [o.token_ids for o in offline]
+    assert len({tuple(o.token_ids) for o in served_out[:3]}) > 1
+
+
 # -------------------------------------------------------------- embeddings
 class FakeEncoder:
     """Stands in for BertModel.encode (packing by total tokens): one row per input, its length and sum."""

@@ -406,8 +406,14 @@ class Server:
         return request_id is not None and self.scheduler is not None and self.scheduler.cancel(request_id)
 
     def generate(self, prompts, **kwargs) -> list[GenerationOutput]:
-        """Submit every prompt at once and wait for all (same sampling settings for each)."""
-        handles = [self.submit(p, **kwargs) for p in prompts]
+        """Submit every prompt at once and wait for all (same sampling settings for each). With a
+        seed, prompt i samples with seed + i, as row i of `GPTModel.generate` does, so both give
+        the same tokens (and repeated prompts are not all alike)."""
+        seed = kwargs.pop("seed", None)
+        if seed is not None:
+            seed = resolve_seed(seed)
+        handles = [self.submit(p, **kwargs, seed=None if seed is None else (seed + i) & 0xFFFFFFFF)
+                   for i, p in enumerate(prompts)]
         return [h.result() for h in handles]
 
     # ------------------------------------------------------------- encoding
