@@ -209,6 +209,27 @@ def _temp_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _check_out_parent(out: Path) -> None:
+    """Before any work: OUT's folder (or, where it is missing and will be made, its nearest existing
+    ancestor) is a writable folder. The error names OUT and that folder, not the temp folder that
+    would have failed later."""
+    parent = out.parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    missing = "" if existing == parent else f" (missing; it would be made in {existing})"
+    if not existing.is_dir():
+        raise NotADirectoryError(f"OUT {out} cannot be written: {existing} is not a folder"
+                                 + ("" if existing == parent else f" (OUT's parent {parent} would be made in it)"))
+    probe = existing / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:  # a real write: os.access says yes to root even on read-only file systems and /sys
+        probe.mkdir()
+    except OSError as e:
+        raise PermissionError(f"OUT {out} cannot be written: its parent folder {parent}{missing} is not writable "
+                              f"({e.strerror or e}); choose another OUT") from None
+    probe.rmdir()
+
+
 def _remove(path: Path) -> None:
     """Remove a folder tree, a file, or a symlink (not what it points to: rmtree refuses links)."""
     if path.is_dir() and not path.is_symlink():
@@ -319,6 +340,7 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
                          f"it would delete the source: choose an OUT outside SRC's folders")
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output already exists; pass --force to replace it")
+    _check_out_parent(out)
     hf = read_config(src)
     arch = architecture(hf.get("model_type"), src / "config.json")
     source = TensorSource(src)

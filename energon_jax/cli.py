@@ -81,10 +81,34 @@ def main(argv=None) -> int:
             # "off" and an unusable folder included, rather than falling back to the default folder.
             os.environ[ENV_VAR] = args.cache_dir
             enable_compilation_cache(args.cache_dir)
-        return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, TypeError) as e:
+        code = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below rather than at interpreter exit
+        return code
+    except BrokenPipeError:  # `energon inspect X --json | head`: the reader left; nothing more to say
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a process the closed pipe ended
+    # Exit 2: the command line asked for something that cannot be (a bad value, a path that is
+    # missing, in the way or not ours to write): change the arguments. Exit 1: the system failed
+    # a good command (disk full, I/O error): an OSError of another kind.
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, NotImplementedError, TypeError) as e:
         print(f"energon {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"energon {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so Python's flush at exit does not report the broken pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured in tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """The `energon` command line's first-run behaviour: errors read as `energon VERB: error: ...`, never
 as tracebacks, and an optional piece (the compilation cache) that cannot work is skipped with a warning."""
+import errno
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import pytest
 
 from energon_jax.cli import main
+from energon_jax.loading import PRESETS_DIR
 from energon_jax.runtime import compile_cache
 from energon_jax.runtime.compile_cache import ENV_VAR, enable_compilation_cache
 
@@ -57,3 +63,71 @@ def test_cli_cache_dir_that_is_a_file_warns_and_generates(tmp_path, capsys, capl
     assert rc == 0
     assert "finish_reason" in capsys.readouterr().err
     assert any(str(blocker) in r.getMessage() for r in caplog.records)
+
+
+def _unwritable_folder(tmp_path):
+    """A folder this process cannot write into: a chmod'ed one, or /sys for root (whom modes do not stop)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "readonly"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return folder
+    sys_dir = Path("/sys")
+    try:
+        (sys_dir / ".energon-probe").mkdir()
+    except OSError:
+        return sys_dir
+    (sys_dir / ".energon-probe").rmdir()
+    pytest.skip("no unwritable folder here")
+
+
+def test_convert_into_unwritable_folder_names_out_and_its_parent(tmp_path, capsys):
+    parent = _unwritable_folder(tmp_path)
+    out = parent / "foo"
+    assert main(["convert", str(PRESETS_DIR / PRESET), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("energon convert: error: ") and "Traceback" not in err
+    assert str(out) in err and f"parent folder {parent} is not writable" in err
+    assert ".tmp-" not in err  # not the hidden temp folder beside OUT
+    assert not out.exists()
+
+
+def test_convert_under_a_file_says_which_is_not_a_folder(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = blocker / "sub" / "out"
+    assert main(["convert", str(PRESETS_DIR / PRESET), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("energon convert: error: ") and str(out) in err and f"{blocker} is not a folder" in err
+
+
+def test_convert_makes_missing_parents_of_out(tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "out"
+    assert main(["convert", str(PRESETS_DIR / PRESET), str(out), "--quiet"]) == 0
+    assert (out / "energon_config.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no probe or temp folder left
+
+
+@pytest.mark.parametrize("error, code", [(OSError(errno.EIO, "Input/output error"), 1),
+                                         (PermissionError(errno.EACCES, "Permission denied", "/x/y"), 2)])
+def test_os_errors_are_one_line_not_a_traceback(monkeypatch, capsys, error, code):
+    from energon_jax.convert import orbax_io
+
+    def fail(path):
+        raise error
+
+    monkeypatch.setattr(orbax_io, "describe", fail)
+    assert main(["inspect", str(PRESETS_DIR / PRESET)]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("energon inspect: error: ") and error.strerror in err and "Traceback" not in err
+
+
+def test_inspect_into_a_closed_pipe_is_quiet():
+    """`energon inspect X --json | head`: the reader leaves early; no BrokenPipeError traceback."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "energon_jax.cli", "inspect", str(PRESETS_DIR / PRESET), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before it writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
