@@ -309,6 +309,18 @@ def test_a_prompt_at_the_full_context_still_gets_its_token(tiny_gpt2_factory):
         assert out == teacher[length - 1: length - 1 + len(out), :101].argmax(-1).tolist()
 
 
+def test_stop_id_counts_never_recompile(tiny_gpt2_factory):
+    """stop ids went to the device as an array of their own length: each new count compiled anew."""
+    folder, _ = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder)
+    free = model.generate([[5, 6, 7]], max_new_tokens=12)[0].token_ids
+    before = model.compile_counts["generate"]
+    for stop in ([free[5]], [free[5], 3], [1, 2, 3, 4, free[5], free[5], 5]):  # duplicates count once
+        out = model.generate([[5, 6, 7]], max_new_tokens=12, stop=stop)[0]
+        assert out.finish_reason == "stop" and out.token_ids == free[: free.index(free[5]) + 1]
+    assert model.compile_counts["generate"] == before
+
+
 def test_stop_strings_without_a_tokenizer_are_refused(tiny_gpt2_factory):
     """They were dropped without a word (nothing to match them in), while the Server refused them."""
     from energon_jax.serving.scheduler import SamplingOptions, Scheduler

@@ -271,7 +271,10 @@ class GPTModel(ShardedModel):
             lengths[i] = len(p)
         max_new = np.zeros((b,), np.int32)
         max_new[:n] = max_new_tokens
-        stop_k = np.asarray(stop_ids or [-1], np.int32)
+        # the stop ids, padded with -1 (no token) to a bucket: a new count of stop ids compiled anew
+        unique = list(dict.fromkeys(stop_ids))
+        stop_k = np.full((bucket(len(unique), minimum=8),), -1, np.int32)
+        stop_k[: len(unique)] = unique
         seeds = (np.uint32(seed) + np.arange(b, dtype=np.uint32)).astype(np.uint32)
         out, num, stopped = self._generate(
             self.params, self.put_rows(tokens), self.put_rows(lengths), self.put_rows(max_new),
