@@ -110,6 +110,7 @@ class SlotEngine:
         self._replicated = replicated
         self._prefill = self._make_prefill()
         self._decode = self._make_decode()
+        self._make_state = None
         self.state = self.fresh_state()
 
     @property
@@ -123,15 +124,18 @@ class SlotEngine:
 
     # ------------------------------------------------------------------ state
     def fresh_state(self) -> DecodeState:
-        s = self.num_slots
+        """Every slot empty. Compiled once: it runs at start, after warm-up and on each reset."""
+        if self._make_state is None:
+            s = self.num_slots
 
-        @functools.partial(jax.jit, out_shardings=self._state_sharding)
-        def make():
-            return DecodeState(self.runner.empty_cache(s, self.cache_len), jnp.full((s,), PAD_ID, jnp.int32), jnp.zeros((s,), jnp.int32),
-                               jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.uint32), jnp.zeros((s,), bool),
-                               SamplingParams.make(s))
+            @functools.partial(jax.jit, out_shardings=self._state_sharding)
+            def make():
+                return DecodeState(self.runner.empty_cache(s, self.cache_len), jnp.full((s,), PAD_ID, jnp.int32),
+                                   jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.uint32),
+                                   jnp.zeros((s,), bool), SamplingParams.make(s))
 
-        return make()
+            self._make_state = make
+        return self._make_state()
 
     def cache_bytes(self) -> int:
         return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self._cache_shapes))
