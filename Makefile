@@ -9,11 +9,14 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# the serve extra too: `energon serve` is the README's next step after the demo
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	@echo "installing energon-jax and its dependencies into $(VENV) (jax, flax, transformers: a few minutes the first time)"
+	$(BIN)/pip install -q -e ".[serve]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	@echo "installing energon-jax with its dev extras into $(VENV) (a few minutes the first time)"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
