@@ -80,7 +80,8 @@ def add_parsers(sub) -> None:
     c = sub.add_parser("convert", help="Hugging Face folder -> sharded Orbax checkpoint (loads on any mesh)",
                        description="Convert a Hugging Face GPT-2 / Bert folder to an Orbax checkpoint plus "
                                    "energon_config.json and the tokenizer files, streaming one tensor at a time.")
-    c.add_argument("src", help="Hugging Face model folder (config.json + safetensors or pytorch_model.bin)")
+    c.add_argument("src", help="Hugging Face model folder (config.json + safetensors or pytorch_model.bin) "
+                                 "or preset name (e.g. tiny-gpt2-pydoc)")
     c.add_argument("out", help="output folder (written to a temporary folder beside it, renamed at the end)")
     c.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating tensors (default: keep the source's)")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint is written for (recorded)")
@@ -92,6 +93,6 @@ def add_parsers(sub) -> None:
     c.set_defaults(func=_convert)
 
     i = sub.add_parser("inspect", help="architecture, dims, dtype, parameters, bytes and layout of a model folder")
-    i.add_argument("path", help="Hugging Face folder or `energon convert` output")
+    i.add_argument("path", help="Hugging Face folder, `energon convert` output or preset name (e.g. tiny-gpt2-pydoc)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=_inspect)

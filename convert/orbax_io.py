@@ -329,9 +329,10 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     """
     t0 = time.perf_counter()
     # Absolute paths: Orbax's partial save refuses relative ones.
-    src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: source folder not found (SRC must be a Hugging Face model folder)")
+    from energon_jax.loading import resolve_path
+
+    # SRC as generate and serve take it: a folder or a preset name (a file gets told to pass its folder).
+    src, out = resolve_path(src), Path(out).expanduser().absolute()
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r} is not supported; accepted: {list(DTYPES)}")
     # Before the exists check: OUT is replaced as a whole, so an OUT that is or holds SRC would delete it.
@@ -649,9 +650,9 @@ def describe(path) -> dict:
     A Hugging Face folder's dtype and bytes are those of the tensors the model reads (buffers and
     unused heads left out); a checkpoint of mixed floating dtypes gets "float16+float32", the dtype
     holding the most parameters first."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face or a converted model folder)")
+    from energon_jax.loading import resolve_path
+
+    folder = resolve_path(path)  # a folder or a preset name, as generate and serve take it
     if (folder / CONFIG_FILE).is_file():
         meta = read_converted_config(folder)
         disk = sum(p.stat().st_size for p in (folder / CHECKPOINT_DIR).rglob("*") if p.is_file())

@@ -25,13 +25,24 @@ def list_presets() -> list[str]:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """The model folder `path` names, made absolute (Orbax refuses relative checkpoint paths)."""
+    """The model folder `path` names, made absolute (Orbax refuses relative checkpoint paths).
+
+    `path` is a folder, or a preset name (list_presets()); a folder of that name wins over the preset.
+    Raises NotADirectoryError for a file (naming its folder where the file is one a model folder
+    holds) and FileNotFoundError for anything else.
+    """
     p = Path(path).expanduser()
     if p.is_dir():
         return p.absolute()
     if isinstance(path, str) and (PRESETS_DIR / path / "config.json").is_file():
         return PRESETS_DIR / path
-    raise FileNotFoundError(f"{str(path)!r} is neither a model folder nor a preset name; presets: {list_presets()}")
+    if p.exists():
+        hint = ""
+        if p.name == "config.json" or p.suffix in (".safetensors", ".bin"):
+            hint = f" (its folder: {str(p.absolute().parent)!r})"
+        raise NotADirectoryError(f"{str(path)!r} is a file; pass the folder that holds config.json{hint}")
+    raise FileNotFoundError(f"{str(path)!r} not found: it is neither a model folder nor a preset name; "
+                            f"presets: {list_presets()}")
 
 
 def resolve_dtype(dtype):

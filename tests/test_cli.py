@@ -131,3 +131,26 @@ def test_inspect_into_a_closed_pipe_is_quiet():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("verb", ["inspect", "convert", "generate"])
+@pytest.mark.parametrize("name, names_folder", [("config.json", True), ("model.safetensors", True),
+                                                ("notes.txt", False)])
+def test_a_file_for_the_model_folder_says_pass_the_folder(tmp_path, capsys, verb, name, names_folder):
+    file = tmp_path / name
+    file.write_text("{}")
+    argv = {"inspect": ["inspect", str(file)], "convert": ["convert", str(file), str(tmp_path / "out"), "--quiet"],
+            "generate": ["generate", str(file), "hi"]}[verb]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"energon {verb}: error: ") and "is a file; pass the folder that holds config.json" in err
+    assert (f"(its folder: {str(tmp_path)!r})" in err) == names_folder, err
+
+
+def test_load_sharded_model_of_a_file_says_pass_the_folder():
+    import energon_jax as ej
+
+    with pytest.raises(NotADirectoryError, match=r"is a file; pass the folder that holds config.json \(its folder"):
+        ej.load_sharded_model(PRESETS_DIR / PRESET / "config.json")
+    with pytest.raises(FileNotFoundError, match="neither a model folder nor a preset name"):
+        ej.load_sharded_model("no-such-preset")

@@ -93,3 +93,17 @@ def test_cli_generate_prints_text():
         rc = cli.main(["generate", NAME, "The for statement", "--max-new-tokens", "16"])
     assert rc == 0
     _looks_like_english(buf.getvalue())
+
+
+def test_cli_inspect_and_convert_take_the_preset_name(tmp_path, capsys):
+    """Every verb takes a preset by name, as generate and serve do."""
+    from energon_jax import cli
+
+    assert cli.main(["inspect", NAME, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == str(FOLDER) and info["architecture"] == "gpt2"
+    out = tmp_path / "pydoc-energon"
+    assert cli.main(["convert", NAME, str(out), "--quiet"]) == 0
+    meta = json.loads((out / "energon_config.json").read_text())
+    assert meta["source"]["folder"] == str(FOLDER)
+    assert ej.load_sharded_model(out).config.vocab_size == json.loads((FOLDER / "config.json").read_text())["vocab_size"]
