@@ -848,6 +848,9 @@ def test_service_init_takes_the_serve_options(gpt_folder, tmp_path, monkeypatch,
     cfg.write_text(f"checkpoint = {str(gpt_folder)!r}\nmax_seq_len = 32\nembed_max_wait = 0.01\nlog_level = 'warning'\n")
     assert main(["service", "init", "--config_file", str(cfg)]) == 2
     assert "embed_max_wait" in capsys.readouterr().err
+    cfg.write_text("checkpoint = 'no-such-model'\ndecode_steps = 3\n")  # refused before the load
+    assert main(["service", "init", "--config_file", str(cfg)]) == 2
+    assert "decode_steps=3 must be a power of two >= 1" in capsys.readouterr().err
 
 
 def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkeypatch, capsys):
@@ -868,11 +871,20 @@ def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkey
                         "--max-prefill-batch", "2", "--prefill-batch-tokens", "64"]) == 0
     assert seen == dict(batch_wait=0.005, prefill_window=0.0, overlap=False, max_prefill_tokens=99, prefill=(2, 64))
     assert main(base + ["--prefill-window", "-1"]) == 2
-    assert "prefill_window=-1.0 must be a number of seconds >= 0" in capsys.readouterr().err
+    assert "--prefill-window=-1.0 must be a number of seconds >= 0" in capsys.readouterr().err
     assert main(base + ["--max-prefill-tokens", "0"]) == 2
-    assert "max_prefill_tokens=0 must be an int >= 1" in capsys.readouterr().err
+    assert "--max-prefill-tokens=0 must be an int >= 1" in capsys.readouterr().err
     assert main(base + ["--request-timeout", "-5"]) == 2
-    assert "request_timeout=-5.0 must be a number of seconds > 0, or None" in capsys.readouterr().err
+    assert "--request-timeout=-5.0 must be a number of seconds > 0, or None" in capsys.readouterr().err
+    # checked before the model loads: a model that does not exist is never reached
+    for flags, match in ((["--max-batch-size", "0"], "--max-batch-size=0 must be an int >= 1"),
+                         (["--decode-steps", "3"], "--decode-steps=3 must be a power of two >= 1"),
+                         (["--max-prefill-batch", "3"], "--max-prefill-batch=3 must be a power of two"),
+                         (["--max-queue", "-1"], "--max-queue=-1 must be >= 0"),
+                         (["--batch-wait", "-1"], "--batch-wait=-1.0 must be a number of seconds >= 0"),
+                         (["--prefill-batch-tokens", "0"], "--prefill-batch-tokens=0 must be an int >= 1")):
+        assert main(["serve", "no-such-model"] + flags) == 2
+        assert match in capsys.readouterr().err
 
 
 def test_ports_past_65535_empty_hosts_and_bad_shutdown_timeouts_are_refused(model, capsys):

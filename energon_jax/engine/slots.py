@@ -58,6 +58,14 @@ def default_prefill_batch() -> int:
     return 1 if jax.default_backend() == "cpu" else 16
 
 
+def check_power_of_two(name: str, value) -> int:
+    """decode_steps and max_prefill_batch: each is a power of two (the compiled step counts and
+    prefill rows are its powers of two)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"{name}={value!r} must be a power of two >= 1")
+    return value
+
+
 class SlotEngine:
     """`num_slots` decode slots over a loaded `GPTModel`, run through the model's own `runner` (so
     any mesh and layer layout it supports: the cache follows the rules table).
@@ -73,8 +81,7 @@ class SlotEngine:
                  max_prefill_batch: int | None = None, prefill_batch_tokens: int = 8192):
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r} must be an int >= 1")
-        if not isinstance(decode_steps, int) or decode_steps < 1 or decode_steps & (decode_steps - 1):
-            raise ValueError(f"decode_steps={decode_steps!r} must be a power of two >= 1")
+        check_power_of_two("decode_steps", decode_steps)
         dp = model.mesh.shape["data"]
         if num_slots % dp:
             raise ValueError(f"num_slots={num_slots} (a Server's max_batch_size) must be a multiple of the "
@@ -88,8 +95,7 @@ class SlotEngine:
             raise ValueError(f"cache_len={cache_len!r} must be in [1, {model.max_seq_len}] (the model's max_seq_len)")
         if max_prefill_batch is None:
             max_prefill_batch = default_prefill_batch()
-        if not isinstance(max_prefill_batch, int) or max_prefill_batch < 1 or max_prefill_batch & (max_prefill_batch - 1):
-            raise ValueError(f"max_prefill_batch={max_prefill_batch!r} must be a power of two >= 1")
+        check_power_of_two("max_prefill_batch", max_prefill_batch)
         if not isinstance(prefill_batch_tokens, int) or prefill_batch_tokens < 1:
             raise ValueError(f"prefill_batch_tokens={prefill_batch_tokens!r} must be an int >= 1")
         self.step_options = tuple(1 << i for i in range(decode_steps.bit_length()))

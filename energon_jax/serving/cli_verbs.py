@@ -108,6 +108,32 @@ def check_http_ready(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def check_serve_options(max_batch_size, max_queue, request_timeout, options: dict, flags: bool = True) -> None:
+    """The GPT Server's options, checked before the model loads (a bad one cost the load): by the
+    pure-Python Scheduler they configure and SlotEngine's power-of-two rule, the checks the
+    Server runs. flags: name them as `energon serve`'s flags."""
+    from energon_jax.engine.slots import check_power_of_two
+    from energon_jax.serving.scheduler import Scheduler
+
+    try:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
+        Scheduler(max_batch_size, max_queue=max_queue, context_len=1,
+                  **{k: options[k] for k in ("max_prefill_tokens", "batch_wait", "prefill_window") if k in options})
+        check_timeout(request_timeout, "request_timeout")
+        check_power_of_two("decode_steps", options.get("decode_steps", 8))
+        if options.get("max_prefill_batch") is not None:
+            check_power_of_two("max_prefill_batch", options["max_prefill_batch"])
+        tokens = options.get("prefill_batch_tokens", 8192)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"prefill_batch_tokens={tokens!r} must be an int >= 1")
+    except ValueError as e:
+        name, sep, rest = str(e).partition("=")
+        if flags and sep and name.isidentifier():
+            raise ValueError(f"--{name.replace('_', '-')}={rest}") from None
+        raise
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO) if level != "trace" else logging.DEBUG,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -152,6 +178,7 @@ def _serve(args) -> int:
     check_host(args.host, "--host")  # before the model loads: a typo should not cost a load
     check_port(args.port, "--port")
     check_shutdown_timeout(args.shutdown_timeout, "--shutdown-timeout")
+    check_serve_options(args.max_batch_size, args.max_queue, args.request_timeout, batching_options(args))
     check_http_ready(args.host, args.port)
     _setup_logging(args.log_level)
     model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
@@ -212,6 +239,8 @@ def _service_init(args) -> int:
     from energon_jax.tokenizer import Tokenizer
 
     cfg = read_config(args.config_file)
+    check_serve_options(cfg.get("max_batch_size", 16), cfg.get("max_queue", 64), cfg.get("request_timeout"),
+                        {k: cfg[k] for k in EXTRA_KEYS if k in cfg}, flags=False)
     check_http_ready(cfg.get("server_host", "127.0.0.1"), cfg.get("server_port", 8005))
     level = cfg.get("log_level", "info").lower()
     _setup_logging(level)
