@@ -12,31 +12,38 @@ import sys
 import time
 
 VERB_MODULES = ("energon_jax.convert.cli_verbs", "energon_jax.serving.cli_verbs")
+# energon_jax.loading.DTYPES' names, written out so building the parser imports no jax (tests/test_cli.py checks)
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size")
-    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the checkpoint's)")
 
 
 def _generate(args) -> int:
     import energon_jax as ej
 
     t0 = time.perf_counter()
-    model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype)
+    model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
+                                  max_seq_len=args.max_seq_len)
     if not isinstance(model, ej.GPTModel):
         raise ValueError(f"{args.model} is a Bert model (encoder); it embeds text rather than generating it: use "
                          f"`energon serve {args.model}` (POST /v1/embeddings) or BertModel.encode()")
-    prompt = args.prompt
+    prompt, stop = args.prompt, args.stop
     if model.tokenizer is None:
         try:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
         except ValueError:
             raise ValueError(f"{args.model} has no tokenizer: give the prompt as token ids, e.g. \"1 2 3\"") from None
+        try:  # token-id mode: a stop is a token id (stop strings need a tokenizer to match)
+            stop = [int(s) for s in stop]
+        except ValueError:
+            raise ValueError(f"{args.model} has no tokenizer: give --stop as token ids, e.g. --stop 50256") from None
     out = model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)[0]
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop or None)[0]
     print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
     print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, {time.perf_counter() - t0:.2f} s "
           f"including load and compile]", file=sys.stderr)
@@ -50,12 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("model", help="HF folder, converted folder or preset name (e.g. tiny-gpt2-pydoc)")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("prompt", help="text; for a model without a tokenizer, token ids (\"1 2 3\" or \"1,2,3\")")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate, >= 0 (default 32)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature, >= 0; 0 is greedy, the top_k/top_p filters then do nothing (default 0)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens, >= 0; 0 is off (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches p, in (0, 1]; "
+                        "1 is off (default 1)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed for sampling, an int in [0, 2**32 - 1] (default: a fresh one each run)")
+    g.add_argument("--stop", action="append", default=[], metavar="STOP",
+                   help="end generation where this appears; repeatable. With a tokenizer every STOP is a string "
+                        "matched in the text (--stop 42 stops at the text \"42\"); a model without one takes "
+                        "token ids only. EOS always stops")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="positions to load the model for; prompt tokens + max_new_tokens - 1 must fit "
+                        "(default: the model's, as `energon inspect` shows)")
     add_parallel_args(g)
     g.set_defaults(func=_generate)
     for name in VERB_MODULES:

@@ -154,3 +154,59 @@ def test_load_sharded_model_of_a_file_says_pass_the_folder():
         ej.load_sharded_model(PRESETS_DIR / PRESET / "config.json")
     with pytest.raises(FileNotFoundError, match="neither a model folder nor a preset name"):
         ej.load_sharded_model("no-such-preset")
+
+
+def _generate(capsys, *argv):
+    rc = main(["generate", *map(str, argv)])
+    captured = capsys.readouterr()
+    return rc, captured.out.rstrip("\n"), captured.err
+
+
+def test_generate_stop_string_ends_the_text(capsys):
+    rc, full, _ = _generate(capsys, PRESET, "The for statement", "--max-new-tokens", 24)
+    assert rc == 0
+    words = full.split()
+    assert len(words) >= 4, full
+    stop = " " + words[2]
+    rc, cut, err = _generate(capsys, PRESET, "The for statement", "--max-new-tokens", 24, "--stop", "zzqx",
+                             "--stop", stop)  # repeatable: the one that occurs ends it
+    assert rc == 0 and "finish_reason=stop" in err, err
+    assert cut == full[: full.index(stop)], (cut, full)
+
+
+def test_generate_stop_token_ids_without_a_tokenizer(tiny_gpt2_factory, capsys):
+    folder, _ = tiny_gpt2_factory()
+    rc, full, _ = _generate(capsys, folder, "5 17 3", "--max-new-tokens", 8)
+    assert rc == 0
+    ids = [int(t) for t in full.split()]
+    first = ids.index(ids[3])  # the first new token equal to the 4th: generation stops there
+    rc, cut, err = _generate(capsys, folder, "5 17 3", "--max-new-tokens", 8, "--stop", ids[3])
+    assert rc == 0 and "finish_reason=stop" in err
+    assert [int(t) for t in cut.split()] == ids[: first + 1]  # the stop token is kept, as generate keeps it
+    rc, _, err = _generate(capsys, folder, "5 17 3", "--stop", "the end")
+    assert rc == 2 and err.startswith("energon generate: error: ") and "--stop as token ids" in err
+
+
+def test_generate_max_seq_len(capsys):
+    rc, _, err = _generate(capsys, PRESET, "The for statement", "--max-new-tokens", 8, "--max-seq-len", 4)
+    assert rc == 2 and "context of 4 tokens" in err, err
+    rc, _, err = _generate(capsys, PRESET, "The for statement", "--max-new-tokens", 2, "--max-seq-len", 16)
+    assert rc == 0, err
+
+
+def test_generate_options_have_help_and_dtype_choices(capsys):
+    from energon_jax.loading import DTYPES
+
+    from energon_jax import cli
+
+    assert set(cli.DTYPES) == set(DTYPES)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", PRESET, "hi", "--dtype", "float64"])
+    assert e.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ["0 is greedy", "(default 0)", "in (0, 1]; 1 is off (default 1)", "0 is off",
+                     "[0, 2**32 - 1]", "repeatable", "token ids only", "max_new_tokens - 1 must fit",
+                     "{bfloat16,float16,float32}"]:
+        assert expected in text, expected
