@@ -48,6 +48,26 @@ def tiny_gpt2_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_factory(tmp_path_factory):
+    """Save a random HF Bert (BertModel, or head="mlm" for BertForMaskedLM) of a tiny config to
+    a temp folder; returns (folder, model). Layer sizes default to 2 layers of width 32, 4 heads."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    def make(head="base", seed=0, **overrides):
+        kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      max_position_embeddings=64, type_vocab_size=2, initializer_range=0.2)
+        kwargs.update(overrides)
+        torch.manual_seed(seed)
+        model = (BertForMaskedLM if head == "mlm" else BertModel)(BertConfig(**kwargs)).eval()
+        folder = tmp_path_factory.mktemp(f"bert_{head}")
+        model.save_pretrained(folder)
+        return folder, model
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def gpt2_with_tokenizer(tmp_path_factory):
     """A tiny random GPT-2 folder with a real byte-level BPE tokenizer trained on a few sentences."""
     import torch

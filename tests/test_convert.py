@@ -362,17 +362,9 @@ def test_killed_half_way_leaves_no_out(tmp_path):
 
 # ------------------------------------------------------------------------------------------- Bert
 @pytest.fixture(scope="session")
-def hf_bert(tmp_path_factory):
+def hf_bert(tmp_path_factory, tiny_bert_factory):
     """A tiny random BertForMaskedLM (vocab divisible by tp=4) saved as a HF folder."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=104, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=64, max_position_embeddings=64,
-                                       initializer_range=0.2)).eval()
-    folder = tmp_path_factory.mktemp("bert")
-    model.save_pretrained(folder)
+    folder, model = tiny_bert_factory("mlm", seed=0, vocab_size=104)
     out = tmp_path_factory.mktemp("bert_conv") / "bert-energon"
     assert _convert(folder, out) == 0
     return folder, model, out

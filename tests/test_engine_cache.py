@@ -14,18 +14,10 @@ IDS = [[101, 7, 8, 102], [101, 5, 102], [101, 9, 10, 11, 12, 102]]
 
 
 @pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory):
+def bert_folder(tiny_bert_factory):
     """A tiny random HF BertModel of a config no other test file uses (its steps start uncompiled)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(11)
-    model = BertModel(BertConfig(vocab_size=211, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=40, max_position_embeddings=32, type_vocab_size=2,
-                                 initializer_range=0.2)).eval()
-    folder = tmp_path_factory.mktemp("bert_cache")
-    model.save_pretrained(folder)
-    return folder
+    return tiny_bert_factory(seed=11, vocab_size=211, hidden_size=24, num_attention_heads=2, intermediate_size=40,
+                             max_position_embeddings=32)[0]
 
 
 def test_two_bert_loads_share_compiled_steps(bert_folder):

@@ -151,18 +151,9 @@ BERT_LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 2), (1, 4, 1), (2, 2, 1)]
 
 
 @pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory):
+def bert_folder(tiny_bert_factory):
     """A tiny random BertForMaskedLM: 4 layers, 4 heads, vocab 101 (split over no tp: padded rows)."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(3)
-    model = BertForMaskedLM(BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                       intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
-                                       initializer_range=0.2)).eval()
-    folder = tmp_path_factory.mktemp("bert_sharding")
-    model.save_pretrained(folder)
-    return folder
+    return tiny_bert_factory("mlm", seed=3, vocab_size=101, num_hidden_layers=4)[0]
 
 
 @pytest.fixture(scope="module")
