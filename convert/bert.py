@@ -8,13 +8,12 @@ transposed, and the separate query / key / value projections are fused into one
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from energon_jax.convert.hf_files import CheckpointError
+from energon_jax.convert.hf_files import CheckpointError, read_json_object
 from energon_jax.models.bert import BERT_ACTIVATIONS, BertConfig
 
 
@@ -127,14 +126,7 @@ def sentence_max_seq_len(folder) -> int | None:
     path = Path(folder) / SENTENCE_CONFIG
     if not path.is_file():
         return None
-    try:
-        settings = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or remove the file") from None
-    if not isinstance(settings, dict):
-        raise CheckpointError(f"{path}: not a JSON object of sentence-transformers settings "
-                              f"(got {type(settings).__name__}); fix or remove the file")
-    value = settings.get("max_seq_length")
+    value = read_json_object(path, "sentence-transformers settings", "; fix or remove the file").get("max_seq_length")
     if value is None:
         return None
     # bool is an int to Python; 256.0 is not what sentence-transformers writes either.

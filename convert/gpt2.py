@@ -6,14 +6,13 @@ output axis is split into (3, heads, head_dim).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from energon_jax.config import GPT2Config
-from energon_jax.convert.hf_files import CheckpointError
+from energon_jax.convert.hf_files import CheckpointError, read_json_object
 
 # HF config options that change the numbers and that this module does not implement: value accepted.
 _REJECTED_IF_SET = {
@@ -51,13 +50,7 @@ def config_from_hf(hf: dict, where="config.json") -> GPT2Config:
     # given by its path (a bare name, the default, is no file of ours)
     generation = where.with_name("generation_config.json") if isinstance(where, Path) else None
     if generation is not None and generation.is_file():
-        try:
-            with open(generation) as f:
-                gen = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{generation}: cannot read it ({e})") from None
-        if not isinstance(gen, dict):
-            raise CheckpointError(f"{generation}: must hold a JSON object, not {type(gen).__name__}")
+        gen = read_json_object(generation, "generation settings")
         eos += tuple(i for i in _eos_ids(gen.get("eos_token_id"), generation, "eos_token_id") if i not in eos)
     return GPT2Config(
         vocab_size=hf["vocab_size"],
@@ -87,7 +80,8 @@ def config_to_hf(cfg: GPT2Config) -> dict:
         "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.n_inner,
         "layer_norm_epsilon": cfg.layer_norm_epsilon, "scale_attn_weights": cfg.scale_attn_weights,
-        "activation_function": "gelu_new", "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_id,
+        "activation_function": "gelu_new", "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_id,
         "tie_word_embeddings": True,
     }
 

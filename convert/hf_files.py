@@ -26,17 +26,23 @@ class CheckpointError(ValueError):
     """A model folder or weight file that cannot be read; the message names the file or tensor."""
 
 
+def read_json_object(path: Path, what: str, hint: str = "") -> dict:
+    """The JSON object in the file at `path` (a model folder's config, index or settings file);
+    a file that is not one raises CheckpointError naming it, `what` it should hold, and `hint`."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({e}){hint}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a JSON object of {what} (got {type(value).__name__}){hint}")
+    return value
+
+
 def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: config.json not found; a Hugging Face model folder needs one")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: not a JSON object of config options (got {type(hf).__name__})")
-    return hf
+    return read_json_object(path, "config options")
 
 
 class SafetensorsFile:
@@ -156,11 +162,7 @@ class TensorSource:
 
 def _read_weight_map(index: Path) -> dict[str, str]:
     """model.safetensors.index.json's weight_map (tensor name -> shard file), checked against the folder."""
-    try:
-        meta = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
-    weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+    weight_map = read_json_object(index, "index entries").get("weight_map")
     if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
         raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor name -> safetensors file name")
     missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from energon_jax.convert.hf_files import CheckpointError, SafetensorsFile, TensorSource, read_config
+from energon_jax.convert.hf_files import CheckpointError, SafetensorsFile, TensorSource, read_config, read_json_object
 
 FORMAT = "energon-jax-orbax"
 # Version 2: GPT-2's projection weights are stored [out, in] (models/layers.project); a version-1
@@ -501,12 +501,9 @@ def _replace(tmp: Path, out: Path) -> Path | None:
 def read_converted_config(folder) -> dict:
     """energon_config.json of a converted folder, checked for format and version."""
     path = Path(folder) / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; {folder} is not a folder written by `energon convert`") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; {folder} is not a folder written by `energon convert`")
+    meta = read_json_object(path, "converted-folder metadata")
     version = meta.get("format_version")
     readable = version == FORMAT_VERSION or meta.get("architecture") in _STILL_READABLE.get(version, ())
     if meta.get("format") != FORMAT or not readable:
