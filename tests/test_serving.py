@@ -135,9 +135,9 @@ def test_slot_engine_matches_generate_and_never_recompiles(model):
             off = model.generate([ids[s]], max_new_tokens=8, seed=11 + s, **settings[(s + round_) % 2])[0]
             assert served[: len(off.token_ids)] == off.token_ids
     assert dict(eng.compile_counts) == compiled  # new lengths in a bucket and new sampling settings: no compile
-    make = eng._make_state  # a reset (engine failure) reuses the compiled empty state; it jitted anew per call
+    empty = eng._empty_state  # a reset (engine failure) reuses the compiled empty state; it jitted anew per call
     eng.state = eng.fresh_state()
-    assert eng._make_state is make and make._cache_size() == 1
+    assert eng._empty_state is empty and empty._cache_size() == 1
 
 
 def test_a_cache_length_off_the_powers_of_two_is_warmed_up(model):

@@ -169,7 +169,7 @@ class GPTModel(ShardedModel):
         return 2 * local * np.dtype(self.dtype).itemsize  # K and V
 
     # ----------------------------------------------------------------- inputs
-    def _dp_rows(self, n: int) -> int:
+    def dp_rows(self, n: int) -> int:
         """`n` rows rounded up to a multiple of dp: a dispatch's batch splits evenly over the
         data-parallel replicas, and `logits` and `generate` pad their rows up to it."""
         return -(-n // self.dp) * self.dp
@@ -215,7 +215,7 @@ class GPTModel(ShardedModel):
         tb = bucket(t, self.max_seq_len)
         # any batch: rows past b (token PAD_ID, a valid id, over all t positions) fill the last
         # data-parallel replica and are cut from the result
-        padded = np.full((self._dp_rows(b), tb), PAD_ID, np.int32)
+        padded = np.full((self.dp_rows(b), tb), PAD_ID, np.int32)
         padded[:b, :t] = arr
         out = self._forward(self.params, self.put_rows(padded), self.put_rows(np.full((len(padded),), t, np.int32)))
         return np.asarray(out[:b, :t, : self.config.vocab_size], dtype=np.float32)
@@ -260,7 +260,7 @@ class GPTModel(ShardedModel):
 
         n = len(ids)
         # padded rows generate nothing (max_new 0); at least min_decode_rows() of them
-        b = self._dp_rows(bucket(n, minimum=min_decode_rows() * self.dp))
+        b = self.dp_rows(bucket(n, minimum=min_decode_rows() * self.dp))
         t = bucket(max(len(p) for p in ids), self.max_seq_len)
         out_len = bucket(max_new_tokens, minimum=8)
         cache_len = bucket(t + out_len, self.max_seq_len)

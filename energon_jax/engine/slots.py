@@ -116,7 +116,7 @@ class SlotEngine:
         self._replicated = replicated
         self._prefill = self._make_prefill()
         self._decode = self._make_decode()
-        self._make_state = None
+        self._empty_state = self._make_empty_state()
         self.state = self.fresh_state()
 
     @property
@@ -129,19 +129,20 @@ class SlotEngine:
             (self.rows_for(t), t) for t in self.prefill_buckets if self.rows_for(t) > self.dp]
 
     # ------------------------------------------------------------------ state
+    def _make_empty_state(self):
+        s = self.num_slots
+
+        @functools.partial(jax.jit, out_shardings=self._state_sharding)
+        def empty():
+            return DecodeState(self.runner.empty_cache(s, self.cache_len), jnp.full((s,), PAD_ID, jnp.int32),
+                               jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.uint32),
+                               jnp.zeros((s,), bool), SamplingParams.make(s))
+
+        return empty
+
     def fresh_state(self) -> DecodeState:
-        """Every slot empty. Compiled once: it runs at start, after warm-up and on each reset."""
-        if self._make_state is None:
-            s = self.num_slots
-
-            @functools.partial(jax.jit, out_shardings=self._state_sharding)
-            def make():
-                return DecodeState(self.runner.empty_cache(s, self.cache_len), jnp.full((s,), PAD_ID, jnp.int32),
-                                   jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.uint32),
-                                   jnp.zeros((s,), bool), SamplingParams.make(s))
-
-            self._make_state = make
-        return self._make_state()
+        """Every slot empty (one program, compiled once: it runs at start, after warm-up and on each reset)."""
+        return self._empty_state()
 
     def cache_bytes(self) -> int:
         return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self._cache_shapes))
@@ -212,8 +213,7 @@ class SlotEngine:
     def rows_for(self, t: int) -> int:
         """Rows of the batched prefill program for prompt bucket t: as many as fit the token budget,
         rounded up to a multiple of dp (the kernels' shard_map splits rows over "data")."""
-        rows = max(1, min(self.max_prefill_batch, self.prefill_batch_tokens // t))
-        return -(-rows // self.dp) * self.dp
+        return self.model.dp_rows(max(1, min(self.max_prefill_batch, self.prefill_batch_tokens // t)))
 
     def prefill_shape(self, lengths) -> tuple[int, int]:
         """The compiled (rows, tokens) program that prompts of these lengths run as one batch:
