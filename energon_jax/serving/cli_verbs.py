@@ -112,21 +112,19 @@ def check_serve_options(max_batch_size, max_queue, request_timeout, options: dic
     """The GPT Server's options, checked before the model loads (a bad one cost the load): by the
     pure-Python Scheduler they configure and SlotEngine's power-of-two rule, the checks the
     Server runs. flags: name them as `energon serve`'s flags."""
+    from energon_jax.engine.sampling import check_int
     from energon_jax.engine.slots import check_power_of_two
     from energon_jax.serving.scheduler import Scheduler
 
     try:
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
+        check_int("max_batch_size", max_batch_size, 1)
         Scheduler(max_batch_size, max_queue=max_queue, context_len=1,
                   **{k: options[k] for k in ("max_prefill_tokens", "batch_wait", "prefill_window") if k in options})
         check_timeout(request_timeout, "request_timeout")
         check_power_of_two("decode_steps", options.get("decode_steps", 8))
         if options.get("max_prefill_batch") is not None:
             check_power_of_two("max_prefill_batch", options["max_prefill_batch"])
-        tokens = options.get("prefill_batch_tokens", 8192)
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ValueError(f"prefill_batch_tokens={tokens!r} must be an int >= 1")
+        check_int("prefill_batch_tokens", options.get("prefill_batch_tokens", 8192), 1)
     except ValueError as e:
         name, sep, rest = str(e).partition("=")
         if flags and sep and name.isidentifier():
