@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from energon_jax.convert.orbax_io import DTYPES
+from energon_jax.convert.hf_files import DTYPES
 
 
 def _cpu_only() -> None:
@@ -52,7 +52,9 @@ def _inspect(args) -> int:
         f"path:          {info['path']} ({'Hugging Face folder' if info['kind'] == 'huggingface' else 'energon convert output'})",
         f"architecture:  {info['architecture']}",
         "dims:          " + ", ".join(f"{k}={v}" for k, v in info["dims"].items()),
-        f"dtype:         {info['dtype']}",
+        f"dtype:         {info['dtype'] or 'no floating weights'}" + (
+            "" if info["default_dtype"] == info["dtype"] else
+            f" (a convert or load without --dtype takes {info['default_dtype']}: {info['default_dtype_from']})"),
         f"max_seq_len:   {info['max_seq_len']} (a load's default)",
         f"parameters:    {info['num_params']:,} ({info['num_params'] / 1e6:.2f}M)",
         f"bytes:         {_format_bytes(info['bytes'])}; on disk {_format_bytes(info['bytes_on_disk'])}",
@@ -83,7 +85,9 @@ def add_parsers(sub) -> None:
     c.add_argument("src", help="Hugging Face model folder (config.json + safetensors or pytorch_model.bin) "
                                  "or preset name (e.g. tiny-gpt2-pydoc)")
     c.add_argument("out", help="output folder (written to a temporary folder beside it, renamed at the end)")
-    c.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating tensors (default: keep the source's)")
+    c.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="cast floating tensors (default: the source's, config.json's dtype, else the weights'; "
+                        "`energon inspect SRC` shows it)")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint is written for (recorded)")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint is written for (recorded)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")

@@ -6,6 +6,7 @@ and a truncated file is reported with the tensor that runs past its end.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
@@ -20,6 +21,10 @@ _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+
+
+# The parameter dtypes a conversion or a load may take (--dtype's choices).
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 class CheckpointError(ValueError):
@@ -186,3 +191,62 @@ def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
         t = t.detach()
         out[name] = t.float().numpy().astype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointDtype:
+    """The dtype a conversion or a load of a Hugging Face folder takes when given none, and why.
+
+    name: a floating dtype, never an integer one. stored: the floating dtypes of the weights the
+    model reads, the one holding the most parameters first ("float16+float32"; "" when none is
+    floating). reason: where `name` comes from, in words (inspect and convert print it).
+    """
+
+    name: str
+    stored: str
+    reason: str
+
+    @property
+    def plain(self) -> bool:
+        """The weights are all of `name`: nothing to say about the choice."""
+        return self.stored == self.name
+
+
+def checkpoint_dtype(hf: dict, source: "TensorSource", names) -> CheckpointDtype:
+    """The default dtype of a folder with config `hf` whose model reads the tensors `names` of `source`
+    (names it does not hold are left out; integer buffers count for nothing).
+
+    config.json's `dtype` (transformers >= 4.56) or `torch_dtype` wins where it is one of DTYPES, as
+    transformers' dtype="auto" takes it; else the weights' dtype, and for weights of mixed floating
+    dtypes the one holding the most parameters (ties: the wider). One function for `energon convert`,
+    `energon inspect` and the loaders of Hugging Face folders, so all three agree.
+    """
+    params: dict[str, int] = {}
+    for name in dict.fromkeys(names):
+        dtype = np.dtype(source.dtype(name)) if name in source else None
+        if dtype is not None and is_floating(dtype):
+            params[dtype.name] = params.get(dtype.name, 0) + int(np.prod(source.shape(name)))
+    ranked = sorted(params, key=lambda d: (-params[d], -np.dtype(d).itemsize, d))
+    stored = "+".join(ranked)
+    unusable = ""
+    for key in ("dtype", "torch_dtype"):
+        if key not in hf or hf[key] is None:
+            continue
+        value = hf[key]
+        name = value.removeprefix("torch.") if isinstance(value, str) else None
+        if name in DTYPES:
+            return CheckpointDtype(name, stored, f"config.json's {key}")
+        unusable = f"; config.json's {key}={value!r} is not one of {list(DTYPES)}"
+        break
+    if not ranked:
+        return CheckpointDtype("float32", stored, "no floating-point weights" + unusable)
+    if len(ranked) == 1:
+        return CheckpointDtype(ranked[0], stored, "the weights" + unusable)
+    return CheckpointDtype(ranked[0], stored, f"most parameters of the mixed {stored} weights"
+                           + (unusable or "; config.json gives no dtype") + "; --dtype chooses another")
+
+
+def is_floating(dtype) -> bool:
+    """A floating dtype, bfloat16 included (ml_dtypes' bfloat16 is no np.floating to numpy)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16)

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from energon_jax.convert.hf_files import CheckpointError, SafetensorsFile, TensorSource, read_config, read_json_object
+from energon_jax.convert.hf_files import (DTYPES, CheckpointDtype, CheckpointError, SafetensorsFile, TensorSource,
+                                          checkpoint_dtype, read_config, read_json_object)
 
 FORMAT = "energon-jax-orbax"
 # Version 2: GPT-2's projection weights are stored [out, in] (models/layers.project); a version-1
@@ -47,7 +48,6 @@ FORMAT_VERSION = 2
 _STILL_READABLE = {1: {"bert"}}  # older version -> model types whose tensors it wrote as now
 CONFIG_FILE = "energon_config.json"  # the marker loading.CONVERTED_MARKER looks for
 CHECKPOINT_DIR = "checkpoint"
-DTYPES = ("bfloat16", "float16", "float32")
 # Files carried over beside the checkpoint so the tokenizer loads from OUT as from the HF folder.
 # sentence_bert_config.json: read back at load for the default max_seq_len (Architecture.default_max_seq_len).
 _CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -152,6 +152,16 @@ def _converter(arch: Architecture):
     return importlib.import_module(arch.converter)
 
 
+def mapped_tensors(arch: Architecture, source: TensorSource, cfg) -> list[str]:
+    """The tensors of `source` that the architecture's name map reads (buffers and unused heads left out)."""
+    return [n for n in _converter(arch).mapped_names(source.keys(), cfg) if n in source]
+
+
+def source_dtype(arch: Architecture, hf: dict, source: TensorSource, cfg) -> CheckpointDtype:
+    """The dtype a conversion (and a load) of the Hugging Face folder takes without --dtype, and why."""
+    return checkpoint_dtype(hf, source, mapped_tensors(arch, source, cfg))
+
+
 def _key(path: tuple) -> str:
     return "/".join(path)
 
@@ -166,10 +176,13 @@ class ConvertSummary:
     bytes: int
     dtype: str
     seconds: float
+    # Why `dtype`, where no --dtype chose it and the weights were not all of it (else None).
+    dtype_from: str | None = None
 
     def line(self) -> str:
+        why = f" (from {self.dtype_from})" if self.dtype_from else ""
         return (f"converted {self.architecture}: {self.num_params / 1e6:.2f}M params, {self.num_tensors} tensors, "
-                f"{self.bytes / 2**20:.1f} MiB {self.dtype} in {self.seconds:.1f} s -> {self.out}")
+                f"{self.bytes / 2**20:.1f} MiB {self.dtype}{why} in {self.seconds:.1f} s -> {self.out}")
 
 
 def _sha256(path: Path) -> str:
@@ -318,7 +331,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
                        buffer_bytes: int = 64 << 20, progress: bool = True) -> ConvertSummary:
     """Convert a Hugging Face folder `src` to a converted folder `out` (see the module docstring).
 
-    dtype: None keeps the checkpoint's dtype; else one of DTYPES (floating tensors are cast).
+    dtype: None takes the checkpoint's (`source_dtype`: config.json's, else the weights'); else one
+    of DTYPES. Floating tensors are cast to it; integer ones are kept.
     tp, pp: the layout the checkpoint is written for (recorded; it loads on any mesh).
     buffer_bytes: converted tensors are buffered up to this size between Orbax writes, so peak
     host memory is about the largest tensor plus this buffer, whatever the model size.
@@ -348,6 +362,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     cfg = arch.config(hf, source.keys(), src / "config.json")
     _check_layout(arch, cfg, tp, pp)
     arch.default_max_seq_len(src, cfg)  # a bad sentence_bert_config.json fails here, not at every load
+    chosen = source_dtype(arch, hf, source, cfg)
+    out_dtype = dtype or chosen.name
 
     # The module's own parameter tree says which tensors exist, their shapes and which are per-layer.
     from energon_jax.loading import param_specs
@@ -365,8 +381,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     written = False
     try:
         with _DeferredSignals() as signals:
-            manifest, out_dtype, nbytes, ntensors = _write_params(
-                source, cfg, arch, expected, tmp / CHECKPOINT_DIR, dtype, buffer_bytes, num_params, progress,
+            manifest, nbytes, ntensors = _write_params(
+                source, cfg, arch, expected, tmp / CHECKPOINT_DIR, out_dtype, buffer_bytes, num_params, progress,
                 signals.check)
             hashed = [src / "config.json", *src.glob("*.index.json"), *source.files,
                       *[p for p in [src / "sentence_bert_config.json"] if p.is_file()]]
@@ -401,7 +417,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ConvertSummary(out, hf["model_type"], num_params, ntensors, nbytes, out_dtype, time.perf_counter() - t0)
+    return ConvertSummary(out, hf["model_type"], num_params, ntensors, nbytes, out_dtype, time.perf_counter() - t0,
+                          None if dtype or chosen.plain else f"{chosen.reason}; stored {chosen.stored}")
 
 
 def _converter_version() -> str:
@@ -410,14 +427,15 @@ def _converter_version() -> str:
     return f"energon-jax {energon_jax.__version__} / format {FORMAT_VERSION}"
 
 
-def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, num_params, progress, check_interrupt):
-    """Stream `iter_params` into one Orbax checkpoint; returns (manifest, dtype name, bytes, tensors)."""
+def _write_params(source, cfg, arch, expected, ckpt_dir, out_dtype, buffer_bytes, num_params, progress,
+                  check_interrupt):
+    """Stream `iter_params` into one Orbax checkpoint, floating tensors cast to `out_dtype`; returns
+    (manifest, bytes, tensors)."""
     import orbax.checkpoint.experimental.v1 as ocp
     from orbax.checkpoint.experimental.v1 import partial as orbax_partial
     from tqdm import tqdm
 
     manifest: dict[str, dict] = {}
-    out_dtype = None
     buffer, buffered = {}, 0
     nbytes = ntensors = 0
     # Random / trained weights hardly compress; plain storage is faster and its size predictable.
@@ -450,8 +468,6 @@ def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, nu
             if tuple(arr.shape) != want:
                 raise CheckpointError(f"tensor for {key!r}{'' if layer is None else f' layer {layer}'} has shape "
                                       f"{tuple(arr.shape)} after conversion, the model expects {want}")
-            if out_dtype is None:
-                out_dtype = dtype or np.dtype(arr.dtype).name
             if jnp.issubdtype(arr.dtype, jnp.floating):
                 arr = arr.astype(out_dtype, copy=False)
             leaf_path = path if layer is None else (*path, _LAYER_KEY.format(layer))
@@ -478,7 +494,7 @@ def _write_params(source, cfg, arch, expected, ckpt_dir, dtype, buffer_bytes, nu
         if entry["layers"] is not None:
             entry["layers"] = len(entry["layers"])
     orbax_partial.finalize(ckpt_dir)
-    return manifest, out_dtype, nbytes, ntensors
+    return manifest, nbytes, ntensors
 
 
 def _replace(tmp: Path, out: Path) -> Path | None:
@@ -646,7 +662,8 @@ def describe(path) -> dict:
 
     A Hugging Face folder's dtype and bytes are those of the tensors the model reads (buffers and
     unused heads left out); a checkpoint of mixed floating dtypes gets "float16+float32", the dtype
-    holding the most parameters first."""
+    holding the most parameters first. default_dtype: what a conversion or load takes without
+    --dtype (`checkpoint_dtype`, which convert and the loaders call too), default_dtype_from: why."""
     from energon_jax.loading import resolve_path
 
     folder = resolve_path(path)  # a folder or a preset name, as generate and serve take it
@@ -657,7 +674,8 @@ def describe(path) -> dict:
         cfg = arch.config(meta["hf_config"], meta["source"]["tensors"], folder / CONFIG_FILE)
         return {"kind": "converted", "path": str(folder), "architecture": meta["architecture"],
                 "dims": meta["dims"], "max_seq_len": arch.default_max_seq_len(folder, cfg),
-                "dtype": meta["dtype"], "num_params": meta["num_params"],
+                "dtype": meta["dtype"], "default_dtype": meta["dtype"],
+                "default_dtype_from": "the converted checkpoint", "num_params": meta["num_params"],
                 "bytes": meta["bytes"], "bytes_on_disk": disk, "layout": meta["layout"],
                 "converter_version": meta["converter_version"], "source": meta["source"]}
     hf = read_config(folder)
@@ -668,15 +686,11 @@ def describe(path) -> dict:
 
     _, shapes = param_specs(*arch.module(cfg, jnp.float32, None))
     num_params = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
-    mapped = [n for n in _converter(arch).mapped_names(source.keys(), cfg) if n in source]
-    params_by_dtype: dict[str, int] = {}
-    for name in mapped:
-        if jnp.issubdtype(source.dtype(name), jnp.floating):
-            dtype = np.dtype(source.dtype(name)).name
-            params_by_dtype[dtype] = params_by_dtype.get(dtype, 0) + int(np.prod(source.shape(name)))
+    mapped = mapped_tensors(arch, source, cfg)
+    chosen = checkpoint_dtype(hf, source, mapped)
     return {"kind": "huggingface", "path": str(folder), "architecture": hf["model_type"],
             "dims": dataclasses.asdict(cfg), "max_seq_len": arch.default_max_seq_len(folder, cfg),
-            "dtype": "+".join(sorted(params_by_dtype, key=params_by_dtype.get, reverse=True)),
+            "dtype": chosen.stored, "default_dtype": chosen.name, "default_dtype_from": chosen.reason,
             "num_params": num_params,
             "bytes": sum(int(np.prod(source.shape(n))) * np.dtype(source.dtype(n)).itemsize for n in mapped),
             "bytes_on_disk": sum(p.stat().st_size for p in source.files),

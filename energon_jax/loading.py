@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.convert import gpt2 as gpt2_convert
-from energon_jax.convert.hf_files import CheckpointError, TensorSource, read_config
+from energon_jax.convert.hf_files import CheckpointError, TensorSource, checkpoint_dtype, read_config
 from energon_jax.runtime.compile_cache import enable_compilation_cache
 from energon_jax.runtime.mesh import check_layout, resolve_mesh
 from energon_jax.runtime.sharding import logical_to_sharding, table_multiple
@@ -96,7 +96,8 @@ def load_sharded_model(path, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype=Non
     """Load a GPT-2 or Bert model and place its parameters on a device mesh.
 
     path: a Hugging Face model folder, a folder written by `energon convert`, or a preset name.
-    dtype: None keeps the checkpoint's dtype; "bfloat16", "float16" or "float32".
+    dtype: None keeps the checkpoint's dtype (config.json's, else the weights': what `energon inspect`
+    shows as the default and `energon convert` writes); "bfloat16", "float16" or "float32".
     """
     enable_compilation_cache()
     folder = resolve_path(path)
@@ -166,10 +167,11 @@ def _load_gpt2(folder, hf_config, mesh, dtype, max_seq_len):
     cfg = gpt2_convert.config_from_hf(hf_config, folder / "config.json")
     check_layout(mesh, heads=cfg.n_head, mlp=cfg.mlp_dim, layers=cfg.n_layer)
     max_seq_len = check_max_seq_len(max_seq_len, cfg.n_positions)
-    host = stack_layers(gpt2_convert.iter_params(TensorSource(folder), cfg), cfg.n_layer)
+    source = TensorSource(folder)
+    dtype = dtype or jnp.dtype(checkpoint_dtype(hf_config, source, gpt2_convert.mapped_names(source.keys(), cfg)).name)
+    host = stack_layers(gpt2_convert.iter_params(source, cfg), cfg.n_layer)
     multiple = table_multiple(mesh)
     host["wte"], host["wpe"] = pad_rows(host["wte"], multiple), pad_rows(host["wpe"], multiple)
-    dtype = dtype or jnp.dtype(host["wte"].dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = place_params(host, GPT2(cfg, param_dtype=dtype, table_multiple=multiple), (tokens, tokens), mesh, dtype)
     return GPTModel(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len=max_seq_len, source=str(folder))

@@ -495,6 +495,91 @@ def test_inspect_takes_dtype_and_bytes_from_the_weights(hf_gpt2, converted, tmp_
     assert mixed["bytes"] == 2 * hf["num_params"] + 2 * sum(tensors[n].size for n in ln) > 2 * hf["num_params"]
 
 
+def _set_config_dtype(src: Path, **keys) -> None:
+    """config.json with its dtype keys (dtype, torch_dtype) replaced by `keys`."""
+    cfg = json.loads((src / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    (src / "config.json").write_text(json.dumps({**cfg, **keys}))
+
+
+def test_convert_without_dtype_takes_the_checkpoints_float_dtype(hf_gpt2, tmp_path, capsys):
+    """convert without --dtype cast every weight to the dtype of the first tensor it wrote: a GPT-2
+    whose wte (written first) is float16 and the rest float32 came out all float16, whatever config.json
+    said. Now config.json's dtype / torch_dtype decides, else the weights' (most parameters); inspect
+    says so, and convert, inspect and a load of the Hugging Face folder agree."""
+    from safetensors.numpy import load_file, save_file
+
+    src = _tiny_copy(hf_gpt2, tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    save_file({n: t.astype(np.float16) if n.endswith("wte.weight") else t for n, t in tensors.items()},
+              str(src / "model.safetensors"))
+    cases = [(dict(dtype="float32"), "float32", "config.json's dtype"),
+             (dict(torch_dtype="float16"), "float16", "config.json's torch_dtype"),
+             ({}, "float32", "most parameters of the mixed float32+float16 weights; config.json gives no dtype"),
+             (dict(torch_dtype="int8"), "float32", "config.json's torch_dtype='int8' is not one of")]
+    for i, (keys, want, why) in enumerate(cases):
+        _set_config_dtype(src, **keys)
+        info = orbax_io.describe(src)
+        assert info["dtype"] == "float32+float16", info["dtype"]
+        assert info["default_dtype"] == want and why in info["default_dtype_from"], (keys, info)
+        out = tmp_path / f"out{i}"
+        assert _convert(src, out) == 0
+        line = capsys.readouterr().out
+        assert f"MiB {want} (from " in line and why in line and "stored float32+float16" in line, line
+        meta = json.loads((out / "energon_config.json").read_text())
+        assert meta["dtype"] == want and {e["dtype"] for e in meta["params"].values()} == {want}, (keys, meta)
+        assert orbax_io.describe(out)["default_dtype"] == want
+        for folder in (src, out):
+            assert {x.dtype for x in jax.tree.leaves(ej.load_sharded_model(folder).params)} == {np.dtype(want)}
+    assert main(["inspect", str(src)]) == 0
+    assert ("dtype:         float32+float16 (a convert or load without --dtype takes float32: most parameters of "
+            "the mixed float32+float16 weights; config.json's torch_dtype='int8' is not one of"
+            ) in capsys.readouterr().out
+    # --dtype still wins, and a uniform checkpoint's line says nothing more
+    assert _convert(src, tmp_path / "half", "--dtype", "float16") == 0
+    assert "MiB float16 in " in capsys.readouterr().out
+    assert _convert(hf_gpt2[0], tmp_path / "plain") == 0
+    assert "MiB float32 in " in capsys.readouterr().out
+
+
+def test_bert_load_takes_the_config_dtype(hf_bert, tmp_path):
+    """A Bert folder's load took its word embeddings' dtype; config.json's dtype decides, as for convert."""
+    src = tmp_path / "src"
+    shutil.copytree(hf_bert[0], src)
+    _set_config_dtype(src, torch_dtype="bfloat16")
+    assert orbax_io.describe(src)["default_dtype"] == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(ej.load_sharded_model(src).params)} == {np.dtype("bfloat16")}
+
+
+class _FakeSource(dict):
+    """name -> (dtype, shape), with TensorSource's dtype / shape."""
+
+    def dtype(self, name):
+        return np.dtype(self[name][0])
+
+    def shape(self, name):
+        return self[name][1]
+
+
+def test_checkpoint_dtype_is_a_float_dtype():
+    """Integer buffers (Bert's int64 position_ids) count for nothing; the dtype holding the most
+    parameters wins (ties: the wider); config.json's dtype wins where it is one --dtype takes."""
+    from energon_jax.convert.hf_files import checkpoint_dtype
+
+    src = _FakeSource({"embeddings.position_ids": (np.int64, (1, 512)), "a": ("bfloat16", (10, 10)),
+                       "b": (np.float32, (10,)), "c": (np.float16, (4,)), "d": (np.float32, (4,))})
+    got = checkpoint_dtype({}, src, ["embeddings.position_ids", "a", "b", "missing"])
+    assert (got.name, got.stored) == ("bfloat16", "bfloat16+float32") and "most parameters" in got.reason
+    assert checkpoint_dtype({}, src, ["c", "d"]).name == "float32"  # 4 params each: the wider
+    only_ints = checkpoint_dtype({}, src, ["embeddings.position_ids"])
+    assert (only_ints.name, only_ints.stored) == ("float32", "")
+    assert checkpoint_dtype({"torch_dtype": "torch.float16"}, src, ["b"]).name == "float16"
+    assert checkpoint_dtype({"dtype": None, "torch_dtype": "float16"}, src, ["b"]).name == "float16"
+    plain = checkpoint_dtype({"torch_dtype": 5}, src, ["b"])
+    assert (plain.name, plain.plain) == ("float32", True) and "torch_dtype=5 is not one of" in plain.reason
+
+
 def _drop_vocab_size(src: Path) -> tuple[str, ...]:
     cfg = json.loads((src / "config.json").read_text())
     del cfg["vocab_size"]
@@ -723,3 +808,4 @@ def test_minilm_converted_loads_at_sentence_transformers_length(tmp_path):
     np.testing.assert_allclose(model.encode([text], truncate=True, normalize=True),
                                direct.encode([text], truncate=True, normalize=True), atol=1e-5, rtol=0)
     assert ej.load_sharded_model(out, max_seq_len=512).max_seq_len == 512
+

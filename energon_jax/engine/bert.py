@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.convert import bert as bert_convert
-from energon_jax.convert.hf_files import TensorSource
+from energon_jax.convert.hf_files import TensorSource, checkpoint_dtype
 from energon_jax.engine.base import ShardedModel, token_matrix
 from energon_jax.engine.packing import (MIN_SEQ_BUCKET, PackedChunk, check_sequences, pack_chunk, pack_microbatches,
                                         plan_chunks, token_buckets)
@@ -445,6 +445,6 @@ def load_bert(folder, hf_config: dict, mesh, dtype, max_seq_len):
         host[name] = pad_rows(host[name], multiple)
     if cfg.has_mlm_head:
         host["mlm"]["bias"] = pad_rows(host["mlm"]["bias"], multiple)
-    dtype = dtype or jnp.dtype(host["word_embeddings"].dtype)
+    dtype = dtype or jnp.dtype(checkpoint_dtype(hf_config, source, bert_convert.mapped_names(source.keys(), cfg)).name)
     params = place_params(host, Bert(cfg, dtype, table_multiple=multiple), example_args(), mesh, dtype)
     return BertModel(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len=max_seq_len, source=str(folder))
