@@ -115,25 +115,43 @@ def config_to_hf(cfg: BertConfig) -> dict:
 
 # sentence-transformers' settings of its Transformer module, beside config.json in a sentence-transformers
 # folder (all-MiniLM-L6-v2: {"max_seq_length": 256, "do_lower_case": false}). It truncates every input to
-# max_seq_length tokens, so serving the model at its 512 positions gives other embeddings past 256.
+# max_seq_length tokens, so serving the model at its 512 positions gives other embeddings past 256; with
+# do_lower_case true it lower-cases every text (str.lower) before the tokenizer sees it.
 SENTENCE_CONFIG = "sentence_bert_config.json"
 
 
-def sentence_max_seq_len(folder) -> int | None:
-    """`max_seq_length` of `folder`'s sentence_bert_config.json: None when the file is absent, or
-    absent or null in it (sentence-transformers then uses the model's positions too); a file that is
-    not a JSON object with a positive int there raises CheckpointError naming it."""
-    path = Path(folder) / SENTENCE_CONFIG
-    if not path.is_file():
-        return None
-    value = read_json_object(path, "sentence-transformers settings", "; fix or remove the file").get("max_seq_length")
-    if value is None:
-        return None
+# key -> (check, what the value must be); null or absent is always accepted (the default).
+_SENTENCE_KEYS = {
     # bool is an int to Python; 256.0 is not what sentence-transformers writes either.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CheckpointError(f"{path}: max_seq_length={value!r} must be a positive int (or null); "
-                              f"fix or remove the file")
-    return value
+    "max_seq_length": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int"),
+    # "true" and 1 are not what sentence-transformers writes: refused rather than guessed at
+    "do_lower_case": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def sentence_config(folder) -> dict:
+    """The settings of `folder`'s sentence_bert_config.json that a load uses, checked together
+    whichever one is asked for: {"max_seq_length": int or None, "do_lower_case": bool}, None / False
+    when the file or the key is absent (or null). A file that is not a JSON object, or a value of the
+    wrong type, raises CheckpointError naming the file and the key."""
+    path = Path(folder) / SENTENCE_CONFIG
+    raw = read_json_object(path, "sentence-transformers settings", "; fix or remove the file") if path.is_file() else {}
+    for key, (check, want) in _SENTENCE_KEYS.items():
+        if raw.get(key) is not None and not check(raw[key]):
+            raise CheckpointError(f"{path}: {key}={raw[key]!r} must be {want} (or null); fix or remove the file")
+    return {"max_seq_length": raw.get("max_seq_length"), "do_lower_case": bool(raw.get("do_lower_case"))}
+
+
+def sentence_max_seq_len(folder) -> int | None:
+    """`max_seq_length` of `folder`'s sentence_bert_config.json (`sentence_config`): None when absent
+    (sentence-transformers then uses the model's positions too)."""
+    return sentence_config(folder)["max_seq_length"]
+
+
+def sentence_lower_case(folder) -> bool:
+    """`do_lower_case` of `folder`'s sentence_bert_config.json (`sentence_config`): when true,
+    sentence-transformers lower-cases every text before tokenizing, and so does the model's Tokenizer."""
+    return sentence_config(folder)["do_lower_case"]
 
 
 def default_max_seq_len(folder, cfg: BertConfig) -> int:

@@ -6,7 +6,8 @@ On-disk layout of a converted folder OUT:
     OUT/checkpoint/           one Orbax checkpoint (OCDBT); per-layer tensors are separate leaves
     OUT/config.json, tokenizer files   copied from the source folder
     OUT/sentence_bert_config.json      too, where the source has one: its max_seq_length is a Bert
-                                       load's default max_seq_len, as for the Hugging Face folder
+                                       load's default max_seq_len and its do_lower_case lower-cases
+                                       texts before tokenizing, as for the Hugging Face folder
 
 Why per-layer leaves: the model stacks layers on a leading "layers" axis, but a stacked
 tensor is as large as all its layers together. Writing layer leaves lets the converter hold
@@ -49,7 +50,8 @@ _STILL_READABLE = {1: {"bert"}}  # older version -> model types whose tensors it
 CONFIG_FILE = "energon_config.json"  # the marker loading.CONVERTED_MARKER looks for
 CHECKPOINT_DIR = "checkpoint"
 # Files carried over beside the checkpoint so the tokenizer loads from OUT as from the HF folder.
-# sentence_bert_config.json: read back at load for the default max_seq_len (Architecture.default_max_seq_len).
+# sentence_bert_config.json: read back at load for the default max_seq_len (Architecture.default_max_seq_len)
+# and do_lower_case (Architecture.lower_case).
 _CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
                   "sentence_bert_config.json")
@@ -74,6 +76,8 @@ class Architecture:
     model: (cfg, params, mesh, tokenizer, max_seq_len, source) -> the user-facing model object.
     default_max_seq_len: (folder, cfg) -> the max_seq_len a load takes when given none; it reads the
         folder's own files (a converted folder carries them), raising CheckpointError on a bad one.
+    lower_case: folder -> whether texts are lower-cased before the tokenizer sees them (Bert: a
+        sentence-transformers folder's do_lower_case), from the folder's own files as above.
     """
 
     converter: str
@@ -82,6 +86,7 @@ class Architecture:
     module: Callable
     model: Callable
     default_max_seq_len: Callable = lambda folder, cfg: cfg.max_seq_len
+    lower_case: Callable = lambda folder: False
 
 
 def _gpt2_config(hf, names, where):
@@ -130,6 +135,12 @@ def _bert_default_max_seq_len(folder, cfg):
     return default_max_seq_len(folder, cfg)
 
 
+def _bert_lower_case(folder):
+    from energon_jax.convert.bert import sentence_lower_case
+
+    return sentence_lower_case(folder)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture("energon_jax.convert.gpt2", _gpt2_config,
                          lambda c: {"heads": c.n_head, "mlp": c.mlp_dim, "layers": c.n_layer},
@@ -137,7 +148,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "bert": Architecture("energon_jax.convert.bert", _bert_config,
                          lambda c: {"heads": c.num_attention_heads, "mlp": c.intermediate_size,
                                     "layers": c.num_hidden_layers},
-                         _bert_module, _bert_model, _bert_default_max_seq_len),
+                         _bert_module, _bert_model, _bert_default_max_seq_len, _bert_lower_case),
 }
 
 
@@ -598,6 +609,7 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
     cfg = arch.config(meta["hf_config"], meta["source"]["tensors"], folder / CONFIG_FILE)
     check_layout(mesh, **arch.layout_sizes(cfg))
     default = arch.default_max_seq_len(folder, cfg)  # from the carried files, as load_bert from the HF folder
+    lower_case = arch.lower_case(folder)
     max_seq_len = check_max_seq_len(default if max_seq_len is None else max_seq_len, cfg.max_seq_len)
     dtype = jnp.dtype(dtype or meta["dtype"])
     module, example = arch.module(cfg, dtype, mesh)
@@ -652,7 +664,8 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
         for k in parts[:-1]:
             dest = dest.setdefault(k, {})
         dest[parts[-1]] = node
-    return arch.model(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len, str(folder))
+    return arch.model(cfg, params, mesh, Tokenizer.from_folder(folder, lower_case=lower_case), max_seq_len,
+                      str(folder))
 
 
 # ---------------------------------------------------------------------------------- inspecting

@@ -809,3 +809,79 @@ def test_minilm_converted_loads_at_sentence_transformers_length(tmp_path):
                                direct.encode([text], truncate=True, normalize=True), atol=1e-5, rtol=0)
     assert ej.load_sharded_model(out, max_seq_len=512).max_seq_len == 512
 
+
+_CASED_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "Hello", "world", "World", "say", "Say", "."]
+
+
+def _cased_wordpiece(folder: Path) -> None:
+    """A WordPiece tokenizer that keeps case ("Hello" and "hello" are tokens 6 and 5), saved in `folder`."""
+    from transformers import BertTokenizerFast
+
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(_CASED_VOCAB)}, do_lower_case=False).save_pretrained(folder)
+
+
+def test_sentence_config_do_lower_case_lower_cases_texts(hf_bert, tmp_path):
+    """sentence-transformers lower-cases every text before tokenizing when sentence_bert_config.json
+    says "do_lower_case": true. Only max_seq_length was read, so a cased tokenizer gave other tokens
+    (and embeddings) than sentence-transformers. True lower-cases texts, pairs and truncated texts, in
+    the Hugging Face folder and its converted copy; false or absent leaves them alone."""
+    src = _bert_with_sentence_config(hf_bert, tmp_path, '{"max_seq_length": 32, "do_lower_case": true}')
+    _cased_wordpiece(src)
+    assert _convert(src, tmp_path / "out") == 0
+    texts = ["Hello World", ("Say Hello", "World."), "Hello " * 40]  # the last is cut to 32 tokens
+    lowered = ["hello world", ("say hello", "world."), "hello " * 40]
+    for folder in (src, tmp_path / "out"):
+        model = ej.load_sharded_model(folder)
+        ids, types = model.tokenize(texts, truncate=True)
+        want_ids, want_types = model.tokenize(lowered, truncate=True)
+        assert [x.tolist() for x in ids] == [x.tolist() for x in want_ids], folder
+        assert [x.tolist() for x in types] == [x.tolist() for x in want_types]
+        assert ids[0].tolist() == [2, 5, 7, 3] and len(ids[2]) == 32
+        np.testing.assert_array_equal(model.encode(["Hello World"]), model.encode(["hello world"]))
+    for text in ('{"max_seq_length": 32, "do_lower_case": false}', '{"max_seq_length": 32}', None):
+        if text is None:
+            (src / "sentence_bert_config.json").unlink()
+        else:
+            (src / "sentence_bert_config.json").write_text(text)
+        model = ej.load_sharded_model(src)
+        assert model.tokenize(["Hello World"])[0][0].tolist() == [2, 6, 8, 3], text
+        assert model.tokenize(["hello world"])[0][0].tolist() == [2, 5, 7, 3]
+
+
+@pytest.mark.parametrize("value", ['"yes"', "1", "[true]"])
+def test_do_lower_case_that_is_no_bool_fails_convert_and_load_naming_it(hf_bert, tmp_path, capsys, value):
+    from energon_jax.convert.hf_files import CheckpointError
+
+    src = _bert_with_sentence_config(hf_bert, tmp_path, f'{{"do_lower_case": {value}}}')
+    path = src / "sentence_bert_config.json"
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], str(path), "do_lower_case=", "true or false")
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ": do_lower_case=.* must be true or false"):
+        ej.load_sharded_model(src)
+    # a converted folder whose carried copy was changed afterwards names its own copy
+    path.write_text('{"do_lower_case": true}')
+    assert _convert(src, tmp_path / "out") == 0
+    bad = tmp_path / "out" / "sentence_bert_config.json"
+    bad.write_text(f'{{"do_lower_case": {value}}}')
+    with pytest.raises(CheckpointError, match=re.escape(str(bad)) + ": do_lower_case="):
+        ej.load_sharded_model(tmp_path / "out")
+
+
+def test_service_init_tokenizer_path_keeps_the_model_folders_do_lower_case(hf_bert, tmp_path, monkeypatch):
+    """Energon's tokenizer_path replaces the model's tokenizer files, not the model folder's
+    sentence-transformers settings: texts are still lower-cased."""
+    import energon_jax.serving.api as api
+
+    src = _bert_with_sentence_config(hf_bert, tmp_path, '{"do_lower_case": true}')
+    _cased_wordpiece(tmp_path / "tok")
+    seen = {}
+
+    class Recorder(api.Server):
+        def serve_http(self, **kw):  # built, not served
+            seen["ids"] = self.model.tokenize(["Hello World"])[0][0].tolist()
+
+    monkeypatch.setattr(api, "Server", Recorder)
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"checkpoint = {str(src)!r}\nmodel_type = 'bert'\ntokenizer_path = {str(tmp_path / 'tok')!r}\n"
+                   "log_level = 'warning'\n")
+    assert main(["service", "init", "--config_file", str(cfg)]) == 0
+    assert seen["ids"] == [2, 5, 7, 3]

@@ -258,8 +258,7 @@ class BertModel(ShardedModel):
         ids, types = tok.encode_with_types(a, b)
         if len(ids) > self.max_seq_len and truncate:
             # HF truncation keeps [CLS]/[SEP] and trims the longer text of a pair first
-            enc = tok.hf(a, b, truncation=True, max_length=self.max_seq_len, return_token_type_ids=True)
-            ids, types = enc["input_ids"], enc["token_type_ids"]
+            ids, types = tok.encode_with_types(a, b, max_length=self.max_seq_len)
         return np.asarray(ids, np.int32), np.asarray(types, np.int32)
 
     def tokenize(self, texts_or_ids, *, truncate: bool = False) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
@@ -447,4 +446,5 @@ def load_bert(folder, hf_config: dict, mesh, dtype, max_seq_len):
         host["mlm"]["bias"] = pad_rows(host["mlm"]["bias"], multiple)
     dtype = dtype or jnp.dtype(checkpoint_dtype(hf_config, source, bert_convert.mapped_names(source.keys(), cfg)).name)
     params = place_params(host, Bert(cfg, dtype, table_multiple=multiple), example_args(), mesh, dtype)
-    return BertModel(cfg, params, mesh, Tokenizer.from_folder(folder), max_seq_len=max_seq_len, source=str(folder))
+    tokenizer = Tokenizer.from_folder(folder, lower_case=bert_convert.sentence_lower_case(folder))
+    return BertModel(cfg, params, mesh, tokenizer, max_seq_len=max_seq_len, source=str(folder))

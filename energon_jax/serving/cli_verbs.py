@@ -232,6 +232,14 @@ def read_config(path: str) -> dict:
     return keys
 
 
+def _lower_case(path) -> bool:
+    """A Bert model folder's (or preset's) sentence_bert_config.json do_lower_case."""
+    from energon_jax.convert.bert import sentence_lower_case
+    from energon_jax.loading import resolve_path
+
+    return sentence_lower_case(resolve_path(path))
+
+
 def _service_init(args) -> int:
     import energon_jax as ej
     from energon_jax.tokenizer import Tokenizer
@@ -251,7 +259,8 @@ def _service_init(args) -> int:
     if "model_type" in cfg and cfg["model_type"] != kind:
         raise ValueError(f"{args.config_file}: model_type={cfg['model_type']!r} but {path} holds a {kind} model")
     if "tokenizer_path" in cfg:
-        tok = Tokenizer.from_folder(cfg["tokenizer_path"])
+        # the model folder's sentence-transformers do_lower_case holds whichever files tokenize
+        tok = Tokenizer.from_folder(cfg["tokenizer_path"], lower_case=kind == "bert" and _lower_case(path))
         if tok is None:
             raise FileNotFoundError(f"{args.config_file}: tokenizer_path={cfg['tokenizer_path']!r} has no tokenizer files")
         model.tokenizer = tok
