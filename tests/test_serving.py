@@ -978,6 +978,44 @@ def test_ctrl_c_during_the_warm_up_exits_cleanly(gpt_folder, tmp_path):
     assert "Unable to initialize backend" not in text  # jax's INFO noise stays out of the log
 
 
+def test_ready_line_names_the_url_to_send_requests_to(gpt_folder, tmp_path):
+    """`energon serve` said "serving NAME on http://HOST:PORT (compiling ...)", but the line that
+    came once the warm-up was done named no URL: now it does, with the model kind's routes, and that
+    URL answers."""
+    from energon_jax.serving.http import ready_message
+
+    assert ready_message("0.0.0.0", 8005, "bert") == (
+        "ready: http://127.0.0.1:8005 (POST /v1/embeddings, GET /run/{text}; GET /health, /metrics, /docs; "
+        "listening on 0.0.0.0, every interface)")
+    assert ready_message("::1", 80, "gpt").startswith("ready: http://[::1]:80 (POST /v1/completions, POST /generation")
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "energon_jax.cli", "serve", str(gpt_folder), "--port", str(port),
+                             "--max-batch-size", "2", "--max-seq-len", "32", "--decode-steps", "1",
+                             "--log-level", "info"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        end = time.monotonic() + 240
+        while time.monotonic() < end and "ready: " not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        text = log_path.read_text()
+        line = next(x for x in text.splitlines() if "ready: " in x)
+        assert line.endswith(ready_message("127.0.0.1", port, "gpt")), line
+        url = line.split("ready: ", 1)[1].split()[0]
+        assert url == f"http://127.0.0.1:{port}" and f"on {url} (compiling" in text, text
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        r = httpx.post(url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2, r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
 def test_sigterm_finishes_or_cleanly_fails_requests_in_flight(gpt_folder, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

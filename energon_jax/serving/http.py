@@ -31,6 +31,22 @@ from energon_jax.serving.scheduler import QueueFull, ShuttingDown
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5
+# Wildcard bind addresses: a client on this machine reaches them through the loopback.
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def http_url(host: str, port: int) -> str:
+    """http://host:port, an IPv6 address in brackets."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def ready_message(host: str, port: int, kind: str) -> str:
+    """The log line of a server that has finished its warm-up: a URL to curl (the loopback for a
+    wildcard bind) and the routes its model kind answers."""
+    routes = ("POST /v1/completions, POST /generation, GET /run/{text}" if kind == "gpt"
+              else "POST /v1/embeddings, GET /run/{text}")
+    where = f"; listening on {host}, every interface" if host in _WILDCARDS else ""
+    return f"ready: {http_url(_WILDCARDS.get(host, host), port)} ({routes}; GET /health, /metrics, /docs{where})"
 
 
 async def _cancel_on_disconnect(request: Request, handle) -> None:
@@ -117,15 +133,20 @@ def _schema(schema: type[BaseModel]) -> dict:
 
 
 # ---------------------------------------------------------------------- app
-def create_app(server, stop_server: bool = True) -> FastAPI:
+def create_app(server, stop_server: bool = True, address: tuple[str, int] | None = None) -> FastAPI:
     """The FastAPI app for a `Server`; the app starts the server (warm-up in the background) and
-    /health answers 503 until it is ready. stop_server: the app's shutdown stops the server too."""
+    /health answers 503 until it is ready. stop_server: the app's shutdown stops the server too.
+    address: the (host, port) it is served on; once the warm-up is done the log says where to send
+    requests (`ready_message`)."""
 
     def warm():
         try:
             server.start()
         except Exception:  # the log says why; /health stays 503
             log.exception("start-up failed")
+            return
+        if address is not None:
+            log.info("%s", ready_message(*address, server.kind))
 
     async def lifespan(app):
         if not server.ready:
@@ -394,7 +415,7 @@ def run_http(server, *, host: str = "127.0.0.1", port: int = 8005, log_level: st
                                  daemon=True).start()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(create_app(server, address=(host, port)), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 5, access_log=log_level == "debug")
     try:
         _Server(config).run()
@@ -412,9 +433,10 @@ class BackgroundHTTP:
         import uvicorn
 
         self.host, self.port = host, port
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        self.url = http_url(host, port)
         # timeout_graceful_shutdown: a connection still open at stop() is closed after 5 s
-        config = uvicorn.Config(create_app(server, stop_server=False), host=host, port=port, log_level=log_level,
+        config = uvicorn.Config(create_app(server, stop_server=False, address=(host, port)), host=host, port=port,
+                                log_level=log_level,
                                 access_log=log_level == "debug", timeout_graceful_shutdown=5)
         self._uvicorn = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"energon-http-{port}", daemon=True)
