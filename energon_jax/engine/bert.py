@@ -13,11 +13,12 @@ import copy
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from energon_jax.convert import bert as bert_convert
 from energon_jax.convert.hf_files import TensorSource, checkpoint_dtype
@@ -90,6 +91,42 @@ def _apply_head(module: Bert, variables, x_te, segments_t, cu_seqlens_s, head: s
     return sum_se / count_s[:, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplicaAttention:
+    """The varlen kernel (`attention`: impl "auto" | "triton", no mesh) on each data replica's own
+    stream, inside the step's vmap over the replicas' streams (`make_bert_step`).
+
+    jax-triton's call has no batching rule, and the kernel's own shard_map (heads over "tensor",
+    the stream whole) would gather every replica's stream onto every device under vmap. So the
+    vmapped call is caught (`jax.custom_batching.custom_vmap`) and runs the kernel once per device
+    on its replica's stream and its heads: a shard_map over "data" (streams) and "tensor" (heads).
+    """
+
+    attention: PackedAttention
+    mesh: Any
+
+    def __call__(self, q_tnd, k_tnd, v_tnd, segments_t, cu_seqlens_s, scale: float):
+        @jax.custom_batching.custom_vmap
+        def attend(q, k, v, seg, cu):  # one stream, not vmapped: the kernel's own shard_map
+            return dataclasses.replace(self.attention, mesh=self.mesh)(q, k, v, seg, cu, scale)
+
+        @attend.def_vmap
+        def attend_streams(num_streams, batched, *args):
+            if num_streams != self.mesh.shape["data"]:
+                raise ValueError(f"{num_streams} streams for {self.mesh.shape['data']} data replicas; expected one each")
+            args = [x if b else jnp.broadcast_to(x, (num_streams,) + x.shape) for x, b in zip(args, batched)]
+            heads = P("data", None, "tensor", None)  # [D, T, N, Dh]: each device one stream, its heads
+
+            def one_stream(q, k, v, seg, cu):  # [1, T, N / tp, Dh], ..., [1, S + 1]
+                return self.attention(q[0], k[0], v[0], seg[0], cu[0], scale)[None]
+
+            out = jax.shard_map(one_stream, mesh=self.mesh, in_specs=(heads, heads, heads, P("data"), P("data")),
+                                out_specs=heads, check_vma=False)(*args)
+            return out, True
+
+        return attend(q_tnd, k_tnd, v_tnd, segments_t, cu_seqlens_s)
+
+
 def make_bert_step(config: BertConfig, param_dtype, counter: CompileCounter, mesh=None):
     """step(params, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s, attention=, head=).
 
@@ -97,23 +134,22 @@ def make_bert_step(config: BertConfig, param_dtype, counter: CompileCounter, mes
     With pipeline stages (mesh "stage" > 1) every input carries a leading microbatch axis M
     (M packed streams of one shape, `pack_microbatches`), the encoder runs as a pipeline over
     "stage" (engine/pipeline.py) and each result gains the same leading M.
+    With data replicas (mesh "data" = D > 1) every input carries a leading axis D before that,
+    split over "data", and the step is vmapped over it: replica r encodes only its streams [r]
+    (GSPMD keeps the vmapped axis on "data", as the inputs come; the varlen kernel, which cannot
+    be vmapped, runs per replica through `ReplicaAttention`), and each result gains the same D.
     """
     num_stages = 1 if mesh is None else mesh.shape["stage"]
+    num_replicas = 1 if mesh is None else mesh.shape["data"]
     multiple = 1 if mesh is None else table_multiple(mesh)
 
-    @functools.partial(jax.jit, static_argnames=("attention", "head"))
-    def step(params, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s, *, attention: PackedAttention,
-             head: str):
-        counter["bert"] += 1
+    def encode_stream(params, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s, attention, head):
         module = Bert(config, param_dtype, attention, multiple)
         variables = {"params": params}
         x_te = module.apply(variables, tokens_t, positions_t, types_t, segments_t, cu_seqlens_s)
         return _apply_head(module, variables, x_te, segments_t, cu_seqlens_s, head)
 
-    @functools.partial(jax.jit, static_argnames=("attention", "head"))
-    def pipelined_step(params, tokens_mt, positions_mt, types_mt, segments_mt, cu_seqlens_ms, *,
-                       attention: PackedAttention, head: str):
-        counter["bert"] += 1
+    def encode_microbatches(params, tokens_mt, positions_mt, types_mt, segments_mt, cu_seqlens_ms, attention, head):
         module = Bert(config, param_dtype, attention, multiple)
         variables = {"params": params}
         stage = BertLayerStack(config, config.num_hidden_layers // num_stages, param_dtype, attention)
@@ -127,7 +163,17 @@ def make_bert_step(config: BertConfig, param_dtype, counter: CompileCounter, mes
         return jax.vmap(lambda x, seg, cu: _apply_head(module, variables, x, seg, cu, head))(
             x_mte, segments_mt, cu_seqlens_ms)
 
-    return pipelined_step if num_stages > 1 else step
+    encode = encode_microbatches if num_stages > 1 else encode_stream
+
+    @functools.partial(jax.jit, static_argnames=("attention", "head"))
+    def step(params, *streams, attention: PackedAttention, head: str):
+        counter["bert"] += 1
+        fn = functools.partial(encode, attention=attention, head=head)
+        if num_replicas > 1:
+            fn = jax.vmap(fn, in_axes=(None,) + (0,) * len(streams))
+        return fn(params, *streams)
+
+    return step
 
 
 @functools.lru_cache(maxsize=16)
@@ -167,7 +213,10 @@ class BertModel(ShardedModel):
     checkpoints, `logits(token_ids)`.
 
     attention_impl: "xla" (segment-masked attention), "auto" or "triton" (the fused varlen
-    kernel of `energon_jax.kernels`). max_tokens_per_chunk: token budget of one packed step.
+    kernel of `energon_jax.kernels`). max_tokens_per_chunk: token budget of one packed step over
+    the whole mesh. A step's chunk is dealt into
+    `num_streams` packed streams of one shape: one per data replica (mesh "data"), each split
+    again into one microbatch per pipeline stage; each replica encodes only its own streams.
     """
 
     def __init__(self, config: BertConfig, params, mesh, tokenizer, *, max_seq_len: int, source: str = "",
@@ -175,6 +224,7 @@ class BertModel(ShardedModel):
         super().__init__(config, params, mesh, tokenizer, max_seq_len=max_seq_len, source=source)
         check_layout(mesh, layers=config.num_hidden_layers)  # the loaders check before loading; this guards direct use
         self.num_stages = mesh.shape["stage"]
+        self.num_replicas = mesh.shape["data"]
         self.attention_impl = attention_impl
         self.max_tokens_per_chunk = max_tokens_per_chunk or max(default_max_tokens(attention_impl), bucket(max_seq_len))
         self.last_stats: EncodeStats | None = None
@@ -241,7 +291,7 @@ class BertModel(ShardedModel):
             padding = pack_chunk(np.zeros(0, np.int64), [], [], max_tokens=self.max_tokens_per_chunk, num_tokens=t,
                                  num_seq_slots=self.seq_slots)
             for pooling in poolings:
-                jax.block_until_ready(self._dispatch([padding] * self.num_stages, pooling)[0])
+                jax.block_until_ready(self._dispatch([padding] * self.num_streams, pooling)[0])
 
     # ----------------------------------------------------------------- inputs
     def _check_ids(self, ids: np.ndarray, where: str) -> np.ndarray:
@@ -305,7 +355,7 @@ class BertModel(ShardedModel):
         return all_ids, all_types
 
     # ----------------------------------------------------------------- running
-    def _attention(self, max_len: int, tokens: int, slots: int) -> PackedAttention:
+    def _attention(self, max_len: int, tokens: int, slots: int) -> "PackedAttention | ReplicaAttention":
         if self.num_stages == 1:
             impl = self.attention_impl
             if self._seq_slots is not None and impl == "auto" and _off_gpu(impl) and (
@@ -314,37 +364,58 @@ class BertModel(ShardedModel):
                 # [slots, max_len] and scores slots x max_len^2 keys; the segment mask scores fewer here
                 # (MiniLM on CPU, 16 short sentences: 114 ms against 990 ms).
                 impl = "xla"
+            if self.num_replicas > 1 and impl != "xla":
+                return ReplicaAttention(PackedAttention(max_len, impl), self.mesh)
             return PackedAttention(max_len, impl, self.mesh if self.mesh.size > 1 else None)
         # Inside pipeline stages the kernels' own shard_map cannot nest: attention runs as XLA there.
         if self.attention_impl == "triton":
             raise ValueError("attention_impl='triton' does not run inside pipeline stages (pp > 1); use 'xla' or 'auto'")
         return PackedAttention(max_len, "xla")
 
+    @property
+    def num_streams(self) -> int:
+        """Packed streams per step: one per (data replica, pipeline microbatch)."""
+        return self.num_replicas * self.num_stages
+
     def _pack(self, rows, ids, types) -> list[PackedChunk]:
-        """One dispatch's packed streams: one stream, or with pipeline stages one per microbatch."""
-        if self.num_stages == 1:
+        """One dispatch's packed streams, replica-major: stream r * num_stages + m is replica r's microbatch m."""
+        if self.num_streams == 1:
             return [pack_chunk(rows, ids, types, max_tokens=self.max_tokens_per_chunk, num_seq_slots=self.seq_slots)]
-        return pack_microbatches(rows, ids, types, self.num_stages, max_tokens=self.max_tokens_per_chunk,
+        return pack_microbatches(rows, ids, types, self.num_streams, max_tokens=self.max_tokens_per_chunk,
                                  num_seq_slots=self.seq_slots)
 
-    def _dispatch(self, parts: list[PackedChunk], head: str):
-        """Start one dispatch's packed streams through the step: (its result, its shape for EncodeStats)."""
+    def _stream_axes(self) -> tuple[int, ...]:
+        """The step's leading stream axes: (D,) with data replicas, then (M,) with pipeline stages."""
+        return tuple(n for n in (self.num_replicas, self.num_stages) if n > 1)
+
+    def _step_inputs(self, parts: list[PackedChunk]) -> tuple[list, "PackedAttention | ReplicaAttention", int]:
+        """One dispatch's packed streams as the step takes them: (stream arrays, attention, max-length
+        bound). With data replicas the arrays are already on the devices, each replica's streams on
+        its own devices only (split over "data")."""
         if self.seq_slots is None:
             max_len = bucket(max(max(c.max_len for c in parts), 1), cap=self.max_seq_len)
         else:  # the stream's length bounds every sequence in it: one program per token bucket
             max_len = min(parts[0].computed_tokens, self.max_seq_len)
         arrays = [(c.tokens, c.positions, c.token_types, c.segments, c.cu_seqlens) for c in parts]
-        arrays = [np.stack(column) for column in zip(*arrays)] if self.num_stages > 1 else arrays[0]
-        tokens, slots = parts[0].computed_tokens, len(parts[0].cu_seqlens) - 1
-        out = self._step(self.params, *arrays, attention=self._attention(max_len, tokens, slots), head=head)
-        return out, (tokens * len(parts), slots, max_len)
+        lead = self._stream_axes()
+        arrays = [np.stack(column).reshape(lead + column[0].shape) for column in zip(*arrays)] if lead else arrays[0]
+        if self.num_replicas > 1:
+            arrays = [self.put_rows(a) for a in arrays]
+        attention = self._attention(max_len, parts[0].computed_tokens, len(parts[0].cu_seqlens) - 1)
+        return arrays, attention, max_len
+
+    def _dispatch(self, parts: list[PackedChunk], head: str):
+        """Start one dispatch's packed streams through the step: (its result, its shape for EncodeStats)."""
+        arrays, attention, max_len = self._step_inputs(parts)
+        out = self._step(self.params, *arrays, attention=attention, head=head)
+        return out, (parts[0].computed_tokens * len(parts), len(parts[0].cu_seqlens) - 1, max_len)
 
     def _run(self, ids, types, head: str) -> list[tuple[PackedChunk, np.ndarray]]:
         """Run every packed chunk through the step: (packed stream, its result) pairs.
 
         Chunks are packed one at a time and results fetched one chunk behind the dispatch, so
-        host work overlaps the device's. With pipeline stages a chunk is dealt into one packed
-        stream per stage (the microbatches), which the step takes stacked.
+        host work overlaps the device's. With data replicas or pipeline stages a chunk is dealt
+        into `num_streams` packed streams (`_pack`), which the step takes stacked.
         """
         check_sequences(ids, types)
         streams, results, pending, shapes = [], [], None, []
@@ -352,7 +423,7 @@ class BertModel(ShardedModel):
         def fetch(done):
             parts, out = done
             out = np.asarray(out)
-            results.extend(zip(parts, out if self.num_stages > 1 else [out]))
+            results.extend(zip(parts, out.reshape((len(parts),) + out.shape[len(self._stream_axes()):])))
 
         for rows in plan_chunks([len(x) for x in ids], self.max_tokens_per_chunk, self.seq_slots):
             parts = self._pack(rows, ids, types)

@@ -128,8 +128,9 @@ def pack_chunk(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[S
 def pack_microbatches(rows: np.ndarray, ids: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None],
                       num_microbatches: int, *, max_tokens: int, min_bucket: int = 16,
                       num_seq_slots: int | None = None) -> list[PackedChunk]:
-    """Split one chunk's sequences into `num_microbatches` packed streams of one shape (for the
-    pipeline, which moves microbatches stage to stage).
+    """Split one chunk's sequences into `num_microbatches` packed streams of one shape: the
+    pipeline's microbatches (moved stage to stage), the data replicas' shares, or both (replica r's
+    microbatch m is stream r * stages + m; `BertModel._pack`).
 
     Rows (sorted by length, as `plan_chunks` gives them) are dealt round-robin, so the streams
     get similar token counts and similar lengths; each stream is padded to the bucket of the
