@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import energon_jax as ej
-from energon_jax.engine.bert import ReplicaAttention, _compiled_step
+from energon_jax.engine.bert import ReplicaAttention, _compiled_step, default_max_tokens
 from energon_jax.engine.packing import token_bucket
 
 LENGTHS = (5, 40, 1, 17, 64, 9, 33)  # 7 sequences: divisible by no dp tested, one as long as the positions
@@ -106,3 +106,11 @@ def test_fixed_shapes_view_under_dp_compiles_everything_in_warmup(bert_folder):
         np.testing.assert_allclose(view.encode([short[i] for i in rows]), want[rows], atol=1e-5, rtol=0)
     assert view.compile_counts["bert"] == compiled
 
+
+def test_default_token_budget_is_per_replica(bert_folder):
+    """A replica's stream keeps the size tuned for one device (engine/bert.DEFAULT_MAX_TOKENS)."""
+    one = ej.load_sharded_model(bert_folder).max_tokens_per_chunk
+    assert one == default_max_tokens("auto")
+    assert ej.load_sharded_model(bert_folder, dp=4).max_tokens_per_chunk == 4 * one
+    with pytest.raises(ValueError, match="max_tokens_per_chunk=16"):
+        ej.load_sharded_model(bert_folder, dp=2).max_tokens_per_chunk = 16

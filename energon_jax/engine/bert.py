@@ -214,7 +214,7 @@ class BertModel(ShardedModel):
 
     attention_impl: "xla" (segment-masked attention), "auto" or "triton" (the fused varlen
     kernel of `energon_jax.kernels`). max_tokens_per_chunk: token budget of one packed step over
-    the whole mesh. A step's chunk is dealt into
+    the whole mesh (default: `default_max_tokens` per data replica). A step's chunk is dealt into
     `num_streams` packed streams of one shape: one per data replica (mesh "data"), each split
     again into one microbatch per pipeline stage; each replica encodes only its own streams.
     """
@@ -226,7 +226,9 @@ class BertModel(ShardedModel):
         self.num_stages = mesh.shape["stage"]
         self.num_replicas = mesh.shape["data"]
         self.attention_impl = attention_impl
-        self.max_tokens_per_chunk = max_tokens_per_chunk or max(default_max_tokens(attention_impl), bucket(max_seq_len))
+        # the default is a budget per data replica: each replica's stream keeps the size tuned for one device
+        self.max_tokens_per_chunk = max_tokens_per_chunk or self.num_replicas * max(default_max_tokens(attention_impl),
+                                                                                    bucket(max_seq_len))
         self.last_stats: EncodeStats | None = None
         self._seq_slots: int | None = None  # None: each chunk's own bucket; see fixed_shapes
 
