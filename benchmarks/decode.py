@@ -103,22 +103,38 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / sorted(ts)[len(ts) // 2]
 
 
-def time_generate(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3):
+def parse_sampling(spec: str | None) -> dict:
+    """ "TEMPERATURE,TOP_K,TOP_P" -> generate's keyword arguments ({} for None: greedy)."""
+    if not spec:
+        return {}
+    fields = spec.split(",")
+    try:
+        if len(fields) != 3:
+            raise ValueError
+        return {"temperature": float(fields[0]), "top_k": int(fields[1]), "top_p": float(fields[2])}
+    except ValueError:
+        raise SystemExit(f"--sampling {spec!r}: expected TEMPERATURE,TOP_K,TOP_P (a float, an integer, a float; "
+                         "e.g. 0.8,50,0.9)") from None
+
+
+def time_generate(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3, sampling=None):
     import numpy as np
+
+    sampling = sampling or {}
 
     rng = np.random.RandomState(0)
     prompts = [rng.randint(0, 50000, prompt_len).tolist() for _ in range(batch)]
     t0 = time.perf_counter()
-    out = model.generate(prompts, max_new_tokens=new_tokens)  # compile + run
+    out = model.generate(prompts, max_new_tokens=new_tokens, **sampling)  # compile + run
     first = time.perf_counter() - t0
     assert all(len(o.token_ids) == new_tokens for o in out)
-    model.generate(prompts, max_new_tokens=1)  # compile the 1-token program (prefill only)
+    model.generate(prompts, max_new_tokens=1, **sampling)  # compile the 1-token program (prefill only)
 
     def best(n):
         ts = []
         for _ in range(repeats):
             t = time.perf_counter()
-            model.generate(prompts, max_new_tokens=n)
+            model.generate(prompts, max_new_tokens=n, **sampling)
             ts.append(time.perf_counter() - t)
         return sorted(ts)[len(ts) // 2]
 
@@ -182,7 +198,10 @@ def main():
     ap.add_argument("--triton-rows", type=int, default=None,
                     help="override engine.gpt.MIN_TRITON_DECODE_ROWS and MIN_FUSED_STEP_ROWS (rows per device "
                          "from which 'auto' decodes through the Triton kernel and the fused Pallas step)")
+    ap.add_argument("--sampling", default=None, metavar="TEMPERATURE,TOP_K,TOP_P",
+                    help="sample every row with these settings (e.g. 0.8,50,0.9) instead of greedy decoding")
     args = ap.parse_args()
+    sampling = parse_sampling(args.sampling)
     if args.decode_tiles:
         set_decode_tiles(args.decode_tiles)
     if args.step_tiles:
@@ -206,7 +225,7 @@ def main():
         for name in models:
             model = random_model(name, 1024, args.impls.split(",")[0])
             for b in batches:
-                r = time_generate(model, b, args.prompt, args.new_tokens, repeats=1)
+                r = time_generate(model, b, args.prompt, args.new_tokens, repeats=1, sampling=sampling)
                 rows.append({"model": name, "batch": b, "compile_s_warm_cache": r["compile_s"]})
         print(json.dumps(rows))
         return
@@ -220,7 +239,7 @@ def main():
         for impl in args.impls.split(","):
             model = random_model(name, 1024, impl)
             for b in batches:
-                r = time_generate(model, b, args.prompt, args.new_tokens)
+                r = time_generate(model, b, args.prompt, args.new_tokens, sampling=sampling)
                 ctx = args.prompt + args.new_tokens // 2
                 r.update(model=name, impl=impl, batch=b, tokens_per_s=b * 1e3 / r["ms_per_step"],
                          roofline=step_bytes(model, b, ctx) / bw / (r["ms_per_step"] / 1e3))
@@ -238,6 +257,7 @@ def main():
     same += ["--step-tiles", args.step_tiles] if args.step_tiles else []
     same += ["--min-rows", str(args.min_rows)] if args.min_rows is not None else []
     same += ["--triton-rows", str(args.triton_rows)] if args.triton_rows is not None else []
+    same += ["--sampling", args.sampling] if args.sampling else []
     warm = None if args.skip_warm_cache else subprocess.run([sys.executable, __file__, "--warm-cache", *same],
                                                             env=env, capture_output=True, text=True)
     warm_rows = json.loads(warm.stdout.strip().splitlines()[-1]) if warm and warm.returncode == 0 else []
