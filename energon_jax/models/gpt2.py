@@ -9,6 +9,9 @@ Two call modes (no jit here; `engine/` owns the jit boundaries):
   per row). Returns the fresh KV fragment `{"k","v"}: [L, B, N, T, D]`.
 * decode: `cache={"k","v"}: [L, B, N, S, D]`, one token per row written at `positions[:, 0]`
   and attending to cache positions `<= positions[b]`. Returns the updated cache.
+* decode of a row group (a pipeline stage's microbatch): `cache={"k","v","group"}`, the cache
+  read, not written; returns the new token's K/V `[L, B, N, 1, D]` for the caller to store
+  (see `BlockStack`).
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from energon_jax.config import GPT2Config
-from energon_jax.models.layers import (LayerNorm, attention_scale, gelu_new, masked_attention, padded_rows, param,
-                                      project)
+from energon_jax.models.layers import (MASK_VALUE, LayerNorm, attention_scale, gelu_new, masked_attention, padded_rows,
+                                      param, project)
 
-Cache = dict  # {"k": [L, B, N, S, D], "v": [L, B, N, S, D]}
+Cache = dict  # {"k": [L, B, N, S, D], "v": [L, B, N, S, D]} (and "group": see BlockStack)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,20 +44,47 @@ class AttentionKernels:
     decode_step: Callable | None = None
 
 
-def write_token(cache_lbnsd, new_bnd, layer, pos_b):
-    """cache[layer, b, :, pos[b], :] = new[b] for every row b.
+def write_kv_columns(cache_lbnsd, new_lbntd, pos_b, *, layer=0, group=0, skip_past_end=False):
+    """cache[layer + l, b * G + group, :, pos[b] + t, :] = new[l, b, :, t, :] for every row b, where
+    G = cache rows / new rows: the cache's rows are G interleaved groups (a pipeline's microbatches,
+    engine/pipeline.py) and `new` belongs to group `group`; G = 1 is the whole batch. A row whose
+    block would pass the cache's end (pos[b] + t > S) is moved back to end at it, as
+    dynamic_update_slice does, or with `skip_past_end` not written at all (how a caller skips rows).
 
-    Written as a per-row dynamic_update_slice under vmap (a scatter with a batching dimension):
-    XLA's SPMD partitioner handles it with the batch split over "data" and heads over "tensor"
-    inside the pipeline's shard_map, where a plain advanced-index scatter fails to partition."""
-    def one_row(c_lnsd, u_nd, p):
-        return jax.lax.dynamic_update_slice(c_lnsd, u_nd[None, :, None, :].astype(c_lnsd.dtype), (layer, 0, p, 0))
+    One scatter whose batching dimension is the cache's own row axis (a per-row update under
+    vmap moved that axis to the front, a transpose, i.e. a copy, of the whole cache once the
+    cache holds more than one layer). With the batch split over "data" and heads over "tensor"
+    XLA's SPMD partitioner handles it inside the pipeline's shard_map, where a plain
+    advanced-index scatter fails to partition."""
+    b = new_lbntd.shape[1]
+    shape = cache_lbnsd.shape
+    g = shape[1] // b
+    zero = jnp.zeros_like(pos_b)
+    if g > 1:
+        cache = cache_lbnsd.reshape(shape[:1] + (b, g) + shape[2:])  # [L, B, G, N, S, D]: row i * G + j -> (i, j)
+        new = new_lbntd[:, :, None]
+        starts = [zero + layer, zero + group, zero, pos_b, zero]
+    else:
+        cache, new, starts = cache_lbnsd, new_lbntd, [zero + layer, zero, pos_b, zero]
+    window = (0,) + tuple(range(2, cache.ndim))  # every axis but the rows, which pair with pos_b's
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=window, inserted_window_dims=(),
+                                           scatter_dims_to_operand_dims=window, operand_batching_dims=(1,),
+                                           scatter_indices_batching_dims=(0,))
+    mode = jax.lax.GatherScatterMode.FILL_OR_DROP if skip_past_end else jax.lax.GatherScatterMode.CLIP
+    out = jax.lax.scatter(cache, jnp.stack(starts, axis=1), new.astype(cache.dtype), dims, indices_are_sorted=True,
+                          unique_indices=True, mode=mode)
+    return out.reshape(shape)
+
+
+def write_token(cache_lbnsd, new_bnd, layer, pos_b):
+    """cache[layer, b, :, pos[b], :] = new[b] for every row b (`write_kv_columns`)."""
+    new_lbntd = new_bnd[None, :, :, None, :]
     if new_bnd.shape[0] == 1:
-        # One row: the plain update, in place. The vmapped one is a scatter, which XLA lowers to an
-        # update plus a kernel that reads back the old values (a select), each layer, each step.
-        return jax.lax.dynamic_update_slice(cache_lbnsd, new_bnd[None, :, :, None, :].astype(cache_lbnsd.dtype),
+        # One row: the plain update, in place. The scatter is lowered to an update plus a kernel
+        # that reads back the old values (a select), each layer, each step.
+        return jax.lax.dynamic_update_slice(cache_lbnsd, new_lbntd.astype(cache_lbnsd.dtype),
                                             (layer, 0, 0, pos_b[0], 0))
-    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_lbnsd, new_bnd, pos_b)
+    return write_kv_columns(cache_lbnsd, new_lbntd, pos_b, layer=layer)
 
 
 def decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale):
@@ -64,6 +94,38 @@ def decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale):
     k_bsnd = jnp.swapaxes(k_bnsd, 1, 2)
     v_bsnd = jnp.swapaxes(v_bnsd, 1, 2)
     return masked_attention(q_bnd[:, None], k_bsnd, v_bsnd, mask_b1s, scale)[:, 0]
+
+
+def group_rows(c_bnsd, group, groups: int):
+    """The rows of group `group` (rows i * groups + group) of a cache shared by interleaved groups."""
+    if groups == 1:
+        return c_bnsd
+    return jax.lax.dynamic_index_in_dim(c_bnsd.reshape((-1, groups) + c_bnsd.shape[1:]), group, 1, keepdims=False)
+
+
+def append_attention_xla(q_bnd, k_new_bnd, v_new_bnd, k_bnsd, v_bnsd, pos_b, *, scale):
+    """One query per row against its cache's positions [0, pos[b]) and its own new K/V at pos[b],
+    without writing the cache: slot pos[b] is replaced by the new K/V as it is read. The same
+    scores as writing the token first and then `decode_attention_xla` over [0, pos[b]].
+
+    Products and sums, not einsums: XLA can fuse the cache reads (a row group's slice, the new
+    token swapped in) into the reductions, where a dot takes its operands materialised, a
+    [B, N, S, D] copy per layer and operand. The CPU backend still materialises one such buffer
+    at a time for its reduction kernels (tests/test_pipeline_memory.py)."""
+    s = k_bnsd.shape[2]
+    at_new_b1s1 = (jnp.arange(s)[None, :] == pos_b[:, None])[:, None, :, None]
+    k_bnsd = jnp.where(at_new_b1s1, k_new_bnd[:, :, None, :].astype(k_bnsd.dtype), k_bnsd)
+    scores_bns = jnp.sum(q_bnd[:, :, None, :].astype(jnp.float32) * k_bnsd.astype(jnp.float32), axis=-1) * scale
+    mask_b1s = (jnp.arange(s)[None, :] <= pos_b[:, None])[:, None, :]
+    scores_bns = jnp.where(mask_b1s, scores_bns, MASK_VALUE)
+    # probabilities rounded to the cache dtype, as masked_attention rounds them before its einsum
+    probs_bns1 = jnp.where(mask_b1s, jax.nn.softmax(scores_bns, axis=-1), 0.0).astype(v_bnsd.dtype)[..., None]
+    # the new V is swapped into the products, not into V: they exist only after the softmax, so XLA
+    # never holds a K-sized and a V-sized buffer at once where it does materialise them (CPU)
+    pv_bnsd = jnp.where(at_new_b1s1, probs_bns1.astype(jnp.float32) * v_new_bnd[:, :, None, :].astype(jnp.float32),
+                        probs_bns1.astype(jnp.float32) * v_bnsd.astype(jnp.float32))
+    out_bnd = jnp.sum(pv_bnsd, axis=2)
+    return out_bnd.astype(q_bnd.dtype)
 
 
 class Attention(nn.Module):
@@ -102,6 +164,15 @@ class Attention(nn.Module):
                                                                scale=scale)
             out_btnd = out_bnd[:, None]
             new_kv = (k_bnsd[None], v_bnsd[None])
+        elif len(layer_cache) == 4:
+            # decode of one row group: read the cache as it is, return this token's K/V [B, N, 1, D]
+            k_all, v_all, layer, group = layer_cache
+            groups = k_all.shape[1] // x_bte.shape[0]
+            k_bnsd, v_bnsd = (group_rows(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False), group, groups)
+                              for c in (k_all, v_all))
+            out_btnd = append_attention_xla(q_btnd[:, 0], k_btnd[:, 0], v_btnd[:, 0], k_bnsd, v_bnsd,
+                                            positions_bt[:, 0], scale=scale)[:, None]
+            new_kv = (jnp.swapaxes(k_btnd, 1, 2), jnp.swapaxes(v_btnd, 1, 2))  # [B, N, 1, D]
         else:  # decode: write this token's K/V into the cache, then attend over it
             k_all, v_all, layer = layer_cache
             pos = positions_bt[:, 0]
@@ -132,29 +203,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; scanned over layers with carry (x, k_cache, v_cache, layer)."""
+    """Pre-LN transformer block; scanned over layers with carry (x, k_cache, v_cache, layer).
+    `group` (an int32 scalar, or None) decodes one row group of a cache read as it is (`BlockStack`)."""
 
     config: GPT2Config
     param_dtype: jnp.dtype = jnp.float32
     kernels: AttentionKernels | None = None
 
     @nn.compact
-    def __call__(self, carry, positions_bt, lengths_b):
+    def __call__(self, carry, positions_bt, lengths_b, group=None):
         x_bte, k_all, v_all, layer = carry
         eps = self.config.layer_norm_epsilon
-        layer_cache = None if k_all is None else (k_all, v_all, layer)
+        layer_cache = None if k_all is None else (k_all, v_all, layer) + (() if group is None else (group,))
         h_bte, new_kv = Attention(self.config, self.param_dtype, self.kernels, name="attn")(
             LayerNorm(eps, self.param_dtype, name="ln_1")(x_bte), positions_bt, lengths_b, layer_cache)
         x_bte = x_bte + h_bte
         x_bte = x_bte + MLP(self.config, self.param_dtype, name="mlp")(
             LayerNorm(eps, self.param_dtype, name="ln_2")(x_bte))
-        if k_all is None:
-            return (x_bte, None, None, layer + 1), new_kv  # prefill: per-layer K/V stacked as ys
+        if k_all is None or group is not None:
+            return (x_bte, k_all, v_all, layer + 1), new_kv  # per-layer fresh K/V stacked as ys
         return (x_bte, new_kv[0], new_kv[1], layer + 1), None
 
 
 class BlockStack(nn.Module):
-    """`num_layers` blocks with parameters stacked on a leading "layers" axis."""
+    """`num_layers` blocks with parameters stacked on a leading "layers" axis.
+
+    A cache with a "group" entry (int32 scalar g) is shared by G = cache rows / B interleaved row
+    groups (row i * G + g is group g's row i; a pipeline stage's microbatches) and this call decodes
+    group g: the cache is read, never written or copied, and kv is the new token's K/V
+    [L, B, N, 1, D], as prefill returns its fresh K/V, for the caller to store (`write_kv_columns`)."""
 
     config: GPT2Config
     num_layers: int
@@ -167,14 +244,15 @@ class BlockStack(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(self.config, self.param_dtype, self.kernels, name="blocks")
         k_all = None if cache is None else cache["k"]
         v_all = None if cache is None else cache["v"]
-        (x_bte, k_all, v_all, _), ys = scanned((x_bte, k_all, v_all, jnp.int32(0)), positions_bt, lengths_b)
-        if cache is None:
+        group = None if cache is None else cache.get("group")
+        (x_bte, k_all, v_all, _), ys = scanned((x_bte, k_all, v_all, jnp.int32(0)), positions_bt, lengths_b, group)
+        if cache is None or group is not None:
             k_lbntd, v_lbntd = ys
             return x_bte, {"k": k_lbntd, "v": v_lbntd}
         return x_bte, {"k": k_all, "v": v_all}
