@@ -1,7 +1,7 @@
 """Time the decode step's sampler (energon_jax.engine.sampling.sample) and the XLA operations it is
 built from, on the device, at GPT-2's vocabulary.
 
-    python3 -P benchmarks/bench_sampling.py [--batches 1,32] [--vocab 50257] [--chain 16]
+    python3 -P benchmarks/bench_sampling.py [--batches 1,32] [--vocab 50257] [--chain 8] [--groups 64,256]
 
 Each figure is GPU time per call: CHAIN calls on distinct logits run inside one jit (as inside a
 decode step, no dispatch per call), the median of 7 runs divided by CHAIN. Writes the table to
@@ -86,7 +86,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--vocab", type=int, default=50257)
-    ap.add_argument("--chain", type=int, default=16)
+    ap.add_argument("--chain", type=int, default=8)
     ap.add_argument("--groups", default=str(sampling.CANDIDATE_GROUPS),
                     help="values of sampling.CANDIDATE_GROUPS to time the sampler with, e.g. 64,128,256")
     args = ap.parse_args()
