@@ -77,14 +77,21 @@ def write_kv_columns(cache_lbnsd, new_lbntd, pos_b, *, layer=0, group=0, skip_pa
 
 
 def write_token(cache_lbnsd, new_bnd, layer, pos_b):
-    """cache[layer, b, :, pos[b], :] = new[b] for every row b (`write_kv_columns`)."""
-    new_lbntd = new_bnd[None, :, :, None, :]
+    """cache[layer, b, :, pos[b], :] = new[b] for every row b (pp = 1; pipeline stages write
+    through `write_kv_columns`).
+
+    Written as a per-row dynamic_update_slice under vmap, the form every GPU decode figure in
+    BENCHMARKS.md was measured with. `write_kv_columns` does the same writes as one batched
+    scatter; it was timed on the GPU only inside a pipeline stage, so the unpipelined decode
+    keeps this form until it is timed there too."""
+    def one_row(c_lnsd, u_nd, p):
+        return jax.lax.dynamic_update_slice(c_lnsd, u_nd[None, :, None, :].astype(c_lnsd.dtype), (layer, 0, p, 0))
     if new_bnd.shape[0] == 1:
-        # One row: the plain update, in place. The scatter is lowered to an update plus a kernel
-        # that reads back the old values (a select), each layer, each step.
-        return jax.lax.dynamic_update_slice(cache_lbnsd, new_lbntd.astype(cache_lbnsd.dtype),
+        # One row: the plain update, in place. The vmapped one is a scatter, which XLA lowers to an
+        # update plus a kernel that reads back the old values (a select), each layer, each step.
+        return jax.lax.dynamic_update_slice(cache_lbnsd, new_bnd[None, :, :, None, :].astype(cache_lbnsd.dtype),
                                             (layer, 0, 0, pos_b[0], 0))
-    return write_kv_columns(cache_lbnsd, new_lbntd, pos_b, layer=layer)
+    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_lbnsd, new_bnd, pos_b)
 
 
 def decode_attention_xla(q_bnd, k_bnsd, v_bnsd, lengths_b, *, scale):
