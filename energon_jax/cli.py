@@ -11,9 +11,10 @@ import importlib
 import sys
 import time
 
+# --dtype's choices: the one list of names (hf_files imports no jax; loading.DTYPES maps the same names)
+from energon_jax.convert.hf_files import DTYPES
+
 VERB_MODULES = ("energon_jax.convert.cli_verbs", "energon_jax.serving.cli_verbs")
-# energon_jax.loading.DTYPES' names, written out so building the parser imports no jax (tests/test_cli.py checks)
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:

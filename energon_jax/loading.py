@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.convert import gpt2 as gpt2_convert
+from energon_jax.convert import hf_files
 from energon_jax.convert.hf_files import CheckpointError, TensorSource, checkpoint_dtype, read_config
 from energon_jax.runtime.compile_cache import enable_compilation_cache
 from energon_jax.runtime.mesh import check_layout, resolve_mesh
@@ -17,7 +18,11 @@ from energon_jax.runtime.sharding import logical_to_sharding, table_multiple
 from energon_jax.tokenizer import Tokenizer
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+# hf_files.DTYPES' names (--dtype's choices, convert's too) -> jnp dtypes, in the order dtype errors list them.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+if set(DTYPES) != set(hf_files.DTYPES) or any(jnp.dtype(t).name != n for n, t in DTYPES.items()):
+    raise ImportError(f"energon_jax.loading.DTYPES {list(DTYPES)} must map exactly hf_files.DTYPES "
+                      f"{list(hf_files.DTYPES)}, each name to its own jnp dtype")
 
 
 def list_presets() -> list[str]:

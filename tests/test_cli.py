@@ -195,11 +195,15 @@ def test_generate_max_seq_len(capsys):
 
 
 def test_generate_options_have_help_and_dtype_choices(capsys):
-    from energon_jax.loading import DTYPES
+    import jax.numpy as jnp
 
-    from energon_jax import cli
+    from energon_jax import cli, loading
+    from energon_jax.convert import cli_verbs, hf_files
 
-    assert set(cli.DTYPES) == set(DTYPES)
+    # One list of names: --dtype's choices (generate / serve, convert) and what the loaders map to jnp dtypes.
+    assert cli.DTYPES is hf_files.DTYPES and cli_verbs.DTYPES is hf_files.DTYPES
+    assert set(loading.DTYPES) == set(hf_files.DTYPES)
+    assert all(jnp.dtype(t) == jnp.dtype(name) for name, t in loading.DTYPES.items())
     with pytest.raises(SystemExit) as e:
         main(["generate", PRESET, "hi", "--dtype", "float64"])
     assert e.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
