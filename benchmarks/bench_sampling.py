@@ -2,6 +2,10 @@
 built from, on the device, at GPT-2's vocabulary.
 
     python3 -P benchmarks/bench_sampling.py [--batches 1,32] [--vocab 50257] [--chain 8] [--groups 64,256]
+        [--radix 4:0,2:0,4:128]
+
+--radix times the sampler with the radix-select filter (sampling.radix_filter_mask) in place of
+filter_mask, for each RADIX_BITS:RADIX_SPLIT given (none by default).
 
 Each figure is GPU time per call: CHAIN calls on distinct logits run inside one jit (as inside a
 decode step, no dispatch per call), the median of 7 runs divided by CHAIN. Writes the table to
@@ -89,7 +93,12 @@ def main():
     ap.add_argument("--chain", type=int, default=8)
     ap.add_argument("--groups", default=str(sampling.CANDIDATE_GROUPS),
                     help="values of sampling.CANDIDATE_GROUPS to time the sampler with, e.g. 64,128,256")
+    ap.add_argument("--radix", default="", help="RADIX_BITS:RADIX_SPLIT settings to time the radix filter with")
+    ap.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the XLA operations alone")
     args = ap.parse_args()
+    radix = [tuple(map(int, r.split(":"))) for r in args.radix.split(",") if r]
+    filter_mask = sampling.filter_mask
     lines = [f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; vocabulary {args.vocab}, "
              f"chain of {args.chain} calls per jit", "", "| operation | " + " | ".join(
                  f"batch {b} (us)" for b in args.batches.split(",")) + " |",
@@ -103,16 +112,26 @@ def main():
                 if kind == "peaked" and name in ("greedy", "temperature 0.8"):
                     continue  # no filter: the same work as flat
                 params = sampling.SamplingParams.make(b, temperature=t, top_k=k, top_p=p)
-                for label, fn in [("reference (whole-row sort)", reference_sample)] + [
-                        (f"sample(), {g} candidate groups", sampling.sample) for g in args.groups.split(",")]:
-                    if label.startswith("sample"):
-                        sampling.CANDIDATE_GROUPS = int(label.split(", ")[1].split()[0])  # read at trace time
+                runs = [("reference (whole-row sort)", reference_sample, None)] + [
+                    (f"sample(), {g} candidate groups", sampling.sample, int(g)) for g in args.groups.split(",") if g]
+                if k or p < 1.0:  # the filters run: time the radix one too
+                    runs += [(f"sample(), radix {bits} bits a pass, split {split}", sampling.sample, (bits, split))
+                             for bits, split in radix]
+                for label, fn, setting in runs:
+                    # module settings are read at trace time
+                    sampling.filter_mask = filter_mask
+                    if isinstance(setting, int):
+                        sampling.CANDIDATE_GROUPS = setting
+                    elif setting:
+                        sampling.RADIX_BITS, sampling.RADIX_SPLIT = setting
+                        sampling.filter_mask = lambda s, p, rows=None: sampling.radix_filter_mask(s, p)
                     us = chain_us(lambda x, key, params=params, fn=fn: fn(x, params, key), logits, keys)
                     row = f"{name}, {kind} logits: {label}"
                     rows.setdefault(row, []).append(f"{us:.1f}")
                     print(f"batch {b} {row}: {us:.1f} us", flush=True)
+        sampling.filter_mask = filter_mask
         logits = logits_of("flat", args.chain, b, args.vocab)
-        for name, fn in components(args.vocab):
+        for name, fn in components(args.vocab) if args.components else []:
             us = chain_us(fn, logits, keys)
             rows.setdefault(name, []).append(f"{us:.1f}")
             print(f"batch {b} {name}: {us:.1f} us", flush=True)
