@@ -241,34 +241,42 @@ def radix_filter_mask(scaled_bv, params: SamplingParams):
     top_k keeps every key >= the k-th largest (the largest T that at least k keys reach). top_p
     keeps, of the survivors in descending order (ties by ascending id), each token whose mass before
     it is < top_p: every key above the cut (the largest T whose survivors' mass reaches top_p), and
-    of the keys tied at the cut the first m by id, m = ceil((top_p - mass above) / their prob)."""
+    of the keys tied at the cut the first m by id, m = ceil((top_p - mass above) / their prob).
+    A filter no row of the batch uses costs nothing."""
     b, v = scaled_bv.shape
     keys_bv = _order_keys(scaled_bv)
     use_k = (params.top_k > 0) & (params.top_k < v)
     use_p = params.top_p < 1.0
-    kth_b = _largest_threshold(keys_bv, jnp.ones(keys_bv.shape, jnp.int32), jnp.where(use_k, params.top_k, v + 1))
+    kth_b = jax.lax.cond(jnp.any(use_k), lambda: _largest_threshold(
+        keys_bv, jnp.ones(keys_bv.shape, jnp.int32), jnp.where(use_k, params.top_k, v + 1)),
+        lambda: jnp.zeros((b,), jnp.uint32))  # key 0 keeps every key
     keep_k_bv = keys_bv >= kth_b[:, None]
-    top_b = jnp.max(scaled_bv, axis=-1)
-    top_b = jnp.where(jnp.isfinite(top_b), top_b, 0.0)
-    weights_bv = jnp.where(keep_k_bv, jnp.exp(scaled_bv - top_b[:, None]), 0.0)
-    probs_bv = weights_bv / jnp.sum(weights_bv, axis=-1, keepdims=True)
-    cut_b = _largest_threshold(keys_bv, probs_bv, jnp.where(use_p, params.top_p, 2.0))
-    above_bv = keys_bv > cut_b[:, None]
-    at_bv = (keys_bv == cut_b[:, None]) & keep_k_bv
-    mass_above_b = jnp.sum(jnp.where(above_bv, probs_bv, 0.0), axis=-1)
-    prob_at_b = jnp.max(jnp.where(at_bv, probs_bv, 0.0), axis=-1)
-    tied_b = jnp.sum(at_bv, axis=-1, dtype=jnp.int32)
-    room_b = jnp.ceil((params.top_p - mass_above_b) / jnp.where(prob_at_b > 0, prob_at_b, 1.0))
-    first_b = jnp.clip(room_b, 1, jnp.maximum(tied_b, 1)).astype(jnp.int32)  # ties kept at the cut
-    split_b = use_p & (first_b < tied_b)
-    ids_bv = jnp.broadcast_to(jnp.arange(v, dtype=jnp.uint32), keys_bv.shape)
-    # the first_b-th smallest tied id is the (tied - first + 1)-th largest
-    last_id_b = jax.lax.cond(
-        jnp.any(split_b),
-        lambda: _largest_threshold(ids_bv, at_bv.astype(jnp.int32), tied_b - first_b + 1, bits=max(1, (v - 1).bit_length())),
-        lambda: jnp.full((b,), v, jnp.uint32))
-    keep_at_bv = at_bv & (~split_b[:, None] | (ids_bv <= last_id_b[:, None]))
-    return keep_k_bv & (~use_p[:, None] | above_bv | keep_at_bv)
+
+    def nucleus():
+        top_b = jnp.max(scaled_bv, axis=-1)
+        top_b = jnp.where(jnp.isfinite(top_b), top_b, 0.0)
+        weights_bv = jnp.where(keep_k_bv, jnp.exp(scaled_bv - top_b[:, None]), 0.0)
+        probs_bv = weights_bv / jnp.sum(weights_bv, axis=-1, keepdims=True)
+        cut_b = _largest_threshold(keys_bv, probs_bv, jnp.where(use_p, params.top_p, 2.0))  # 2: never, key 0
+        above_bv = keys_bv > cut_b[:, None]
+        at_bv = (keys_bv == cut_b[:, None]) & keep_k_bv
+        mass_above_b = jnp.sum(jnp.where(above_bv, probs_bv, 0.0), axis=-1)
+        prob_at_b = jnp.max(jnp.where(at_bv, probs_bv, 0.0), axis=-1)
+        tied_b = jnp.sum(at_bv, axis=-1, dtype=jnp.int32)
+        room_b = jnp.ceil((params.top_p - mass_above_b) / jnp.where(prob_at_b > 0, prob_at_b, 1.0))
+        first_b = jnp.clip(room_b, 1, jnp.maximum(tied_b, 1)).astype(jnp.int32)  # ties kept at the cut
+        split_b = use_p & (first_b < tied_b)
+        ids_bv = jnp.broadcast_to(jnp.arange(v, dtype=jnp.uint32), keys_bv.shape)
+        # the first_b-th smallest tied id is the (tied - first + 1)-th largest
+        last_id_b = jax.lax.cond(
+            jnp.any(split_b),
+            lambda: _largest_threshold(ids_bv, at_bv.astype(jnp.int32), tied_b - first_b + 1,
+                                       bits=max(1, (v - 1).bit_length())),
+            lambda: jnp.full((b,), v, jnp.uint32))
+        keep_at_bv = at_bv & (~split_b[:, None] | (ids_bv <= last_id_b[:, None]))
+        return ~use_p[:, None] | above_bv | keep_at_bv
+
+    return keep_k_bv & jax.lax.cond(jnp.any(use_p), nucleus, lambda: jnp.ones(keys_bv.shape, bool))
 
 
 def reference_filtered_logits(logits_bv, params: SamplingParams):
