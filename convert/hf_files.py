@@ -154,6 +154,11 @@ class TensorSource:
         src = self._where[name]
         return src.dtype(name) if isinstance(src, SafetensorsFile) else src[name].dtype
 
+    def file(self, name: str) -> Path:
+        """The weight file holding tensor `name`."""
+        src = self._where[name]
+        return src.path if isinstance(src, SafetensorsFile) else self.files[0]
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise CheckpointError(f"{self.folder}: tensor {name!r} missing from the checkpoint")
@@ -244,6 +249,25 @@ def checkpoint_dtype(hf: dict, source: "TensorSource", names) -> CheckpointDtype
         return CheckpointDtype(ranked[0], stored, "the weights" + unusable)
     return CheckpointDtype(ranked[0], stored, f"most parameters of the mixed {stored} weights"
                            + (unusable or "; config.json gives no dtype") + "; --dtype chooses another")
+
+
+# What a model weight may be stored as, in the words the errors use.
+FLOATING_ONLY = ("a model weight must be floating point (float64, float32, float16 or bfloat16; it is cast to "
+                 f"one of {list(DTYPES)}); quantized checkpoints are not supported")
+
+
+def check_floating_weights(source: "TensorSource", names) -> None:
+    """Refuse a checkpoint where a tensor the model reads as a weight (`names`: what the name map
+    reads, as for checkpoint_dtype; names `source` lacks are left out) is not floating point, e.g. a
+    quantized checkpoint's int8 matrix: cast to a float dtype it would give the raw integers as the
+    weights, silently. Integer buffers (position_ids, attention masks) are no weights and not in
+    `names`. Reads dtypes, no tensor data; the CheckpointError names the file, the tensor and its dtype."""
+    bad = [name for name in dict.fromkeys(names) if name in source and not is_floating(source.dtype(name))]
+    if bad:
+        name = bad[0]
+        more = f" (and {len(bad) - 1} more weights that are not floating point)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source.file(name)}: tensor {name!r} is {np.dtype(source.dtype(name)).name}{more}; "
+                              f"{FLOATING_ONLY}")
 
 
 def is_floating(dtype) -> bool:

@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from energon_jax.convert.hf_files import (DTYPES, CheckpointDtype, CheckpointError, SafetensorsFile, TensorSource,
-                                          checkpoint_dtype, read_config, read_json_object)
+from energon_jax.convert.hf_files import (DTYPES, FLOATING_ONLY, CheckpointDtype, CheckpointError, SafetensorsFile,
+                                          TensorSource, check_floating_weights, checkpoint_dtype, is_floating,
+                                          read_config, read_json_object)
 
 FORMAT = "energon-jax-orbax"
 # Version 2: GPT-2's projection weights are stored [out, in] (models/layers.project); a version-1
@@ -343,7 +344,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     """Convert a Hugging Face folder `src` to a converted folder `out` (see the module docstring).
 
     dtype: None takes the checkpoint's (`source_dtype`: config.json's, else the weights'); else one
-    of DTYPES. Floating tensors are cast to it; integer ones are kept.
+    of DTYPES. Every weight is cast to it; one that is not floating point (a quantized checkpoint's
+    int8 matrix) is refused before anything is written (hf_files.check_floating_weights).
     tp, pp: the layout the checkpoint is written for (recorded; it loads on any mesh).
     buffer_bytes: converted tensors are buffered up to this size between Orbax writes, so peak
     host memory is about the largest tensor plus this buffer, whatever the model size.
@@ -373,6 +375,7 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     cfg = arch.config(hf, source.keys(), src / "config.json")
     _check_layout(arch, cfg, tp, pp)
     arch.default_max_seq_len(src, cfg)  # a bad sentence_bert_config.json fails here, not at every load
+    check_floating_weights(source, mapped_tensors(arch, source, cfg))
     chosen = source_dtype(arch, hf, source, cfg)
     out_dtype = dtype or chosen.name
 
@@ -440,7 +443,7 @@ def _converter_version() -> str:
 
 def _write_params(source, cfg, arch, expected, ckpt_dir, out_dtype, buffer_bytes, num_params, progress,
                   check_interrupt):
-    """Stream `iter_params` into one Orbax checkpoint, floating tensors cast to `out_dtype`; returns
+    """Stream `iter_params` into one Orbax checkpoint, every tensor cast to `out_dtype`; returns
     (manifest, bytes, tensors)."""
     import orbax.checkpoint.experimental.v1 as ocp
     from orbax.checkpoint.experimental.v1 import partial as orbax_partial
@@ -479,8 +482,10 @@ def _write_params(source, cfg, arch, expected, ckpt_dir, out_dtype, buffer_bytes
             if tuple(arr.shape) != want:
                 raise CheckpointError(f"tensor for {key!r}{'' if layer is None else f' layer {layer}'} has shape "
                                       f"{tuple(arr.shape)} after conversion, the model expects {want}")
-            if jnp.issubdtype(arr.dtype, jnp.floating):
-                arr = arr.astype(out_dtype, copy=False)
+            if not is_floating(arr.dtype):  # check_floating_weights refused such sources: a converter's own doing
+                raise CheckpointError(f"converter produced {key!r} of dtype {np.dtype(arr.dtype).name}; "
+                                      f"{FLOATING_ONLY}")
+            arr = arr.astype(out_dtype, copy=False)
             leaf_path = path if layer is None else (*path, _LAYER_KEY.format(layer))
             node = buffer
             for k in leaf_path[:-1]:
@@ -627,6 +632,9 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
             raise CheckpointError(f"{folder / CONFIG_FILE}: parameter {key!r} is "
                                   f"{'missing' if entry is None else 'of shape ' + str(tuple(entry['shape']))}; "
                                   f"the model expects {tuple(shape)}")
+        if not is_floating(entry["dtype"]):  # restored as `dtype`, the raw integers would be the weights
+            raise CheckpointError(f"{folder / CONFIG_FILE}: parameter {key!r} is stored as {entry['dtype']} (its "
+                                  f"converter kept integer tensors, as older ones did); {FLOATING_ONLY}")
         padded |= tuple(entry["shape"]) != tuple(shape)
         node = abstract
         for k in key.split("/")[:-1]:

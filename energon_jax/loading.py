@@ -148,7 +148,9 @@ def param_shardings(module, example_args, mesh) -> dict:
 def place_params(host_tree: dict, module, example_args, mesh, dtype) -> dict:
     """Host arrays (nested dict in the module's layout) -> jax.Arrays in their NamedShardings.
 
-    Shapes are checked against the module's own parameter shapes before anything moves.
+    Shapes are checked against the module's own parameter shapes, and dtypes for being floating
+    point (cast to `dtype`, a quantized checkpoint's int8 would give its raw integers as the
+    weights), before anything moves.
     """
     axes, shapes = param_specs(module, example_args)
     host_flat = dict(jax.tree_util.tree_flatten_with_path(host_tree)[0])
@@ -161,6 +163,9 @@ def place_params(host_tree: dict, module, example_args, mesh, dtype) -> dict:
         if tuple(arr.shape) != tuple(want_flat[key]):
             raise CheckpointError(f"parameter {jax.tree_util.keystr(key)} has shape {tuple(arr.shape)}, "
                                   f"the model expects {tuple(want_flat[key])}")
+        if not hf_files.is_floating(arr.dtype):
+            raise CheckpointError(f"parameter {jax.tree_util.keystr(key)} is {np.dtype(arr.dtype).name} in the "
+                                  f"checkpoint; {hf_files.FLOATING_ONLY}")
     return jax.tree.map(lambda arr, spec: jax.device_put(np.asarray(arr).astype(dtype), logical_to_sharding(spec, mesh)),
                         host_tree, axes, is_leaf=lambda x: isinstance(x, np.ndarray))
 
@@ -173,7 +178,9 @@ def _load_gpt2(folder, hf_config, mesh, dtype, max_seq_len):
     check_layout(mesh, heads=cfg.n_head, mlp=cfg.mlp_dim, layers=cfg.n_layer)
     max_seq_len = check_max_seq_len(max_seq_len, cfg.n_positions)
     source = TensorSource(folder)
-    dtype = dtype or jnp.dtype(checkpoint_dtype(hf_config, source, gpt2_convert.mapped_names(source.keys(), cfg)).name)
+    weights = gpt2_convert.mapped_names(source.keys(), cfg)
+    hf_files.check_floating_weights(source, weights)  # before any tensor is read
+    dtype = dtype or jnp.dtype(checkpoint_dtype(hf_config, source, weights).name)
     host = stack_layers(gpt2_convert.iter_params(source, cfg), cfg.n_layer)
     multiple = table_multiple(mesh)
     host["wte"], host["wpe"] = pad_rows(host["wte"], multiple), pad_rows(host["wpe"], multiple)
