@@ -1005,6 +1005,11 @@ def test_ready_line_names_the_url_to_send_requests_to(gpt_folder, tmp_path):
         assert line.endswith(ready_message("127.0.0.1", port, "gpt")), line
         url = line.split("ready: ", 1)[1].split()[0]
         assert url == f"http://127.0.0.1:{port}" and f"on {url} (compiling" in text, text
+        # one start-up story: the Server's line says what the warm-up did, the HTTP line alone says "ready"
+        # (the Server said "NAME (gpt) ready in S s: ..." too)
+        assert text.count("ready: ") == 1 and " ready in " not in text, text
+        warm = next(x for x in text.splitlines() if " (gpt) warmed up in " in x)
+        assert warm.endswith(": 2 slots, queue 64") and text.index(warm) < text.index(line), text
         assert httpx.get(url + "/health", timeout=10).status_code == 200
         r = httpx.post(url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2}, timeout=60)
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2, r.text

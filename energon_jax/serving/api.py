@@ -309,13 +309,14 @@ class Server:
         if self.switch_interval is not None and self._saved_switch_interval is None:
             self._saved_switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(self.switch_interval)
+        warmed = bool(warmup) and (self.kind == "gpt" or hasattr(self.encoder, "warmup"))
         if self.kind == "gpt":
-            if warmup:
+            if warmed:
                 self.engine.warmup()
             self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics, overlap=self.overlap)
             self.loop.start()
         else:
-            if warmup and hasattr(self.encoder, "warmup"):
+            if warmed:
                 self.encoder.warmup()
             self.batcher = EmbeddingBatcher(self.encoder, metrics=self.metrics, **self._embed_args)
             self.batcher.start()
@@ -324,8 +325,12 @@ class Server:
             self._gc_tuned = True
         self.warmup_seconds = time.perf_counter() - t0
         self.metrics.warmup_seconds.set(self.warmup_seconds)
-        log.info("%s (%s) ready in %.1f s: %d slots, queue %d", self.name, self.kind, self.warmup_seconds,
-                 self.max_batch_size, self.max_queue)
+        # not "ready": behind HTTP, the routes log the one "ready: URL (routes)" line right after this
+        capacity = (f"{self.max_batch_size} slots" if self.kind == "gpt"
+                    else f"embedding batches of {self.max_batch_size} sequences")
+        done = (f"warmed up in {self.warmup_seconds:.1f} s" if warmed else
+                f"started in {self.warmup_seconds:.1f} s, without a warm-up (each shape compiles on first use)")
+        log.info("%s (%s) %s: %s, queue %d", self.name, self.kind, done, capacity, self.max_queue)
         self.ready = True
         return self
 

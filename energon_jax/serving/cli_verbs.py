@@ -143,12 +143,16 @@ def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, reques
          shutdown_timeout=30.0, log_level="info", name=None, **server_options) -> int:
     """server_options: further `Server` keywords (prefill sizes, batch_wait, prefill_window, overlap)."""
     from energon_jax.serving.api import Server
-    from energon_jax.serving.http import http_url  # the serve extra is there: check_http_ready said so
+    from energon_jax.serving.http import http_url, listening_note  # the serve extra: check_http_ready said so
 
     server = Server(model, max_batch_size=max_batch_size, max_queue=max_queue, decode_steps=decode_steps,
                     request_timeout=request_timeout, name=name, **server_options)
-    # the "ready: URL (routes)" line follows once every bucket is compiled (http.ready_message)
-    log.info("serving %s on %s (compiling before /health reports ready)", server.name, http_url(host, port))
+    # Start-up, in order: this line; uvicorn's; the engine's compile line(s); the Server's
+    # "warmed up in S s: N slots, queue Q" (api.Server.start); the one "ready: URL (routes)"
+    # line once every bucket is compiled (http.ready_message). URLs from http.http_url.
+    note = listening_note(host)
+    log.info("serving %s on %s (%scompiling before /health reports ready)", server.name, http_url(host, port),
+             f"{note}; " if note else "")
     code = 0
     try:
         server.serve_http(host=host, port=port, log_level=log_level if log_level != "trace" else "debug",

@@ -14,6 +14,7 @@ Bad input answers 4xx with a message naming the problem; only a server fault ans
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import threading
@@ -31,22 +32,43 @@ from energon_jax.serving.scheduler import QueueFull, ShuttingDown
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5
-# Wildcard bind addresses: a client on this machine reaches them through the loopback.
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def _wildcard_loopback(host: str) -> str | None:
+    """The loopback address for a wildcard bind address (0.0.0.0, ::, or another spelling of
+    either): a client on this machine reaches such a server through it. None for any other host."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name
+        return None
+    if not address.is_unspecified:
+        return None
+    return "127.0.0.1" if address.version == 4 else "::1"
 
 
 def http_url(host: str, port: int) -> str:
-    """http://host:port, an IPv6 address in brackets."""
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    """The URL a client on this machine opens for a server bound to (host, port): a wildcard bind
+    (0.0.0.0, ::) is no address to connect to, so it becomes the loopback; an IPv6 address goes in
+    brackets (a zone id's % escaped as %25). Every URL the serving layer prints or returns is this."""
+    host = _wildcard_loopback(host) or host
+    if ":" in host:
+        host = f"[{host.replace('%', '%25')}]"
+    return f"http://{host}:{port}"
+
+
+def listening_note(host: str) -> str:
+    """What a URL from `http_url` does not say about the bind: a wildcard listens on every
+    interface (other machines reach it by this machine's address). Empty for any other host."""
+    return f"listening on {host}, every interface" if _wildcard_loopback(host) else ""
 
 
 def ready_message(host: str, port: int, kind: str) -> str:
-    """The log line of a server that has finished its warm-up: a URL to curl (the loopback for a
-    wildcard bind) and the routes its model kind answers."""
+    """The log line of a server that has finished its warm-up: a URL to curl (`http_url`) and the
+    routes its model kind answers."""
     routes = ("POST /v1/completions, POST /generation, GET /run/{text}" if kind == "gpt"
               else "POST /v1/embeddings, GET /run/{text}")
-    where = f"; listening on {host}, every interface" if host in _WILDCARDS else ""
-    return f"ready: {http_url(_WILDCARDS.get(host, host), port)} ({routes}; GET /health, /metrics, /docs{where})"
+    note = listening_note(host)
+    return f"ready: {http_url(host, port)} ({routes}; GET /health, /metrics, /docs{'; ' + note if note else ''})"
 
 
 async def _cancel_on_disconnect(request: Request, handle) -> None:
@@ -398,13 +420,33 @@ class _CancellingStream(StreamingResponse):
 
 
 # ---------------------------------------------------------------- running
+def _uvicorn_server():
+    """uvicorn.Server, its "Uvicorn running on URL" line naming `http_url`'s URL: uvicorn's own
+    named the bind address, http://0.0.0.0:PORT for a wildcard, which no client can open. (An
+    override of a private method: a uvicorn without it logs its own line again, nothing worse.)"""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def _log_started_message(self, listeners, *args, **kwargs) -> None:
+            config = self.config
+            if config.fd is not None or config.uds is not None or getattr(config, "ssl", None) or not listeners:
+                return super()._log_started_message(listeners, *args, **kwargs)
+            port = config.port or listeners[0].getsockname()[1]
+            note = listening_note(config.host)
+            logging.getLogger("uvicorn.error").info(
+                "Uvicorn running on %s (%sPress CTRL+C to quit)", http_url(config.host, port),
+                f"{note}; " if note else "")
+
+    return Server
+
+
 def run_http(server, *, host: str = "127.0.0.1", port: int = 8005, log_level: str = "info",
              shutdown_timeout: float = 30.0) -> None:
     """Serve until SIGINT/SIGTERM. On the signal: stop admitting (503), let requests in flight finish
     for up to `shutdown_timeout` s, end the rest with an error response, then exit."""
     import uvicorn
 
-    class _Server(uvicorn.Server):
+    class _Server(_uvicorn_server()):
         draining = False
 
         def handle_exit(self, sig, frame):
@@ -433,12 +475,12 @@ class BackgroundHTTP:
         import uvicorn
 
         self.host, self.port = host, port
-        self.url = http_url(host, port)
+        self.url = http_url(host, port)  # where to send requests: the loopback for a wildcard bind
         # timeout_graceful_shutdown: a connection still open at stop() is closed after 5 s
         config = uvicorn.Config(create_app(server, stop_server=False, address=(host, port)), host=host, port=port,
                                 log_level=log_level,
                                 access_log=log_level == "debug", timeout_graceful_shutdown=5)
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = _uvicorn_server()(config)
         self._thread = threading.Thread(target=self._run, name=f"energon-http-{port}", daemon=True)
         self._thread.start()
         end = time.monotonic() + startup_timeout

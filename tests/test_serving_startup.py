@@ -1,0 +1,161 @@
+"""Start-up lines and URLs of the serving layer, with a stand-in Bert model (nothing compiles):
+`energon serve` printed http://0.0.0.0:PORT, a URL no client can open, and logged two "ready" lines."""
+import logging
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+
+class FakeBert:
+    """What a Bert `Server` needs of its model: encode (refusing a bare str, as BertModel's does)."""
+
+    max_seq_len = 16
+    source = "fake"
+
+    def __init__(self, warmup: bool = False):
+        self.warmed = 0
+        if warmup:
+            self.warmup = self._warmup
+
+    def _warmup(self):
+        self.warmed += 1
+
+    def encode(self, inputs, *, pooling="mean", normalize=False):
+        if isinstance(inputs, str):
+            raise TypeError("texts_or_ids must be a list")
+        return np.array([[float(len(x)), 1.0] for x in inputs], np.float32)
+
+
+def free_port(host="127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ipv6_available() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host,url", [
+    ("127.0.0.1", "http://127.0.0.1:8005"),
+    ("localhost", "http://localhost:8005"),
+    ("0.0.0.0", "http://127.0.0.1:8005"),  # a wildcard bind is reached through the loopback
+    ("::", "http://[::1]:8005"),
+    ("::0", "http://[::1]:8005"),
+    ("0:0:0:0:0:0:0:0", "http://[::1]:8005"),
+    ("::1", "http://[::1]:8005"),  # IPv6 in brackets
+    ("fe80::1%eth0", "http://[fe80::1%25eth0]:8005"),  # a zone id's % escaped (RFC 6874)
+])
+def test_http_url_is_the_url_a_client_opens(host, url):
+    from energon_jax.serving.http import http_url, listening_note
+
+    assert http_url(host, 8005) == url
+    wildcard = host in ("0.0.0.0", "::", "::0", "0:0:0:0:0:0:0:0")
+    assert listening_note(host) == (f"listening on {host}, every interface" if wildcard else "")
+
+
+def test_ready_line_of_an_ipv6_wildcard_bind():
+    from energon_jax.serving.http import ready_message
+
+    assert ready_message("::", 80, "gpt") == (
+        "ready: http://[::1]:80 (POST /v1/completions, POST /generation, GET /run/{text}; GET /health, /metrics, "
+        "/docs; listening on ::, every interface)")
+    assert ready_message("localhost", 80, "bert").endswith("/metrics, /docs)")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_background_http_on_a_wildcard_bind_gives_a_url_that_answers(host, caplog):
+    """start_http's .url was http://0.0.0.0:PORT; the start-up log says "ready" once, with the same URL."""
+    if host == "::" and not ipv6_available():
+        pytest.skip("no IPv6 on this machine")
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import ready_message
+
+    server = Server(FakeBert(), max_batch_size=4, max_queue=8, name="fake")
+    port = free_port("::1" if ":" in host else "127.0.0.1")
+    with caplog.at_level(logging.INFO, logger="energon_jax.serving"):
+        http = server.start_http(host=host, port=port)
+        try:
+            assert http.url == (f"http://[::1]:{port}" if ":" in host else f"http://127.0.0.1:{port}")
+            assert repr(http) == f"BackgroundHTTP({http.url}, running)"
+            end = time.monotonic() + 30
+            while time.monotonic() < end and httpx.get(http.url + "/health", timeout=5).status_code != 200:
+                time.sleep(0.05)
+            r = httpx.post(http.url + "/v1/embeddings", json={"input": ["abc", "de"], "normalize": False}, timeout=10)
+            assert r.status_code == 200, r.text
+            assert [d["embedding"][0] for d in r.json()["data"]] == [3.0, 2.0]
+            end = time.monotonic() + 10  # the ready line is logged just after /health turns 200
+            while time.monotonic() < end and not any("ready: " in m for m in caplog.messages):
+                time.sleep(0.02)
+        finally:
+            server.stop()
+    lines = [m for m in caplog.messages if "ready" in m]
+    assert lines == [ready_message(host, port, "bert")], caplog.messages
+    assert ready_message(host, port, "bert").startswith(f"ready: {http.url} (")
+    started = [m for m in caplog.messages if m.startswith("fake (bert)")]
+    assert started == [f"fake (bert) started in {server.warmup_seconds:.1f} s, without a warm-up (each shape "
+                       "compiles on first use): embedding batches of 4 sequences, queue 8"], caplog.messages
+
+
+def test_the_warm_up_line_is_not_a_second_ready_line(caplog):
+    """Server.start logged "NAME (KIND) ready in S s: N slots, queue Q" and the HTTP layer then
+    "ready: URL (routes)": the Server's line now says what the warm-up did, and only the HTTP one
+    says ready."""
+    from energon_jax.serving import Server
+
+    model = FakeBert(warmup=True)
+    with caplog.at_level(logging.INFO, logger="energon_jax.serving"):
+        server = Server(model, max_batch_size=4, max_queue=8, name="fake").start()
+        server.stop()
+    assert model.warmed == 1
+    line = next(m for m in caplog.messages if m.startswith("fake (bert)"))
+    assert line == f"fake (bert) warmed up in {server.warmup_seconds:.1f} s: embedding batches of 4 sequences, queue 8"
+    assert not any("ready" in m for m in caplog.messages), caplog.messages
+
+
+def test_energon_serve_names_a_url_a_client_can_open(monkeypatch, caplog):
+    """The first line of `energon serve --host 0.0.0.0` said "serving NAME on http://0.0.0.0:PORT"."""
+    from energon_jax.serving import Server, cli_verbs
+
+    calls = []
+    monkeypatch.setattr(Server, "serve_http", lambda self, **kw: calls.append(kw))
+    with caplog.at_level(logging.INFO, logger="energon_jax.serving"):
+        assert cli_verbs._run(FakeBert(), host="0.0.0.0", port=8005, max_batch_size=2, max_queue=4, name="fake") == 0
+        assert cli_verbs._run(FakeBert(), host="::1", port=8006, max_batch_size=2, max_queue=4, name="fake") == 0
+    assert [kw["host"] for kw in calls] == ["0.0.0.0", "::1"]  # the bind itself is unchanged
+    serving = [m for m in caplog.messages if m.startswith("serving fake on ")]
+    assert serving == [
+        "serving fake on http://127.0.0.1:8005 (listening on 0.0.0.0, every interface; compiling before /health "
+        "reports ready)",
+        "serving fake on http://[::1]:8006 (compiling before /health reports ready)"], caplog.messages
+
+
+@pytest.mark.parametrize("host,line", [
+    ("0.0.0.0", "Uvicorn running on http://127.0.0.1:8005 (listening on 0.0.0.0, every interface; Press CTRL+C to quit)"),
+    ("::", "Uvicorn running on http://[::1]:8005 (listening on ::, every interface; Press CTRL+C to quit)"),
+    ("127.0.0.1", "Uvicorn running on http://127.0.0.1:8005 (Press CTRL+C to quit)"),
+])
+def test_uvicorns_start_line_names_the_same_url(host, line, caplog):
+    """uvicorn's own line, between ours, said "Uvicorn running on http://0.0.0.0:8005"."""
+    import uvicorn
+
+    from energon_jax.serving.http import _uvicorn_server
+
+    server = _uvicorn_server()(uvicorn.Config(lambda scope, receive, send: None, host=host, port=8005))
+    uv_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate to the root
+    uv_log.addHandler(caplog.handler)
+    try:
+        server._log_started_message([object()])
+    finally:
+        uv_log.removeHandler(caplog.handler)
+    assert caplog.messages == [line]
