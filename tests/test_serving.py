@@ -566,7 +566,10 @@ def test_energon_routes(served):
     ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2, "temperature": 0.5, "top_k": 2 ** 31}).encode(),
      "top_k=2147483648 must be an int in [0, 2147483647]"),
     ("/v1/completions", json.dumps({"prompt": "word " * 80, "max_tokens": 2}).encode(), "context of 64"),
-    ("/v1/completions", json.dumps({"prompt": [1, 2, 10 ** 6], "max_tokens": 2}).encode(), "outside the vocabulary"),
+    # the one prompt sent is named "prompt" (the model's batch check said prompts[0])
+    ("/v1/completions", json.dumps({"prompt": [1, 2, 10 ** 6], "max_tokens": 2}).encode(),
+     "prompt: token id 1000000 outside the vocabulary"),
+    ("/v1/completions", json.dumps({"prompt": "", "max_tokens": 2}).encode(), "prompt is empty ('')"),
     ("/v1/completions", json.dumps({"prompt": "a", "n": 3}).encode(), "n=3"),
     # JSON's Infinity / NaN parse to Python floats: they answered 200 (sampling at an infinite temperature)
     ("/v1/completions", b'{"prompt": "a", "max_tokens": 2, "temperature": Infinity}', "temperature=inf must be"),

@@ -1,5 +1,6 @@
-"""Start-up lines and URLs of the serving layer, with a stand-in Bert model (nothing compiles):
-`energon serve` printed http://0.0.0.0:PORT, a URL no client can open, and logged two "ready" lines."""
+"""Start-up lines and URLs of the serving layer, and the Server's option and input checks, with a
+stand-in Bert model (nothing compiles): `energon serve` printed http://0.0.0.0:PORT, a URL no client
+can open, and logged two "ready" lines."""
 import logging
 import socket
 import time
@@ -138,6 +139,58 @@ def test_energon_serve_names_a_url_a_client_can_open(monkeypatch, caplog):
         "serving fake on http://127.0.0.1:8005 (listening on 0.0.0.0, every interface; compiling before /health "
         "reports ready)",
         "serving fake on http://[::1]:8006 (compiling before /health reports ready)"], caplog.messages
+
+
+def test_embed_refuses_a_bare_string():
+    """server.embed("hello") embedded each character of the string (list("hello")) without a word."""
+    from energon_jax.serving import Server
+
+    with Server(FakeBert(), max_batch_size=4, name="fake") as server:
+        for bad in ("hello", b"hello", [1, 2, 3], (1, 2), [np.int64(4)]):
+            with pytest.raises(TypeError, match="inputs must be a list of str, .* wrap a single input in a list"):
+                server.embed(bad)
+        assert server.embed(["hello"], timeout=10).tolist() == [[5.0, 1.0]]
+        assert server.embed([[1, 2, 3], [4]], timeout=10).tolist() == [[3.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_batch_size=True), r"max_batch_size=True must be an int >= 1"),
+    (dict(max_batch_size=0), r"max_batch_size=0 must be an int >= 1"),
+    (dict(max_queue=True), r"max_queue=True must be an int >= 0"),
+    (dict(max_queue=-1), r"max_queue=-1 must be an int >= 0"),
+    (dict(switch_interval=True), r"switch_interval=True must be a number of seconds > 0, or None"),
+    (dict(switch_interval=float("inf")), r"switch_interval=inf must be"),
+    (dict(embed_max_wait="0.01"), r"embed_max_wait='0.01' must be a number of seconds >= 0"),
+    (dict(embed_max_wait=float("inf")), r"embed_max_wait=inf must be"),
+    (dict(embed_max_wait=float("nan")), r"embed_max_wait=nan must be"),
+    (dict(embed_max_wait=-1), r"embed_max_wait=-1 must be"),
+])
+def test_server_options_are_checked(kwargs, match):
+    """True was taken as 1 slot and switch_interval=True as 1 s; a str embed_max_wait killed the
+    batcher's thread at the first request, inf raised in its queue wait."""
+    from energon_jax.serving import Server
+
+    with pytest.raises(ValueError, match=match):
+        Server(FakeBert(), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["batch_wait", "prefill_window", "arrival_gap", "burst_gap"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, True, "0.1"])
+def test_scheduler_seconds_must_be_finite(name, value):
+    """NaN passed `value < 0` (and then acted as 0): `energon serve --batch-wait nan` started."""
+    from energon_jax.serving import Scheduler
+
+    with pytest.raises(ValueError, match=rf"{name}={value!r} must be a number of seconds >= 0"):
+        Scheduler(2, context_len=8, **{name: value})
+    assert Scheduler(2, context_len=8, **{name: np.float32(0.5)})  # numpy numbers are numbers
+
+
+def test_serve_refuses_a_nan_batch_wait_before_loading():
+    from energon_jax.serving.cli_verbs import check_serve_options
+
+    for flag in ("batch_wait", "prefill_window"):
+        with pytest.raises(ValueError, match=rf"--{flag.replace('_', '-')}=nan must be a number of seconds >= 0"):
+            check_serve_options(2, 4, None, {flag: float("nan")})
 
 
 @pytest.mark.parametrize("host,line", [

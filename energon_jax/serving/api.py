@@ -22,6 +22,8 @@ import threading
 import time
 import weakref
 
+import numpy as np
+
 from energon_jax.engine.gpt import GenerationOutput
 from energon_jax.engine.sampling import check_int, is_finite_number, resolve_seed, validate_sampling
 from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown, check_timeout
@@ -253,7 +255,8 @@ class Server:
         self.overlap = bool(overlap)
         self.tune_gc = bool(tune_gc)
         self._gc_tuned = False
-        if switch_interval is not None and not (isinstance(switch_interval, (int, float)) and switch_interval > 0):
+        # a bool is no interval (True set 1 s), nor inf (setswitchinterval took it as 0)
+        if switch_interval is not None and not (is_finite_number(switch_interval) and switch_interval > 0):
             raise ValueError(f"switch_interval={switch_interval!r} must be a number of seconds > 0, or None")
         self.switch_interval = switch_interval
         self._saved_switch_interval: float | None = None
@@ -265,12 +268,8 @@ class Server:
             decode_steps=decode_steps, cache_len=cache_len, max_prefill_tokens=max_prefill_tokens,
             max_prefill_batch=max_prefill_batch, prefill_batch_tokens=prefill_batch_tokens, batch_wait=batch_wait,
             prefill_window=prefill_window, overlap=overlap, embed_max_wait=embed_max_wait))
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
-        if not isinstance(max_queue, int) or max_queue < 0:
-            raise ValueError(f"max_queue={max_queue!r} must be an int >= 0")
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
+        self.max_batch_size = check_int("max_batch_size", max_batch_size, 1)  # True was taken as 1
+        self.max_queue = check_int("max_queue", max_queue, 0)
         self.request_timeout = check_timeout(request_timeout, "request_timeout")
         tok = getattr(model, "tokenizer", None)
         self.detokenize = tok.decode if tok is not None else None
@@ -294,6 +293,10 @@ class Server:
             self.scheduler.on_finish = self.metrics.record_finished
             self.scheduler.on_tokens = self.metrics.record_tokens
         else:
+            # checked here: a str failed the batcher's thread at the first request (the server
+            # then failed), inf raised in its queue wait, NaN never waited
+            if not (is_finite_number(embed_max_wait) and embed_max_wait >= 0):
+                raise ValueError(f"embed_max_wait={embed_max_wait!r} must be a number of seconds >= 0")
             self.context_len = model.max_seq_len
             # chunks of at most max_batch_size sequences: one program per token bucket, all warmed up
             self.encoder = model.fixed_shapes(max_batch_size) if hasattr(model, "fixed_shapes") else model
@@ -394,9 +397,7 @@ class Server:
         self._require("gpt", "generation")
         max_tokens = check_int("max_tokens", max_tokens, 1)
         validate_sampling(temperature, top_k, top_p)
-        if isinstance(prompt, (list, tuple)) and not prompt:
-            raise ValueError("prompt is empty; it needs at least one token")
-        prompt_ids = self.model.encode_prompts([prompt])[0]
+        prompt_ids = self.encode_prompt(prompt)
         stop_ids, stop_strings = self.model.stop_token_ids(stop)
         seed = resolve_seed(seed)
         options = SamplingOptions(max_tokens, float(temperature), int(top_k), float(top_p), seed,
@@ -406,6 +407,18 @@ class Server:
                                          timeout=timeout if timeout is not None else self.request_timeout)
         handle.request_id = req.request_id
         return handle
+
+    def encode_prompt(self, prompt) -> list[int]:
+        """One prompt (str, or a list of token ids) as token ids, checked as `submit` takes it: bad
+        input raises ValueError or TypeError naming `prompt` (the model's batch check named it
+        prompts[0], a field nobody sent)."""
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise ValueError("prompt is empty; it needs at least one token")
+        try:
+            return self.model.encode_prompts([prompt])[0]
+        except (ValueError, TypeError) as e:
+            raise (ValueError if isinstance(e, ValueError) else TypeError)(
+                str(e).replace("prompts[0]", "prompt")) from None
 
     def cancel(self, request_id: str | None) -> bool:
         return request_id is not None and self.scheduler is not None and self.scheduler.cancel(request_id)
@@ -424,8 +437,14 @@ class Server:
     # ------------------------------------------------------------- encoding
     def embed_async(self, inputs, *, pooling: str = "mean", normalize: bool = False):
         """A concurrent.futures.Future of `model.encode(inputs, pooling=, normalize=)`, batched with
-        other requests (the model checks pooling; a bad value fails the future with ValueError)."""
+        other requests (the model checks pooling; a bad value fails the future with ValueError).
+        inputs: a list of str, (str, str) pairs or token-id lists, as `BertModel.encode` takes."""
         self._require("bert", "embeddings")
+        if isinstance(inputs, (str, bytes)) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(
+                inputs[0], (int, np.integer)) and not isinstance(inputs[0], bool)):
+            # a str was taken as the list of its characters: one embedding each, without a word
+            raise TypeError(f"inputs must be a list of str, (str, str) pairs or token-id lists, got "
+                            f"{type(inputs).__name__} {str(inputs)[:40]!r}; wrap a single input in a list")
         return self.batcher.submit(inputs, pooling, normalize)
 
     def embed(self, inputs, *, pooling: str = "mean", normalize: bool = False, timeout: float | None = None):

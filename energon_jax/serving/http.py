@@ -263,7 +263,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         if not text:
             raise HTTPError(400, "the text is empty")
         try:
-            tokens = len(server.model.encode_prompts([text])[0])
+            tokens = len(server.encode_prompt(text))
         except (ValueError, TypeError) as e:
             raise HTTPError(400, str(e)) from None
         if max_seq_length <= tokens:

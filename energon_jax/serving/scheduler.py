@@ -179,7 +179,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         for name, value in (("batch_wait", batch_wait), ("arrival_gap", arrival_gap),
                             ("prefill_window", prefill_window), ("burst_gap", burst_gap)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not (is_finite_number(value) and value >= 0):  # NaN passed `< 0` (and acted as 0), inf too
                 raise ValueError(f"{name}={value!r} must be a number of seconds >= 0")
         self.batch_wait, self.arrival_gap = float(batch_wait), float(arrival_gap)
         self.prefill_window, self.burst_gap = float(prefill_window), float(burst_gap)
