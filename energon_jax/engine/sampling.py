@@ -168,14 +168,23 @@ def _keep_mask(sorted_bn, ids_bn, floor_b, ranks: int, scaled_bv, params: Sampli
     return keep_k_bv & keep_p_bv, reached_b
 
 
-def filter_mask(scaled_bv, params: SamplingParams, rows_b=None):
+def filter_mask(scaled_bv, params: SamplingParams, rows_b=None, *, impl: str = "xla", mesh=None):
     """[B, V] bool: the tokens each row may sample after top_k and top_p (temperature already
-    applied to `scaled_bv`). Sorts only the candidates when every row of `rows_b` (default all)
-    has a top_k of at most CANDIDATE_GROUPS; otherwise, or when ties at the floor leave a row's
-    filter undecided, every row is sorted whole.
+    applied to `scaled_bv`).
 
-    top_p alone sorts whole rows: its nucleus can hold thousands of tokens (a flat row), and trying
-    the candidates first made a GPT-2 batch-32 decode step ~14% slower than the sort alone (H200)."""
+    impl "triton" (or "auto" on a GPU): the thresholds by radix select in one kernel
+    (kernels/sample_filter.py), any top_k and top_p, no sort. "xla": sorts only the candidates
+    when every row of `rows_b` (default all) has a top_k of at most CANDIDATE_GROUPS; otherwise,
+    or when ties at the floor leave a row's filter undecided, every row is sorted whole. top_p
+    alone sorts whole rows there: its nucleus can hold thousands of tokens (a flat row), and
+    trying the candidates first made a GPT-2 batch-32 decode step ~14% slower than the sort alone
+    (H200). With a mesh the kernel's rows split over "data"."""
+    from energon_jax.kernels import sample_filter
+    from energon_jax.kernels._dispatch import resolve_impl
+
+    if resolve_impl(impl) == "triton":
+        thresholds = sample_filter.filter_thresholds(scaled_bv, params.top_k, params.top_p, impl="triton", mesh=mesh)
+        return sample_filter.keep_mask(scaled_bv, *thresholds, params.top_p)
     v = scaled_bv.shape[-1]
     rows_b = jnp.ones(scaled_bv.shape[:1], bool) if rows_b is None else rows_b
     short_k_b = (params.top_k > 0) & (params.top_k <= CANDIDATE_GROUPS)
@@ -192,91 +201,6 @@ def filter_mask(scaled_bv, params: SamplingParams, rows_b=None):
         return jax.lax.cond(jnp.any(rows_b & ~reached_b), whole_rows, lambda: keep_bv)
 
     return jax.lax.cond(jnp.all(candidates_serve_b | ~rows_b), from_candidates, whole_rows)
-
-
-# Radix select: the k-th largest logit, and the top_p cut, found without any sort. A row's
-# float32 logits map to uint32 keys in the same order (_order_keys); the largest key T whose
-# "measure" (the count, or the probability mass, of the entries with key >= T) reaches a target is
-# built from its top bits down, RADIX_BITS a pass: each pass measures the 2**RADIX_BITS - 1 next
-# candidates in one reduction over the row. 32 / RADIX_BITS passes find it exactly, whatever the
-# spread of the logits, so no row ever falls back to a sort.
-RADIX_BITS = 4
-RADIX_SPLIT = 0
-
-
-def _order_keys(x_bv):
-    """uint32 keys in the order of the float32 values (-0.0 and 0.0 the same key; -inf above 0)."""
-    bits = jax.lax.bitcast_convert_type(jnp.where(x_bv == 0, jnp.zeros_like(x_bv), x_bv), jnp.uint32)
-    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def _largest_threshold(keys_bv, weights_bv, target_b, bits: int = 32):
-    """[B] uint32: per row the largest T < 2**bits with sum(weights[keys >= T]) >= target, or 0
-    when none reaches it (T = 0 keeps every key). Weights are >= 0, so the measure only falls as T
-    rises, and each pass's nested masks sum in one reduction order: the pass keeps the most
-    candidates that reach the target."""
-    t_b = jnp.zeros(keys_bv.shape[:1], jnp.uint32)
-    shift = bits
-    while shift > 0:
-        step = min(RADIX_BITS, shift)
-        shift -= step
-        cand_bj = t_b[:, None] | (jnp.arange(1, 2**step, dtype=jnp.uint32) << shift)
-        if RADIX_SPLIT:  # reduce RADIX_SPLIT entries at a time first: more, shorter rows
-            g = -(-keys_bv.shape[-1] // RADIX_SPLIT)
-            pad = ((0, 0), (0, g * RADIX_SPLIT - keys_bv.shape[-1]))
-            k_bgs = jnp.pad(keys_bv, pad).reshape(keys_bv.shape[0], g, RADIX_SPLIT)
-            w_bgs = jnp.pad(weights_bv, pad).reshape(k_bgs.shape)
-            reached = k_bgs[:, None] >= cand_bj[:, :, None, None]
-            measure_bj = jnp.sum(jnp.sum(jnp.where(reached, w_bgs[:, None], 0), axis=-1), axis=-1)
-        else:
-            reached_bjv = keys_bv[:, None, :] >= cand_bj[:, :, None]
-            measure_bj = jnp.sum(jnp.where(reached_bjv, weights_bv[:, None, :], 0), axis=-1)
-        t_b = t_b | (jnp.sum(measure_bj >= target_b[:, None], axis=-1).astype(jnp.uint32) << shift)
-    return t_b
-
-
-def radix_filter_mask(scaled_bv, params: SamplingParams):
-    """[B, V] bool, as filter_mask, by radix select: no sort and no fallback.
-
-    top_k keeps every key >= the k-th largest (the largest T that at least k keys reach). top_p
-    keeps, of the survivors in descending order (ties by ascending id), each token whose mass before
-    it is < top_p: every key above the cut (the largest T whose survivors' mass reaches top_p), and
-    of the keys tied at the cut the first m by id, m = ceil((top_p - mass above) / their prob).
-    A filter no row of the batch uses costs nothing."""
-    b, v = scaled_bv.shape
-    keys_bv = _order_keys(scaled_bv)
-    use_k = (params.top_k > 0) & (params.top_k < v)
-    use_p = params.top_p < 1.0
-    kth_b = jax.lax.cond(jnp.any(use_k), lambda: _largest_threshold(
-        keys_bv, jnp.ones(keys_bv.shape, jnp.int32), jnp.where(use_k, params.top_k, v + 1)),
-        lambda: jnp.zeros((b,), jnp.uint32))  # key 0 keeps every key
-    keep_k_bv = keys_bv >= kth_b[:, None]
-
-    def nucleus():
-        top_b = jnp.max(scaled_bv, axis=-1)
-        top_b = jnp.where(jnp.isfinite(top_b), top_b, 0.0)
-        weights_bv = jnp.where(keep_k_bv, jnp.exp(scaled_bv - top_b[:, None]), 0.0)
-        probs_bv = weights_bv / jnp.sum(weights_bv, axis=-1, keepdims=True)
-        cut_b = _largest_threshold(keys_bv, probs_bv, jnp.where(use_p, params.top_p, 2.0))  # 2: never, key 0
-        above_bv = keys_bv > cut_b[:, None]
-        at_bv = (keys_bv == cut_b[:, None]) & keep_k_bv
-        mass_above_b = jnp.sum(jnp.where(above_bv, probs_bv, 0.0), axis=-1)
-        prob_at_b = jnp.max(jnp.where(at_bv, probs_bv, 0.0), axis=-1)
-        tied_b = jnp.sum(at_bv, axis=-1, dtype=jnp.int32)
-        room_b = jnp.ceil((params.top_p - mass_above_b) / jnp.where(prob_at_b > 0, prob_at_b, 1.0))
-        first_b = jnp.clip(room_b, 1, jnp.maximum(tied_b, 1)).astype(jnp.int32)  # ties kept at the cut
-        split_b = use_p & (first_b < tied_b)
-        ids_bv = jnp.broadcast_to(jnp.arange(v, dtype=jnp.uint32), keys_bv.shape)
-        # the first_b-th smallest tied id is the (tied - first + 1)-th largest
-        last_id_b = jax.lax.cond(
-            jnp.any(split_b),
-            lambda: _largest_threshold(ids_bv, at_bv.astype(jnp.int32), tied_b - first_b + 1,
-                                       bits=max(1, (v - 1).bit_length())),
-            lambda: jnp.full((b,), v, jnp.uint32))
-        keep_at_bv = at_bv & (~split_b[:, None] | (ids_bv <= last_id_b[:, None]))
-        return ~use_p[:, None] | above_bv | keep_at_bv
-
-    return keep_k_bv & jax.lax.cond(jnp.any(use_p), nucleus, lambda: jnp.ones(keys_bv.shape, bool))
 
 
 def reference_filtered_logits(logits_bv, params: SamplingParams):
@@ -301,8 +225,9 @@ def _scaled(logits_bv, params: SamplingParams):
     return jnp.where(logits_bv == -jnp.inf, -jnp.inf, logits_bv / jnp.maximum(params.temperature, 1e-6)[:, None])
 
 
-def sample(logits_bv, params: SamplingParams, keys_b) -> jax.Array:
-    """[B, V] float32 logits -> [B] int32 tokens.
+def sample(logits_bv, params: SamplingParams, keys_b, *, impl: str = "xla", mesh=None) -> jax.Array:
+    """[B, V] float32 logits -> [B] int32 tokens. impl and mesh: filter_mask's (the engine passes
+    "triton" where its attention kernels run).
 
     A sampled row draws by Gumbel-max over its kept tokens in vocabulary order, so its token
     depends on its key, its logits and its settings only: not on the other rows, nor on whether
@@ -315,7 +240,7 @@ def sample(logits_bv, params: SamplingParams, keys_b) -> jax.Array:
         v = scaled_bv.shape[-1]
         filtering_b = stochastic_b & (((params.top_k > 0) & (params.top_k < v)) | (params.top_p < 1.0))
         # temperature alone needs no order at all; the filters sort candidates at most
-        keep_bv = jax.lax.cond(jnp.any(filtering_b), lambda: filter_mask(scaled_bv, params, filtering_b),
+        keep_bv = jax.lax.cond(jnp.any(filtering_b), lambda: filter_mask(scaled_bv, params, filtering_b, impl=impl, mesh=mesh),
                                lambda: jnp.ones(scaled_bv.shape, bool))
         picked_b = jax.vmap(jax.random.categorical)(keys_b, jnp.where(keep_bv, scaled_bv, -jnp.inf))
         return picked_b.astype(jnp.int32)

@@ -1,0 +1,253 @@
+"""The sampler's top_k and top_p thresholds by radix select, one program per row.
+
+A sampled decode step with top_k or top_p needs, per row, the k-th largest logit and the top_p
+cut: the smallest logit whose mass before it, in descending order, is still < top_p. Sorting the
+row for them cost ~0.42 ms at batch 32 over GPT-2's 50,257 entries on an H200, about a whole GPT-2
+small step (benchmarks/bench_sampling.py). Neither needs the order, only a threshold: float32
+logits map to 32-bit keys in the same order, and the largest key T whose measure (the count of
+keys >= T for top_k, their probability mass for top_p) reaches the target is built from its top
+bits down, BITS a pass: each pass measures the next 2**BITS - 1 candidates over the row. That is
+exact for any spread of logits, with no fallback. XLA runs each pass as a reduction over the row
+and was slow at it (~10 us a pass at batch 32: 16 passes took top_p from 463 to 294 us), so here
+one program walks its row for every pass, from L2 after the first.
+
+Semantics (sampling.reference_filtered_logits is the reference; HF's warpers in order): top_k
+keeps every token >= the k-th largest (ties with it stay); top_p then keeps, of the survivors in
+descending order with ties by ascending id, each token whose renormalised mass before it is
+< top_p. So above the cut everything stays, and of the m tokens tied at the cut the first
+ceil((top_p * total - mass above) / their weight) by id, found by a third search over the ids.
+
+Outputs per row: kth and cut as uint32 keys (order_keys), and last_id, the largest id kept among
+the ties at the cut (the vocabulary size when all of them are). keep_mask turns them into the
+[B, V] mask. The reference computes the same three in XLA with the same passes.
+
+Why Pallas (its Triton lowering): as kernels/decode_append.py, XLA compiles and launches it back
+to back with its own fusions inside the decode loop; a jax-triton call cannot be captured.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from ._dispatch import over_mesh, resolve_impl
+
+INT_MIN = -(2**31)
+BITS = 2  # key bits decided per pass: 16 passes of 3 candidates (bench_kernels.py --kernels filter)
+BLOCK = 1024  # logits a program reads per loop step
+NUM_WARPS = 4
+
+
+def order_keys(x_bv):
+    """uint32 keys in the order of the float32 values: -0.0 and 0.0 one key, -inf above 0 (key 0
+    is a negative NaN's, so T = 0 keeps every real value)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x_bv == 0, jnp.zeros_like(x_bv), x_bv), jnp.uint32)
+    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _id_bits(v: int, bits: int) -> int:
+    """Key bits an id search decides: enough for ids < v, in whole passes."""
+    need = max(1, (v - 1).bit_length())
+    return -(-need // bits) * bits
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (XLA): the same searches, one reduction over [B, 2**bits - 1, V] a pass.
+
+
+def _largest_threshold(keys_bv, weights_bv, target_b, *, top_bits: int = 32, bits: int = BITS):
+    """[B] uint32: per row the largest T (bits >= top_bits zero) with sum(weights[keys >= T]) >=
+    target, or 0 when none reaches it. Weights are >= 0, so the measure only falls as T rises; a
+    pass's nested masks sum in one reduction order, so its verdicts are monotone too."""
+    t_b = jnp.zeros(keys_bv.shape[:1], jnp.uint32)
+    shift = top_bits
+    while shift > 0:
+        step = min(bits, shift)
+        shift -= step
+        cand_bj = t_b[:, None] | (jnp.arange(1, 2**step, dtype=jnp.uint32) << shift)
+        reached_bjv = keys_bv[:, None, :] >= cand_bj[:, :, None]
+        measure_bj = jnp.sum(jnp.where(reached_bjv, weights_bv[:, None, :], 0), axis=-1)
+        t_b = t_b | (jnp.sum(measure_bj >= target_b[:, None], axis=-1).astype(jnp.uint32) << shift)
+    return t_b
+
+
+def filter_thresholds_reference(scaled_bv, top_k_b, top_p_b, *, bits: int = BITS):
+    """(kth [B] uint32, cut [B] uint32, last_id [B] int32) as the kernel computes them, in XLA.
+    A filter no row uses costs nothing (lax.cond)."""
+    b, v = scaled_bv.shape
+    keys_bv = order_keys(scaled_bv)
+    use_k = (top_k_b > 0) & (top_k_b < v)
+    use_p = top_p_b < 1.0
+    none_b = jnp.zeros((b,), jnp.uint32)
+    kth_b = jax.lax.cond(jnp.any(use_k), lambda: _largest_threshold(
+        keys_bv, jnp.ones(keys_bv.shape, jnp.int32), jnp.where(use_k, top_k_b, v + 1), bits=bits), lambda: none_b)
+    keep_k_bv = keys_bv >= kth_b[:, None]
+
+    def nucleus():
+        top_b = jnp.max(scaled_bv, axis=-1)
+        top_b = jnp.where(top_b == -jnp.inf, 0.0, top_b)
+        weights_bv = jnp.where(keep_k_bv, jnp.exp(scaled_bv - top_b[:, None]), 0.0)
+        target_b = top_p_b * jnp.sum(weights_bv, axis=-1)
+        cut_b = _largest_threshold(keys_bv, weights_bv, jnp.where(use_p, target_b, jnp.inf), bits=bits)
+        at_bv = (keys_bv == cut_b[:, None]) & keep_k_bv
+        above_b = jnp.sum(jnp.where(keys_bv > cut_b[:, None], weights_bv, 0.0), axis=-1)
+        tied_b = jnp.sum(at_bv, axis=-1, dtype=jnp.int32)
+        weight_at_b = jnp.max(jnp.where(at_bv, weights_bv, 0.0), axis=-1)
+        first_b = _ties_kept(target_b, above_b, weight_at_b, tied_b)
+        split_b = use_p & (first_b < tied_b)
+        ids_bv = jnp.broadcast_to(jnp.arange(v, dtype=jnp.uint32), keys_bv.shape)
+        # the first-th smallest tied id is the (tied - first + 1)-th largest
+        last_b = jax.lax.cond(jnp.any(split_b), lambda: _largest_threshold(
+            ids_bv, at_bv.astype(jnp.int32), jnp.where(split_b, tied_b - first_b + 1, v + 1),
+            top_bits=_id_bits(v, bits), bits=bits).astype(jnp.int32), lambda: jnp.zeros((b,), jnp.int32))
+        return jnp.where(use_p, cut_b, 0), jnp.where(split_b, last_b, v)
+
+    cut_b, last_b = jax.lax.cond(jnp.any(use_p), nucleus, lambda: (none_b, jnp.full((b,), v, jnp.int32)))
+    return kth_b, cut_b, last_b
+
+
+def _ties_kept(target, above, weight_at, tied):
+    """How many of the tokens tied at the cut stay: the i-th (by id, from 0) has mass before it
+    above + i * weight_at, kept while < target; the first always stays."""
+    room = jnp.ceil((target - above) / jnp.where(weight_at > 0, weight_at, 1.0))
+    return jnp.clip(room, 1, jnp.maximum(tied, 1)).astype(jnp.int32)
+
+
+def keep_mask(scaled_bv, kth_b, cut_b, last_b, top_p_b):
+    """[B, V] bool from the thresholds: keys >= kth, and under top_p the keys above the cut and
+    the ties at it up to last_id. Elementwise: XLA fuses it into the draw."""
+    keys_bv = order_keys(scaled_bv)
+    ids_bv = jnp.arange(scaled_bv.shape[-1], dtype=jnp.int32)
+    in_p_bv = (keys_bv > cut_b[:, None]) | ((keys_bv == cut_b[:, None]) & (ids_bv <= last_b[:, None]))
+    return (keys_bv >= kth_b[:, None]) & (in_p_bv | (top_p_b >= 1.0)[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel: keys are signed int32 here (key ^ INT_MIN: the same order), so every compare is signed.
+
+
+def _signed_keys(x):
+    s = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), jnp.int32)
+    return jnp.where(s < 0, s ^ 0x7FFFFFFF, s)
+
+
+def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, block: int, bits: int):
+    f32, i32 = jnp.float32, jnp.int32
+    b = pl.program_id(0)
+    blocks = x_ref.shape[1] // block
+    top_k, top_p = k_ref[b], p_ref[b]
+    use_k = (top_k > 0) & (top_k < vocab)
+    use_p = top_p < 1.0
+    j = jnp.arange(2**bits, dtype=i32)
+    offs = jnp.arange(block, dtype=i32)
+
+    def load(i):
+        x = x_ref[b, pl.ds(pl.multiple_of(i * block, block), block)]
+        return x, _signed_keys(x)
+
+    def search(keys_weights, target, passes, top_bits, start, zero):
+        """The largest t (as uint32 bits, below top_bits free, above them `start`'s) with
+        sum(weights[keys >= t]) >= target, over `passes` passes (0: start)."""
+
+        def one_pass(s, t):
+            shift = top_bits - bits * (s + 1)
+            cand = (t | (j << shift)) ^ INT_MIN  # [2**bits] signed; j = 0 is t itself
+
+            def step(i, acc):
+                key, w = keys_weights(i)
+                return acc + jnp.sum(jnp.where(key[None, :] >= cand[:, None], w[None, :], zero), axis=1)
+
+            measure = jax.lax.fori_loop(0, blocks, step, jnp.zeros((2**bits,), zero.dtype))
+            return t | (jnp.sum(((j > 0) & (measure >= target)).astype(i32)) << shift)
+
+        return jax.lax.fori_loop(0, passes, one_pass, start)
+
+    def counted(i):
+        return load(i)[1], jnp.ones((block,), i32)
+
+    kth_u = search(counted, top_k, jnp.where(use_k, 32 // bits, 0), 32, jnp.int32(0), jnp.int32(0))
+    kth = kth_u ^ INT_MIN
+    top = jax.lax.fori_loop(0, blocks, lambda i, m: jnp.maximum(m, jnp.max(load(i)[0])), jnp.float32(-jnp.inf))
+    top = jnp.where(top == -jnp.inf, 0.0, top)
+
+    def weighted(i):
+        x, key = load(i)
+        return key, jnp.where(key >= kth, jnp.exp(x - top), 0.0)
+
+    p_blocks = jnp.where(use_p, blocks, 0)
+    total = jax.lax.fori_loop(0, p_blocks, lambda i, t: t + jnp.sum(weighted(i)[1]), jnp.float32(0))
+    target = top_p * total
+    cut_u = search(weighted, target, jnp.where(use_p, 32 // bits, 0), 32, jnp.int32(0), jnp.float32(0))
+    cut = cut_u ^ INT_MIN
+
+    def tie_stats(i, carry):
+        above, tied, weight_at = carry
+        key, w = weighted(i)
+        at = (key == cut) & (key >= kth)
+        return (above + jnp.sum(jnp.where(key > cut, w, 0.0)), tied + jnp.sum(at.astype(i32)),
+                jnp.maximum(weight_at, jnp.max(jnp.where(at, w, 0.0))))
+
+    above, tied, weight_at = jax.lax.fori_loop(0, p_blocks, tie_stats, (jnp.float32(0), jnp.int32(0), jnp.float32(0)))
+    first = _ties_kept(target, above, weight_at, tied)
+    split = use_p & (first < tied)
+
+    def tie_ids(i):
+        key = load(i)[1]
+        return i * block + offs, ((key == cut) & (key >= kth)).astype(i32)
+
+    id_bits = _id_bits(x_ref.shape[1], bits)
+    last_u = search(tie_ids, tied - first + 1, jnp.where(split, id_bits // bits, 0), id_bits, jnp.int32(INT_MIN),
+                    jnp.int32(0))
+    kth_ref[b] = kth_u
+    cut_ref[b] = jnp.where(use_p, cut_u, 0)
+    last_ref[b] = jnp.where(split, last_u ^ INT_MIN, vocab)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "block", "num_warps", "interpret"))
+def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, interpret):
+    b, v = scaled_bv.shape
+    vp = -(-v // block) * block
+    # -inf padding: the lowest real key, with no mass; it can change neither threshold (tests)
+    x_bv = jnp.pad(scaled_bv.astype(jnp.float32), ((0, 0), (0, vp - v)), constant_values=-jnp.inf)
+    extra = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+    out = tuple(jax.ShapeDtypeStruct((b,), jnp.int32) for _ in range(3))
+    kernel = functools.partial(_kernel, vocab=v, block=block, bits=bits)
+    kth_b, cut_b, last_b = pl.pallas_call(kernel, out_shape=out, grid=(b,), interpret=interpret, **extra)(
+        x_bv, top_k_b.astype(jnp.int32), top_p_b.astype(jnp.float32))
+    as_keys = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint32)
+    return as_keys(kth_b), as_keys(cut_b), last_b
+
+
+def filter_thresholds(scaled_bv, top_k_b, top_p_b, *, impl: str = "auto", mesh: jax.sharding.Mesh | None = None,
+                      bits: int | None = None, block: int | None = None, num_warps: int | None = None,
+                      interpret: bool = False):
+    """(kth, cut, last_id) per row of scaled (temperature-applied) logits [B, V], for keep_mask.
+
+    top_k_b [B] int (<= 0 or >= V: off), top_p_b [B] float (>= 1: off). impl: "auto" (the kernel on
+    a GPU, else the reference), "triton" (the kernel) or "xla". interpret: the kernel through
+    Pallas' interpreter (CPU tests). bits: key bits a pass, 1, 2 or 4; block: logits a loop step, a
+    power of two; num_warps: the kernel's (None: the module's BITS, BLOCK, NUM_WARPS, read at each
+    call). With a mesh the rows split over "data" (each device's kernel walks whole rows)."""
+    bits, block, num_warps = (BITS if bits is None else bits, BLOCK if block is None else block,
+                              NUM_WARPS if num_warps is None else num_warps)
+    if bits not in (1, 2, 4):
+        raise ValueError(f"bits={bits!r} must be 1, 2 or 4 (a divisor of 32 whose candidates fit one pass)")
+    if not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ValueError(f"block={block!r} must be a power of two >= 16")
+    if scaled_bv.ndim != 2 or top_k_b.shape != scaled_bv.shape[:1] or top_p_b.shape != scaled_bv.shape[:1]:
+        raise ValueError(f"logits {scaled_bv.shape}, top_k {top_k_b.shape} and top_p {top_p_b.shape} must be "
+                         "[B, V], [B] and [B]")
+    if interpret or resolve_impl(impl) == "triton":
+        fn = functools.partial(_thresholds_pallas, bits=bits, block=block, num_warps=num_warps, interpret=interpret)
+    else:
+        fn = functools.partial(filter_thresholds_reference, bits=bits)
+    rows = P("data")
+    return over_mesh(fn, mesh, (P("data", None), rows, rows), (rows, rows, rows), scaled_bv, top_k_b, top_p_b)
