@@ -2,10 +2,12 @@
 built from, on the device, at GPT-2's vocabulary.
 
     python3 -P benchmarks/bench_sampling.py [--batches 1,32] [--vocab 50257] [--chain 8] [--groups 64,256]
-        [--radix 4:0,2:0,4:128]
+        [--kernel 2:1024:4,1:1024:4] [--reference]
 
---radix times the sampler with the radix-select filter (sampling.radix_filter_mask) in place of
-filter_mask, for each RADIX_BITS:RADIX_SPLIT given (none by default).
+The sampler runs with impl="xla" (candidates, or whole-row sorts) for each CANDIDATE_GROUPS in
+--groups, and with the filter kernel (kernels/sample_filter.py) for each BITS:BLOCK:NUM_WARPS in
+--kernel; before timing a kernel setting, its mask is checked equal to the XLA one on each
+mode's logits. --reference also times the old whole-row sort (reference_filtered_logits).
 
 Each figure is GPU time per call: CHAIN calls on distinct logits run inside one jit (as inside a
 decode step, no dispatch per call), the median of 7 runs divided by CHAIN. Writes the table to
@@ -14,6 +16,7 @@ $OUT/sampling.txt too when OUT is set.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -25,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from energon_jax.engine import sampling  # noqa: E402
+from energon_jax.kernels import sample_filter  # noqa: E402
 
 MODES = {  # name: (temperature, top_k, top_p)
     "greedy": (0.0, 0, 1.0),
@@ -75,6 +79,17 @@ def reference_sample(logits_bv, params, keys_b):
     return jnp.take_along_axis(order_bv, pick_b[:, None], axis=-1)[:, 0]
 
 
+def check_masks(logits_bv, params, label):
+    """The kernel's mask equals the XLA filter's on these logits, or the run stops."""
+    scaled = sampling._scaled(logits_bv, params)
+    want = jax.jit(lambda x: sampling.filter_mask(x, params, impl="xla"))(scaled)
+    got = jax.jit(lambda x: sampling.filter_mask(x, params, impl="triton"))(scaled)
+    same = bool(jnp.all(want == got))
+    print(f"{label}: mask equal to the XLA filter's: {same} ({int(got.sum())} tokens kept)", flush=True)
+    if not same:
+        raise SystemExit(f"{label}: the kernel's mask differs from the XLA filter's")
+
+
 def logits_of(kind: str, chain: int, batch: int, vocab: int):
     """"flat": N(0, 3^2) logits, as from random weights (a top_p 0.9 nucleus of thousands of
     tokens); "peaked": the same plus 8-12 on 16 tokens a row, as from a confident model (a nucleus
@@ -93,12 +108,12 @@ def main():
     ap.add_argument("--chain", type=int, default=8)
     ap.add_argument("--groups", default=str(sampling.CANDIDATE_GROUPS),
                     help="values of sampling.CANDIDATE_GROUPS to time the sampler with, e.g. 64,128,256")
-    ap.add_argument("--radix", default="", help="RADIX_BITS:RADIX_SPLIT settings to time the radix filter with")
+    ap.add_argument("--kernel", default="", help="BITS:BLOCK:NUM_WARPS settings of the filter kernel to time")
+    ap.add_argument("--reference", action="store_true", help="also time the whole-row sort")
     ap.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the XLA operations alone")
     args = ap.parse_args()
-    radix = [tuple(map(int, r.split(":"))) for r in args.radix.split(",") if r]
-    filter_mask = sampling.filter_mask
+    kernel_settings = [tuple(map(int, r.split(":"))) for r in args.kernel.split(",") if r]
     lines = [f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; vocabulary {args.vocab}, "
              f"chain of {args.chain} calls per jit", "", "| operation | " + " | ".join(
                  f"batch {b} (us)" for b in args.batches.split(",")) + " |",
@@ -112,24 +127,24 @@ def main():
                 if kind == "peaked" and name in ("greedy", "temperature 0.8"):
                     continue  # no filter: the same work as flat
                 params = sampling.SamplingParams.make(b, temperature=t, top_k=k, top_p=p)
-                runs = [("reference (whole-row sort)", reference_sample, None)] + [
-                    (f"sample(), {g} candidate groups", sampling.sample, int(g)) for g in args.groups.split(",") if g]
-                if k or p < 1.0:  # the filters run: time the radix one too
-                    runs += [(f"sample(), radix {bits} bits a pass, split {split}", sampling.sample, (bits, split))
-                             for bits, split in radix]
+                runs = [("reference (whole-row sort)", reference_sample, None)] if args.reference else []
+                runs += [(f"sample(impl='xla'), {g} candidate groups", sampling.sample, int(g))
+                         for g in args.groups.split(",") if g]
+                if k or p < 1.0:  # the filters run: time the kernel too
+                    runs += [(f"sample(impl='triton'), kernel bits {bits} block {block} warps {warps}",
+                              functools.partial(sampling.sample, impl="triton"), (bits, block, warps))
+                             for bits, block, warps in kernel_settings]
                 for label, fn, setting in runs:
                     # module settings are read at trace time
-                    sampling.filter_mask = filter_mask
                     if isinstance(setting, int):
                         sampling.CANDIDATE_GROUPS = setting
                     elif setting:
-                        sampling.RADIX_BITS, sampling.RADIX_SPLIT = setting
-                        sampling.filter_mask = lambda s, p, rows=None: sampling.radix_filter_mask(s, p)
+                        sample_filter.BITS, sample_filter.BLOCK, sample_filter.NUM_WARPS = setting
+                        check_masks(logits[0], params, label)
                     us = chain_us(lambda x, key, params=params, fn=fn: fn(x, params, key), logits, keys)
                     row = f"{name}, {kind} logits: {label}"
                     rows.setdefault(row, []).append(f"{us:.1f}")
                     print(f"batch {b} {row}: {us:.1f} us", flush=True)
-        sampling.filter_mask = filter_mask
         logits = logits_of("flat", args.chain, b, args.vocab)
         for name, fn in components(args.vocab) if args.components else []:
             us = chain_us(fn, logits, keys)

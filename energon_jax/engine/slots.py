@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energon_jax.engine.sampling import SamplingParams, row_keys, sample, step_keys
+from energon_jax.engine.sampling import SamplingParams, row_keys, step_keys
 from energon_jax.engine.steps import PAD_ID, CompileCounter, bucket
 from energon_jax.runtime.sharding import CACHE_AXES, logical_to_sharding
 
@@ -159,7 +159,7 @@ class SlotEngine:
             positions_pt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
             logits_p1v, kv = runner.model_fn(params, tokens_pt, positions_pt, lengths_p, None, lengths_p - 1)
             sampling_p = SamplingParams(temperature_p, top_k_p, top_p_p)
-            tok_p = sample(logits_p1v[:, 0], sampling_p, step_keys(row_keys(seeds_p), 0))
+            tok_p = runner.sample(logits_p1v[:, 0], sampling_p, step_keys(row_keys(seeds_p), 0))
             cache = runner.write_kv_rows(state.cache, kv, slots_p)  # each prompt's K/V into its slot's row
             sp = state.sampling
 
@@ -190,7 +190,7 @@ class SlotEngine:
                 logits_s1v, cache = runner.model_fn(params, state.tokens_s[:, None], pos_s[:, None], pos_s + 1,
                                                     state.cache, None)
                 keys = jax.vmap(jax.random.fold_in)(keys_s, state.steps_s)
-                tok_s = jnp.where(active_s, sample(logits_s1v[:, 0], state.sampling, keys), state.tokens_s)
+                tok_s = jnp.where(active_s, runner.sample(logits_s1v[:, 0], state.sampling, keys), state.tokens_s)
                 out_ks = out_ks.at[i].set(tok_s)
                 step = active_s.astype(jnp.int32)
                 state = dataclasses.replace(state, cache=cache, tokens_s=tok_s, positions_s=pos_s + step,

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from energon_jax.engine.pipeline import choose_microbatches, pipelined_stack
 from energon_jax.engine.sampling import SamplingParams, row_keys, sample, step_keys
+from energon_jax.kernels._dispatch import resolve_impl
 from energon_jax.models.gpt2 import GPT2, Block, stage_stack
 from energon_jax.runtime.sharding import CACHE_AXES, logical_to_spec
 
@@ -44,12 +45,15 @@ class Runner:
     write_kv(cache, kv, row) -> cache with a prefill's K/V [.., b, N, T, D] stored at batch `row`
     write_kv_rows(cache, kv, rows) -> cache with row i of a prefill's K/V [.., p, N, T, D] stored at
       batch rows[i] (rows may repeat with identical K/V: padding rows)
+    sample(logits_bv, sampling, keys_b) -> [B] tokens (sampling.sample, with the filter kernel
+      where the attention kernels run)
     """
 
     model_fn: Callable
     empty_cache: Callable
     write_kv: Callable
     write_kv_rows: Callable
+    sample: Callable = sample
 
 
 def unrolled_layers(params: dict) -> bool:
@@ -126,7 +130,10 @@ def make_runner(module: GPT2, mesh, cache_dtype) -> Runner:
             return c.at[:, rows, :, : new.shape[3], :].set(new.astype(c.dtype), mode="promise_in_bounds")
         return jax.tree.map(put, cache, kv)
 
-    return Runner(model_fn, empty_cache, write_kv, write_kv_rows)
+    sampler = sample
+    if module.kernels is not None and resolve_impl("auto") == "triton":  # the GPU's attention kernels run
+        sampler = functools.partial(sample, impl="triton", mesh=mesh if mesh.devices.size > 1 else None)
+    return Runner(model_fn, empty_cache, write_kv, write_kv_rows, sampler)
 
 
 def unstack_layers(params: dict, mesh) -> dict:
@@ -171,7 +178,7 @@ def make_generate(runner: Runner, counter: CompileCounter):
         logits_b1v, kv = model_fn(params, tokens_bt, positions_bt, lengths_b, None, lengths_b - 1)
         cache = runner.write_kv(runner.empty_cache(b, cache_len), kv, 0)
         keys_b = row_keys(seeds_b)
-        tok_b = sample(logits_b1v[:, 0], sampling, step_keys(keys_b, 0))
+        tok_b = runner.sample(logits_b1v[:, 0], sampling, step_keys(keys_b, 0))
         out_bo = jnp.full((b, out_len), PAD_ID, jnp.int32).at[:, 0].set(tok_b)
         num_b = jnp.minimum(max_new_b, 1)
         stopped_b = jnp.isin(tok_b, stop_ids_k) & (max_new_b >= 1)
@@ -185,7 +192,7 @@ def make_generate(runner: Runner, counter: CompileCounter):
             i, tok_b, pos_b, num_b, done_b, stopped_b, out_bo, cache = state
             pos_b = jnp.minimum(pos_b, cache_len - 1)  # finished rows idle at the last slot
             logits_b1v, cache = model_fn(params, tok_b[:, None], pos_b[:, None], pos_b + 1, cache, None)
-            tok_b = sample(logits_b1v[:, 0], sampling, step_keys(keys_b, i))
+            tok_b = runner.sample(logits_b1v[:, 0], sampling, step_keys(keys_b, i))
             live_b = ~done_b
             out_bo = out_bo.at[:, i].set(jnp.where(live_b, tok_b, PAD_ID))
             num_b = num_b + live_b
