@@ -164,12 +164,12 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
             measure = jax.lax.fori_loop(0, blocks, step, jnp.zeros((2**bits,), zero.dtype))
             return t | (jnp.sum(((j > 0) & (measure >= target)).astype(i32)) << shift)
 
-        return jax.lax.fori_loop(0, passes, one_pass, start)
+        return jax.lax.fori_loop(jnp.int32(0), passes, one_pass, start)  # a traced trip count: both i32
 
     def counted(i):
         return load(i)[1], jnp.ones((block,), i32)
 
-    kth_u = search(counted, top_k, jnp.where(use_k, 32 // bits, 0), 32, jnp.int32(0), jnp.int32(0))
+    kth_u = search(counted, top_k, use_k.astype(i32) * (32 // bits), 32, jnp.int32(0), jnp.int32(0))
     kth = kth_u ^ INT_MIN
     top = jax.lax.fori_loop(0, blocks, lambda i, m: jnp.maximum(m, jnp.max(load(i)[0])), jnp.float32(-jnp.inf))
     top = jnp.where(top == -jnp.inf, 0.0, top)
@@ -178,10 +178,10 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
         x, key = load(i)
         return key, jnp.where(key >= kth, jnp.exp(x - top), 0.0)
 
-    p_blocks = jnp.where(use_p, blocks, 0)
-    total = jax.lax.fori_loop(0, p_blocks, lambda i, t: t + jnp.sum(weighted(i)[1]), jnp.float32(0))
+    p_blocks = use_p.astype(i32) * blocks  # (jnp.where of two Python ints lowered to an i1 trip count)
+    total = jax.lax.fori_loop(jnp.int32(0), p_blocks, lambda i, t: t + jnp.sum(weighted(i)[1]), jnp.float32(0))
     target = top_p * total
-    cut_u = search(weighted, target, jnp.where(use_p, 32 // bits, 0), 32, jnp.int32(0), jnp.float32(0))
+    cut_u = search(weighted, target, use_p.astype(i32) * (32 // bits), 32, jnp.int32(0), jnp.float32(0))
     cut = cut_u ^ INT_MIN
 
     def tie_stats(i, carry):
@@ -191,7 +191,7 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
         return (above + jnp.sum(jnp.where(key > cut, w, 0.0)), tied + jnp.sum(at.astype(i32)),
                 jnp.maximum(weight_at, jnp.max(jnp.where(at, w, 0.0))))
 
-    above, tied, weight_at = jax.lax.fori_loop(0, p_blocks, tie_stats, (jnp.float32(0), jnp.int32(0), jnp.float32(0)))
+    above, tied, weight_at = jax.lax.fori_loop(jnp.int32(0), p_blocks, tie_stats, (jnp.float32(0), jnp.int32(0), jnp.float32(0)))
     first = _ties_kept(target, above, weight_at, tied)
     split = use_p & (first < tied)
 
@@ -200,7 +200,7 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
         return i * block + offs, ((key == cut) & (key >= kth)).astype(i32)
 
     id_bits = _id_bits(x_ref.shape[1], bits)
-    last_u = search(tie_ids, tied - first + 1, jnp.where(split, id_bits // bits, 0), id_bits, jnp.int32(INT_MIN),
+    last_u = search(tie_ids, tied - first + 1, split.astype(i32) * (id_bits // bits), id_bits, jnp.int32(INT_MIN),
                     jnp.int32(0))
     kth_ref[b] = kth_u
     cut_ref[b] = jnp.where(use_p, cut_u, 0)
