@@ -2,11 +2,12 @@
 built from, on the device, at GPT-2's vocabulary.
 
     python3 -P benchmarks/bench_sampling.py [--batches 1,32] [--vocab 50257] [--chain 8] [--groups 64,256]
-        [--kernel 2:1024:4,1:1024:4] [--reference]
+        [--kernel 2:2048:8:2,4:4096:16:2] [--modes 'top_p 0.9'] [--reference]
 
 The sampler runs with impl="xla" (candidates, or whole-row sorts) for each CANDIDATE_GROUPS in
 --groups, and with the filter kernel (kernels/sample_filter.py) for each BITS:BLOCK:NUM_WARPS in
---kernel; before timing a kernel setting, its mask is checked equal to the XLA one on each
+--kernel (BITS:BLOCK:NUM_WARPS:NUM_STAGES; the kernel runs for the batches the XLA path sorts whole,
+top_p alone here); before timing a kernel setting, its mask is checked equal to the XLA one on each
 mode's logits. --reference also times the old whole-row sort (reference_filtered_logits).
 
 Each figure is GPU time per call: CHAIN calls on distinct logits run inside one jit (as inside a
@@ -108,7 +109,8 @@ def main():
     ap.add_argument("--chain", type=int, default=8)
     ap.add_argument("--groups", default=str(sampling.CANDIDATE_GROUPS),
                     help="values of sampling.CANDIDATE_GROUPS to time the sampler with, e.g. 64,128,256")
-    ap.add_argument("--kernel", default="", help="BITS:BLOCK:NUM_WARPS settings of the filter kernel to time")
+    ap.add_argument("--kernel", default="", help="BITS:BLOCK:NUM_WARPS:NUM_STAGES settings of the filter kernel")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
     ap.add_argument("--reference", action="store_true", help="also time the whole-row sort")
     ap.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the XLA operations alone")
@@ -124,6 +126,8 @@ def main():
         for kind in ("flat", "peaked"):
             logits = logits_of(kind, args.chain, b, args.vocab)
             for name, (t, k, p) in MODES.items():
+                if name not in args.modes.split(","):
+                    continue
                 if kind == "peaked" and name in ("greedy", "temperature 0.8"):
                     continue  # no filter: the same work as flat
                 params = sampling.SamplingParams.make(b, temperature=t, top_k=k, top_p=p)
@@ -131,15 +135,15 @@ def main():
                 runs += [(f"sample(impl='xla'), {g} candidate groups", sampling.sample, int(g))
                          for g in args.groups.split(",") if g]
                 if k or p < 1.0:  # the filters run: time the kernel too
-                    runs += [(f"sample(impl='triton'), kernel bits {bits} block {block} warps {warps}",
-                              functools.partial(sampling.sample, impl="triton"), (bits, block, warps))
-                             for bits, block, warps in kernel_settings]
+                    runs += [(f"sample(impl='triton'), kernel bits {bits} block {block} warps {warps} stages {stages}",
+                              functools.partial(sampling.sample, impl="triton"), (bits, block, warps, stages))
+                             for bits, block, warps, stages in kernel_settings]
                 for label, fn, setting in runs:
                     # module settings are read at trace time
                     if isinstance(setting, int):
                         sampling.CANDIDATE_GROUPS = setting
                     elif setting:
-                        sample_filter.BITS, sample_filter.BLOCK, sample_filter.NUM_WARPS = setting
+                        sample_filter.BITS, sample_filter.BLOCK, sample_filter.NUM_WARPS, sample_filter.NUM_STAGES = setting
                         check_masks(logits[0], params, label)
                     us = chain_us(lambda x, key, params=params, fn=fn: fn(x, params, key), logits, keys)
                     row = f"{name}, {kind} logits: {label}"

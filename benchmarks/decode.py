@@ -51,6 +51,17 @@ def set_step_tiles(spec: str) -> None:
     dap.decode_append_attention.__kwdefaults__.update(block_s=bs, num_warps=warps, num_stages=stages, splits=splits)
 
 
+def set_filter_kernel(spec: str) -> None:
+    """Make "BITS,BLOCK,WARPS,STAGES" the sampler's filter-kernel settings (kernels/sample_filter.py)."""
+    from energon_jax.kernels import sample_filter as sf
+
+    fields = spec.split(",")
+    if len(fields) != 4 or not all(f.isdigit() and int(f) > 0 for f in fields):
+        raise SystemExit(f"--filter-kernel {spec!r}: expected BITS,BLOCK,WARPS,STAGES as positive integers "
+                         "(e.g. 2,2048,8,2)")
+    sf.BITS, sf.BLOCK, sf.NUM_WARPS, sf.NUM_STAGES = (int(f) for f in fields)
+
+
 def random_model(name: str, max_seq_len: int, attention_impl: str = "auto"):
     import jax
     import jax.numpy as jnp
@@ -191,6 +202,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--decode-tiles", default=None, metavar="BLOCK_S,CHUNK,WARPS,STAGES[,mma]",
                     help="override the Triton decode kernel's default tiles (kernels/decode_attention.DecodeTiles)")
+    ap.add_argument("--filter-kernel", default=None, metavar="BITS,BLOCK,WARPS,STAGES",
+                    help="the sampler's filter-kernel settings (kernels/sample_filter.py)")
     ap.add_argument("--step-tiles", default=None, metavar="BLOCK_S,WARPS,STAGES[,SPLITS]",
                     help="override the fused decode-step kernel's defaults (kernels/decode_append.py)")
     ap.add_argument("--min-rows", type=int, default=None,
@@ -206,6 +219,8 @@ def main():
         set_decode_tiles(args.decode_tiles)
     if args.step_tiles:
         set_step_tiles(args.step_tiles)
+    if args.filter_kernel:
+        set_filter_kernel(args.filter_kernel)
     if args.min_rows is not None:
         from energon_jax.engine import gpt as _gpt
         _gpt.min_decode_rows = lambda: args.min_rows
@@ -255,6 +270,7 @@ def main():
             "--new-tokens", str(args.new_tokens), "--impls", args.impls]  # the programs timed above
     same += ["--decode-tiles", args.decode_tiles] if args.decode_tiles else []
     same += ["--step-tiles", args.step_tiles] if args.step_tiles else []
+    same += ["--filter-kernel", args.filter_kernel] if args.filter_kernel else []
     same += ["--min-rows", str(args.min_rows)] if args.min_rows is not None else []
     same += ["--triton-rows", str(args.triton_rows)] if args.triton_rows is not None else []
     same += ["--sampling", args.sampling] if args.sampling else []

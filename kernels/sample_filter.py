@@ -40,6 +40,7 @@ INT_MIN = -(2**31)
 BITS = 2  # key bits decided per pass: 16 passes of 3 candidates (bench_kernels.py --kernels filter)
 BLOCK = 1024  # logits a program reads per loop step
 NUM_WARPS = 4
+NUM_STAGES = 1  # loads a program keeps in flight per loop (Triton software pipelining)
 
 
 def order_keys(x_bv):
@@ -207,8 +208,8 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
     last_ref[b] = jnp.where(split, last_u ^ INT_MIN, vocab)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "block", "num_warps", "interpret"))
-def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, interpret):
+@functools.partial(jax.jit, static_argnames=("bits", "block", "num_warps", "num_stages", "interpret"))
+def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, num_stages, interpret):
     b, v = scaled_bv.shape
     vp = -(-v // block) * block
     # -inf padding: the lowest real key, with no mass; it can change neither threshold (tests)
@@ -217,7 +218,7 @@ def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, i
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = tuple(jax.ShapeDtypeStruct((b,), jnp.int32) for _ in range(3))
     kernel = functools.partial(_kernel, vocab=v, block=block, bits=bits)
     kth_b, cut_b, last_b = pl.pallas_call(kernel, out_shape=out, grid=(b,), interpret=interpret, **extra)(
@@ -228,16 +229,17 @@ def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, i
 
 def filter_thresholds(scaled_bv, top_k_b, top_p_b, *, impl: str = "auto", mesh: jax.sharding.Mesh | None = None,
                       bits: int | None = None, block: int | None = None, num_warps: int | None = None,
-                      interpret: bool = False):
+                      num_stages: int | None = None, interpret: bool = False):
     """(kth, cut, last_id) per row of scaled (temperature-applied) logits [B, V], for keep_mask.
 
     top_k_b [B] int (<= 0 or >= V: off), top_p_b [B] float (>= 1: off). impl: "auto" (the kernel on
     a GPU, else the reference), "triton" (the kernel) or "xla". interpret: the kernel through
     Pallas' interpreter (CPU tests). bits: key bits a pass, 1, 2 or 4; block: logits a loop step, a
-    power of two; num_warps: the kernel's (None: the module's BITS, BLOCK, NUM_WARPS, read at each
-    call). With a mesh the rows split over "data" (each device's kernel walks whole rows)."""
-    bits, block, num_warps = (BITS if bits is None else bits, BLOCK if block is None else block,
-                              NUM_WARPS if num_warps is None else num_warps)
+    power of two; num_warps, num_stages: the kernel's (None: the module's BITS, BLOCK, NUM_WARPS,
+    NUM_STAGES, read at each call). With a mesh the rows split over "data" (each device's kernel walks whole rows)."""
+    bits, block, num_warps, num_stages = (BITS if bits is None else bits, BLOCK if block is None else block,
+                                          NUM_WARPS if num_warps is None else num_warps,
+                                          NUM_STAGES if num_stages is None else num_stages)
     if bits not in (1, 2, 4):
         raise ValueError(f"bits={bits!r} must be 1, 2 or 4 (a divisor of 32 whose candidates fit one pass)")
     if not isinstance(block, int) or block < 16 or block & (block - 1):
@@ -246,7 +248,8 @@ def filter_thresholds(scaled_bv, top_k_b, top_p_b, *, impl: str = "auto", mesh: 
         raise ValueError(f"logits {scaled_bv.shape}, top_k {top_k_b.shape} and top_p {top_p_b.shape} must be "
                          "[B, V], [B] and [B]")
     if interpret or resolve_impl(impl) == "triton":
-        fn = functools.partial(_thresholds_pallas, bits=bits, block=block, num_warps=num_warps, interpret=interpret)
+        fn = functools.partial(_thresholds_pallas, bits=bits, block=block, num_warps=num_warps, num_stages=num_stages,
+                               interpret=interpret)
     else:
         fn = functools.partial(filter_thresholds_reference, bits=bits)
     rows = P("data")

@@ -34,10 +34,11 @@ def _export_for_cuda(fn, *args):
     return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=_UNCHECKED)(*args)
 
 
-@pytest.mark.parametrize("bits,block", [(1, 1024), (2, 1024), (4, 512), (2, 2048)])
-def test_sample_filter_lowers_for_cuda(verified, bits, block):
+@pytest.mark.parametrize("bits,block,stages", [(1, 1024, 1), (2, 1024, 3), (4, 512, 2), (2, 4096, 2)])
+def test_sample_filter_lowers_for_cuda(verified, bits, block, stages):
     x, k, p = jnp.zeros((4, 3001)), jnp.zeros((4,), jnp.int32), jnp.ones((4,))
-    fn = functools.partial(sample_filter._thresholds_pallas, bits=bits, block=block, num_warps=4, interpret=False)
+    fn = functools.partial(sample_filter._thresholds_pallas, bits=bits, block=block, num_warps=4,
+                           num_stages=stages, interpret=False)
     _export_for_cuda(fn, x, k, p)
     assert len(verified) == 1
 

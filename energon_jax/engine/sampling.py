@@ -170,27 +170,28 @@ def _keep_mask(sorted_bn, ids_bn, floor_b, ranks: int, scaled_bv, params: Sampli
 
 def filter_mask(scaled_bv, params: SamplingParams, rows_b=None, *, impl: str = "xla", mesh=None):
     """[B, V] bool: the tokens each row may sample after top_k and top_p (temperature already
-    applied to `scaled_bv`).
+    applied to `scaled_bv`). Sorts only the candidates when every row of `rows_b` (default all)
+    has a top_k of at most CANDIDATE_GROUPS. Otherwise (top_p alone, a larger top_k), or when ties
+    at the floor leave a row's filter undecided, every row is filtered whole: impl "xla" sorts the
+    rows, "triton" (or "auto" on a GPU) finds the thresholds by radix select in one kernel
+    (kernels/sample_filter.py; with a mesh its rows split over "data").
 
-    impl "triton" (or "auto" on a GPU): the thresholds by radix select in one kernel
-    (kernels/sample_filter.py), any top_k and top_p, no sort. "xla": sorts only the candidates
-    when every row of `rows_b` (default all) has a top_k of at most CANDIDATE_GROUPS; otherwise,
-    or when ties at the floor leave a row's filter undecided, every row is sorted whole. top_p
-    alone sorts whole rows there: its nucleus can hold thousands of tokens (a flat row), and
+    top_p alone filters whole rows: its nucleus can hold thousands of tokens (a flat row), and
     trying the candidates first made a GPT-2 batch-32 decode step ~14% slower than the sort alone
-    (H200). With a mesh the kernel's rows split over "data"."""
+    (H200)."""
     from energon_jax.kernels import sample_filter
     from energon_jax.kernels._dispatch import resolve_impl
 
-    if resolve_impl(impl) == "triton":
-        thresholds = sample_filter.filter_thresholds(scaled_bv, params.top_k, params.top_p, impl="triton", mesh=mesh)
-        return sample_filter.keep_mask(scaled_bv, *thresholds, params.top_p)
     v = scaled_bv.shape[-1]
     rows_b = jnp.ones(scaled_bv.shape[:1], bool) if rows_b is None else rows_b
     short_k_b = (params.top_k > 0) & (params.top_k <= CANDIDATE_GROUPS)
     candidates_serve_b = short_k_b | ((params.top_k <= 0) | (params.top_k >= v)) & (params.top_p >= 1.0)
 
     def whole_rows():
+        if resolve_impl(impl) == "triton":
+            thresholds = sample_filter.filter_thresholds(scaled_bv, params.top_k, params.top_p, impl="triton",
+                                                         mesh=mesh)
+            return sample_filter.keep_mask(scaled_bv, *thresholds, params.top_p)
         ids_bv = jnp.broadcast_to(jnp.arange(v), scaled_bv.shape)
         sorted_bv, order_bv = _descending(scaled_bv, ids_bv)
         whole_b = jnp.full(scaled_bv.shape[:1], -jnp.inf, scaled_bv.dtype)
