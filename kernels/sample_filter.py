@@ -158,11 +158,12 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
             shift = top_bits - bits * (s + 1)
             cand = (t | (j << shift)) ^ INT_MIN  # [2**bits] signed; j = 0 is t itself
 
-            def step(i, acc):
+            def step(i, acc):  # elementwise: one cross-warp reduction a pass, not one a block
                 key, w = keys_weights(i)
-                return acc + jnp.sum(jnp.where(key[None, :] >= cand[:, None], w[None, :], zero), axis=1)
+                return acc + jnp.where(key[None, :] >= cand[:, None], w[None, :], zero)
 
-            measure = jax.lax.fori_loop(0, blocks, step, jnp.zeros((2**bits,), zero.dtype))
+            acc = jax.lax.fori_loop(0, blocks, step, jnp.zeros((2**bits, block), zero.dtype))
+            measure = jnp.sum(acc, axis=1)
             return t | (jnp.sum(((j > 0) & (measure >= target)).astype(i32)) << shift)
 
         return jax.lax.fori_loop(jnp.int32(0), passes, one_pass, start)  # a traced trip count: both i32
