@@ -8,8 +8,14 @@ logits map to 32-bit keys in the same order, and the largest key T whose measure
 keys >= T for top_k, their probability mass for top_p) reaches the target is built from its top
 bits down, BITS a pass: each pass measures the next 2**BITS - 1 candidates over the row. That is
 exact for any spread of logits, with no fallback. XLA runs each pass as a reduction over the row
-and was slow at it (~10 us a pass at batch 32: 16 passes took top_p from 463 to 294 us), so here
-one program walks its row for every pass, from L2 after the first.
+and was slow at it (~10-20 us a pass at batch 32: 16 passes took top_p alone from 463 to 294 us),
+so here one program walks its row for every pass, from L2 after the first.
+
+The sampler (engine/sampling.filter_mask) still takes top_k <= 64 from its 2,048 candidates, which
+were faster than this kernel (109-122 us against 420-490 at batch 32): the kernel replaces only the
+whole-row sort, for top_p alone or a larger top_k, from MIN_KERNEL_ROWS rows. A single program
+walks a row 16 times a search at ~18 us a pass, well above what its bytes and compares need; why
+was not found (the session's device time ran out).
 
 Semantics (sampling.reference_filtered_logits is the reference; HF's warpers in order): top_k
 keeps every token >= the k-th largest (ties with it stay); top_p then keeps, of the survivors in
@@ -37,10 +43,18 @@ from jax.sharding import PartitionSpec as P
 from ._dispatch import over_mesh, resolve_impl
 
 INT_MIN = -(2**31)
-BITS = 2  # key bits decided per pass: 16 passes of 3 candidates (bench_kernels.py --kernels filter)
-BLOCK = 1024  # logits a program reads per loop step
-NUM_WARPS = 4
-NUM_STAGES = 1  # loads a program keeps in flight per loop (Triton software pipelining)
+# Settings timed on an H200 (benchmarks/bench_sampling.py --kernel, BENCHMARKS.md): top_p alone at
+# batch 32, flat logits, us per call: 1024 x 4 warps 523, 2048 x 8 386, 4096 x 8 321, 8192 x 16 313;
+# 4 bits a pass (2048 x 8) 344, 1 bit (4096 x 16, before the one-reduction pass) 553.
+BITS = 2  # key bits decided per pass: 16 passes of 3 candidates
+BLOCK = 8192  # logits a program reads per loop step
+NUM_WARPS = 16
+NUM_STAGES = 2  # loads kept in flight per loop (Triton's software pipelining)
+# "auto" runs the kernel from this many rows a device. One program walks one row, ~280 us whatever
+# the batch, while the whole-row sort it replaces grows with the rows: at batch 32 the sort took
+# 478-490 us and the kernel 298-313, at batch 1 the sort 119-124 and the kernel 257-279.
+# Batches 2-16 were not measured.
+MIN_KERNEL_ROWS = 32
 
 
 def order_keys(x_bv):
@@ -226,6 +240,12 @@ def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, n
         x_bv, top_k_b.astype(jnp.int32), top_p_b.astype(jnp.float32))
     as_keys = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint32)
     return as_keys(kth_b), as_keys(cut_b), last_b
+
+
+def runs_kernel(impl: str, rows: int) -> bool:
+    """Whether filter_thresholds' kernel serves `rows` rows a device: "triton" insists, "auto"
+    takes it on a GPU from MIN_KERNEL_ROWS rows, "xla" never."""
+    return impl == "triton" or (resolve_impl(impl) == "triton" and rows >= MIN_KERNEL_ROWS)
 
 
 def filter_thresholds(scaled_bv, top_k_b, top_p_b, *, impl: str = "auto", mesh: jax.sharding.Mesh | None = None,

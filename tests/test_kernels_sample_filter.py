@@ -120,3 +120,10 @@ def test_the_sampler_draws_the_same_tokens_through_the_kernel(monkeypatch):
         want = jax.jit(functools.partial(sample, impl="xla"))(logits, params, keys)
         got = jax.jit(functools.partial(sample, impl="triton"))(logits, params, keys)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_which_batches_take_the_kernel():
+    """"triton" insists at any size; "auto" takes the kernel only on a GPU from MIN_KERNEL_ROWS rows
+    (this CPU: never); "xla" never."""
+    assert sf.runs_kernel("triton", 1) and sf.runs_kernel("triton", sf.MIN_KERNEL_ROWS)
+    assert not sf.runs_kernel("auto", 10 * sf.MIN_KERNEL_ROWS) and not sf.runs_kernel("xla", 10 * sf.MIN_KERNEL_ROWS)

@@ -173,14 +173,14 @@ def filter_mask(scaled_bv, params: SamplingParams, rows_b=None, *, impl: str = "
     applied to `scaled_bv`). Sorts only the candidates when every row of `rows_b` (default all)
     has a top_k of at most CANDIDATE_GROUPS. Otherwise (top_p alone, a larger top_k), or when ties
     at the floor leave a row's filter undecided, every row is filtered whole: impl "xla" sorts the
-    rows, "triton" (or "auto" on a GPU) finds the thresholds by radix select in one kernel
-    (kernels/sample_filter.py; with a mesh its rows split over "data").
+    rows, "triton" finds the thresholds by radix select in one kernel (kernels/sample_filter.py;
+    with a mesh its rows split over "data"), "auto" takes the kernel on a GPU from
+    sample_filter.MIN_KERNEL_ROWS rows a device (fewer sort faster).
 
     top_p alone filters whole rows: its nucleus can hold thousands of tokens (a flat row), and
     trying the candidates first made a GPT-2 batch-32 decode step ~14% slower than the sort alone
     (H200)."""
     from energon_jax.kernels import sample_filter
-    from energon_jax.kernels._dispatch import resolve_impl
 
     v = scaled_bv.shape[-1]
     rows_b = jnp.ones(scaled_bv.shape[:1], bool) if rows_b is None else rows_b
@@ -188,7 +188,8 @@ def filter_mask(scaled_bv, params: SamplingParams, rows_b=None, *, impl: str = "
     candidates_serve_b = short_k_b | ((params.top_k <= 0) | (params.top_k >= v)) & (params.top_p >= 1.0)
 
     def whole_rows():
-        if resolve_impl(impl) == "triton":
+        shards = mesh.shape["data"] if mesh is not None else 1
+        if sample_filter.runs_kernel(impl, scaled_bv.shape[0] // shards):
             thresholds = sample_filter.filter_thresholds(scaled_bv, params.top_k, params.top_p, impl="triton",
                                                          mesh=mesh)
             return sample_filter.keep_mask(scaled_bv, *thresholds, params.top_p)
@@ -228,7 +229,7 @@ def _scaled(logits_bv, params: SamplingParams):
 
 def sample(logits_bv, params: SamplingParams, keys_b, *, impl: str = "xla", mesh=None) -> jax.Array:
     """[B, V] float32 logits -> [B] int32 tokens. impl and mesh: filter_mask's (the engine passes
-    "triton" where its attention kernels run).
+    "auto" where its attention kernels run on a GPU).
 
     A sampled row draws by Gumbel-max over its kept tokens in vocabulary order, so its token
     depends on its key, its logits and its settings only: not on the other rows, nor on whether

@@ -132,7 +132,7 @@ def make_runner(module: GPT2, mesh, cache_dtype) -> Runner:
 
     sampler = sample
     if module.kernels is not None and resolve_impl("auto") == "triton":  # the GPU's attention kernels run
-        sampler = functools.partial(sample, impl="triton", mesh=mesh if mesh.devices.size > 1 else None)
+        sampler = functools.partial(sample, impl="auto", mesh=mesh if mesh.devices.size > 1 else None)
     return Runner(model_fn, empty_cache, write_kv, write_kv_rows, sampler)
 
 
