@@ -148,9 +148,7 @@ def test_bert_integer_weight_is_refused_and_position_ids_accepted(tiny_bert_fact
     with pytest.raises(CheckpointError, match=rf"tensor '{name}' is int8; .*{REFUSAL}"):
         orbax_io.convert_checkpoint(src, out, progress=False)
     assert _leftovers(out) == []
-    # load_bert (engine/bert.py) does not check the tensors by name yet: place_params refuses the parameter
-    with pytest.raises(CheckpointError, match=rf"parameter \['encoder'\]\['layers'\]\['mlp_in_kernel'\] is int8 "
-                                              rf"in the checkpoint; .*{REFUSAL}"):
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' is int8; .*{REFUSAL}"):  # load_bert names it too
         ej.load_sharded_model(src)
     tensors = load_file(src / "model.safetensors")
     tensors[name] = load_file(shared / "model.safetensors")[name]  # the float weight back: both work
@@ -161,9 +159,6 @@ def test_bert_integer_weight_is_refused_and_position_ids_accepted(tiny_bert_fact
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="load_bert (engine/bert.py) fuses query / key / value with np.stack, which "
-                   "casts an int8 query to float32 before place_params sees it; it needs "
-                   "hf_files.check_floating_weights(source, bert_convert.mapped_names(...)) as _load_gpt2 has")
 def test_bert_hf_load_refuses_an_integer_query_weight(tiny_bert_factory, tmp_path):
     _, src, name = _bert_with(tiny_bert_factory, tmp_path, "layer.0.attention.self.query.weight")
     with pytest.raises(CheckpointError, match=rf"tensor '{name}' is int8; .*{REFUSAL}"):

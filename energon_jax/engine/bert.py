@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from energon_jax.convert import bert as bert_convert
-from energon_jax.convert.hf_files import TensorSource, checkpoint_dtype
+from energon_jax.convert.hf_files import TensorSource, check_floating_weights, checkpoint_dtype
 from energon_jax.engine.base import ShardedModel, token_matrix
 from energon_jax.engine.packing import (MIN_SEQ_BUCKET, PackedChunk, check_sequences, pack_chunk, pack_microbatches,
                                         plan_chunks, token_buckets)
@@ -511,6 +511,9 @@ def load_bert(folder, hf_config: dict, mesh, dtype, max_seq_len):
     default = bert_convert.default_max_seq_len(folder, cfg)  # checks the file even when max_seq_len is given
     max_seq_len = check_max_seq_len(default if max_seq_len is None else max_seq_len, cfg.max_position_embeddings)
     check_layout(mesh, heads=cfg.num_attention_heads, mlp=cfg.intermediate_size, layers=cfg.num_hidden_layers)
+    # before any tensor is read: query / key / value are fused by np.stack, which would turn one
+    # int8 (quantized) matrix into float32 ahead of place_params' check
+    check_floating_weights(source, bert_convert.mapped_names(source.keys(), cfg))
     host = stack_layers(bert_convert.iter_params(source, cfg), cfg.num_hidden_layers)
     multiple = table_multiple(mesh)
     for name in ("word_embeddings", "position_embeddings"):
