@@ -64,6 +64,12 @@ def order_keys(x_bv):
     return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
+def filters_on(top_k, top_p, vocab: int):
+    """(top_k on, top_p on), per row or for one row: top_k filters only in [1, vocab), top_p only
+    below 1. The one rule every filter path and the sampler's "any filter?" test share."""
+    return (top_k > 0) & (top_k < vocab), top_p < 1.0
+
+
 def _id_bits(v: int, bits: int) -> int:
     """Key bits an id search decides: enough for ids < v, in whole passes."""
     need = max(1, (v - 1).bit_length())
@@ -95,8 +101,7 @@ def filter_thresholds_reference(scaled_bv, top_k_b, top_p_b, *, bits: int = BITS
     A filter no row uses costs nothing (lax.cond)."""
     b, v = scaled_bv.shape
     keys_bv = order_keys(scaled_bv)
-    use_k = (top_k_b > 0) & (top_k_b < v)
-    use_p = top_p_b < 1.0
+    use_k, use_p = filters_on(top_k_b, top_p_b, v)
     none_b = jnp.zeros((b,), jnp.uint32)
     kth_b = jax.lax.cond(jnp.any(use_k), lambda: _largest_threshold(
         keys_bv, jnp.ones(keys_bv.shape, jnp.int32), jnp.where(use_k, top_k_b, v + 1), bits=bits), lambda: none_b)
@@ -138,7 +143,8 @@ def keep_mask(scaled_bv, kth_b, cut_b, last_b, top_p_b):
     keys_bv = order_keys(scaled_bv)
     ids_bv = jnp.arange(scaled_bv.shape[-1], dtype=jnp.int32)
     in_p_bv = (keys_bv > cut_b[:, None]) | ((keys_bv == cut_b[:, None]) & (ids_bv <= last_b[:, None]))
-    return (keys_bv >= kth_b[:, None]) & (in_p_bv | (top_p_b >= 1.0)[:, None])
+    p_off_b = ~filters_on(0, top_p_b, scaled_bv.shape[-1])[1]
+    return (keys_bv >= kth_b[:, None]) & (in_p_bv | p_off_b[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +161,7 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
     b = pl.program_id(0)
     blocks = x_ref.shape[1] // block
     top_k, top_p = k_ref[b], p_ref[b]
-    use_k = (top_k > 0) & (top_k < vocab)
-    use_p = top_p < 1.0
+    use_k, use_p = filters_on(top_k, top_p, vocab)
     j = jnp.arange(2**bits, dtype=i32)
     offs = jnp.arange(block, dtype=i32)
 

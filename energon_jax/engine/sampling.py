@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from energon_jax.kernels import sample_filter
+from energon_jax.kernels.sample_filter import filters_on
+
 MAX_TOP_K = 2**31 - 1  # top_k goes to the device as int32: a larger value fails there, not with a message
 MAX_SEED = 2**32 - 1  # seeds go to the device as uint32: a larger one would be wrapped or fail
 MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # goes to the device as float32: larger is inf there
@@ -144,7 +147,7 @@ def _keep_mask(sorted_bn, ids_bn, floor_b, ranks: int, scaled_bv, params: Sampli
     top_p then keeps the shortest prefix of the survivors, in sorted order, whose probability
     reaches top_p (renormalised over the survivors, as HF's warpers run one after the other)."""
     n, v = sorted_bn.shape[-1], scaled_bv.shape[-1]
-    use_k = (params.top_k > 0) & (params.top_k < v)
+    use_k, use_p = filters_on(params.top_k, params.top_p, v)
     kth_b = jnp.take_along_axis(sorted_bn, jnp.clip(params.top_k - 1, 0, n - 1)[:, None], axis=-1)[:, 0]
     kth_b = jnp.where(use_k, kth_b, -jnp.inf)
     keep_k_bv = scaled_bv >= kth_b[:, None]
@@ -158,7 +161,6 @@ def _keep_mask(sorted_bn, ids_bn, floor_b, ranks: int, scaled_bv, params: Sampli
     last_b = jnp.maximum(last_b, 0)
     cut_b = jnp.take_along_axis(sorted_bn, last_b[:, None], axis=-1)[:, 0]
     cut_id_b = jnp.take_along_axis(ids_bn, last_b[:, None], axis=-1)[:, 0]
-    use_p = params.top_p < 1.0
     vocab_ids = jnp.arange(v)
     keep_p_bv = ((scaled_bv > cut_b[:, None]) | ((scaled_bv == cut_b[:, None]) & (vocab_ids <= cut_id_b[:, None]))
                  | ~use_p[:, None])
@@ -180,12 +182,11 @@ def filter_mask(scaled_bv, params: SamplingParams, rows_b=None, *, impl: str = "
     top_p alone filters whole rows: its nucleus can hold thousands of tokens (a flat row), and
     trying the candidates first made a GPT-2 batch-32 decode step ~14% slower than the sort alone
     (H200)."""
-    from energon_jax.kernels import sample_filter
-
     v = scaled_bv.shape[-1]
     rows_b = jnp.ones(scaled_bv.shape[:1], bool) if rows_b is None else rows_b
+    use_k, use_p = filters_on(params.top_k, params.top_p, v)
     short_k_b = (params.top_k > 0) & (params.top_k <= CANDIDATE_GROUPS)
-    candidates_serve_b = short_k_b | ((params.top_k <= 0) | (params.top_k >= v)) & (params.top_p >= 1.0)
+    candidates_serve_b = short_k_b | ~use_k & ~use_p
 
     def whole_rows():
         shards = mesh.shape["data"] if mesh is not None else 1
@@ -240,7 +241,8 @@ def sample(logits_bv, params: SamplingParams, keys_b, *, impl: str = "xla", mesh
     def sampled():
         scaled_bv = _scaled(logits_bv, params)
         v = scaled_bv.shape[-1]
-        filtering_b = stochastic_b & (((params.top_k > 0) & (params.top_k < v)) | (params.top_p < 1.0))
+        use_k, use_p = filters_on(params.top_k, params.top_p, v)
+        filtering_b = stochastic_b & (use_k | use_p)
         # temperature alone needs no order at all; the filters sort candidates at most
         keep_bv = jax.lax.cond(jnp.any(filtering_b), lambda: filter_mask(scaled_bv, params, filtering_b, impl=impl, mesh=mesh),
                                lambda: jnp.ones(scaled_bv.shape, bool))
