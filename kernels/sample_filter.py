@@ -14,8 +14,9 @@ so here one program walks its row for every pass, from L2 after the first.
 The sampler (engine/sampling.filter_mask) still takes top_k <= 64 from its 2,048 candidates, which
 were faster than this kernel (109-122 us against 420-490 at batch 32): the kernel replaces only the
 whole-row sort, for top_p alone or a larger top_k, from MIN_KERNEL_ROWS rows. A single program
-walks a row 16 times a search at ~18 us a pass, well above what its bytes and compares need; why
-was not found (the session's device time ran out).
+walks a row 16 times a search at ~18 us a pass, well above what its bytes and compares need. More
+stages barely changed it (Triton pipelines the loads that feed a tl.dot, and these feed compares);
+untried leads are in BENCHMARKS.md (session 16).
 
 Semantics (sampling.reference_filtered_logits is the reference; HF's warpers in order): top_k
 keeps every token >= the k-th largest (ties with it stay); top_p then keeps, of the survivors in
