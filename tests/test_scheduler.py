@@ -506,3 +506,26 @@ def test_prefill_window_holds_decode_while_a_burst_arrives():
     off, eng2 = make(2)  # off by default: the first iteration decodes
     off.add_request([1], SamplingOptions(max_tokens=4))
     assert off.schedule().decode_steps > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_slots=2.5), r"num_slots=2.5 must be an int >= 1"),  # passed `< 1`, then [None] * 2.5 raised TypeError
+    (dict(num_slots=True), r"num_slots=True must be an int >= 1"),  # was taken as 1 slot
+    (dict(num_slots=0), r"num_slots=0 must be an int >= 1"),
+    (dict(num_slots="4"), r"num_slots='4' must be an int >= 1"),  # a TypeError from `<` before
+    (dict(max_queue=2.5), r"max_queue=2.5 must be an int >= 0"),  # a queue of 2.5 requests was accepted
+    (dict(max_queue=True), r"max_queue=True must be an int >= 0"),
+    (dict(max_queue=-1), r"max_queue=-1 must be an int >= 0"),
+    (dict(context_len=16.0), r"context_len=16.0 must be an int >= 1"),
+    (dict(max_prefill_tokens=True), r"max_prefill_tokens=True must be an int >= 1"),
+])
+def test_slot_and_queue_sizes_must_be_ints(kwargs, match):
+    """Scheduler is public: its sizes are checked as Server checks max_batch_size and max_queue."""
+    import numpy as np
+
+    kw = {**dict(num_slots=2, context_len=16), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Scheduler(kw.pop("num_slots"), **kw)
+    sched = Scheduler(np.int64(3), max_queue=np.int32(0), context_len=16)  # numpy ints are ints
+    assert (sched.num_slots, sched.max_queue, len(sched.slots)) == (3, 0, 3)
+    assert type(sched.num_slots) is int and type(sched.max_queue) is int

@@ -883,7 +883,7 @@ def test_serve_cli_passes_server_options_and_rejects_bad_ones(gpt_folder, monkey
     for flags, match in ((["--max-batch-size", "0"], "--max-batch-size=0 must be an int >= 1"),
                          (["--decode-steps", "3"], "--decode-steps=3 must be a power of two >= 1"),
                          (["--max-prefill-batch", "3"], "--max-prefill-batch=3 must be a power of two"),
-                         (["--max-queue", "-1"], "--max-queue=-1 must be >= 0"),
+                         (["--max-queue", "-1"], "--max-queue=-1 must be an int >= 0"),
                          (["--batch-wait", "-1"], "--batch-wait=-1.0 must be a number of seconds >= 0"),
                          (["--prefill-batch-tokens", "0"], "--prefill-batch-tokens=0 must be an int >= 1")):
         assert main(["serve", "no-such-model"] + flags) == 2

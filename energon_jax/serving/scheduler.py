@@ -163,20 +163,15 @@ class Scheduler:
                  decode_step_options: Sequence[int] = (1,), max_prefill_tokens: int = 4096,
                  batch_wait: float = 0.0, arrival_gap: float = 0.002, prefill_window: float = 0.0,
                  burst_gap: float = 0.01, clock: Callable[[], float] = time.monotonic):
-        if num_slots < 1:
-            raise ValueError(f"num_slots={num_slots} must be >= 1")
-        if max_queue < 0:
-            raise ValueError(f"max_queue={max_queue} must be >= 0")
-        self.num_slots = num_slots
-        self.max_queue = max_queue
-        self.context_len = context_len
+        # the Server's checks: 2.5 slots passed `< 1` and broke the slot list, True was 1 slot
+        self.num_slots = check_int("num_slots", num_slots, 1)
+        self.max_queue = check_int("max_queue", max_queue, 0)
+        self.context_len = check_int("context_len", context_len, 1)
         self.detokenize = detokenize
         self.decode_step_options = sorted(set(int(k) for k in decode_step_options))
         if not self.decode_step_options or self.decode_step_options[0] != 1:
             raise ValueError(f"decode_step_options={list(decode_step_options)} must include 1")
-        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens={max_prefill_tokens!r} must be an int >= 1")
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = check_int("max_prefill_tokens", max_prefill_tokens, 1)
         for name, value in (("batch_wait", batch_wait), ("arrival_gap", arrival_gap),
                             ("prefill_window", prefill_window), ("burst_gap", burst_gap)):
             if not (is_finite_number(value) and value >= 0):  # NaN passed `< 0` (and acted as 0), inf too
@@ -187,7 +182,7 @@ class Scheduler:
         self._last_arrival = float("-inf")
         self._burst_until = float("-inf")  # decode may be held until then (prefill_window)
         self.waiting: collections.deque[Request] = collections.deque()
-        self.slots: list[Request | None] = [None] * num_slots
+        self.slots: list[Request | None] = [None] * self.num_slots
         self.requests: dict[str, Request] = {}
         self.accepting = True
         self._lock = threading.RLock()
