@@ -1,5 +1,7 @@
 """Flash attention pieces shared by the prefill (causal) and varlen (bidirectional) kernels:
-their tile sizes and their inner loop (LOG2E serves the decode kernel too).
+their tile sizes and their inner loop (LOG2E serves the decode kernels too); and the merge of
+flash-decoding partials that both decode kernels (decode_attention, decode_append) run after
+their kernel.
 
 One program holds a block of BLOCK_M query rows and streams the keys and values of its
 sequence through in blocks of BLOCK_N, keeping a running max and sum per row (online
@@ -9,6 +11,7 @@ softmax), so the [T, T] score matrix never reaches memory.
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import triton
 import triton.language as tl
 
@@ -65,3 +68,34 @@ def attend_rows(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+
+
+def merge_partials(o, m, l, new=None):
+    """Merge flash-decoding partials into the normalised output [..., D], float32: o [..., P, D]
+    unnormalised outputs, m [..., P] their base-2 running maxima, l [..., P] their sums, all float32.
+
+    new: None, or (s [...], v [..., D]) float32, one more position given apart from the partials
+    (decode_append's new token, scored after its kernel): its base-2 score and value, merged as a
+    partial of sum 1. Without it, a row whose partials are all empty (m = -inf, l = 0: a slot of
+    length 0) gives zeros; with it the score is finite, so the merged max is and the sum is >= 1
+    (no guards).
+    """
+    if new is None:
+        m_max = jnp.max(m, axis=-1, keepdims=True)
+        m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)  # avoids -inf - -inf = NaN
+    else:
+        s, v = new
+        m_all = jnp.maximum(jnp.max(m, axis=-1), s)
+        m_max = m_all[..., None]
+    w = jnp.exp2(m - m_max)  # [..., P]; 0 for empty partials (m = -inf)
+    if new is not None:
+        w_new = jnp.exp2(s - m_all)
+    # weighted sums as elementwise products: an f32 einsum may run in tf32 on a GPU
+    num = jnp.sum(w[..., None] * o, axis=-2)
+    if new is not None:
+        num = num + w_new[..., None] * v
+    den = jnp.sum(w * l, axis=-1)
+    if new is not None:
+        return num / (den + w_new)[..., None]  # den + w_new >= 1: the max's own term is exp2(0)
+    den = den[..., None]
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)

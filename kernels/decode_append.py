@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from ._dispatch import check_head_dim, over_mesh, resolve_impl
-from ._flash import LOG2E
+from ._flash import LOG2E, merge_partials
 from .decode_attention import decode_attention_reference, one_16bit_dtype
 
 MMA_ROWS = 16  # a dot's smallest M: the query is copied to 16 rows, row 0 kept
@@ -143,17 +143,13 @@ def _split_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, o_ref, m_ref, l_ref, k_r
 def _merge(qkv, o, m, l, *, scale_log2, cache_dtype):
     """The runs' partials o [B, N, P, D], m / l [B, N, P] and the new token (scored from qkv [B, 3, N, D],
     its key and value rounded to the cache's dtype as stored) merged into the output [B, N, D] in qkv's
-    dtype: one small XLA fusion after the kernel."""
+    dtype: one small XLA fusion after the kernel (_flash.merge_partials, decode_attention's merge, with
+    the token as one more partial)."""
     f32 = jnp.float32
     q = qkv[:, 0].astype(f32)
     k_new, v_new = (qkv[:, i].astype(cache_dtype).astype(f32) for i in (1, 2))
     s_new = jnp.sum(q * k_new, axis=-1) * scale_log2  # [B, N]; finite, so the merged max is too
-    m_all = jnp.maximum(jnp.max(m, axis=-1), s_new)
-    w = jnp.exp2(m - m_all[..., None])  # 0 for runs that walked nothing (m = -inf)
-    w_new = jnp.exp2(s_new - m_all)
-    num = jnp.sum(w[..., None] * o, axis=-2) + w_new[..., None] * v_new  # elementwise: no tf32 dot
-    den = jnp.sum(w * l, axis=-1) + w_new  # >= 1 term of exp2(0)
-    return (num / den[..., None]).astype(qkv.dtype)
+    return merge_partials(o, m, l, new=(s_new, v_new)).astype(qkv.dtype)
 
 
 def uses_mma(qkv, k_cache, v_cache) -> bool:

@@ -32,7 +32,7 @@ from ._dispatch import (
     resolve_impl,
     to_torch,
 )
-from ._flash import LOG2E
+from ._flash import LOG2E, merge_partials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,20 +154,6 @@ def _decode_kernel(
         tl.store(l_ptr + part, l_i)
 
 
-def _combine_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-    """Merge per-chunk partials o [..., P, D], m / l [..., P] (base-2 max) into [..., D] f32.
-
-    A slot with no live position (length 0) has m = -inf and l = 0 everywhere: it gives zeros.
-    """
-    m_max = jnp.max(m, axis=-1, keepdims=True)
-    m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)  # avoids -inf - -inf = NaN
-    w = jnp.exp2(m - m_max)  # [..., P]; 0 for empty chunks
-    # weighted sums as elementwise products: an f32 einsum may run in tf32 on a GPU
-    num = jnp.sum(w[..., None] * o, axis=-2)
-    den = jnp.sum(w * l, axis=-1, keepdims=True)
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-
-
 def _check_shapes(q, k_cache, v_cache, lengths):
     if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -220,7 +206,7 @@ def _decode_triton(q, k_cache, v_cache, lengths, *, scale, tiles):
         num_stages=tiles.num_stages,
         **constexprs,
     )
-    return o if splits == 1 else _combine_splits(o, m, l).astype(q.dtype)
+    return o if splits == 1 else merge_partials(o, m, l).astype(q.dtype)
 
 
 def _launch_torch(q, k_cache, v_cache, lengths, *, scale, tiles=DecodeTiles()):
@@ -245,7 +231,7 @@ def _launch_torch(q, k_cache, v_cache, lengths, *, scale, tiles=DecodeTiles()):
     if splits == 1:
         return from_torch(o, q.dtype)
     parts = [from_torch(t, jnp.float32) for t in (o, m, l)]
-    return _combine_splits(*parts).astype(q.dtype)
+    return merge_partials(*parts).astype(q.dtype)
 
 
 def decode_attention(
