@@ -212,3 +212,37 @@ def test_uvicorns_start_line_names_the_same_url(host, line, caplog):
     finally:
         uv_log.removeHandler(caplog.handler)
     assert caplog.messages == [line]
+
+
+@pytest.mark.parametrize("host,text", [
+    ("127.0.0.1", "127.0.0.1:8000"), ("localhost", "localhost:8000"), ("0.0.0.0", "0.0.0.0:8000"),
+    ("::1", "[::1]:8000"), ("::", "[::]:8000"), ("fe80::1%eth0", "[fe80::1%eth0]:8000"),
+])
+def test_host_port_brackets_ipv6(host, text):
+    """Errors named "::1:8000", which reads as the address ::1:8000 with no port."""
+    from energon_jax.serving.http import host_port
+
+    assert host_port(host, 8000) == text
+
+
+def test_listen_errors_bracket_an_ipv6_address():
+    """`energon serve`'s pre-load port check, start_http and serve_http said "... listen on ::1:PORT"."""
+    if not ipv6_available():
+        pytest.skip("no IPv6 on this machine")
+    from energon_jax.serving import Server
+    from energon_jax.serving.cli_verbs import check_http_ready
+
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^cannot listen on \[::1\]:{port}: "):
+            check_http_ready("::1", port)
+        server = Server(FakeBert(), max_batch_size=2, name="fake")
+        try:
+            with pytest.raises(OSError, match=rf"^the HTTP server could not listen on \[::1\]:{port} "):
+                server.start_http(host="::1", port=port, log_level="critical")
+            with pytest.raises(OSError, match=rf"^the HTTP server could not start on \[::1\]:{port} "):
+                server.serve_http(host="::1", port=port, log_level="critical")
+        finally:
+            server.stop()

@@ -105,7 +105,9 @@ def check_http_ready(host: str, port: int) -> None:
         try:
             s.bind(address)
         except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            from energon_jax.serving.http import host_port  # fastapi is there: checked above
+
+            raise ValueError(f"cannot listen on {host_port(host, port)}: {e.strerror or e}") from None
 
 
 def check_serve_options(max_batch_size, max_queue, request_timeout, options: dict, flags: bool = True) -> None:

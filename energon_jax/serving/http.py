@@ -46,14 +46,18 @@ def _wildcard_loopback(host: str) -> str | None:
     return "127.0.0.1" if address.version == 4 else "::1"
 
 
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT as a message names a bind address, an IPv6 one in brackets ([::1]:8000, not the
+    ambiguous ::1:8000). The address itself: a wildcard stays one (`http_url` gives the URL)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def http_url(host: str, port: int) -> str:
     """The URL a client on this machine opens for a server bound to (host, port): a wildcard bind
     (0.0.0.0, ::) is no address to connect to, so it becomes the loopback; an IPv6 address goes in
     brackets (a zone id's % escaped as %25). Every URL the serving layer prints or returns is this."""
     host = _wildcard_loopback(host) or host
-    if ":" in host:
-        host = f"[{host.replace('%', '%25')}]"
-    return f"http://{host}:{port}"
+    return f"http://{host_port(host.replace('%', '%25'), port)}"
 
 
 def listening_note(host: str) -> str:
@@ -463,7 +467,7 @@ def run_http(server, *, host: str = "127.0.0.1", port: int = 8005, log_level: st
         _Server(config).run()
     except SystemExit as e:  # uvicorn's answer to a start-up it could not make (it logged why)
         if e.code not in (None, 0):
-            raise OSError(f"the HTTP server could not start on {host}:{port} (see the log above)") from None
+            raise OSError(f"the HTTP server could not start on {host_port(host, port)} (see the log above)") from None
 
 
 class BackgroundHTTP:
@@ -488,7 +492,7 @@ class BackgroundHTTP:
             time.sleep(0.01)
         if not self._uvicorn.started:  # uvicorn logs why (a port in use, say) and exits its thread
             self.stop()
-            raise OSError(f"the HTTP server could not listen on {host}:{port} (see the log above)")
+            raise OSError(f"the HTTP server could not listen on {host_port(host, port)} (see the log above)")
 
     def _run(self) -> None:
         try:
