@@ -1,11 +1,8 @@
-"""Flash attention pieces shared by the prefill (causal) and varlen (bidirectional) kernels:
-their tile sizes and their inner loop (LOG2E serves the decode kernels too); and the merge of
-flash-decoding partials that both decode kernels (decode_attention, decode_append) run after
-their kernel.
+"""Flash attention pieces: the prefill (causal) and varlen (bidirectional) kernels' tile sizes and
+inner loop, and what both decode kernels share (LOG2E, the merge of flash-decoding partials).
 
-One program holds a block of BLOCK_M query rows and streams the keys and values of its
-sequence through in blocks of BLOCK_N, keeping a running max and sum per row (online
-softmax), so the [T, T] score matrix never reaches memory.
+One program of the inner loop holds BLOCK_M query rows and streams its sequence's keys and values
+through in blocks of BLOCK_N with a running max and sum per row (online softmax), never storing [T, T] scores.
 """
 
 import dataclasses
