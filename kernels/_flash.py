@@ -1,5 +1,5 @@
 """Flash attention pieces: the prefill (causal) and varlen (bidirectional) kernels' tile sizes and
-inner loop, and what both decode kernels share (LOG2E, the merge of flash-decoding partials).
+inner loop, and what both decode kernels share (LOG2E; flash-decoding's split rule and merge).
 
 One program of the inner loop holds BLOCK_M query rows and streams its sequence's keys and values
 through in blocks of BLOCK_N with a running max and sum per row (online softmax), never storing [T, T] scores.
@@ -65,6 +65,22 @@ def attend_rows(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+
+
+# Flash-decoding: with one program per (slot, head) row, a decode batch of few rows is a few dozen
+# programs, each walking its whole context while most of the GPU idles. Below this many rows the
+# decode kernels cut each row's cache into pieces, a program each, until there are about this many
+# programs, and merge the pieces' partials after the kernel (merge_partials). On an H200 one program a
+# row beat two at 256, 384 (decode_attention, BENCHMARKS.md session 10) and 512 rows (decode_append, 13).
+MIN_PROGRAMS = 256
+
+
+def splits_per_row(rows: int, most: int, min_programs: int = MIN_PROGRAMS) -> int:
+    """Programs per (slot, head) row for `rows` rows: 1 from min_programs rows on; below, enough for
+    rows * splits to reach min_programs, but at most `most` (what the cache allows), and at least 1."""
+    if rows >= min_programs:
+        return 1
+    return max(1, min(-(-min_programs // max(rows, 1)), most))
 
 
 def merge_partials(o, m, l, new=None):

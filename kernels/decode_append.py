@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from ._dispatch import check_head_dim, over_mesh, resolve_impl
-from ._flash import LOG2E, merge_partials
+from ._flash import LOG2E, MIN_PROGRAMS, merge_partials, splits_per_row
 from .decode_attention import decode_attention_reference, one_16bit_dtype
 
 MMA_ROWS = 16  # a dot's smallest M: the query is copied to 16 rows, row 0 kept
@@ -211,19 +211,17 @@ def default_block(cache_len: int) -> int:
     return DEFAULT_BLOCK_S if cache_len % DEFAULT_BLOCK_S == 0 else 16
 
 
-# Below this many (slot, head) rows the older positions are cut into runs, one program each, until
-# there are about this many programs (flash-decoding; the decode_attention kernel's min_programs):
-# with a program per row, a batch-1 step is a dozen or two programs, each walking its whole context
-# while most of the GPU idles. Each run keeps at least MIN_RUN_BLOCKS blocks of the cache.
-MIN_PROGRAMS = 256
+# Below MIN_PROGRAMS (slot, head) rows (_flash's, the decode_attention kernel's min_programs too)
+# the older positions are cut into runs, one program each, until there are about that many programs
+# (flash-decoding): with a program per row, a batch-1 step is a dozen or two programs, each walking
+# its whole context while most of the GPU idles. Each run keeps at least MIN_RUN_BLOCKS blocks of the
+# cache (decode_attention's chunks go down to one).
 MIN_RUN_BLOCKS = 2
 
 
 def default_splits(rows: int, cache_len: int, block_s: int) -> int:
     """Runs per row for `rows` (slot, head) rows on one device over a cache of cache_len positions."""
-    if rows >= MIN_PROGRAMS:
-        return 1
-    return max(1, min(-(-MIN_PROGRAMS // max(rows, 1)), cache_len // block_s // MIN_RUN_BLOCKS))
+    return splits_per_row(rows, cache_len // block_s // MIN_RUN_BLOCKS)
 
 
 def fits(cache_len: int, head_dim: int) -> bool:

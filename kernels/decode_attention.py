@@ -32,7 +32,7 @@ from ._dispatch import (
     resolve_impl,
     to_torch,
 )
-from ._flash import LOG2E, merge_partials
+from ._flash import LOG2E, MIN_PROGRAMS, merge_partials, splits_per_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class DecodeTiles:
     num_warps: int = 4
     num_stages: int = 3
     mma: bool = True  # tl.dot over a 16-row copy of the query, for 16-bit caches (fp32 keeps exact sums)
-    min_programs: int = 256
+    min_programs: int = MIN_PROGRAMS  # _flash's rule, which decode_append's runs follow too
 
     def __post_init__(self):
         if self.block_s < 16 or self.block_s & (self.block_s - 1):  # tl.arange and tl.dot sizes
@@ -68,13 +68,13 @@ class DecodeTiles:
 
     def chunk_for(self, cache_len: int, rows: int) -> int:
         """Cache positions per program for a cache of cache_len positions and rows (slot, head) rows:
-        whole blocks, and at least min_programs programs where the cache has that many blocks."""
+        whole blocks, and at least min_programs programs where the cache has that many blocks
+        (_flash.splits_per_row's count, which decode_append's runs take too)."""
         if self.chunk is not None:
             return self.chunk
-        blocks = triton.cdiv(cache_len, self.block_s)
-        if blocks <= 1 or rows >= self.min_programs:
-            return max(blocks, 1) * self.block_s
-        splits = min(blocks, triton.cdiv(self.min_programs, max(rows, 1)))
+        blocks = max(triton.cdiv(cache_len, self.block_s), 1)  # an empty cache: one block
+        # one chunk a row from min_programs rows on, or in a one-block cache; else down to a block a program
+        splits = splits_per_row(rows, blocks, self.min_programs)
         return blocks // splits * self.block_s  # rounded down: at least `splits` chunks
 
     def num_splits(self, cache_len: int, rows: int) -> int:

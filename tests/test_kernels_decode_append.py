@@ -185,7 +185,10 @@ def test_runs_over_a_mesh():
 def test_default_splits_and_bad_splits():
     """Runs until ~MIN_PROGRAMS programs, each at least MIN_RUN_BLOCKS blocks of the cache; none from
     MIN_PROGRAMS rows (GPT-2 medium's batch 32 is 512 rows)."""
+    from energon_jax.kernels import _flash, decode_attention
+
     assert (da.MIN_PROGRAMS, da.MIN_RUN_BLOCKS) == (256, 2)
+    assert _flash.MIN_PROGRAMS == decode_attention.DecodeTiles().min_programs == da.MIN_PROGRAMS  # one rule
     assert da.default_splits(512, 1024, 32) == 1 and da.default_splits(256, 1024, 32) == 1
     assert da.default_splits(128, 1024, 32) == 2 and da.default_splits(96, 1024, 32) == 3
     assert da.default_splits(12, 1024, 32) == 16  # 22 wanted; 32 blocks give 16 runs of 2
