@@ -104,7 +104,7 @@ def test_background_http_on_a_wildcard_bind_gives_a_url_that_answers(host, caplo
     assert lines == [ready_message(host, port, "bert")], caplog.messages
     assert ready_message(host, port, "bert").startswith(f"ready: {http.url} (")
     started = [m for m in caplog.messages if m.startswith("fake (bert)")]
-    assert started == [f"fake (bert) started in {server.warmup_seconds:.1f} s, without a warm-up (each shape "
+    assert started == [f"fake (bert) started in {server.startup_seconds:.1f} s, without a warm-up (each shape "
                        "compiles on first use): embedding batches of 4 sequences, queue 8"], caplog.messages
 
 
@@ -246,3 +246,36 @@ def test_listen_errors_bracket_an_ipv6_address():
                 server.serve_http(host="::1", port=port, log_level="critical")
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_warmup_seconds_say_what_the_warm_up_compiled(warmup):
+    """/health's warmup_seconds and energon_warmup_seconds reported the whole start-up's time even
+    when start(warmup=False) compiled nothing: they now say 0.0, and /health's warmed_up says why."""
+    from fastapi.testclient import TestClient
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    model = FakeBert()
+    model.warmup = lambda: time.sleep(0.05)  # a warm-up that takes a while
+    server = Server(model, max_batch_size=2, name="fake", tune_gc=False)
+    assert (server.warmup_seconds, server.warmed_up) == (None, False)  # not started
+    server.start(warmup=warmup)
+    try:
+        assert server.warmed_up is warmup and server.startup_seconds >= server.warmup_seconds
+        if warmup:
+            assert 0.05 <= server.warmup_seconds <= server.startup_seconds
+        else:
+            assert server.warmup_seconds == 0.0
+        client = TestClient(create_app(server))  # no lifespan: the server already runs
+        health = client.get("/health").json()
+        assert (health["warmup_seconds"], health["warmed_up"]) == (server.warmup_seconds, warmup), health
+        gauge = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("energon_warmup_seconds "))
+        assert float(gauge.split()[1]) == server.warmup_seconds
+    finally:
+        server.stop()
+    # a model with no warm-up to run compiles nothing either, whatever start() is asked
+    server = Server(FakeBert(), max_batch_size=2, name="fake", tune_gc=False).start(warmup=True)
+    server.stop()
+    assert (server.warmup_seconds, server.warmed_up) == (0.0, False)

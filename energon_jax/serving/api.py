@@ -275,7 +275,11 @@ class Server:
         self.detokenize = tok.decode if tok is not None else None
         self.ready = False
         self.stopping = False
+        # set by start(): seconds the warm-up compiled for (0.0 when it compiled nothing), whether
+        # it ran, and the whole start's seconds
         self.warmup_seconds: float | None = None
+        self.warmed_up = False
+        self.startup_seconds: float | None = None
         self.engine = self.scheduler = self.loop = self.batcher = self.encoder = None
         self._http: list = []  # start_http's servers
         if self.kind == "gpt":
@@ -313,26 +317,28 @@ class Server:
             self._saved_switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(self.switch_interval)
         warmed = bool(warmup) and (self.kind == "gpt" or hasattr(self.encoder, "warmup"))
+        warm_s = 0.0  # nothing compiled without a warm-up: /health and the metric say 0, not the start-up time
+        if warmed:
+            t_warm = time.perf_counter()
+            (self.engine if self.kind == "gpt" else self.encoder).warmup()
+            warm_s = time.perf_counter() - t_warm
         if self.kind == "gpt":
-            if warmed:
-                self.engine.warmup()
             self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics, overlap=self.overlap)
             self.loop.start()
         else:
-            if warmed:
-                self.encoder.warmup()
             self.batcher = EmbeddingBatcher(self.encoder, metrics=self.metrics, **self._embed_args)
             self.batcher.start()
         if self.tune_gc and not self._gc_tuned:
             _GCTuning.acquire()
             self._gc_tuned = True
-        self.warmup_seconds = time.perf_counter() - t0
-        self.metrics.warmup_seconds.set(self.warmup_seconds)
+        self.startup_seconds = time.perf_counter() - t0
+        self.warmup_seconds, self.warmed_up = warm_s, warmed
+        self.metrics.warmup_seconds.set(warm_s)
         # not "ready": behind HTTP, the routes log the one "ready: URL (routes)" line right after this
         capacity = (f"{self.max_batch_size} slots" if self.kind == "gpt"
                     else f"embedding batches of {self.max_batch_size} sequences")
         done = (f"warmed up in {self.warmup_seconds:.1f} s" if warmed else
-                f"started in {self.warmup_seconds:.1f} s, without a warm-up (each shape compiles on first use)")
+                f"started in {self.startup_seconds:.1f} s, without a warm-up (each shape compiles on first use)")
         log.info("%s (%s) %s: %s, queue %d", self.name, self.kind, done, capacity, self.max_queue)
         self.ready = True
         return self

@@ -250,7 +250,10 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
     @app.get("/health")
     async def health():
         if server.accepting:
-            return {"status": "ok", "model": server.name, "kind": server.kind, "warmup_seconds": server.warmup_seconds}
+            # warmup_seconds: the warm-up's compile time, 0.0 when start(warmup=False) compiled nothing
+            # (warmed_up false: each shape then compiles at its first request)
+            return {"status": "ok", "model": server.name, "kind": server.kind, "warmup_seconds": server.warmup_seconds,
+                    "warmed_up": server.warmed_up}
         if server.failed:  # no Retry-After: a dead engine thread does not come back
             return JSONResponse({"status": "failed", "model": server.name,
                                  "error": "the engine thread stopped after an error; see the server log"}, 503)

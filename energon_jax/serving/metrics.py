@@ -33,7 +33,8 @@ class Metrics:
         self.embedded = Counter("energon_embedded_sequences", "sequences encoded", registry=r)
         Gauge("energon_tokens_per_second", f"output tokens per second over the last {window_s:g} s",
               registry=r).set_function(self.tokens_per_second)
-        self.warmup_seconds = Gauge("energon_warmup_seconds", "time spent compiling at start-up", registry=r)
+        self.warmup_seconds = Gauge("energon_warmup_seconds",
+                                    "time the start-up's warm-up spent compiling (0: started without one)", registry=r)
         self._window_s = window_s
         self._events: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
