@@ -469,6 +469,35 @@ def test_streaming_chunks_join_to_the_full_text(served):
     assert chunks[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
 
 
+def test_token_id_mode_streams_join_to_the_whole_text(tiny_gpt2_factory):
+    """Without a tokenizer the text is the token ids spaced ("5 6 7"): the streamed chunks joined
+    to " 5 6 7", each one's ids led by a space."""
+    from fastapi.testclient import TestClient
+
+    import energon_jax as ej
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    folder, _ = tiny_gpt2_factory(seed=3)  # no tokenizer files: token-id mode
+    model = ej.load_sharded_model(folder)
+    assert model.tokenizer is None
+    server = Server(model, max_batch_size=2, decode_steps=2, cache_len=32, tune_gc=False).start(warmup=False)
+    try:
+        client = TestClient(create_app(server))  # no lifespan: the server already runs
+        body = {"prompt": [5, 6, 7], "max_tokens": 7, "temperature": 0}
+        full = client.post("/v1/completions", json=body).json()["choices"][0]
+        assert full["text"] == " ".join(map(str, full["token_ids"])) and len(full["token_ids"]) == 7
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            chunks, done = read_sse(r.iter_lines())
+        texts = [c["choices"][0]["text"] for c in chunks]
+        assert done and sum(bool(t) for t in texts) >= 2, texts  # several chunks carry ids
+        assert "".join(texts) == full["text"], texts
+        assert sum((c["choices"][0]["token_ids"] for c in chunks), []) == full["token_ids"]
+    finally:
+        server.stop()
+
+
 def cancelled_count(url) -> float:
     lines = httpx.get(url + "/metrics").text.splitlines()
     return sum(float(x.split()[-1]) for x in lines if x.startswith('energon_finished_requests_total{reason="cancelled"}'))

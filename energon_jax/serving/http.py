@@ -332,13 +332,17 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                              "finish_reason": handle.finish_reason}, usage())
 
         async def events():
+            sent = 0  # token ids streamed so far: in token-id mode a chunk's ids are spaced from the last chunk's
             async for delta in handle:
                 if delta.finished and delta.finish_reason in ("error", "timeout", "cancelled"):
                     err = {"message": f"generation ended: {delta.finish_reason}"
                                       + (f" ({delta.error})" if delta.error else ""), "type": "server_error"}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     break
-                text = delta.text if delta.text is not None else "".join(f" {t}" for t in delta.token_ids)
+                text = delta.text
+                if text is None:  # the chunks join to text_or_ids' "5 6 7", not " 5 6 7"
+                    text = (" " if sent and delta.token_ids else "") + " ".join(map(str, delta.token_ids))
+                    sent += len(delta.token_ids)
                 chunk = envelope({"text": text, "token_ids": delta.token_ids,
                                   "finish_reason": delta.finish_reason if delta.finished else None},
                                  usage() if delta.finished else None)
