@@ -498,6 +498,24 @@ def test_token_id_mode_streams_join_to_the_whole_text(tiny_gpt2_factory):
         server.stop()
 
 
+def test_completions_name_the_served_model_and_refuse_another(served):
+    """/v1/completions echoed whatever `model` the client sent: a client asking for gpt-4 was told
+    gpt-4 answered. Another name is a 404 naming both (vLLM's answer); the response names the
+    served model, whether the body named it or left it out."""
+    body = {"prompt": "def add", "max_tokens": 2, "temperature": 0}
+    for extra in ({}, {"model": "tiny"}):
+        r = httpx.post(served.url + "/v1/completions", json={**body, **extra}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+    for stream in (False, True):
+        r = httpx.post(served.url + "/v1/completions", json={**body, "model": "gpt-4", "stream": stream}, timeout=60)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["message"] == ("model 'gpt-4' is not served here: this server serves 'tiny' "
+                                                "(send model='tiny', or leave model out)")
+    with httpx.stream("POST", served.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        chunks, done = read_sse(r.iter_lines())
+    assert done and {c["model"] for c in chunks} == {"tiny"}
+
+
 def cancelled_count(url) -> float:
     lines = httpx.get(url + "/metrics").text.splitlines()
     return sum(float(x.split()[-1]) for x in lines if x.startswith('energon_finished_requests_total{reason="cancelled"}'))

@@ -279,3 +279,26 @@ def test_warmup_seconds_say_what_the_warm_up_compiled(warmup):
     server = Server(FakeBert(), max_batch_size=2, name="fake", tune_gc=False).start(warmup=True)
     server.stop()
     assert (server.warmup_seconds, server.warmed_up) == (0.0, False)
+
+
+def test_embeddings_name_the_served_model_and_refuse_another():
+    """/v1/embeddings echoed the body's `model`; another model's name is now a 404 naming both."""
+    from fastapi.testclient import TestClient
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    server = Server(FakeBert(), max_batch_size=2, name="fake", tune_gc=False).start(warmup=False)
+    try:
+        client = TestClient(create_app(server))  # no lifespan: the server already runs
+        for extra in ({}, {"model": "fake"}):
+            r = client.post("/v1/embeddings", json={"input": ["abc"], "normalize": False, **extra})
+            assert r.status_code == 200 and r.json()["model"] == "fake", r.text
+            assert r.json()["data"][0]["embedding"] == [3.0, 1.0]
+        r = client.post("/v1/embeddings", json={"input": ["abc"], "model": "text-embedding-3-small"})
+        assert r.status_code == 404, r.text
+        assert r.json()["error"] == {"message": "model 'text-embedding-3-small' is not served here: this server "
+                                                "serves 'fake' (send model='fake', or leave model out)",
+                                     "type": "invalid_request_error", "code": 404}
+    finally:
+        server.stop()

@@ -9,7 +9,8 @@ Routes (DESIGN.md):
   POST /v1/embeddings                          OpenAI-shaped; Bert models
   GET  /health, GET /metrics
 
-Bad input answers 4xx with a message naming the problem; only a server fault answers 5xx.
+Bad input answers 4xx with a message naming the problem; only a server fault answers 5xx. The
+OpenAI-style routes answer with the served model's name; a body naming another model gets 404.
 """
 from __future__ import annotations
 
@@ -243,6 +244,13 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         return dict(temperature=(1.0 if temperature is None else temperature) if sampled else 0.0,
                     top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
 
+    def check_model(requested: str | None) -> None:
+        """An OpenAI-style body's `model` must name the served model, or be left out (vLLM answers
+        404 too): echoing any name back told a client that asked for another model that it got it."""
+        if requested is not None and requested != server.name:
+            raise HTTPError(404, f"model {requested!r} is not served here: this server serves {server.name!r} "
+                                 f"(send model={server.name!r}, or leave model out)")
+
     def text_or_ids(handle) -> str:
         return handle.text if handle.text is not None else " ".join(map(str, handle.token_ids))
 
@@ -302,6 +310,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
     @app.post("/v1/completions", openapi_extra=_schema(CompletionBody))
     async def completions(request: Request):
         body = await _parse(request, CompletionBody)
+        check_model(body.model)
         if body.n != 1 or body.echo or body.logprobs is not None:
             raise HTTPError(400, f"n={body.n}, echo={body.echo}, logprobs={body.logprobs}: only n=1, echo=false "
                                  "and logprobs=null are supported")
@@ -313,10 +322,9 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         handle = submit(prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens, temperature=body.temperature,
                         top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        model_name = body.model or server.name
 
         def envelope(choice: dict, usage: dict | None = None) -> dict:
-            out = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+            out = {"id": cid, "object": "text_completion", "created": created, "model": server.name,
                    "choices": [dict(index=0, logprobs=None, **choice)]}
             if usage is not None:
                 out["usage"] = usage
@@ -374,6 +382,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
     @app.post("/v1/embeddings", openapi_extra=_schema(EmbeddingBody))
     async def embeddings(request: Request):
         body = await _parse(request, EmbeddingBody)
+        check_model(body.model)
         inputs = body.input
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
@@ -382,7 +391,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         vectors = await embed(inputs, body.pooling, body.normalize)
         tok = getattr(server.model, "tokenizer", None)
         n_tokens = sum(len(x) if isinstance(x, list) else len(tok.encode(x)) if tok else 0 for x in inputs)
-        return {"object": "list", "model": body.model or server.name,
+        return {"object": "list", "model": server.name,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
