@@ -788,6 +788,95 @@ def test_embedding_batcher_survives_cancelled_futures():
         batcher.stop()
 
 
+def test_an_embedding_request_larger_than_a_batch_is_split_in_order():
+    """One request with many inputs made one batch of all of them (past max_batch, the size the
+    Server warmed up for, and one encode call as long as the request liked): it is now split
+    across batches of at most max_batch sequences, its result joined in input order, and the
+    requests behind it fill the room its last piece leaves."""
+    from energon_jax.serving.loop import EmbeddingBatcher
+
+    class ListEncoder(FakeEncoder):  # pooling="none" gives a list of per-token arrays, as BertModel's
+        def encode(self, inputs, *, pooling="mean", normalize=False):
+            out = super().encode(inputs, pooling=pooling, normalize=normalize)
+            return [np.tile(row, (len(x), 1)) for row, x in zip(out, inputs)] if pooling == "none" else out
+
+    enc = ListEncoder()
+    batcher = EmbeddingBatcher(enc, max_batch=4, max_wait=0.05)
+    big = [[i + 1] * (i % 3 + 1) for i in range(10)]
+    futures = [batcher.submit(big), batcher.submit([[7], [8, 8], [9]]), batcher.submit([[5, 5]], pooling="none")]
+    batcher.start()  # all three wait in the queue: the batches are deterministic
+    try:
+        np.testing.assert_array_equal(futures[0].result(10), FakeEncoder().encode(big))
+        np.testing.assert_array_equal(futures[1].result(10), [[1, 7], [2, 16], [1, 9]])
+        (tokens,) = futures[2].result(10)
+        np.testing.assert_array_equal(tokens, [[2, 10], [2, 10]])
+        # big[0:4], big[4:8], big[8:10] + two of the next, its last one + the pooling="none" request
+        assert enc.calls == [4, 4, 4, 1, 1], enc.calls
+    finally:
+        batcher.stop()
+
+    enc = FakeEncoder()  # a bad input in a later piece fails its request, not the batcher or the next request
+    batcher = EmbeddingBatcher(enc, max_batch=2, max_wait=0.05)
+    bad, after = batcher.submit([[1], [2], [3], []]), batcher.submit([[4]])
+    batcher.start()
+    try:
+        with pytest.raises(ValueError, match="non-empty token-id lists"):
+            bad.result(10)
+        np.testing.assert_array_equal(after.result(10), [[1, 4]])
+        assert batcher.alive and max(enc.calls) <= 2
+    finally:
+        batcher.stop()
+
+
+def test_stopping_ends_a_split_embedding_request_between_batches():
+    from energon_jax.serving.loop import EmbeddingBatcher
+    from energon_jax.serving.scheduler import ShuttingDown
+
+    class GatedEncoder(FakeEncoder):
+        def __init__(self):
+            super().__init__()
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def encode(self, inputs, **kw):
+            self.entered.set()
+            assert self.release.wait(10)
+            return super().encode(inputs, **kw)
+
+    enc = GatedEncoder()
+    batcher = EmbeddingBatcher(enc, max_batch=2, max_wait=0.001)
+    batcher.start()
+    fut = batcher.submit([[1]] * 10)
+    assert enc.entered.wait(10)
+    stopping = threading.Thread(target=batcher.stop)
+    stopping.start()
+    while batcher._accepting:
+        time.sleep(0.001)
+    enc.release.set()
+    stopping.join(30)
+    with pytest.raises(ShuttingDown, match="stopped before this request was encoded"):
+        fut.result(10)
+    assert enc.calls == [2] and not batcher.alive  # the other 8 inputs were not encoded
+
+
+def test_embeddings_route_splits_a_request_past_max_batch_size():
+    from fastapi.testclient import TestClient
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    enc = FakeEncoder()
+    server = Server(enc, max_batch_size=2, embed_max_wait=0.001, tune_gc=False).start(warmup=False)
+    try:
+        inputs = [[i + 1] * (i + 1) for i in range(5)]
+        r = TestClient(create_app(server)).post("/v1/embeddings", json={"input": inputs, "normalize": False})
+        assert r.status_code == 200, r.text
+        assert [(d["index"], d["embedding"]) for d in r.json()["data"]] == \
+            [(i, [float(i + 1), float((i + 1) ** 2)]) for i in range(5)]
+        assert enc.calls == [2, 2, 1]
+    finally:
+        server.stop()
+
+
 def test_request_timeouts_are_positive_seconds(model, served):
     """A negative request_timeout ended every request at once, and a str failed only at the first
     request (a TypeError on the engine side); both are refused when given, as is a bad timeout=."""

@@ -189,9 +189,48 @@ class EngineLoop:
         self.scheduler.fail_all("error", "the server stopped before this request finished")
 
 
+class _EmbedJob:
+    """One embedding request: its inputs go to batches in consecutive pieces of at most
+    `max_batch` inputs, and its future gets the pieces' results joined in input order."""
+
+    __slots__ = ("inputs", "pooling", "normalize", "future", "taken", "parts")
+
+    def __init__(self, inputs: list, pooling: str, normalize: bool, future: concurrent.futures.Future):
+        self.inputs, self.pooling, self.normalize, self.future = inputs, pooling, normalize, future
+        self.taken = 0  # inputs handed to batches so far
+        self.parts: list = []  # results of the pieces encoded so far, in order
+
+    def take(self, room: int) -> tuple["_EmbedJob", int, int]:
+        """The next piece, (job, start, end), of at most `room` inputs."""
+        start = self.taken
+        self.taken = min(len(self.inputs), start + room)
+        return self, start, self.taken
+
+    @property
+    def all_taken(self) -> bool:
+        return self.taken >= len(self.inputs)
+
+    def finish_piece(self, end: int, out) -> None:
+        self.parts.append(out)
+        if end >= len(self.inputs) and not self.future.done():
+            if len(self.parts) == 1:
+                result = self.parts[0]
+            elif all(isinstance(p, np.ndarray) for p in self.parts):
+                result = np.concatenate(self.parts)
+            else:  # pooling="none": a list of [T_i, hidden] arrays
+                result = [x for p in self.parts for x in p]
+            self.future.set_result(result)
+
+
 class EmbeddingBatcher:
     """Gathers embedding requests for up to `max_wait` s (or `max_batch` sequences), then one
     `encoder.encode(all_sequences, pooling=, normalize=)` per (pooling, normalize) group.
+
+    A batch never holds more than `max_batch` sequences: a request with more inputs than the
+    batch has room for is split across consecutive batches (its result joined in input order),
+    so one large request neither makes an encode call past the size the Server warmed up for
+    nor keeps the batcher in one call for as long as it likes. Requests are served in arrival
+    order; the rest of a split request leads the next batch.
 
     The encoder packs sequences by total tokens with no padding computed (BertModel.encode), so
     gathering concurrent requests fills one packed batch instead of many small ones.
@@ -223,15 +262,30 @@ class EmbeddingBatcher:
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"the embedding queue is full ({self.max_queue} requests); retry later")
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((list(inputs), pooling, bool(normalize), fut))
+        self._queue.put(_EmbedJob(list(inputs), pooling, bool(normalize), fut))
         return fut
 
     def _run(self) -> None:
+        carry: _EmbedJob | None = None  # a split request whose next piece leads the next batch
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch, count = [item], len(item[0])
+            if carry is not None and carry.future.done():  # an earlier piece failed
+                carry = None
+            if carry is not None and not self._accepting:
+                carry.future.set_exception(ShuttingDown("the server stopped before this request was encoded"))
+                carry = None
+            if carry is not None:
+                job, carry = carry, None
+            else:
+                job = self._queue.get()
+                if job is None:
+                    return
+                # a future its caller cancelled is skipped; the others can no longer be cancelled,
+                # so setting their results cannot fail (a cancelled one's set_result killed this thread)
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+            pieces = [job.take(self.max_batch)]
+            count = pieces[0][2] - pieces[0][1]
+            carry = None if job.all_taken else job
             end = time.monotonic() + self.max_wait
             while count < self.max_batch:
                 try:
@@ -241,25 +295,27 @@ class EmbeddingBatcher:
                 if nxt is None:
                     self._queue.put(None)
                     break
-                batch.append(nxt)
-                count += len(nxt[0])
-            # a future its caller cancelled is skipped; the others can no longer be cancelled, so
-            # setting their results cannot fail (a cancelled one's set_result killed this thread)
-            batch = [item for item in batch if item[3].set_running_or_notify_cancel()]
+                if not nxt.future.set_running_or_notify_cancel():
+                    continue
+                pieces.append(nxt.take(self.max_batch - count))
+                count += pieces[-1][2] - pieces[-1][1]
+                if not nxt.all_taken:
+                    carry = nxt  # the batch is full
             try:
-                self._encode(batch)
+                self._encode(pieces)
             except Exception as e:  # a bug here must fail this batch, not every later request
                 log.exception("embedding batch failed")
-                for item in batch:
-                    if not item[3].done():
-                        item[3].set_exception(e)
+                for job, _, _ in pieces:
+                    if not job.future.done():
+                        job.future.set_exception(e)
 
-    def _encode(self, batch) -> None:
+    def _encode(self, pieces) -> None:
         groups: dict[tuple[str, bool], list] = {}
-        for item in batch:
-            groups.setdefault((item[1], item[2]), []).append(item)
+        for piece in pieces:
+            if not piece[0].future.done():  # not failed in another batch
+                groups.setdefault((piece[0].pooling, piece[0].normalize), []).append(piece)
         for (pooling, normalize), items in groups.items():
-            flat = [x for inputs, _, _, _ in items for x in inputs]
+            flat = [x for job, lo, hi in items for x in job.inputs[lo:hi]]
             try:
                 out = self.encoder.encode(flat, pooling=pooling, normalize=normalize)
             except Exception as e:  # bad input in one request must not fail the others
@@ -267,15 +323,15 @@ class EmbeddingBatcher:
                     for item in items:
                         self._encode([item])
                 else:
-                    items[0][3].set_exception(e)
+                    items[0][0].future.set_exception(e)
                 continue
             self.batches += 1
             if self.metrics is not None:
                 self.metrics.embedded.inc(len(flat))
             i = 0
-            for inputs, _, _, fut in items:
-                fut.set_result(out[i: i + len(inputs)])
-                i += len(inputs)
+            for job, lo, hi in items:
+                job.finish_piece(hi, out[i: i + hi - lo])
+                i += hi - lo
 
     def stop(self) -> None:
         self._accepting = False
@@ -287,5 +343,5 @@ class EmbeddingBatcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and item[3].set_running_or_notify_cancel():
-                item[3].set_exception(ShuttingDown("the server stopped before this request was encoded"))
+            if item is not None and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(ShuttingDown("the server stopped before this request was encoded"))
