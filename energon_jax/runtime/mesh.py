@@ -10,14 +10,45 @@ from energon_jax.runtime.sharding import MESH_AXES
 
 
 def make_mesh(tp: int = 1, pp: int = 1, dp: int = 1, devices=None) -> Mesh:
-    """A (dp, pp, tp) mesh. Tensor-parallel neighbours are adjacent devices (fastest links)."""
+    """A (dp, pp, tp) mesh. Tensor-parallel neighbours are adjacent devices (fastest links).
+
+    Over several processes (after `initialize_distributed`) the devices are taken host by host,
+    so a tensor group lies within one host where tp divides its devices, a stage next, and "data"
+    (then "stage") crosses hosts; each process gives the mesh the same number of its own devices."""
     par = ParallelConfig(tp=tp, pp=pp, dp=dp)
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = _default_devices(par.num_devices, (tp, pp, dp))
+    devices = list(devices)
     if par.num_devices > len(devices):
         raise ValueError(f"tp*pp*dp = {tp}*{pp}*{dp} = {par.num_devices} devices asked for, "
                          f"but only {len(devices)} exist ({devices[0].platform})")
     grid = np.array(devices[: par.num_devices], dtype=object).reshape(dp, pp, tp)
     return Mesh(grid, MESH_AXES)
+
+
+def _default_devices(n: int, sizes: tuple) -> list:
+    """jax.devices() for one process. For several: each process's first n / P devices, process by
+    process (jax.devices() is global then; its order is not promised to group hosts)."""
+    procs = jax.process_count()
+    if procs == 1:
+        return jax.devices()
+    by_proc = {}
+    for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        by_proc.setdefault(d.process_index, []).append(d)
+    local = min(len(v) for v in by_proc.values())
+    if n % procs or n // procs > local:
+        tp, pp, dp = sizes
+        raise ValueError(f"tp*pp*dp = {tp}*{pp}*{dp} = {n} devices cannot split evenly over the {procs} processes "
+                         f"({local} devices each): every process must hold the same share of the mesh; use a multiple "
+                         f"of {procs} up to {procs * local} devices")
+    tp = sizes[0]
+    per = n // procs
+    if tp > per or per % tp:
+        import warnings
+
+        warnings.warn(f"tp={tp} does not fit in one process's {per} mesh devices: tensor-parallel collectives "
+                      f"cross hosts (slow); prefer tp dividing {per}", stacklevel=3)
+    return [d for p in sorted(by_proc) for d in by_proc[p][:per]]
 
 
 def check_layout(mesh: Mesh, **sizes: int) -> None:
