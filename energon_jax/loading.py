@@ -13,6 +13,7 @@ from energon_jax.convert import gpt2 as gpt2_convert
 from energon_jax.convert import hf_files
 from energon_jax.convert.hf_files import CheckpointError, TensorSource, checkpoint_dtype, read_config
 from energon_jax.runtime.compile_cache import enable_compilation_cache
+from energon_jax.runtime.distributed import put_global
 from energon_jax.runtime.mesh import check_layout, resolve_mesh
 from energon_jax.runtime.sharding import logical_to_sharding, table_multiple
 from energon_jax.tokenizer import Tokenizer
@@ -166,7 +167,9 @@ def place_params(host_tree: dict, module, example_args, mesh, dtype) -> dict:
         if not hf_files.is_floating(arr.dtype):
             raise CheckpointError(f"parameter {jax.tree_util.keystr(key)} is {np.dtype(arr.dtype).name} in the "
                                   f"checkpoint; {hf_files.FLOATING_ONLY}")
-    return jax.tree.map(lambda arr, spec: jax.device_put(np.asarray(arr).astype(dtype), logical_to_sharding(spec, mesh)),
+    # Over several processes each one holds the host tree (read from its own disk or a shared one)
+    # and copies only its own devices' slices (put_global).
+    return jax.tree.map(lambda arr, spec: put_global(np.asarray(arr).astype(dtype), logical_to_sharding(spec, mesh)),
                         host_tree, axes, is_leaf=lambda x: isinstance(x, np.ndarray))
 
 

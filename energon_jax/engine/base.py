@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from energon_jax.runtime.distributed import put_global
+
 
 def token_matrix(token_ids) -> np.ndarray:
     """`token_ids` as a non-empty [B, T] integer array, or a ValueError saying what was given
@@ -48,8 +50,13 @@ class ShardedModel:
         return self.mesh.shape["data"]
 
     def put_rows(self, rows: np.ndarray) -> jax.Array:
-        """Host array with a leading batch axis -> device array split over "data"."""
-        return jax.device_put(rows, NamedSharding(self.mesh, PartitionSpec("data")))
+        """Host array with a leading batch axis -> device array split over "data" (over several
+        processes, each copies its own devices' rows of the array every process holds)."""
+        return put_global(rows, NamedSharding(self.mesh, PartitionSpec("data")))
+
+    def put_replicated(self, value: np.ndarray) -> jax.Array:
+        """Host array -> device array replicated over the mesh (a global array over several processes)."""
+        return put_global(np.asarray(value), NamedSharding(self.mesh, PartitionSpec()))
 
     def param_bytes_per_device(self) -> dict:
         """Bytes of parameters held by each device (what its shards really occupy)."""

@@ -29,6 +29,7 @@ from energon_jax.engine.pipeline import pipelined_microbatches
 from energon_jax.engine.sampling import check_int
 from energon_jax.engine.steps import CompileCounter, bucket
 from energon_jax.loading import check_max_seq_len, pad_rows, place_params, stack_layers
+from energon_jax.runtime.distributed import check_same_call, is_multiprocess, to_host
 from energon_jax.runtime.mesh import check_layout
 from energon_jax.runtime.sharding import table_multiple
 from energon_jax.models.bert import ATTENTION_IMPLS, Bert, BertConfig, BertLayerStack, PackedAttention, segment_window
@@ -403,6 +404,8 @@ class BertModel(ShardedModel):
         arrays = [np.stack(column).reshape(lead + column[0].shape) for column in zip(*arrays)] if lead else arrays[0]
         if self.num_replicas > 1:
             arrays = [self.put_rows(a) for a in arrays]
+        elif is_multiprocess():  # numpy inputs must be global arrays over several processes
+            arrays = [self.put_replicated(a) for a in arrays]
         attention = self._attention(max_len, parts[0].computed_tokens, len(parts[0].cu_seqlens) - 1)
         return arrays, attention, max_len
 
@@ -420,11 +423,13 @@ class BertModel(ShardedModel):
         into `num_streams` packed streams (`_pack`), which the step takes stacked.
         """
         check_sequences(ids, types)
+        # SPMD: every process runs the same steps over the whole mesh, so all must pass the same
+        check_same_call("logits" if head == "mlm" else "encode", ids, types, head)
         streams, results, pending, shapes = [], [], None, []
 
         def fetch(done):
             parts, out = done
-            out = np.asarray(out)
+            out = to_host(out)  # gathered over processes
             results.extend(zip(parts, out.reshape((len(parts),) + out.shape[len(self._stream_axes()):])))
 
         for rows in plan_chunks([len(x) for x in ids], self.max_tokens_per_chunk, self.seq_slots):

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,6 +15,7 @@ from energon_jax.engine.sampling import (SamplingParams, check_int, check_stop_s
 from energon_jax.engine.steps import (PAD_ID, CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
 from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla, write_token
+from energon_jax.runtime.distributed import check_same_call, is_multiprocess, same_seed, to_host
 from energon_jax.runtime.sharding import table_multiple
 
 
@@ -217,7 +219,10 @@ class GPTModel(ShardedModel):
         # data-parallel replica and are cut from the result
         padded = np.full((self.dp_rows(b), tb), PAD_ID, np.int32)
         padded[:b, :t] = arr
+        check_same_call("logits", padded)
         out = self._forward(self.params, self.put_rows(padded), self.put_rows(np.full((len(padded),), t, np.int32)))
+        if not out.is_fully_addressable:  # several processes: gather the whole batch on each
+            return to_host(out)[:b, :t, : self.config.vocab_size].astype(np.float32)
         return np.asarray(out[:b, :t, : self.config.vocab_size], dtype=np.float32)
 
     # --------------------------------------------------------------- generate
@@ -246,7 +251,10 @@ class GPTModel(ShardedModel):
         """Generate up to `max_new_tokens` for each prompt (list[str] or list[list[int]]) in one dispatch."""
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
         validate_sampling(temperature, top_k, top_p)
+        drawn = seed is None
         seed = resolve_seed(seed)
+        if drawn:
+            seed = same_seed(seed)  # over several processes, process 0's draw
         ids = self.encode_prompts(prompts)
         for i, p in enumerate(ids):
             # the last new token is never fed back: it needs no position of its own
@@ -255,6 +263,9 @@ class GPTModel(ShardedModel):
                                  f"{len(p) + max_new_tokens - 1} positions (the last new token is not fed back) > "
                                  f"the context of {self.max_seq_len} tokens")
         stop_ids, stop_strings = self.stop_token_ids(stop)
+        # SPMD: every process runs this one program over the whole mesh, so all must pass the same
+        check_same_call("generate", ids, max_new_tokens, float(temperature), int(top_k), float(top_p), seed,
+                        stop_ids, stop_strings)
         if max_new_tokens == 0:
             return [GenerationOutput("" if self.tokenizer else None, [], "length") for _ in ids]
 
@@ -278,10 +289,19 @@ class GPTModel(ShardedModel):
         seeds = (np.uint32(seed) + np.arange(b, dtype=np.uint32)).astype(np.uint32)
         out, num, stopped = self._generate(
             self.params, self.put_rows(tokens), self.put_rows(lengths), self.put_rows(max_new),
-            SamplingParams.make(b, temperature, top_k, top_p), self.put_rows(seeds), jnp.asarray(stop_k),
+            self._sampling(b, temperature, top_k, top_p), self.put_rows(seeds), self._replicated(stop_k),
             cache_len=cache_len, out_len=out_len)
-        out, num, stopped = np.asarray(out), np.asarray(num), np.asarray(stopped)
+        out, num, stopped = to_host(out), to_host(num), to_host(stopped)  # gathered over processes
         return [self._finish(out[i, : num[i]].tolist(), bool(stopped[i]), stop_ids, stop_strings) for i in range(n)]
+
+    # Small inputs the step takes whole. One process passes them as they are (uncommitted, as
+    # before); over several processes a jnp array would sit on this process's first device only,
+    # so they become global arrays replicated over the mesh.
+    def _replicated(self, value):
+        return self.put_replicated(np.asarray(value)) if is_multiprocess() else jnp.asarray(value)
+
+    def _sampling(self, b: int, temperature, top_k, top_p) -> SamplingParams:
+        return jax.tree.map(self._replicated, SamplingParams.make(b, temperature, top_k, top_p))
 
     def _finish(self, new_ids: list[int], stopped: bool, stop_ids, stop_strings) -> GenerationOutput:
         if self.tokenizer is None:
