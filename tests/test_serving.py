@@ -732,6 +732,19 @@ class FakeEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True) if normalize else out
 
 
+class GatedEncoder(FakeEncoder):
+    """A FakeEncoder whose encode signals `entered` and then waits for `release`."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def encode(self, inputs, **kw):
+        self.entered.set()
+        assert self.release.wait(10)
+        return super().encode(inputs, **kw)
+
+
 def test_embeddings_are_batched_across_requests():
     from energon_jax.serving import Server
     from energon_jax.serving.http import create_app
@@ -759,16 +772,6 @@ def test_embedding_batcher_survives_cancelled_futures():
     """A caller that cancels its future (asyncio.wrap_future does when its task is cancelled) must
     not kill the batcher thread, or every later embedding request hangs."""
     from energon_jax.serving.loop import EmbeddingBatcher
-
-    class GatedEncoder(FakeEncoder):
-        def __init__(self):
-            super().__init__()
-            self.entered, self.release = threading.Event(), threading.Event()
-
-        def encode(self, inputs, **kw):
-            self.entered.set()
-            assert self.release.wait(10)
-            return super().encode(inputs, **kw)
 
     enc = GatedEncoder()
     batcher = EmbeddingBatcher(enc, max_wait=0.001)
@@ -831,16 +834,6 @@ def test_an_embedding_request_larger_than_a_batch_is_split_in_order():
 def test_stopping_ends_a_split_embedding_request_between_batches():
     from energon_jax.serving.loop import EmbeddingBatcher
     from energon_jax.serving.scheduler import ShuttingDown
-
-    class GatedEncoder(FakeEncoder):
-        def __init__(self):
-            super().__init__()
-            self.entered, self.release = threading.Event(), threading.Event()
-
-        def encode(self, inputs, **kw):
-            self.entered.set()
-            assert self.release.wait(10)
-            return super().encode(inputs, **kw)
 
     enc = GatedEncoder()
     batcher = EmbeddingBatcher(enc, max_batch=2, max_wait=0.001)
