@@ -58,11 +58,17 @@ NUM_STAGES = 2  # loads kept in flight per loop (Triton's software pipelining)
 MIN_KERNEL_ROWS = 32
 
 
+def _signed_keys(x):
+    """int32 keys in the order of the float32 values, compared signed (the kernel's form):
+    -0.0 and 0.0 one key."""
+    s = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), jnp.int32)
+    return jnp.where(s < 0, s ^ 0x7FFFFFFF, s)
+
+
 def order_keys(x_bv):
-    """uint32 keys in the order of the float32 values: -0.0 and 0.0 one key, -inf above 0 (key 0
-    is a negative NaN's, so T = 0 keeps every real value)."""
-    bits = jax.lax.bitcast_convert_type(jnp.where(x_bv == 0, jnp.zeros_like(x_bv), x_bv), jnp.uint32)
-    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
+    """uint32 keys in the order of the float32 values (the signed keys with the sign bit flipped):
+    -inf above 0, and key 0 is a negative NaN's, so T = 0 keeps every real value."""
+    return jax.lax.bitcast_convert_type(_signed_keys(x_bv) ^ INT_MIN, jnp.uint32)
 
 
 def filters_on(top_k, top_p, vocab: int):
@@ -149,12 +155,8 @@ def keep_mask(scaled_bv, kth_b, cut_b, last_b, top_p_b):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel: keys are signed int32 here (key ^ INT_MIN: the same order), so every compare is signed.
-
-
-def _signed_keys(x):
-    s = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), jnp.int32)
-    return jnp.where(s < 0, s ^ 0x7FFFFFFF, s)
+# Kernel: keys are signed int32 here (_signed_keys; order_keys' bits ^ INT_MIN), so every compare
+# is signed.
 
 
 def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, block: int, bits: int):

@@ -107,8 +107,8 @@ def cut_at_stop_string(body: list[int], text: str, stop_strings, detokenize) -> 
 # sorted (2,048 entries). Those hold every entry above the smallest of their maxima (the "floor"),
 # so the sorted candidates agree with the sorted row on every position above it: at least the first
 # CANDIDATE_GROUPS - 1, and the k-th largest for any k <= CANDIDATE_GROUPS. A batch in which some
-# row's filter can reach past them (top_k > 64, or top_p without top_k) sorts whole rows instead;
-# the tokens kept are the same either way.
+# row's filter can reach past them (top_k > 64, or top_p without top_k) filters whole rows instead
+# (filter_mask: a sort, or on a GPU the radix-select kernel); the tokens kept are the same either way.
 CANDIDATE_GROUP = 32
 CANDIDATE_GROUPS = 64
 
@@ -243,8 +243,9 @@ def sample(logits_bv, params: SamplingParams, keys_b, *, impl: str = "xla", mesh
         v = scaled_bv.shape[-1]
         use_k, use_p = filters_on(params.top_k, params.top_p, v)
         filtering_b = stochastic_b & (use_k | use_p)
-        # temperature alone needs no order at all; the filters sort candidates at most
-        keep_bv = jax.lax.cond(jnp.any(filtering_b), lambda: filter_mask(scaled_bv, params, filtering_b, impl=impl, mesh=mesh),
+        # temperature alone needs no order at all: the filters run only when a sampled row uses one
+        keep_bv = jax.lax.cond(jnp.any(filtering_b),
+                               lambda: filter_mask(scaled_bv, params, filtering_b, impl=impl, mesh=mesh),
                                lambda: jnp.ones(scaled_bv.shape, bool))
         picked_b = jax.vmap(jax.random.categorical)(keys_b, jnp.where(keep_bv, scaled_bv, -jnp.inf))
         return picked_b.astype(jnp.int32)
