@@ -209,6 +209,15 @@ def _is_pair(x) -> bool:
     return isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(s, str) for s in x)
 
 
+def check_input_batch(inputs, name: str) -> None:
+    """A TypeError naming `name` unless `inputs` is a batch (a str, or a flat token-id list, is one
+    input: taken as a batch it would embed each character or id on its own)."""
+    if isinstance(inputs, (str, bytes)) or (
+            isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (int, np.integer))):
+        raise TypeError(f"{name} must be a list of str, (str, str) pairs or token-id lists, got "
+                        f"{type(inputs).__name__} {str(inputs)[:40]!r}; wrap a single input in a list")
+
+
 class BertModel(ShardedModel):
     """A loaded Bert: `encode(texts_or_ids, pooling=..., normalize=...)` and, for masked-LM
     checkpoints, `logits(token_ids)`.
@@ -322,11 +331,7 @@ class BertModel(ShardedModel):
         lists (used as given, token type 0). Sequences longer than `max_seq_len` raise unless
         `truncate=True` (token-id lists are then cut to `max_seq_len`).
         """
-        if isinstance(texts_or_ids, (str, bytes)) or (
-                isinstance(texts_or_ids, (list, tuple)) and texts_or_ids
-                and isinstance(texts_or_ids[0], (int, np.integer))):
-            raise TypeError(f"texts_or_ids must be a list of str, (str, str) pairs or token-id lists, got "
-                            f"{type(texts_or_ids).__name__} {str(texts_or_ids)[:40]!r}; wrap a single input in a list")
+        check_input_batch(texts_or_ids, "texts_or_ids")
         items = list(texts_or_ids)
         if not items:
             raise ValueError("texts_or_ids is empty; pass at least one text or token-id list")

@@ -22,8 +22,7 @@ import threading
 import time
 import weakref
 
-import numpy as np
-
+from energon_jax.engine.bert import check_input_batch
 from energon_jax.engine.gpt import GenerationOutput
 from energon_jax.engine.sampling import check_int, is_finite_number, resolve_seed, validate_sampling
 from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown, check_timeout
@@ -446,11 +445,7 @@ class Server:
         other requests (the model checks pooling; a bad value fails the future with ValueError).
         inputs: a list of str, (str, str) pairs or token-id lists, as `BertModel.encode` takes."""
         self._require("bert", "embeddings")
-        if isinstance(inputs, (str, bytes)) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(
-                inputs[0], (int, np.integer)) and not isinstance(inputs[0], bool)):
-            # a str was taken as the list of its characters: one embedding each, without a word
-            raise TypeError(f"inputs must be a list of str, (str, str) pairs or token-id lists, got "
-                            f"{type(inputs).__name__} {str(inputs)[:40]!r}; wrap a single input in a list")
+        check_input_batch(inputs, "inputs")  # the batcher would take a str as the list of its characters
         return self.batcher.submit(inputs, pooling, normalize)
 
     def embed(self, inputs, *, pooling: str = "mean", normalize: bool = False, timeout: float | None = None):
