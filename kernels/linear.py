@@ -56,15 +56,18 @@ def _gelu_new(y):
     return 0.5 * y * (1.0 + jnp.tanh(_GELU_C * (y + 0.044715 * y * y * y)))
 
 
-def _kernel(*refs, block_m, block_n, block_k, splits, eps, norm, activation, residual, swap, interpret):
-    refs = list(refs)
-    x_ref, w_ref, b_ref = refs[:3]
-    g_ref, beta_ref = refs[3:5] if norm else (None, None)
-    r_ref = refs[5 if norm else 3] if residual else None
-    if splits > 1:  # inputs ..., counters (aliased to the counters output); outputs y, partials, counters
-        o_ref, part_ref, cnt_ref = refs[-3:]
-    else:
-        o_ref = refs[-1]
+def _kernel(*refs, block_m, block_n, block_k, splits, eps, norm, stats_in, stats_out, activation, residual, swap,
+            interpret):
+    refs = iter(refs)
+    x_ref, w_ref, b_ref = next(refs), next(refs), next(refs)
+    g_ref, beta_ref = (next(refs), next(refs)) if norm else (None, None)
+    mean_in, m2_in = (next(refs), next(refs)) if stats_in else (None, None)
+    r_ref = next(refs) if residual else None
+    if splits > 1:
+        next(refs)  # the counters' input, aliased to their output below
+    o_ref = next(refs)
+    mean_out, m2_out = (next(refs), next(refs)) if stats_out else (None, None)
+    part_ref, cnt_ref = (next(refs), next(refs)) if splits > 1 else (None, None)
     f32 = jnp.float32
     k_dim = x_ref.shape[1]
     steps = k_dim // splits // block_k  # loop steps of this program's K slice
@@ -80,7 +83,13 @@ def _kernel(*refs, block_m, block_n, block_k, splits, eps, norm, activation, res
             return jax.lax.dot_general(w, a, (((1,), (1,)), ((), ())), preferred_element_type=f32).T
         return jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
 
-    if norm:  # the rows' statistics over all of K, whatever this program's slice
+    if stats_in:  # the producer's per-tile (mean, M2) of these rows [T, bm], combined (Chan et al.)
+        mt = mean_in[:, rows]
+        tiles = mt.shape[0]
+        mean = jnp.sum(mt, axis=0) / tiles
+        m2 = jnp.sum(m2_in[:, rows], axis=0) + (k_dim // tiles) * jnp.sum(jnp.square(mt - mean[None, :]), axis=0)
+        rstd = jax.lax.rsqrt(m2 / k_dim + eps)
+    elif norm:  # the rows' statistics over all of K, whatever this program's slice
         all_steps = k_dim // block_k
         s1 = jax.lax.fori_loop(0, all_steps, lambda c, t: t + jnp.sum(x_ref[rows, chunk(c)].astype(f32), axis=1),
                                jnp.zeros((block_m,), f32))
@@ -108,28 +117,33 @@ def _kernel(*refs, block_m, block_n, block_k, splits, eps, norm, activation, res
             y = _gelu_new(y)
         if residual:
             y = y + r_ref[rows, cols].astype(f32)
-        o_ref[rows, cols] = y.astype(o_ref.dtype)
+        y = y.astype(o_ref.dtype)
+        o_ref[rows, cols] = y
+        if stats_out:  # this tile's (mean, M2) per row, of the values as stored, for the next norm
+            yf = y.astype(f32)
+            mt = jnp.sum(yf, axis=1) / block_n
+            mean_out[j, rows] = mt
+            m2_out[j, rows] = jnp.sum(jnp.square(yf - mt[:, None]), axis=1)
 
     if splits == 1:
         finish(acc)
         return
     part_ref[s, rows, cols] = acc
+    idx = j * pl.num_programs(1) + i
     if not interpret:
         # every thread's partial is stored before the (one-thread, acquire-release, GPU-scope) ticket
         from jax.experimental.pallas import triton as plgpu
 
         plgpu.debug_barrier()
-        ticket = plgpu.atomic_add(cnt_ref, (j * pl.num_programs(1) + i,), 1)
+        ticket = plgpu.atomic_add(cnt_ref, (idx,), 1)
     else:  # the interpreter runs programs one by one: a plain read-modify-write is the atomic
-        idx = j * pl.num_programs(1) + i
         ticket = cnt_ref[idx]
         cnt_ref[idx] = ticket + 1
 
     @pl.when(ticket == splits - 1)
     def _():
-        total = jax.lax.fori_loop(0, splits, lambda t, tot: tot + part_ref[t, rows, cols], jnp.zeros_like(acc))
-        finish(total)
-        cnt_ref[j * pl.num_programs(1) + i] = 0  # the tile's other programs are done with it
+        finish(jnp.sum(part_ref[:, rows, cols], axis=0))  # the partials in slice order, one load
+        cnt_ref[idx] = 0  # the tile's other programs are done with it
 
 
 def pick_block(dim: int, preferred: int) -> int | None:
@@ -185,9 +199,9 @@ def _power_of_two(name, value, lo):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "activation", "block_m", "block_n", "block_k", "splits",
-                                             "num_warps", "num_stages", "interpret", "swap"))
-def _linear_pallas(x, w, bias, norm, residual, cnt, *, eps, activation, block_n, block_k, splits, num_warps,
-                   num_stages, interpret, block_m=None, swap=False):
+                                             "emit_stats", "num_warps", "num_stages", "interpret", "swap"))
+def _linear_pallas(x, w, bias, norm, stats, residual, cnt, *, eps, activation, block_n, block_k, splits, emit_stats,
+                   num_warps, num_stages, interpret, block_m=None, swap=False):
     m, k = x.shape
     n = w.shape[0]
     if m < MIN_ROWS or m & (m - 1):
@@ -208,22 +222,35 @@ def _linear_pallas(x, w, bias, norm, residual, cnt, *, eps, activation, block_n,
     if splits > 1 and tiles > cnt.shape[0]:
         raise ValueError(f"{tiles} output tiles need more counters than the {cnt.shape[0]} given")
     kernel = functools.partial(_kernel, block_m=block_m, block_n=block_n, block_k=block_k, splits=splits, eps=eps,
-                               norm=norm is not None, activation=activation, residual=residual is not None, swap=swap,
-                               interpret=interpret)
-    args = [x, w, bias] + (list(norm) if norm is not None else []) + ([residual] if residual is not None else [])
+                               norm=norm is not None, stats_in=stats is not None, stats_out=emit_stats,
+                               activation=activation, residual=residual is not None, swap=swap, interpret=interpret)
+    args = [x, w, bias]
+    for extra_args in (norm, stats, None if residual is None else (residual,)):
+        args += list(extra_args or ())
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    out = jax.ShapeDtypeStruct((m, n), residual.dtype if residual is not None else x.dtype)
+    shapes = [jax.ShapeDtypeStruct((m, n), residual.dtype if residual is not None else x.dtype)]
+    if emit_stats:
+        shapes += [jax.ShapeDtypeStruct((n // block_n, m), jnp.float32)] * 2
     grid = (n // block_n, m // block_m, splits)
     if splits == 1:
-        return pl.pallas_call(kernel, out_shape=out, grid=grid, interpret=interpret, **extra)(*args), cnt
-    shapes = (out, jax.ShapeDtypeStruct((splits, m, n), jnp.float32), jax.ShapeDtypeStruct(cnt.shape, cnt.dtype))
-    y, _, cnt = pl.pallas_call(kernel, out_shape=shapes, grid=grid, input_output_aliases={len(args): 2},
-                               interpret=interpret, **extra)(*args, cnt)
-    return y, cnt
+        outs = pl.pallas_call(kernel, out_shape=tuple(shapes), grid=grid, interpret=interpret, **extra)(*args)
+        return tuple(outs) + (cnt,)
+    shapes += [jax.ShapeDtypeStruct((splits, m, n), jnp.float32), jax.ShapeDtypeStruct(cnt.shape, cnt.dtype)]
+    outs = pl.pallas_call(kernel, out_shape=tuple(shapes), grid=grid, input_output_aliases={len(args): len(shapes) - 1},
+                          interpret=interpret, **extra)(*args, cnt)
+    return tuple(outs[:-2]) + (outs[-1],)
+
+
+def tile_stats(x, tiles: int):
+    """Per-row (mean, M2) of each of `tiles` equal column blocks of x [M, K], as [tiles, M] float32
+    each: what a producing kernel with `emit_stats` stores for the layer norm that reads its output."""
+    xf = x.astype(jnp.float32).reshape(x.shape[0], tiles, -1)
+    mean = xf.mean(-1)
+    return mean.T, jnp.square(xf - mean[..., None]).sum(-1).T
 
 
 def fused_linear(
@@ -232,9 +259,11 @@ def fused_linear(
     bias: jax.Array,
     *,
     norm: tuple[jax.Array, jax.Array] | None = None,
+    stats: tuple[jax.Array, jax.Array] | None = None,
     eps: float = 1e-5,
     activation: str | None = None,
     residual: jax.Array | None = None,
+    emit_stats: bool = False,
     counters: jax.Array | None = None,
     impl: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
@@ -250,20 +279,24 @@ def fused_linear(
     """[residual +] activation(layer_norm(x) @ w.T + bias) -> [M, N] in x's dtype (residual's if given).
 
     x [M, K]; w [N, K]; bias [N]; norm: (scale, bias) of a layer norm over K with epsilon eps, or
-    None; activation: None or "gelu_new"; residual [M, N] or None. impl: "auto" (the kernel on a
-    GPU, else the reference), "triton" (the kernel) or "xla". interpret: run the kernel through
-    Pallas' interpreter (CPU tests). block_n / block_k: output columns per program and K per loop
-    step, powers of two (None: the defaults, halved until they divide); splits: K slices, one
-    program each, reduced in the kernel (None: DEFAULT_SPLITS, halved until block_k x splits
-    divides K). counters: a buffer from `counters()` threaded through calls; with it the call returns
-    (y, counters), without it y (a zeroed buffer is made for the call). With a mesh, rows split over
-    "data"; the weights must be whole on each device (no "tensor" split)."""
+    None; stats: with a norm, x's per-tile (mean, M2) [T, M] from the kernel that produced x
+    (`emit_stats`, or `tile_stats`), so the rows' statistics are not walked here; activation: None
+    or "gelu_new"; residual [M, N] or None; emit_stats: also return y's per-tile (mean, M2), [N / block_n, M]
+    each. impl: "auto" (the kernel on a GPU, else the reference), "triton" (the kernel) or "xla".
+    interpret: run the kernel through Pallas' interpreter (CPU tests). block_n / block_k: output
+    columns per program and K per loop step, powers of two (None: the defaults, halved until they
+    divide); splits: K slices, one program each, reduced in the kernel (None: DEFAULT_SPLITS, halved
+    until block_k x splits divides K). counters: a buffer from `counters()` threaded through calls.
+    Returns y, then (mean, M2) with emit_stats, then counters when given. With a mesh, rows split
+    over "data"; the weights must be whole on each device (no "tensor" split)."""
     _check(x, w, bias, norm, activation, residual)
+    if stats is not None and norm is None:
+        raise ValueError("stats are a layer norm's: pass norm too")
     eps = float(eps)
     threaded = counters is not None
     cnt = counters if threaded else jnp.zeros((MAX_TILES,), jnp.int32)
+    bn = block_n or pick_block(w.shape[0], DEFAULT_BLOCK_N)
     if interpret or resolve_impl(impl) == "triton":
-        bn = block_n or pick_block(w.shape[0], DEFAULT_BLOCK_N)
         bk = block_k or pick_block(x.shape[1], DEFAULT_BLOCK_K)
         if bn is None or bk is None:
             raise ValueError(f"N={w.shape[0]} and K={x.shape[1]} must each be divisible by 16 for the fused "
@@ -274,13 +307,14 @@ def fused_linear(
             while sp > 1 and x.shape[1] % (bk * sp):
                 sp //= 2
 
-        def fn(x, w, bias, norm, residual, cnt):
-            return _linear_pallas(x, w, bias, norm, residual, cnt, eps=eps, activation=activation, block_n=bn,
-                                  block_k=bk, splits=sp, num_warps=num_warps, num_stages=num_stages,
-                                  interpret=interpret, block_m=block_m, swap=swap)
+        def fn(x, w, bias, norm, stats, residual, cnt):
+            return _linear_pallas(x, w, bias, norm, stats, residual, cnt, eps=eps, activation=activation,
+                                  block_n=bn, block_k=bk, splits=sp, emit_stats=emit_stats, num_warps=num_warps,
+                                  num_stages=num_stages, interpret=interpret, block_m=block_m, swap=swap)
     else:
-        def fn(x, w, bias, norm, residual, cnt):
-            return fused_linear_reference(x, w, bias, norm, residual, eps=eps, activation=activation), cnt
+        def fn(x, w, bias, norm, stats, residual, cnt):
+            y = fused_linear_reference(x, w, bias, norm, residual, eps=eps, activation=activation)
+            return (y,) + (tile_stats(y, w.shape[0] // bn) if emit_stats else ()) + (cnt,)
     if mesh is not None and mesh.size > 1 and mesh.shape.get("tensor", 1) > 1:
         raise ValueError(f"fused_linear takes whole weights on each device; the mesh splits 'tensor' "
                          f"{mesh.shape['tensor']} ways")
@@ -288,6 +322,8 @@ def fused_linear(
     args, specs = [x, w, bias], [rows, P(None, None), P(None)]
     if norm is not None:
         args, specs = args + list(norm), specs + [P(None), P(None)]
+    if stats is not None:
+        args, specs = args + list(stats), specs + [P(None, "data"), P(None, "data")]
     if residual is not None:
         args, specs = args + [residual], specs + [rows]
     # each device threads its own counters (the buffer is split over "data" with the rows)
@@ -297,12 +333,19 @@ def fused_linear(
     args, specs = args + [cnt], specs + [P("data")]
 
     def call(*a):
-        norm_ = None if norm is None else (a[3], a[4])
-        residual_ = None if residual is None else a[-2]
-        return fn(a[0], a[1], a[2], norm_, residual_, a[-1])
+        a = list(a)
+        take = lambda n: [a.pop(0) for _ in range(n)]  # noqa: E731
+        x_, w_, b_ = take(3)
+        norm_ = tuple(take(2)) if norm is not None else None
+        stats_ = tuple(take(2)) if stats is not None else None
+        residual_ = take(1)[0] if residual is not None else None
+        return fn(x_, w_, b_, norm_, stats_, residual_, a[0])
 
-    y, cnt = over_mesh(call, mesh, specs, (rows, P("data")), *args)
-    return (y, cnt) if threaded else y
+    out_specs = (rows,) + ((P(None, "data"),) * 2 if emit_stats else ()) + (P("data"),)
+    outs = over_mesh(call, mesh, specs, out_specs, *args)
+    y, cnt = outs[0], outs[-1]
+    result = (y,) + ((tuple(outs[1:3]),) if emit_stats else ()) + ((cnt,) if threaded else ())
+    return result[0] if len(result) == 1 else result
 
 
 def fused_linear_reference(x, w, bias, norm=None, residual=None, *, eps=1e-5, activation=None):
