@@ -51,6 +51,8 @@ BITS = 2  # key bits decided per pass: 16 passes of 3 candidates
 BLOCK = 8192  # logits a program reads per loop step
 NUM_WARPS = 16
 NUM_STAGES = 2  # loads kept in flight per loop (Triton's software pipelining)
+PREFETCH = False  # each block loop loads block i + 1 before it uses block i
+PRECOMPUTED = False  # the keys and exp(x - max) come from one XLA fusion, not from every pass
 # "auto" runs the kernel from this many rows a device. One program walks one row, ~280 us whatever
 # the batch, while the whole-row sort it replaces grows with the rows: at batch 32 the sort took
 # 478-490 us and the kernel 298-313, at batch 1 the sort 119-124 and the kernel 257-279.
@@ -159,7 +161,12 @@ def keep_mask(scaled_bv, kth_b, cut_b, last_b, top_p_b):
 # is signed.
 
 
-def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, block: int, bits: int):
+def _kernel(*refs, vocab: int, block: int, bits: int, prefetch: bool, precomputed: bool):
+    if precomputed:  # signed keys and exp(x - max) [B, Vp] from XLA
+        key_ref, e_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref = refs
+        x_ref = key_ref
+    else:
+        x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref = refs
     f32, i32 = jnp.float32, jnp.int32
     b = pl.program_id(0)
     blocks = x_ref.shape[1] // block
@@ -168,9 +175,27 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
     j = jnp.arange(2**bits, dtype=i32)
     offs = jnp.arange(block, dtype=i32)
 
-    def load(i):
-        x = x_ref[b, pl.ds(pl.multiple_of(i * block, block), block)]
-        return x, _signed_keys(x)
+    def raw(i):
+        at = pl.ds(pl.multiple_of(i * block, block), block)
+        if precomputed:
+            return key_ref[b, at], e_ref[b, at]
+        return x_ref[b, at]
+
+    def walk(n, body, init):
+        """fori_loop of body(i, raw(i), carry) over blocks [0, n); with prefetch, block i + 1 is
+        loaded before block i is used, so its load overlaps block i's compares."""
+        if not prefetch:
+            return jax.lax.fori_loop(jnp.int32(0), n, lambda i, c: body(i, raw(i), c), init)
+
+        def step(i, c):
+            carry, cur = c
+            nxt = raw(jnp.minimum(i + 1, blocks - 1))
+            return body(i, cur, carry), nxt
+
+        return jax.lax.fori_loop(jnp.int32(0), n, step, (init, raw(jnp.int32(0))))[0]
+
+    def keys_of(data):
+        return data[0] if precomputed else _signed_keys(data)
 
     def search(keys_weights, target, passes, top_bits, start, zero):
         """The largest t (as uint32 bits, below top_bits free, above them `start`'s) with
@@ -180,47 +205,52 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
             shift = top_bits - bits * (s + 1)
             cand = (t | (j << shift)) ^ INT_MIN  # [2**bits] signed; j = 0 is t itself
 
-            def step(i, acc):  # elementwise: one cross-warp reduction a pass, not one a block
-                key, w = keys_weights(i)
+            def step(i, data, acc):  # elementwise: one cross-warp reduction a pass, not one a block
+                key, w = keys_weights(i, data)
                 return acc + jnp.where(key[None, :] >= cand[:, None], w[None, :], zero)
 
-            acc = jax.lax.fori_loop(0, blocks, step, jnp.zeros((2**bits, block), zero.dtype))
+            acc = walk(blocks, step, jnp.zeros((2**bits, block), zero.dtype))
             measure = jnp.sum(acc, axis=1)
             return t | (jnp.sum(((j > 0) & (measure >= target)).astype(i32)) << shift)
 
         return jax.lax.fori_loop(jnp.int32(0), passes, one_pass, start)  # a traced trip count: both i32
 
-    def counted(i):
-        return load(i)[1], jnp.ones((block,), i32)
+    def counted(i, data):
+        return keys_of(data), jnp.ones((block,), i32)
 
     kth_u = search(counted, top_k, use_k.astype(i32) * (32 // bits), 32, jnp.int32(0), jnp.int32(0))
     kth = kth_u ^ INT_MIN
-    top = jax.lax.fori_loop(0, blocks, lambda i, m: jnp.maximum(m, jnp.max(load(i)[0])), jnp.float32(-jnp.inf))
-    top = jnp.where(top == -jnp.inf, 0.0, top)
+    if precomputed:
+        def weighted(i, data):
+            key, e = data
+            return key, jnp.where(key >= kth, e, 0.0)
+    else:
+        top = walk(blocks, lambda i, x, m: jnp.maximum(m, jnp.max(x)), jnp.float32(-jnp.inf))
+        top = jnp.where(top == -jnp.inf, 0.0, top)
 
-    def weighted(i):
-        x, key = load(i)
-        return key, jnp.where(key >= kth, jnp.exp(x - top), 0.0)
+        def weighted(i, x):
+            key = _signed_keys(x)
+            return key, jnp.where(key >= kth, jnp.exp(x - top), 0.0)
 
     p_blocks = use_p.astype(i32) * blocks  # (jnp.where of two Python ints lowered to an i1 trip count)
-    total = jax.lax.fori_loop(jnp.int32(0), p_blocks, lambda i, t: t + jnp.sum(weighted(i)[1]), jnp.float32(0))
+    total = walk(p_blocks, lambda i, data, t: t + jnp.sum(weighted(i, data)[1]), jnp.float32(0))
     target = top_p * total
     cut_u = search(weighted, target, use_p.astype(i32) * (32 // bits), 32, jnp.int32(0), jnp.float32(0))
     cut = cut_u ^ INT_MIN
 
-    def tie_stats(i, carry):
+    def tie_stats(i, data, carry):
         above, tied, weight_at = carry
-        key, w = weighted(i)
+        key, w = weighted(i, data)
         at = (key == cut) & (key >= kth)
         return (above + jnp.sum(jnp.where(key > cut, w, 0.0)), tied + jnp.sum(at.astype(i32)),
                 jnp.maximum(weight_at, jnp.max(jnp.where(at, w, 0.0))))
 
-    above, tied, weight_at = jax.lax.fori_loop(jnp.int32(0), p_blocks, tie_stats, (jnp.float32(0), jnp.int32(0), jnp.float32(0)))
+    above, tied, weight_at = walk(p_blocks, tie_stats, (jnp.float32(0), jnp.int32(0), jnp.float32(0)))
     first = _ties_kept(target, above, weight_at, tied)
     split = use_p & (first < tied)
 
-    def tie_ids(i):
-        key = load(i)[1]
+    def tie_ids(i, data):
+        key = keys_of(data)
         return i * block + offs, ((key == cut) & (key >= kth)).astype(i32)
 
     id_bits = _id_bits(x_ref.shape[1], bits)
@@ -231,21 +261,28 @@ def _kernel(x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, bloc
     last_ref[b] = jnp.where(split, last_u ^ INT_MIN, vocab)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "block", "num_warps", "num_stages", "interpret"))
-def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, num_stages, interpret):
+@functools.partial(jax.jit, static_argnames=("bits", "block", "num_warps", "num_stages", "interpret", "prefetch",
+                                             "precomputed"))
+def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, num_stages, interpret,
+                       prefetch=False, precomputed=False):
     b, v = scaled_bv.shape
     vp = -(-v // block) * block
     # -inf padding: the lowest real key, with no mass; it can change neither threshold (tests)
     x_bv = jnp.pad(scaled_bv.astype(jnp.float32), ((0, 0), (0, vp - v)), constant_values=-jnp.inf)
+    if precomputed:  # one XLA fusion: the keys and the weights the passes read (as the reference's)
+        top_b = jnp.max(x_bv, axis=-1, keepdims=True)
+        rows = (_signed_keys(x_bv), jnp.exp(x_bv - jnp.where(top_b == -jnp.inf, 0.0, top_b)))
+    else:
+        rows = (x_bv,)
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = tuple(jax.ShapeDtypeStruct((b,), jnp.int32) for _ in range(3))
-    kernel = functools.partial(_kernel, vocab=v, block=block, bits=bits)
+    kernel = functools.partial(_kernel, vocab=v, block=block, bits=bits, prefetch=prefetch, precomputed=precomputed)
     kth_b, cut_b, last_b = pl.pallas_call(kernel, out_shape=out, grid=(b,), interpret=interpret, **extra)(
-        x_bv, top_k_b.astype(jnp.int32), top_p_b.astype(jnp.float32))
+        *rows, top_k_b.astype(jnp.int32), top_p_b.astype(jnp.float32))
     as_keys = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint32)
     return as_keys(kth_b), as_keys(cut_b), last_b
 
@@ -278,7 +315,7 @@ def filter_thresholds(scaled_bv, top_k_b, top_p_b, *, impl: str = "auto", mesh: 
                          "[B, V], [B] and [B]")
     if interpret or resolve_impl(impl) == "triton":
         fn = functools.partial(_thresholds_pallas, bits=bits, block=block, num_warps=num_warps, num_stages=num_stages,
-                               interpret=interpret)
+                               interpret=interpret, prefetch=PREFETCH, precomputed=PRECOMPUTED)
     else:
         fn = functools.partial(filter_thresholds_reference, bits=bits)
     rows = P("data")
