@@ -516,6 +516,46 @@ def test_completions_name_the_served_model_and_refuse_another(served):
     assert done and {c["model"] for c in chunks} == {"tiny"}
 
 
+def test_v1_models_lists_the_served_model(served):
+    """OpenAI clients (and their SDKs' models.list / models.retrieve) ask GET /v1/models for what a
+    server serves: this one's model, under its served name, created when the app was made."""
+    r = httpx.get(served.url + "/v1/models", timeout=10)
+    assert r.status_code == 200, r.text
+    listing = r.json()
+    assert listing["object"] == "list" and len(listing["data"]) == 1, listing
+    entry = listing["data"][0]
+    assert entry == {"id": "tiny", "object": "model", "created": entry["created"], "owned_by": "energon-jax"}
+    assert type(entry["created"]) is int and 0 < entry["created"] <= time.time()
+    time.sleep(1.01 - time.time() % 1)  # into the next second: a created taken per request would move
+    assert httpx.get(served.url + "/v1/models", timeout=10).json() == listing
+    r = httpx.get(served.url + "/v1/models/tiny", timeout=10)
+    assert r.status_code == 200 and r.json() == entry, r.text
+    r = httpx.get(served.url + "/v1/models/gpt-4", timeout=10)
+    assert r.status_code == 404, r.text  # the 404 /v1/completions answers a body naming another model
+    assert r.json()["error"] == {"message": "model 'gpt-4' is not served here: this server serves 'tiny' "
+                                            "(send model='tiny', or leave model out)",
+                                 "type": "invalid_request_error", "code": 404}
+
+
+def test_v1_models_takes_a_name_with_slashes():
+    """A served name is --model as given, so it may be a folder path: /v1/models/{model} takes the
+    slashes as part of the name. A Bert server lists its model too (not yet started: no warm-up)."""
+    from fastapi.testclient import TestClient
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    client = TestClient(create_app(Server(FakeEncoder(), name="org/models/bert-tiny", tune_gc=False)))
+    entry = client.get("/v1/models").json()["data"][0]
+    assert entry["id"] == "org/models/bert-tiny" and entry["object"] == "model", entry
+    r = client.get("/v1/models/org/models/bert-tiny")
+    assert r.status_code == 200 and r.json() == entry, r.text
+    r = client.get("/v1/models/org/bert-tiny")
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["message"].startswith(
+        "model 'org/bert-tiny' is not served here: this server serves 'org/models/bert-tiny' ")
+
+
 def cancelled_count(url) -> float:
     lines = httpx.get(url + "/metrics").text.splitlines()
     return sum(float(x.split()[-1]) for x in lines if x.startswith('energon_finished_requests_total{reason="cancelled"}'))
@@ -1117,8 +1157,8 @@ def test_ready_line_names_the_url_to_send_requests_to(gpt_folder, tmp_path):
     from energon_jax.serving.http import ready_message
 
     assert ready_message("0.0.0.0", 8005, "bert") == (
-        "ready: http://127.0.0.1:8005 (POST /v1/embeddings, GET /run/{text}; GET /health, /metrics, /docs; "
-        "listening on 0.0.0.0, every interface)")
+        "ready: http://127.0.0.1:8005 (POST /v1/embeddings, GET /run/{text}; GET /v1/models, /v1/models/{model}, "
+        "/health, /metrics, /docs; listening on 0.0.0.0, every interface)")
     assert ready_message("::1", 80, "gpt").startswith("ready: http://[::1]:80 (POST /v1/completions, POST /generation")
     port = free_port()
     log_path = tmp_path / "serve.log"

@@ -69,8 +69,8 @@ def test_ready_line_of_an_ipv6_wildcard_bind():
     from energon_jax.serving.http import ready_message
 
     assert ready_message("::", 80, "gpt") == (
-        "ready: http://[::1]:80 (POST /v1/completions, POST /generation, GET /run/{text}; GET /health, /metrics, "
-        "/docs; listening on ::, every interface)")
+        "ready: http://[::1]:80 (POST /v1/completions, POST /generation, GET /run/{text}; GET /v1/models, "
+        "/v1/models/{model}, /health, /metrics, /docs; listening on ::, every interface)")
     assert ready_message("localhost", 80, "bert").endswith("/metrics, /docs)")
 
 

@@ -7,10 +7,12 @@ Routes (DESIGN.md):
   POST /generation                             Energon's OPT server: {prompt, max_tokens, top_k?, top_p?, temperature?}
   POST /v1/completions                         OpenAI-shaped; "stream": true answers with SSE
   POST /v1/embeddings                          OpenAI-shaped; Bert models
+  GET  /v1/models, GET /v1/models/{model}      OpenAI-shaped: the one served model (any model kind)
   GET  /health, GET /metrics
 
 Bad input answers 4xx with a message naming the problem; only a server fault answers 5xx. The
-OpenAI-style routes answer with the served model's name; a body naming another model gets 404.
+OpenAI-style routes answer with the served model's name; a body (or /v1/models/{model}) naming
+another model gets 404.
 """
 from __future__ import annotations
 
@@ -73,7 +75,9 @@ def ready_message(host: str, port: int, kind: str) -> str:
     routes = ("POST /v1/completions, POST /generation, GET /run/{text}" if kind == "gpt"
               else "POST /v1/embeddings, GET /run/{text}")
     note = listening_note(host)
-    return f"ready: {http_url(host, port)} ({routes}; GET /health, /metrics, /docs{'; ' + note if note else ''})"
+    # the GET routes after the semicolon: every model kind answers them
+    return (f"ready: {http_url(host, port)} ({routes}; GET /v1/models, /v1/models/{{model}}, /health, /metrics, "
+            f"/docs{'; ' + note if note else ''})")
 
 
 async def _cancel_on_disconnect(request: Request, handle) -> None:
@@ -187,6 +191,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
     app = FastAPI(title="energon-jax", version="0.1.0", lifespan=lifespan,
                   description=f"Serving {server.name} ({server.kind}).")
     metrics = server.metrics
+    created = int(time.time())  # /v1/models' "created": when this app was made, the same in every answer
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError):
@@ -246,10 +251,14 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
 
     def check_model(requested: str | None) -> None:
         """An OpenAI-style body's `model` must name the served model, or be left out (vLLM answers
-        404 too): echoing any name back told a client that asked for another model that it got it."""
+        404 too): echoing any name back told a client that asked for another model that it got it.
+        /v1/models/{model} answers a wrong name with the same 404."""
         if requested is not None and requested != server.name:
             raise HTTPError(404, f"model {requested!r} is not served here: this server serves {server.name!r} "
                                  f"(send model={server.name!r}, or leave model out)")
+
+    def model_entry() -> dict:
+        return {"id": server.name, "object": "model", "created": created, "owned_by": "energon-jax"}
 
     def text_or_ids(handle) -> str:
         return handle.text if handle.text is not None else " ".join(map(str, handle.token_ids))
@@ -271,6 +280,17 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models():
+        """OpenAI-shaped list of the served models: this server's one."""
+        return {"object": "list", "data": [model_entry()]}
+
+    @app.get("/v1/models/{model:path}")  # :path: a name may hold slashes (gpt2/medium, a folder)
+    async def get_model(model: str):
+        """The served model's entry; another name is a 404 naming both."""
+        check_model(model)
+        return model_entry()
 
     async def run_text(text: str, max_seq_length: int, request: Request):
         if server.kind == "bert":
