@@ -180,11 +180,12 @@ def test_two_processes_equal_one(tiny_gpt2_factory, tiny_bert_factory, tmp_path)
     (dict(coordinator_address="::1:1234"), {}, "[bracketed] IPv6"),
     (dict(coordinator_address=1234), {}, "coordinator_address=1234 must be"),
     (dict(num_processes=0), {}, "num_processes=0 must be an int >= 1"),
-    (dict(num_processes=True), {}, "num_processes=True must be an int"),
-    (dict(num_processes=2, process_id=2), {}, "process_id=2 must be an int [0, 1] (num_processes=2)"),
+    (dict(num_processes=True), {}, "num_processes=True must be an int >= 1"),
+    (dict(num_processes=2, process_id=2), {}, "process_id=2 must be an int in [0, 1] (num_processes=2)"),
     (dict(process_id=-1), {}, "process_id=-1 must be an int >= 0"),
-    ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an int"),
-    ({}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "5"}, "JAX_PROCESS_ID=5 must be an int [0, 1]"),
+    ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an int >= 1"),
+    ({}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "5"},
+     "JAX_PROCESS_ID=5 must be an int in [0, 1] (num_processes=2)"),
     ({}, {"JAX_COORDINATOR_ADDRESS": "host"}, "JAX_COORDINATOR_ADDRESS='host' must be 'HOST:PORT'"),
 ])
 def test_bad_arguments_are_named(monkeypatch, kwargs, env, message):

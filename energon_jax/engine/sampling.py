@@ -19,6 +19,7 @@ import numpy as np
 
 from energon_jax.kernels import sample_filter
 from energon_jax.kernels.sample_filter import filters_on
+from energon_jax.runtime.checks import check_int  # also imported from here by the engine and serving
 
 MAX_TOP_K = 2**31 - 1  # top_k goes to the device as int32: a larger value fails there, not with a message
 MAX_SEED = 2**32 - 1  # seeds go to the device as uint32: a larger one would be wrapped or fail
@@ -47,16 +48,6 @@ def is_finite_number(value) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
-
-
-def check_int(name: str, value, low: int, high: int | None = None, note: str = "") -> int:
-    """`value` as an int if it is one (numpy integers too, bools not) in [low, high], else a
-    ValueError naming it and the accepted range."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and low <= value and (
-            high is None or value <= high):
-        return int(value)
-    accepted = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{name}={value!r} must be an int {accepted}{note}")
 
 
 def resolve_seed(seed) -> int:

@@ -19,6 +19,8 @@ import os
 import jax
 import numpy as np
 
+from energon_jax.runtime.checks import check_int
+
 # The environment variables `initialize` reads for an argument left None (JAX itself reads the first).
 ENV_VARS = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
             "process_id": "JAX_PROCESS_ID"}
@@ -26,17 +28,14 @@ ENV_VARS = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "
 _joined: dict | None = None  # the arguments of the initialize that joined, for idempotent calls
 
 
-def _int_arg(value, low: int, high: int | None, source: str) -> int:
+def _int_arg(value, low: int, high: int | None, source: str, note: str = "") -> int:
+    """An int argument or environment string, checked by the one check_int every layer uses."""
     if isinstance(value, str):  # from the environment
         try:
             value = int(value.strip())
         except ValueError:
-            raise ValueError(f"{source}={value!r} must be an int") from None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-            high is not None and value > high):
-        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{source}={value!r} must be an int {bounds}")
-    return int(value)
+            pass  # check_int rejects the string as it rejects any non-int, naming the accepted range
+    return check_int(source, value, low, high, note)
 
 
 def _check_address(value, source: str) -> str:
@@ -72,10 +71,7 @@ def _resolve(coordinator_address, num_processes, process_id) -> dict:
         value, source = out["process_id"]
         high = out["num_processes"] - 1 if out["num_processes"] is not None else None
         note = f" (num_processes={out['num_processes']})" if high is not None else ""
-        try:
-            out["process_id"] = _int_arg(value, 0, high, source)
-        except ValueError as e:
-            raise ValueError(f"{e}{note}") from None
+        out["process_id"] = _int_arg(value, 0, high, source, note)
     return out
 
 
