@@ -19,11 +19,8 @@ from energon_jax.runtime.sharding import logical_to_sharding, table_multiple
 from energon_jax.tokenizer import Tokenizer
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-# hf_files.DTYPES' names (--dtype's choices, convert's too) -> jnp dtypes, in the order dtype errors list them.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-if set(DTYPES) != set(hf_files.DTYPES) or any(jnp.dtype(t).name != n for n, t in DTYPES.items()):
-    raise ImportError(f"energon_jax.loading.DTYPES {list(DTYPES)} must map exactly hf_files.DTYPES "
-                      f"{list(hf_files.DTYPES)}, each name to its own jnp dtype")
+# hf_files.DTYPES' names (--dtype's choices, convert's too), in its order, -> the jnp dtypes of those names.
+DTYPES = {name: getattr(jnp, name) for name in hf_files.DTYPES}
 
 
 def list_presets() -> list[str]:

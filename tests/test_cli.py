@@ -202,7 +202,7 @@ def test_generate_options_have_help_and_dtype_choices(capsys):
 
     # One list of names: --dtype's choices (generate / serve, convert) and what the loaders map to jnp dtypes.
     assert cli.DTYPES is hf_files.DTYPES and cli_verbs.DTYPES is hf_files.DTYPES
-    assert set(loading.DTYPES) == set(hf_files.DTYPES)
+    assert tuple(loading.DTYPES) == hf_files.DTYPES  # the same names in the same order
     assert all(jnp.dtype(t) == jnp.dtype(name) for name, t in loading.DTYPES.items())
     with pytest.raises(SystemExit) as e:
         main(["generate", PRESET, "hi", "--dtype", "float64"])

@@ -638,7 +638,7 @@ def test_bert_config_without_vocab_size_names_the_key(hf_bert, tmp_path, capsys)
 
 # ------------------------------------------------------------------------------------------- load arguments
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(dtype=5), r"dtype=5 is not supported; accepted: None, \['float32', 'bfloat16', 'float16'\]"),
+    (dict(dtype=5), r"dtype=5 is not supported; accepted: None, \['bfloat16', 'float16', 'float32'\]"),
     (dict(dtype="bf16"), r"dtype='bf16' is not supported; accepted: None, \["),
     (dict(mesh="x"), r"mesh='x' must be a jax.sharding.Mesh with axes \('data', 'stage', 'tensor'\).*or None"),
     (dict(max_seq_len=True), r"max_seq_len=True must be an int in \[1, 128\]"),
