@@ -2,7 +2,7 @@
 built from, on the device, at GPT-2's vocabulary.
 
     python3 -P benchmarks/bench_sampling.py [--batches 1,32] [--vocab 50257] [--chain 8] [--groups 64,256]
-        [--kernel 2:2048:8:2,4:4096:16:2:1:0] [--modes 'top_p 0.9'] [--reference]
+        [--kernel 2:2048:8:2,4:4096:16:2] [--modes 'top_p 0.9'] [--reference]
 
 The sampler runs with impl="xla" (candidates, or whole-row sorts) for each CANDIDATE_GROUPS in
 --groups, and with the filter kernel (kernels/sample_filter.py) for each BITS:BLOCK:NUM_WARPS in
@@ -109,8 +109,7 @@ def main():
     ap.add_argument("--chain", type=int, default=8)
     ap.add_argument("--groups", default=str(sampling.CANDIDATE_GROUPS),
                     help="values of sampling.CANDIDATE_GROUPS to time the sampler with, e.g. 64,128,256")
-    ap.add_argument("--kernel", default="", help="BITS:BLOCK:NUM_WARPS:NUM_STAGES[:PREFETCH:PRECOMPUTED] settings of "
-                                                 "the filter kernel (the last two 0 or 1; default the module's)")
+    ap.add_argument("--kernel", default="", help="BITS:BLOCK:NUM_WARPS:NUM_STAGES settings of the filter kernel")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
     ap.add_argument("--reference", action="store_true", help="also time the whole-row sort")
     ap.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
@@ -136,17 +135,15 @@ def main():
                 runs += [(f"sample(impl='xla'), {g} candidate groups", sampling.sample, int(g))
                          for g in args.groups.split(",") if g]
                 if k or p < 1.0:  # the filters run: time the kernel too
-                    runs += [(f"sample(impl='triton'), kernel bits {c[0]} block {c[1]} warps {c[2]} stages {c[3]}"
-                              + (f" prefetch {c[4]} precomputed {c[5]}" if len(c) > 4 else ""),
-                              functools.partial(sampling.sample, impl="triton"), c) for c in kernel_settings]
+                    runs += [(f"sample(impl='triton'), kernel bits {bits} block {block} warps {warps} stages {stages}",
+                              functools.partial(sampling.sample, impl="triton"), (bits, block, warps, stages))
+                             for bits, block, warps, stages in kernel_settings]
                 for label, fn, setting in runs:
                     # module settings are read at trace time
                     if isinstance(setting, int):
                         sampling.CANDIDATE_GROUPS = setting
                     elif setting:
-                        sample_filter.BITS, sample_filter.BLOCK, sample_filter.NUM_WARPS, sample_filter.NUM_STAGES = setting[:4]
-                        if len(setting) > 4:
-                            sample_filter.PREFETCH, sample_filter.PRECOMPUTED = bool(setting[4]), bool(setting[5])
+                        sample_filter.BITS, sample_filter.BLOCK, sample_filter.NUM_WARPS, sample_filter.NUM_STAGES = setting
                         check_masks(logits[0], params, label)
                     us = chain_us(lambda x, key, params=params, fn=fn: fn(x, params, key), logits, keys)
                     row = f"{name}, {kind} logits: {label}"

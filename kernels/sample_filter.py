@@ -14,9 +14,10 @@ so here one program walks its row for every pass, from L2 after the first.
 The sampler (engine/sampling.filter_mask) still takes top_k <= 64 from its 2,048 candidates, which
 were faster than this kernel (109-122 us against 420-490 at batch 32): the kernel replaces only the
 whole-row sort, for top_p alone or a larger top_k, from MIN_KERNEL_ROWS rows. A single program
-walks a row 16 times a search at ~18 us a pass, well above what its bytes and compares need. More
-stages barely changed it (Triton pipelines the loads that feed a tl.dot, and these feed compares);
-untried leads are in BENCHMARKS.md (session 16).
+walks a row 16 times a search, ~14 us a pass at batch 32, still well above what its bytes and
+compares need. Its keys and weights come from one XLA fusion before it, and each walk loads the
+next block before it uses the current one: Triton pipelines only loads that feed a tl.dot, and
+these feed compares (BENCHMARKS.md sessions 16-17).
 
 Semantics (sampling.reference_filtered_logits is the reference; HF's warpers in order): top_k
 keeps every token >= the k-th largest (ties with it stay); top_p then keeps, of the survivors in
@@ -44,20 +45,20 @@ from jax.sharding import PartitionSpec as P
 from ._dispatch import over_mesh, resolve_impl
 
 INT_MIN = -(2**31)
-# Settings timed on an H200 (benchmarks/bench_sampling.py --kernel, BENCHMARKS.md): top_p alone at
-# batch 32, flat logits, us per call: 1024 x 4 warps 523, 2048 x 8 386, 4096 x 8 321, 8192 x 16 313;
-# 4 bits a pass (2048 x 8) 344, 1 bit (4096 x 16, before the one-reduction pass) 553.
+# Settings timed on an H200 (benchmarks/bench_sampling.py --kernel, BENCHMARKS.md sessions 16-17):
+# top_p alone, flat / peaked logits, us per call at batch 32 (16): 2,048 x 8 warps 263 / 262 (233 /
+# 224); 4,096 x 8 258 / 272 (245 / 245); 4,096 x 16 294 / 274; 2,048 x 4 283 / 272; 4,096 x 4 636.
+# Before the keys and weights came from XLA and the next block was prefetched, the best was 8,192 x
+# 16: 305 / 321 (281 / 275).
 BITS = 2  # key bits decided per pass: 16 passes of 3 candidates
-BLOCK = 8192  # logits a program reads per loop step
-NUM_WARPS = 16
-NUM_STAGES = 2  # loads kept in flight per loop (Triton's software pipelining)
-PREFETCH = False  # each block loop loads block i + 1 before it uses block i
-PRECOMPUTED = False  # the keys and exp(x - max) come from one XLA fusion, not from every pass
-# "auto" runs the kernel from this many rows a device. One program walks one row, ~280 us whatever
-# the batch, while the whole-row sort it replaces grows with the rows: at batch 32 the sort took
-# 478-490 us and the kernel 298-313, at batch 1 the sort 119-124 and the kernel 257-279.
-# Batches 2-16 were not measured.
-MIN_KERNEL_ROWS = 32
+BLOCK = 2048  # logits a program reads per loop step
+NUM_WARPS = 8
+NUM_STAGES = 2  # Triton's software pipelining (of the loads that feed a dot; there are none here)
+# "auto" runs the kernel from this many rows a device. One program walks one row, ~230-260 us
+# whatever the batch, while the whole-row sort it replaces grows with the rows (session 17: 194-235
+# us at batch 4, 216-248 at 8, 307-325 at 16, 448-494 at 32; 119-124 at batch 1, session 16). At
+# batch 8 the two were level (kernel 243-249), so the kernel starts at 16.
+MIN_KERNEL_ROWS = 16
 
 
 def _signed_keys(x):
@@ -161,41 +162,30 @@ def keep_mask(scaled_bv, kth_b, cut_b, last_b, top_p_b):
 # is signed.
 
 
-def _kernel(*refs, vocab: int, block: int, bits: int, prefetch: bool, precomputed: bool):
-    if precomputed:  # signed keys and exp(x - max) [B, Vp] from XLA
-        key_ref, e_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref = refs
-        x_ref = key_ref
-    else:
-        x_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref = refs
+def _kernel(key_ref, e_ref, k_ref, p_ref, kth_ref, cut_ref, last_ref, *, vocab: int, block: int, bits: int):
+    # key_ref: the row's signed keys; e_ref: exp(x - the row's max), both [B, Vp] from one XLA fusion
     f32, i32 = jnp.float32, jnp.int32
     b = pl.program_id(0)
-    blocks = x_ref.shape[1] // block
+    blocks = key_ref.shape[1] // block
     top_k, top_p = k_ref[b], p_ref[b]
     use_k, use_p = filters_on(top_k, top_p, vocab)
     j = jnp.arange(2**bits, dtype=i32)
     offs = jnp.arange(block, dtype=i32)
 
-    def raw(i):
+    def load(i):
         at = pl.ds(pl.multiple_of(i * block, block), block)
-        if precomputed:
-            return key_ref[b, at], e_ref[b, at]
-        return x_ref[b, at]
+        return key_ref[b, at], e_ref[b, at]
 
     def walk(n, body, init):
-        """fori_loop of body(i, raw(i), carry) over blocks [0, n); with prefetch, block i + 1 is
-        loaded before block i is used, so its load overlaps block i's compares."""
-        if not prefetch:
-            return jax.lax.fori_loop(jnp.int32(0), n, lambda i, c: body(i, raw(i), c), init)
-
+        """fori_loop of body(i, load(i), carry) over blocks [0, n), block i + 1 loaded before block i
+        is used: the loads feed compares, which Triton does not pipeline, so its latency would
+        otherwise stall every step."""
         def step(i, c):
             carry, cur = c
-            nxt = raw(jnp.minimum(i + 1, blocks - 1))
+            nxt = load(jnp.minimum(i + 1, blocks - 1))
             return body(i, cur, carry), nxt
 
-        return jax.lax.fori_loop(jnp.int32(0), n, step, (init, raw(jnp.int32(0))))[0]
-
-    def keys_of(data):
-        return data[0] if precomputed else _signed_keys(data)
+        return jax.lax.fori_loop(jnp.int32(0), n, step, (init, load(jnp.int32(0))))[0]
 
     def search(keys_weights, target, passes, top_bits, start, zero):
         """The largest t (as uint32 bits, below top_bits free, above them `start`'s) with
@@ -216,21 +206,14 @@ def _kernel(*refs, vocab: int, block: int, bits: int, prefetch: bool, precompute
         return jax.lax.fori_loop(jnp.int32(0), passes, one_pass, start)  # a traced trip count: both i32
 
     def counted(i, data):
-        return keys_of(data), jnp.ones((block,), i32)
+        return data[0], jnp.ones((block,), i32)
 
     kth_u = search(counted, top_k, use_k.astype(i32) * (32 // bits), 32, jnp.int32(0), jnp.int32(0))
     kth = kth_u ^ INT_MIN
-    if precomputed:
-        def weighted(i, data):
-            key, e = data
-            return key, jnp.where(key >= kth, e, 0.0)
-    else:
-        top = walk(blocks, lambda i, x, m: jnp.maximum(m, jnp.max(x)), jnp.float32(-jnp.inf))
-        top = jnp.where(top == -jnp.inf, 0.0, top)
 
-        def weighted(i, x):
-            key = _signed_keys(x)
-            return key, jnp.where(key >= kth, jnp.exp(x - top), 0.0)
+    def weighted(i, data):
+        key, e = data
+        return key, jnp.where(key >= kth, e, 0.0)
 
     p_blocks = use_p.astype(i32) * blocks  # (jnp.where of two Python ints lowered to an i1 trip count)
     total = walk(p_blocks, lambda i, data, t: t + jnp.sum(weighted(i, data)[1]), jnp.float32(0))
@@ -250,10 +233,9 @@ def _kernel(*refs, vocab: int, block: int, bits: int, prefetch: bool, precompute
     split = use_p & (first < tied)
 
     def tie_ids(i, data):
-        key = keys_of(data)
-        return i * block + offs, ((key == cut) & (key >= kth)).astype(i32)
+        return i * block + offs, ((data[0] == cut) & (data[0] >= kth)).astype(i32)
 
-    id_bits = _id_bits(x_ref.shape[1], bits)
+    id_bits = _id_bits(key_ref.shape[1], bits)
     last_u = search(tie_ids, tied - first + 1, split.astype(i32) * (id_bits // bits), id_bits, jnp.int32(INT_MIN),
                     jnp.int32(0))
     kth_ref[b] = kth_u
@@ -261,28 +243,25 @@ def _kernel(*refs, vocab: int, block: int, bits: int, prefetch: bool, precompute
     last_ref[b] = jnp.where(split, last_u ^ INT_MIN, vocab)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "block", "num_warps", "num_stages", "interpret", "prefetch",
-                                             "precomputed"))
-def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, num_stages, interpret,
-                       prefetch=False, precomputed=False):
+@functools.partial(jax.jit, static_argnames=("bits", "block", "num_warps", "num_stages", "interpret"))
+def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, num_stages, interpret):
     b, v = scaled_bv.shape
     vp = -(-v // block) * block
     # -inf padding: the lowest real key, with no mass; it can change neither threshold (tests)
     x_bv = jnp.pad(scaled_bv.astype(jnp.float32), ((0, 0), (0, vp - v)), constant_values=-jnp.inf)
-    if precomputed:  # one XLA fusion: the keys and the weights the passes read (as the reference's)
-        top_b = jnp.max(x_bv, axis=-1, keepdims=True)
-        rows = (_signed_keys(x_bv), jnp.exp(x_bv - jnp.where(top_b == -jnp.inf, 0.0, top_b)))
-    else:
-        rows = (x_bv,)
+    # the keys and weights every pass reads, made once (one XLA fusion, the reference's exp): computing
+    # them in each of a row's 18-35 walks cost more than loading twice the bytes from L2
+    top_b = jnp.max(x_bv, axis=-1, keepdims=True)
+    weights_bv = jnp.exp(x_bv - jnp.where(top_b == -jnp.inf, 0.0, top_b))
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = tuple(jax.ShapeDtypeStruct((b,), jnp.int32) for _ in range(3))
-    kernel = functools.partial(_kernel, vocab=v, block=block, bits=bits, prefetch=prefetch, precomputed=precomputed)
+    kernel = functools.partial(_kernel, vocab=v, block=block, bits=bits)
     kth_b, cut_b, last_b = pl.pallas_call(kernel, out_shape=out, grid=(b,), interpret=interpret, **extra)(
-        *rows, top_k_b.astype(jnp.int32), top_p_b.astype(jnp.float32))
+        _signed_keys(x_bv), weights_bv, top_k_b.astype(jnp.int32), top_p_b.astype(jnp.float32))
     as_keys = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint32)
     return as_keys(kth_b), as_keys(cut_b), last_b
 
@@ -315,7 +294,7 @@ def filter_thresholds(scaled_bv, top_k_b, top_p_b, *, impl: str = "auto", mesh: 
                          "[B, V], [B] and [B]")
     if interpret or resolve_impl(impl) == "triton":
         fn = functools.partial(_thresholds_pallas, bits=bits, block=block, num_warps=num_warps, num_stages=num_stages,
-                               interpret=interpret, prefetch=PREFETCH, precomputed=PRECOMPUTED)
+                               interpret=interpret)
     else:
         fn = functools.partial(filter_thresholds_reference, bits=bits)
     rows = P("data")

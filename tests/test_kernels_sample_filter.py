@@ -128,13 +128,3 @@ def test_which_batches_take_the_kernel():
     assert sf.runs_kernel("triton", 1) and sf.runs_kernel("triton", sf.MIN_KERNEL_ROWS)
     assert not sf.runs_kernel("auto", 10 * sf.MIN_KERNEL_ROWS) and not sf.runs_kernel("xla", 10 * sf.MIN_KERNEL_ROWS)
 
-
-@pytest.mark.parametrize("prefetch,precomputed", [(True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("v", [7, 1000])
-def test_prefetch_and_precomputed_variants_match(monkeypatch, prefetch, precomputed, v):
-    """The loop that loads block i + 1 before using block i, and the keys and weights made by XLA,
-    find the same thresholds (the GPU timings chose between them: BENCHMARKS.md)."""
-    monkeypatch.setattr(sf, "PREFETCH", prefetch)
-    monkeypatch.setattr(sf, "PRECOMPUTED", precomputed)
-    rows = [(0.7, k, p) for k in (0, 1, 7, v - 1, v) for p in (1.0, 0.9, 0.02)]
-    _check(_logits(len(rows), v, seed=v + 1), rows, block=64)
