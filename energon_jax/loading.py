@@ -12,6 +12,7 @@ import numpy as np
 from energon_jax.convert import gpt2 as gpt2_convert
 from energon_jax.convert import hf_files
 from energon_jax.convert.hf_files import CheckpointError, TensorSource, checkpoint_dtype, read_config
+from energon_jax.runtime.checks import check_int
 from energon_jax.runtime.compile_cache import enable_compilation_cache
 from energon_jax.runtime.distributed import put_global
 from energon_jax.runtime.mesh import check_layout, resolve_mesh
@@ -122,10 +123,7 @@ def load_sharded_model(path, *, tp: int = 1, pp: int = 1, dp: int = 1, dtype=Non
 def check_max_seq_len(max_seq_len, limit: int) -> int:
     if max_seq_len is None:
         return limit
-    # bool is an int to Python, but max_seq_len=True is a mistake, not 1.
-    if isinstance(max_seq_len, bool) or not (isinstance(max_seq_len, (int, np.integer)) and 1 <= max_seq_len <= limit):
-        raise ValueError(f"max_seq_len={max_seq_len!r} must be an int in [1, {limit}] (the model's positions)")
-    return int(max_seq_len)
+    return check_int("max_seq_len", max_seq_len, 1, limit, " (the model's positions)")
 
 
 def param_specs(module, example_args) -> tuple[dict, dict]:
