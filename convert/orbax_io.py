@@ -15,6 +15,7 @@ one tensor (plus a small write buffer) at a time, through Orbax's partial save (
 leaves to one pending checkpoint; `finalize` commits it). At load every layer leaf is restored
 straight into the devices of the pipeline stage that owns it, already split over "tensor", and
 the stage's layers are stacked on each device: no host ever holds more than one device's shard.
+Over several processes each one reads only the layers of the stages it holds devices of.
 """
 from __future__ import annotations
 
@@ -571,9 +572,12 @@ def _layer_shardings(target: NamedSharding, num_layers: int) -> list[NamedShardi
     return [sub[layer // per_group] for layer in range(num_layers)]
 
 
-def _stack_on_devices(layers: list[jax.Array], target: NamedSharding, shape: tuple) -> jax.Array:
-    """Per-layer arrays (already on their stage's devices) -> one stacked array in `target`."""
-    by_device = [{s.device: s for s in a.addressable_shards} for a in layers]
+def _stack_on_devices(layers: dict[int, jax.Array], target: NamedSharding, shape: tuple) -> jax.Array:
+    """Per-layer arrays (already on their stage's devices) -> one stacked array in `target`.
+
+    `layers` needs only the layers of the stages this process holds devices of (the others, on
+    other processes, are never read here)."""
+    by_device = {layer: {s.device: s for s in a.addressable_shards} for layer, a in layers.items()}
     pieces = []
     for device, index in target.addressable_devices_indices_map(shape).items():
         wanted = range(*index[0].indices(shape[0]))
@@ -644,7 +648,16 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
             node[leaf] = jax.ShapeDtypeStruct(shape, dtype, sharding=flat_shardings[path])
         else:
             per_layer = _layer_shardings(flat_shardings[path], shape[0])
+            # A layer whose stage has no device in this process (pp > 1, stages on different hosts)
+            # is left out with a placeholder: Orbax (0.12.8) cannot build an array with no
+            # addressable shard ("If the Array has no addressable shards, `dtype` must be provided"
+            # from jax.make_array_from_single_device_arrays in serialization._read_and_create_array),
+            # and no device here needs it, since _stack_on_devices only builds this process's shards
+            # of the stacked array. Each process thus reads its own stages' slices only, straight
+            # onto its devices, as on one host; the placeholder keeps the structure check strict
+            # (Orbax's partial_load would also accept leaves missing by mistake).
             node[leaf] = {_LAYER_KEY.format(i): jax.ShapeDtypeStruct(shape[1:], dtype, sharding=s)
+                          if s.addressable_devices else ocp.PLACEHOLDER
                           for i, s in enumerate(per_layer)}
             stacked[key] = (flat_shardings[path], tuple(shape))
     ctx = ocp.Context()
@@ -665,7 +678,8 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
             node = node[k]
         if key in stacked:
             target, shape = stacked[key]
-            layers = [node[_LAYER_KEY.format(i)] for i in range(shape[0])]
+            layers = {i: node[_LAYER_KEY.format(i)] for i in range(shape[0])
+                      if node[_LAYER_KEY.format(i)] is not ocp.PLACEHOLDER}
             node = _stack_on_devices(layers, target, shape)
             del layers
         dest = params

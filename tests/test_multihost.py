@@ -26,6 +26,9 @@ WORKER_TIMEOUT_S = 120  # a worker takes ~15 s on 2 idle cores; a hang is cut of
 # process holds 2 replicas of tp=2), Bert's stage axis does (a cross-process ppermute inside the step).
 GPT_LAYOUT = dict(tp=2, dp=4)
 BERT_LAYOUT = dict(tp=4, pp=2)
+# A converted GPT folder loads with its stage axis across the hosts too: each process holds one
+# stage, and Orbax reads only that stage's layers there.
+GPT_PP_LAYOUT = dict(tp=4, pp=2)
 PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11], [42], [5, 6]]
 TEXTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17], [3]]  # Bert token ids (no tokenizer)
 MAX_NEW = 10
@@ -71,6 +74,12 @@ def _worker(spec_path: str, out_path: str) -> None:
     converted = ej.load_sharded_model(spec["converted"], **GPT_LAYOUT)
     out["converted_greedy"] = [o.token_ids for o in converted.generate(PROMPTS, max_new_tokens=MAX_NEW)]
     out["bert"] = _bert_results(ej.load_sharded_model(spec["bert"], **BERT_LAYOUT))
+    # converted folders with pp=2, one stage per process (Bert: the same program as above)
+    staged = ej.load_sharded_model(spec["converted"], **GPT_PP_LAYOUT)
+    out["converted_pp"] = _greedy_and_logits(staged)
+    qkv = staged.params["h"]["blocks"]["attn"]["qkv_kernel"]
+    out["converted_pp_layers"] = sorted({s.index[0].indices(qkv.shape[0]) for s in qkv.addressable_shards})
+    out["bert_converted_pp"] = _bert_results(ej.load_sharded_model(spec["bert_converted"], **BERT_LAYOUT))
     Path(out_path).write_text(json.dumps(out))
 
 
@@ -82,6 +91,12 @@ def _gpt_results(model) -> dict:
     logits = model.logits([p + [0] * (5 - len(p)) for p in PROMPTS])
     return {"greedy": [o.token_ids for o in greedy], "reasons": [o.finish_reason for o in greedy],
             "sampled": [o.token_ids for o in sampled], "logits": logits.tolist()}
+
+
+def _greedy_and_logits(model) -> dict:
+    greedy = model.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    logits = model.logits([p + [0] * (5 - len(p)) for p in PROMPTS])
+    return {"greedy": [o.token_ids for o in greedy], "logits": logits.tolist()}
 
 
 def _bert_results(model) -> list:
@@ -146,8 +161,10 @@ def test_two_processes_equal_one(tiny_gpt2_factory, tiny_bert_factory, tmp_path)
     from energon_jax.convert import orbax_io
 
     orbax_io.convert_checkpoint(gpt_folder, tmp_path / "converted", progress=False)
+    orbax_io.convert_checkpoint(bert_folder, tmp_path / "bert_converted", progress=False)
     procs = _start_workers(tmp_path, {"gpt": str(gpt_folder), "bert": str(bert_folder),
-                                      "converted": str(tmp_path / "converted")})
+                                      "converted": str(tmp_path / "converted"),
+                                      "bert_converted": str(tmp_path / "bert_converted")})
     try:  # one process, 8 devices, the same mesh shapes; computed while the workers run
         one_gpt = _gpt_results(ej.load_sharded_model(gpt_folder, **GPT_LAYOUT))
         one_bert = _bert_results(ej.load_sharded_model(bert_folder, **BERT_LAYOUT))
@@ -162,7 +179,8 @@ def test_two_processes_equal_one(tiny_gpt2_factory, tiny_bert_factory, tmp_path)
         assert len(r["mesh_warnings"]) == 1 and "tp=8 does not fit in one process's 4" in r["mesh_warnings"][0]
         assert r["tensor_groups_processes"] == [[0]] * 2 + [[1]] * 2  # tensor groups stay within a host
         assert "processes [1] were called with inputs that differ" in r["mismatch_error"]
-    for key in ("gpt", "unseeded", "converted_greedy", "bert"):  # every process returns the same, to the last bit
+    # every process returns the same, to the last bit
+    for key in ("gpt", "unseeded", "converted_greedy", "bert", "converted_pp", "bert_converted_pp"):
         assert results[0][key] == results[1][key], key
     got = results[0]["gpt"]
     assert got["greedy"] == one_gpt["greedy"] == hf_tokens == results[0]["converted_greedy"]
@@ -171,6 +189,13 @@ def test_two_processes_equal_one(tiny_gpt2_factory, tiny_bert_factory, tmp_path)
     np.testing.assert_allclose(got["logits"], one_gpt["logits"], rtol=1e-5, atol=1e-5)
     for a, b in zip(results[0]["bert"], one_bert):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # pp=2 from a converted folder, stages on different processes: each process holds only its
+    # own stage's layer (2 layers over 2 stages), and the results are one process's (whose mesh
+    # differs: a one-process pp=2 load of the same folder would cost one more compile)
+    assert [r["converted_pp_layers"] for r in results] == [[[0, 1, 1]], [[1, 2, 1]]]
+    assert results[0]["converted_pp"]["greedy"] == one_gpt["greedy"] == hf_tokens
+    np.testing.assert_allclose(results[0]["converted_pp"]["logits"], one_gpt["logits"], rtol=1e-5, atol=1e-5)
+    assert results[0]["bert_converted_pp"] == results[0]["bert"]  # the same program on the same weights
 
 
 # ------------------------------------------------------------------ argument checks, one process
