@@ -598,6 +598,17 @@ def _fits(stored: tuple, wanted: tuple, per_layer: bool) -> bool:
             and stored[0] < wanted[0])
 
 
+def _placeholder(ocp, folder):
+    """Orbax's marker for a leaf not to read. Only a load across hosts with pp > 1 needs it, so one
+    host never touches it, whatever the Orbax release (pyproject allows 0.12.4, which may lack it)."""
+    marker = getattr(ocp, "PLACEHOLDER", None)
+    if marker is None:
+        raise CheckpointError(f"{folder}: loading pipeline stages that lie on other hosts needs an Orbax that "
+                              "exports orbax.checkpoint.experimental.v1.PLACEHOLDER (0.12.8 does); upgrade "
+                              "orbax-checkpoint, or load the Hugging Face folder")
+    return marker
+
+
 def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
     """Load a folder written by `energon convert` onto `mesh` (any tp/pp/dp, whatever the recorded layout).
 
@@ -657,7 +668,7 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
             # onto its devices, as on one host; the placeholder keeps the structure check strict
             # (Orbax's partial_load would also accept leaves missing by mistake).
             node[leaf] = {_LAYER_KEY.format(i): jax.ShapeDtypeStruct(shape[1:], dtype, sharding=s)
-                          if s.addressable_devices else ocp.PLACEHOLDER
+                          if s.addressable_devices else _placeholder(ocp, folder)
                           for i, s in enumerate(per_layer)}
             stacked[key] = (flat_shardings[path], tuple(shape))
     ctx = ocp.Context()
@@ -679,7 +690,7 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
         if key in stacked:
             target, shape = stacked[key]
             layers = {i: node[_LAYER_KEY.format(i)] for i in range(shape[0])
-                      if node[_LAYER_KEY.format(i)] is not ocp.PLACEHOLDER}
+                      if isinstance(node[_LAYER_KEY.format(i)], jax.Array)}  # placeholders stay unread
             node = _stack_on_devices(layers, target, shape)
             del layers
         dest = params
