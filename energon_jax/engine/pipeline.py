@@ -69,6 +69,11 @@ def _run_ticks(x_m, num_stages: int, work, state):
 
     (_, out, state), _ = jax.lax.scan(tick, (jnp.zeros_like(x_m[0]), jnp.zeros_like(x_m), state),
                                       jnp.arange(m_count + num_stages - 1))
+    if jnp.issubdtype(out.dtype, jnp.floating) and out.dtype.itemsize < 4 and jax.default_backend() == "cpu":
+        # XLA's CPU backend (jaxlib 0.10.2) aborts the process promoting a 16-bit all-reduce ("Invalid
+        # binary instruction opcode copy"); one stage holds each value and the others zeros, so the
+        # float32 sum rounds back to the same 16-bit values. GPUs keep the 16-bit all-reduce.
+        return jax.lax.psum(out.astype(jnp.float32), "stage").astype(out.dtype), state
     return jax.lax.psum(out, "stage"), state
 
 
