@@ -930,6 +930,8 @@ def test_options_of_the_other_model_kind_are_refused(model):
 
     with pytest.raises(ValueError, match=r"max_prefill_batch=4, overlap=False: only a GPT model's Server uses them"):
         Server(FakeEncoder(), max_prefill_batch=4, overlap=False)
+    with pytest.raises(ValueError, match=r"request_timeout=5: only a GPT model's Server uses it; this model is bert"):
+        Server(FakeEncoder(), request_timeout=5)  # it was taken and never applied
     with pytest.raises(ValueError, match=r"embed_max_wait=0.5: only a Bert model's Server uses it; this model is gpt"):
         Server(model, embed_max_wait=0.5)
     Server(FakeEncoder(), max_batch_size=4, embed_max_wait=0.01)  # the defaults of the other kind pass

@@ -194,10 +194,10 @@ class RequestHandle:
         return self._server.cancel(self.request_id)
 
 
-# Server options that only one kind of model uses: a GPT Server's decode slots and prefill
-# batching, a Bert Server's embedding batcher.
-_GPT_ONLY = ("decode_steps", "cache_len", "max_prefill_tokens", "max_prefill_batch", "prefill_batch_tokens",
-             "batch_wait", "prefill_window", "overlap")
+# Server options that only one kind of model uses: a GPT Server's decode slots, prefill batching and
+# request timeout (a generation ends with finish_reason "timeout"), a Bert Server's embedding batcher.
+_GPT_ONLY = ("decode_steps", "cache_len", "request_timeout", "max_prefill_tokens", "max_prefill_batch",
+             "prefill_batch_tokens", "batch_wait", "prefill_window", "overlap")
 _BERT_ONLY = ("embed_max_wait",)
 
 
@@ -264,7 +264,8 @@ class Server:
         if self.kind is None:
             raise TypeError(f"{type(model).__name__} has neither generate (GPT) nor encode (Bert)")
         _check_kind_options(self.kind, dict(
-            decode_steps=decode_steps, cache_len=cache_len, max_prefill_tokens=max_prefill_tokens,
+            decode_steps=decode_steps, cache_len=cache_len, request_timeout=request_timeout,
+            max_prefill_tokens=max_prefill_tokens,
             max_prefill_batch=max_prefill_batch, prefill_batch_tokens=prefill_batch_tokens, batch_wait=batch_wait,
             prefill_window=prefill_window, overlap=overlap, embed_max_wait=embed_max_wait))
         self.max_batch_size = check_int("max_batch_size", max_batch_size, 1)  # True was taken as 1
