@@ -301,7 +301,8 @@ def test_bad_input_errors(minilm):
     with pytest.raises(TypeError, match=r"texts_or_ids\[0\] is float"):
         minilm.encode([1.5])
     long_text = "token " * 600  # past sentence_bert_config.json's 256, MiniLM's max_seq_len
-    with pytest.raises(ValueError, match="602 tokens, more than max_seq_len=256.*truncate=True"):
+    with pytest.raises(ValueError, match=r"602 tokens, more than max_seq_len=256 \(of the model.s 512 positions; "
+                       r"load with a larger max_seq_len\); pass truncate=True"):
         minilm.encode([long_text])
 
 

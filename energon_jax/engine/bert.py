@@ -349,8 +349,10 @@ class BertModel(ShardedModel):
                 raise TypeError(f"texts_or_ids[{i}] is {type(item).__name__} {str(item)[:40]!r}; expected str, "
                                 "a (str, str) pair or a list of int token ids")
             if len(ids) > self.max_seq_len:
+                limit = ("the model's positions" if self.max_seq_len == self.config.max_seq_len else
+                         f"of the model's {self.config.max_seq_len} positions; load with a larger max_seq_len")
                 raise ValueError(f"texts_or_ids[{i}] has {len(ids)} tokens, more than max_seq_len={self.max_seq_len}"
-                                 " (the model's positions); pass truncate=True to cut it")
+                                 f" ({limit}); pass truncate=True to cut it")
             if types is not None and types.max() >= self.config.type_vocab_size:
                 raise ValueError(f"texts_or_ids[{i}] uses token type {types.max()} but this model has "
                                  f"type_vocab_size={self.config.type_vocab_size} (sentence pairs need 2)")
