@@ -891,6 +891,55 @@ def test_stopping_ends_a_split_embedding_request_between_batches():
     assert enc.calls == [2] and not batcher.alive  # the other 8 inputs were not encoded
 
 
+def test_an_embedding_request_racing_stop_is_answered_not_lost():
+    """submit checked that the batcher accepted, then queued its job: a stop() that ran in between
+    (its sentinel queued, the thread gone, the queue drained) left the job in a queue nobody reads,
+    so its future never resolved and `Server.embed` waited forever. The check and the put are now
+    one step under a lock that stop() takes too."""
+    import queue as queue_mod
+
+    from energon_jax.serving.loop import EmbeddingBatcher
+    from energon_jax.serving.scheduler import ShuttingDown
+
+    paused, go = threading.Event(), threading.Event()
+
+    class PausingQueue(queue_mod.Queue):  # submit's qsize() waits for `go`: stop() runs meanwhile
+        def qsize(self):
+            if threading.current_thread().name == "submitter" and not go.is_set():
+                paused.set()
+                go.wait(10)
+            return super().qsize()
+
+    batcher = EmbeddingBatcher(FakeEncoder(), max_wait=0.001)
+    batcher._queue = PausingQueue()
+    batcher.start()
+    got = {}
+
+    def submit():
+        try:
+            got["future"] = batcher.submit([[1, 2]])
+        except ShuttingDown as e:
+            got["refused"] = e
+
+    submitter = threading.Thread(target=submit, name="submitter")
+    submitter.start()
+    assert paused.wait(10)
+    stopping = threading.Thread(target=batcher.stop)
+    stopping.start()
+    stopping.join(0.3)  # before the fix, stop() finished here, behind the paused submit's back
+    go.set()
+    submitter.join(10)
+    stopping.join(30)
+    assert not stopping.is_alive() and not batcher.alive
+    if "future" in got:  # queued before stop(): encoded, or ended with ShuttingDown, never left waiting
+        try:
+            np.testing.assert_array_equal(got["future"].result(5), [[2, 3]])
+        except ShuttingDown:
+            pass
+    else:
+        assert "refused" in got
+
+
 def test_embeddings_route_splits_a_request_past_max_batch_size():
     from fastapi.testclient import TestClient
 

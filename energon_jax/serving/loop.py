@@ -245,6 +245,7 @@ class EmbeddingBatcher:
         self.metrics = metrics
         self._queue: queue.Queue = queue.Queue()
         self._accepting = True
+        self._lock = threading.Lock()  # submit's accepting check + put, and stop's flag + sentinel
         self._thread = threading.Thread(target=self._run, name="energon-embedding-batcher", daemon=True)
         self.batches = 0
 
@@ -257,12 +258,14 @@ class EmbeddingBatcher:
 
     def submit(self, inputs: list, pooling: str = "mean", normalize: bool = False) -> concurrent.futures.Future:
         """inputs: list of str or list of token-id lists. The future gives what encode returns for them."""
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down and admits no new requests")
-        if self._queue.qsize() >= self.max_queue:
-            raise QueueFull(f"the embedding queue is full ({self.max_queue} requests); retry later")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_EmbedJob(list(inputs), pooling, bool(normalize), fut))
+        # one step with stop()'s: a job queued after its sentinel (and its drain) was never answered
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down and admits no new requests")
+            if self._queue.qsize() >= self.max_queue:
+                raise QueueFull(f"the embedding queue is full ({self.max_queue} requests); retry later")
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            self._queue.put(_EmbedJob(list(inputs), pooling, bool(normalize), fut))
         return fut
 
     def _run(self) -> None:
@@ -334,8 +337,9 @@ class EmbeddingBatcher:
                 i += hi - lo
 
     def stop(self) -> None:
-        self._accepting = False
-        self._queue.put(None)
+        with self._lock:  # every job submitted before this is ahead of the sentinel
+            self._accepting = False
+            self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         while True:  # anything left behind the sentinel
