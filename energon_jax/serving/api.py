@@ -432,7 +432,8 @@ class Server:
     def generate(self, prompts, **kwargs) -> list[GenerationOutput]:
         """Submit every prompt at once and wait for all (same sampling settings for each). With a
         seed, prompt i samples with seed + i, as row i of `GPTModel.generate` does, so both give
-        the same tokens (and repeated prompts are not all alike)."""
+        the same tokens (and repeated prompts are not all alike); in 16-bit dtypes only up to
+        rounding, which differs between programs of different row counts (README, Python API)."""
         seed = kwargs.pop("seed", None)
         if seed is not None:
             seed = resolve_seed(seed)
