@@ -232,7 +232,8 @@ class Scheduler:
         return req
 
     def _retry_after(self) -> float:
-        """Seconds until a queue place is likely free: the oldest running request's age, at least 1."""
+        """Seconds a client is told to wait before retrying (Retry-After): the youngest running request's
+        age (how long requests have been running at least), at least 1; a hint, not a promise."""
         now = self.clock()
         ages = [now - r.arrival for r in self.slots if r is not None]
         return max(1.0, min(ages) if ages else 1.0)
