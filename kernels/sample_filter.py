@@ -74,6 +74,14 @@ def order_keys(x_bv):
     return jax.lax.bitcast_convert_type(_signed_keys(x_bv) ^ INT_MIN, jnp.uint32)
 
 
+def row_weights(x_bv):
+    """exp(x - the row's max), the top_p masses before top_k's mask: the reference's and the
+    kernel's (computed once, before it) are this one function, so both searches weigh alike. A row
+    of -inf only (no max) weighs 0 everywhere."""
+    top_b = jnp.max(x_bv, axis=-1, keepdims=True)
+    return jnp.exp(x_bv - jnp.where(top_b == -jnp.inf, 0.0, top_b))
+
+
 def filters_on(top_k, top_p, vocab: int):
     """(top_k on, top_p on), per row or for one row: top_k filters only in [1, vocab), top_p only
     below 1. The one rule every filter path and the sampler's "any filter?" test share."""
@@ -118,9 +126,7 @@ def filter_thresholds_reference(scaled_bv, top_k_b, top_p_b, *, bits: int = BITS
     keep_k_bv = keys_bv >= kth_b[:, None]
 
     def nucleus():
-        top_b = jnp.max(scaled_bv, axis=-1)
-        top_b = jnp.where(top_b == -jnp.inf, 0.0, top_b)
-        weights_bv = jnp.where(keep_k_bv, jnp.exp(scaled_bv - top_b[:, None]), 0.0)
+        weights_bv = jnp.where(keep_k_bv, row_weights(scaled_bv), 0.0)
         target_b = top_p_b * jnp.sum(weights_bv, axis=-1)
         cut_b = _largest_threshold(keys_bv, weights_bv, jnp.where(use_p, target_b, jnp.inf), bits=bits)
         at_bv = (keys_bv == cut_b[:, None]) & keep_k_bv
@@ -251,8 +257,7 @@ def _thresholds_pallas(scaled_bv, top_k_b, top_p_b, *, bits, block, num_warps, n
     x_bv = jnp.pad(scaled_bv.astype(jnp.float32), ((0, 0), (0, vp - v)), constant_values=-jnp.inf)
     # the keys and weights every pass reads, made once (one XLA fusion, the reference's exp): computing
     # them in each of a row's 18-35 walks cost more than loading twice the bytes from L2
-    top_b = jnp.max(x_bv, axis=-1, keepdims=True)
-    weights_bv = jnp.exp(x_bv - jnp.where(top_b == -jnp.inf, 0.0, top_b))
+    weights_bv = row_weights(x_bv)  # -inf padding weighs 0
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
