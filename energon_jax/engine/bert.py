@@ -26,9 +26,9 @@ from energon_jax.engine.base import ShardedModel, token_matrix
 from energon_jax.engine.packing import (MIN_SEQ_BUCKET, PackedChunk, check_sequences, pack_chunk, pack_microbatches,
                                         plan_chunks, token_buckets)
 from energon_jax.engine.pipeline import pipelined_microbatches
-from energon_jax.engine.sampling import check_int
 from energon_jax.engine.steps import CompileCounter, bucket
 from energon_jax.loading import check_max_seq_len, pad_rows, place_params, stack_layers
+from energon_jax.runtime.checks import check_int
 from energon_jax.runtime.distributed import check_same_call, is_multiprocess, to_host
 from energon_jax.runtime.mesh import check_layout
 from energon_jax.runtime.sharding import table_multiple

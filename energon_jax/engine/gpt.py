@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.engine.base import ShardedModel, token_matrix
-from energon_jax.engine.sampling import (SamplingParams, check_int, check_stop_strings, cut_at_stop_string,
-                                        resolve_seed, validate_sampling)
+from energon_jax.engine.sampling import (SamplingParams, check_stop_strings, cut_at_stop_string, resolve_seed,
+                                        validate_sampling)
 from energon_jax.engine.steps import (PAD_ID, CompileCounter, bucket, make_forward, make_generate, make_runner,
                                      unrolled_layers, unstack_layers)
 from energon_jax.models.gpt2 import GPT2, AttentionKernels, decode_attention_xla, write_token
+from energon_jax.runtime.checks import check_int
 from energon_jax.runtime.distributed import check_same_call, is_multiprocess, same_seed, to_host
 from energon_jax.runtime.sharding import table_multiple
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from energon_jax.kernels import sample_filter
 from energon_jax.kernels.sample_filter import filters_on
-from energon_jax.runtime.checks import check_int  # also imported from here by the engine and serving
+from energon_jax.runtime.checks import check_int
 
 MAX_TOP_K = 2**31 - 1  # top_k goes to the device as int32: a larger value fails there, not with a message
 MAX_SEED = 2**32 - 1  # seeds go to the device as uint32: a larger one would be wrapped or fail

@@ -24,7 +24,8 @@ import weakref
 
 from energon_jax.engine.bert import check_input_batch
 from energon_jax.engine.gpt import GenerationOutput
-from energon_jax.engine.sampling import check_int, is_finite_number, resolve_seed, validate_sampling
+from energon_jax.engine.sampling import is_finite_number, resolve_seed, validate_sampling
+from energon_jax.runtime.checks import check_int
 from energon_jax.serving.scheduler import Delta, SamplingOptions, Scheduler, ShuttingDown, check_timeout
 
 log = logging.getLogger(__name__)

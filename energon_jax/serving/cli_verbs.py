@@ -114,7 +114,7 @@ def check_serve_options(max_batch_size, max_queue, request_timeout, options: dic
     """The GPT Server's options, checked before the model loads (a bad one cost the load): by the
     pure-Python Scheduler they configure and SlotEngine's power-of-two rule, the checks the
     Server runs. flags: name them as `energon serve`'s flags."""
-    from energon_jax.engine.sampling import check_int
+    from energon_jax.runtime.checks import check_int
     from energon_jax.engine.slots import check_power_of_two
     from energon_jax.serving.scheduler import Scheduler
 

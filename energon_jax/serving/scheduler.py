@@ -25,8 +25,8 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from energon_jax.engine.sampling import (check_int, check_stop_strings, cut_at_stop_string, is_finite_number,
-                                        validate_sampling)
+from energon_jax.engine.sampling import check_stop_strings, cut_at_stop_string, is_finite_number, validate_sampling
+from energon_jax.runtime.checks import check_int
 
 
 class QueueFull(Exception):
