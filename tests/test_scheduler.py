@@ -301,6 +301,30 @@ def test_stop_token_found_late_drops_the_extra_dispatch():
     assert a.output_ids == [2, 3] and not sched.has_work()
 
 
+def test_a_slot_free_at_the_next_dispatch_admits_a_request_without_a_queue():
+    """max_queue=0: a slot whose occupant has all its tokens scheduled goes to a waiting request at
+    the next schedule(), so admission counts it free (it answered QueueFull one dispatch early);
+    one slot frees, so only one request is admitted (no overcommit)."""
+    sched, eng = make(1, max_queue=0, decode_step_options=(1, 2))
+    a = sched.add_request([1], SamplingOptions(max_tokens=3))
+    out1 = sched.schedule()  # a: prefill + 2 decode steps, all 3 of its tokens on the way
+    assert a.scheduled == 3 and sched.slots[a.slot] is a
+    res1 = eng.execute(out1)
+    b = sched.add_request([20], SamplingOptions(max_tokens=5))
+    with pytest.raises(QueueFull):
+        sched.add_request([30], SamplingOptions(max_tokens=2))
+    out2 = sched.schedule()
+    assert [p.request_id for p in out2.prefills] == [b.request_id] and out2.prefills[0].slot == a.slot
+    res2 = eng.execute(out2)
+    assert b.scheduled == 3
+    with pytest.raises(QueueFull):  # b has tokens left to schedule: its slot is not free
+        sched.add_request([30], SamplingOptions(max_tokens=2))
+    sched.update_from_output(out1, res1)
+    sched.update_from_output(out2, res2)
+    run(sched, eng)
+    assert a.output_ids == [2, 3, 4] and b.output_ids == [21, 22, 23, 24, 25]
+
+
 class FakeLaunchExecutor(FakeEngine):
     """launch / collect as the slot executor: outputs come back one call later, in order."""
 

@@ -212,8 +212,9 @@ class Scheduler:
         with self._lock:
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down and admits no new requests")
-            # Requests that will take a free slot at the next step are not queued behind anyone.
-            if len(self.waiting) >= self.max_queue + sum(r is None for r in self.slots):
+            # Requests that will take a free slot at the next step are not queued behind anyone: free
+            # as schedule() counts it (the max_queue=0 server refused one a dispatch early).
+            if len(self.waiting) >= self.max_queue + len(self._free_slots()):
                 raise QueueFull(f"the waiting queue is full ({self.max_queue} requests); retry later",
                                 retry_after=self._retry_after())
             req = Request(request_id or self.new_request_id(), list(prompt_ids), options, sink,
@@ -292,8 +293,7 @@ class Scheduler:
             now = self.clock()
             if self.prefill_window > 0 and self.waiting and not self.slots_in_use:
                 self._burst_until = now + self.prefill_window  # an idle engine starts a burst
-            # a slot whose occupant has all its tokens scheduled is free: it finishes when they arrive
-            free = [i for i, r in enumerate(self.slots) if r is None or r.scheduled >= r.options.max_tokens]
+            free = self._free_slots()
             budget = self.prefill_budget(self.num_slots - len(free))
             while self.waiting and free and (not prefills or budget >= len(self.waiting[0].prompt_ids)):
                 req = self.waiting.popleft()
@@ -312,6 +312,11 @@ class Scheduler:
             active = [i in decoding for i in range(self.num_slots)]
             occupants = {**decoding, **{p.slot: self.slots[p.slot] for p in prefills}}
             return SchedulerOutput(prefills, steps, active, occupants)
+
+    def _free_slots(self) -> list[int]:
+        """The slots the next `schedule()` may fill, in order: the empty ones, and those whose occupant
+        has all its tokens scheduled (it finishes when they arrive)."""
+        return [i for i, r in enumerate(self.slots) if r is None or r.scheduled >= r.options.max_tokens]
 
     def prefill_budget(self, running: int) -> float:
         """Prompt tokens admitted in one iteration (beyond its first request) while `running`
