@@ -1,4 +1,5 @@
 """The continuous-batching scheduler with a fake engine (no jax, no model)."""
+import threading
 import time
 
 import pytest
@@ -417,6 +418,58 @@ def test_engine_failure_ends_every_request_whose_state_the_reset_wiped(overlap):
     assert b.finish_reason == "error" and b.error == "engine error: RuntimeError: device fault"
     # a was not in the failed step, but the reset wiped its cache: it ends instead of decoding garbage
     assert a.finish_reason == "error" and "decode state was lost" in a.error and a.output_ids == [2]
+
+
+class GatedExecutor(FakeLaunchExecutor):
+    """The first launch that prefills `hold_prompt` waits for `resume`; the first collect sets
+    `collecting`, then waits for `release`: the test acts while a dispatch's tokens are on the way."""
+
+    def __init__(self, num_slots, hold_prompt=None):
+        super().__init__(num_slots)
+        self.hold_prompt = hold_prompt
+        self.launching, self.resume = threading.Event(), threading.Event()
+        self.collecting, self.release = threading.Event(), threading.Event()
+
+    def launch(self, out):
+        if self.hold_prompt is not None and any(p.token_ids == self.hold_prompt for p in out.prefills):
+            self.hold_prompt = None
+            self.launching.set()
+            assert self.resume.wait(10)
+        return super().launch(out)
+
+    def collect(self, launched):
+        if not self.collecting.is_set():
+            self.collecting.set()
+            assert self.release.wait(10)
+        return super().collect(launched)
+
+
+def test_drain_waits_for_the_tokens_of_a_request_whose_slot_was_reused():
+    """a's only token is on the way when b takes its slot and is cancelled: no slot and no queue
+    hold a then, but its token is still to be delivered, so a drain waits for it (it ended at once,
+    and the stop that follows a drain failed a with "the server stopped")."""
+    from energon_jax.serving.loop import EngineLoop
+
+    sched = Scheduler(1, context_len=64)
+    executor = GatedExecutor(1, hold_prompt=[1])
+    loop = EngineLoop(sched, executor)
+    loop.start()
+    try:
+        a = sched.add_request([1], SamplingOptions(max_tokens=1))
+        assert executor.launching.wait(10)  # a's prefill is being dispatched; the next schedule() follows
+        b = sched.add_request([20], SamplingOptions(max_tokens=5))
+        executor.resume.set()
+        assert executor.collecting.wait(10)  # b was dispatched into a's slot; a's token is not back
+        assert sched.slots[a.slot] is b and sched.cancel(b.request_id)
+        assert not a.finished and sched.has_work()
+        assert not loop.drain(0.05)  # a's token cannot arrive while the gate is shut
+        executor.release.set()
+        assert loop.drain(10)
+    finally:
+        executor.resume.set()
+        executor.release.set()
+        loop.stop()
+    assert a.finish_reason == "length" and a.output_ids == [2]
 
 
 def test_an_error_outside_the_engine_calls_ends_the_loop_and_every_request(monkeypatch):

@@ -183,7 +183,7 @@ class Scheduler:
         self._burst_until = float("-inf")  # decode may be held until then (prefill_window)
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * self.num_slots
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # every request not finished, by id
         self.accepting = True
         self._lock = threading.RLock()
         self._ids = itertools.count()
@@ -282,8 +282,10 @@ class Scheduler:
                 and any(r is None for r in self.slots))
 
     def has_work(self) -> bool:
+        """Requests not finished yet: waiting, holding a slot, or with tokens still on the way from a
+        slot already refilled (no slot names it then; a drain that counted slots ended before them)."""
         with self._lock:
-            return bool(self.waiting) or self.slots_in_use > 0
+            return bool(self.requests)
 
     # -------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
