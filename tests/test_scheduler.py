@@ -422,11 +422,12 @@ def test_engine_failure_ends_every_request_whose_state_the_reset_wiped(overlap):
 
 class GatedExecutor(FakeLaunchExecutor):
     """The first launch that prefills `hold_prompt` waits for `resume`; the first collect sets
-    `collecting`, then waits for `release`: the test acts while a dispatch's tokens are on the way."""
+    `collecting`, then waits for `release` (and raises if `fail`): the test acts while a dispatch's
+    tokens are on the way."""
 
-    def __init__(self, num_slots, hold_prompt=None):
+    def __init__(self, num_slots, hold_prompt=None, fail=False):
         super().__init__(num_slots)
-        self.hold_prompt = hold_prompt
+        self.hold_prompt, self.fail = hold_prompt, fail
         self.launching, self.resume = threading.Event(), threading.Event()
         self.collecting, self.release = threading.Event(), threading.Event()
 
@@ -441,6 +442,8 @@ class GatedExecutor(FakeLaunchExecutor):
         if not self.collecting.is_set():
             self.collecting.set()
             assert self.release.wait(10)
+            if self.fail:
+                raise RuntimeError("device fault")
         return super().collect(launched)
 
 
@@ -470,6 +473,31 @@ def test_drain_waits_for_the_tokens_of_a_request_whose_slot_was_reused():
         executor.release.set()
         loop.stop()
     assert a.finish_reason == "length" and a.output_ids == [2]
+
+
+def test_an_engine_failure_ends_the_request_in_the_step_not_a_later_one_with_its_id():
+    """A request id is free again once its request finished: a failed step ends the requests that
+    were in it, not the waiting request that took the id since (it was cancelled by id)."""
+    from energon_jax.serving.loop import EngineLoop
+
+    sched = Scheduler(1, context_len=64)
+    executor = GatedExecutor(1, fail=True)
+    loop = EngineLoop(sched, executor)
+    loop.start()
+    try:
+        a = sched.add_request([1], SamplingOptions(max_tokens=20), request_id="x")
+        assert executor.collecting.wait(10)  # a's first dispatch is on the way, and will fail
+        assert sched.cancel("x")
+        done = threading.Event()
+        b = sched.add_request([50], SamplingOptions(max_tokens=3), request_id="x",
+                              sink=lambda d: d.finished and done.set())
+        executor.release.set()
+        assert done.wait(10)
+    finally:
+        executor.release.set()
+        loop.stop()
+    assert a.finish_reason == "cancelled"
+    assert b.finish_reason == "length" and b.output_ids == [51, 52, 53]
 
 
 def test_an_error_outside_the_engine_calls_ends_the_loop_and_every_request(monkeypatch):

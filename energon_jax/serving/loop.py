@@ -95,9 +95,10 @@ class EngineLoop:
         slot's decode state, so every other request holding a slot ends too: none may decode on
         from a zeroed cache."""
         error = f"engine error: {type(e).__name__}: {e}"
-        in_flight = {r.request_id for out in outs for r in out.slot_requests.values()}
-        for rid in in_flight:
-            self.scheduler.cancel(rid, "error", error)
+        # the request objects, not their ids: a finished one's id may name a newer request by now
+        in_flight = list(dict.fromkeys(r for out in outs for r in out.slot_requests.values()))
+        for req in in_flight:
+            self.scheduler.end(req, "error", error)
         others = self.scheduler.fail_running("error", f"{error} (in another request's step: the engine was reset "
                                                       "and this request's decode state was lost)")
         log.exception("engine step failed; failing %d requests in flight and %d more running",

@@ -240,10 +240,17 @@ class Scheduler:
         return max(1.0, min(ages) if ages else 1.0)
 
     def cancel(self, request_id: str, reason: str = "cancelled", error: str | None = None) -> bool:
-        """End a request now; its slot is free for the next `schedule()`. False if already finished."""
+        """End the unfinished request with this id now; its slot is free for the next `schedule()`.
+        False if there is none (finished, or never added)."""
         with self._lock:
             req = self.requests.get(request_id)
-            if req is None or req.finished:
+            return req is not None and self.end(req, reason, error)
+
+    def end(self, req: Request, reason: str = "cancelled", error: str | None = None) -> bool:
+        """`cancel` for this request object: an id is free again once its request finished, so by id
+        a caller holding a finished request could end a later one. False if already finished."""
+        with self._lock:
+            if req.finished:
                 return False
             self._finish(req, reason, error)
             return True
