@@ -20,9 +20,11 @@ samples for that prompt alone.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import time
 
 import jax
@@ -34,6 +36,10 @@ from energon_jax.engine.steps import PAD_ID, CompileCounter, bucket
 from energon_jax.runtime.sharding import CACHE_AXES, logical_to_sharding
 
 log = logging.getLogger(__name__)
+
+# Threads that compile `SlotEngine.warmup`'s programs at once, at most: XLA's own compile of each
+# program is multithreaded too, so more threads than this mostly share the same cores.
+MAX_COMPILE_WORKERS = 8
 
 
 @jax.tree_util.register_dataclass
@@ -116,6 +122,9 @@ class SlotEngine:
         self._replicated = replicated
         self._prefill = self._make_prefill()
         self._decode = self._make_decode()
+        # ("prefill", (rows, tokens)) / ("decode", steps) -> the program `warmup` compiled for it;
+        # a shape not in here dispatches through the jitted function (compiled on first call)
+        self._programs: dict[tuple, jax.stages.Compiled] = {}
         self._empty_state = self._make_empty_state()
         self.state = self.fresh_state()
 
@@ -244,6 +253,15 @@ class SlotEngine:
         tokens as a device array whose first len(slots) entries belong to the prompts (the rest
         are padding rows; slice after reading it back: indexing a device array with each
         Python int would compile a small program per index). Settings are per-prompt sequences."""
+        inputs = self._prefill_inputs(slots, prompts, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        run = self._programs.get(("prefill", inputs[0].shape), self._prefill)
+        self.state, tok = run(self.model.params, self.state, *inputs)
+        return tok
+
+    def _prefill_inputs(self, slots, prompts, *, temperature, top_k, top_p, seed) -> tuple[np.ndarray, ...]:
+        """prefill_batch's checked arguments as the prefill program takes them: tokens [rows, bucket]
+        (rows and bucket from `prefill_shape`), then lengths, slots, temperature, top_k, top_p and
+        seeds, one entry per row."""
         n = len(slots)
         if not n or len(prompts) != n or any(len(x) != n for x in (temperature, top_k, top_p, seed)):
             raise ValueError(f"prefill_batch needs one prompt and one of each setting per slot; got {n} slots, "
@@ -270,10 +288,8 @@ class SlotEngine:
             return np.asarray([values[i] for i in order], dtype)
 
         seeds = [int(x) & 0xFFFFFFFF for x in seed]
-        self.state, tok = self._prefill(self.model.params, self.state, tokens, col(lengths, np.int32),
-                                        col(list(slots), np.int32), col(temperature, np.float32),
-                                        col(top_k, np.int32), col(top_p, np.float32), col(seeds, np.uint32))
-        return tok
+        return (tokens, col(lengths, np.int32), col(list(slots), np.int32), col(temperature, np.float32),
+                col(top_k, np.int32), col(top_p, np.float32), col(seeds, np.uint32))
 
     def decode(self, steps: int, active) -> jax.Array:
         """Run `steps` decode steps over every slot; returns tokens [steps, num_slots] (device array).
@@ -284,13 +300,44 @@ class SlotEngine:
         active = np.asarray(active, bool)
         if active.shape != (self.num_slots,):
             raise ValueError(f"active has shape {active.shape}; expected ({self.num_slots},)")
-        self.state, out = self._decode(self.model.params, self.state, active, steps=steps)
+        compiled = self._programs.get(("decode", steps))
+        if compiled is not None:
+            self.state, out = compiled(self.model.params, self.state, active)
+        else:
+            self.state, out = self._decode(self.model.params, self.state, active, steps=steps)
         return out
 
-    def warmup(self) -> float:
-        """Compile (and run once) every prefill bucket and decode step count; returns seconds taken."""
+    def warmup(self, workers: int | None = None) -> float:
+        """Compile every prefill bucket and decode step count, then run each once; returns seconds taken.
+
+        The programs compile concurrently on `workers` threads (default: one per program, at most
+        the CPU count and MAX_COMPILE_WORKERS): XLA compiles outside Python's lock, and serially a
+        24-layer model's 19 serving programs took 136 s to compile on an H200 (BENCHMARKS.md,
+        Serving, session 17). Later calls dispatch through these compiled programs, so nothing
+        compiles twice. A program that fails to compile raises here, after the others finished.
+        """
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers={workers!r} must be an int >= 1 (or None: one per program, at most "
+                             f"{MAX_COMPILE_WORKERS})")
         t0 = time.perf_counter()
+        params = self.model.params
+        lowerings = {}
         for p, t in self.prefill_shapes:
+            inputs = self._prefill_inputs(list(range(p)), [[PAD_ID] * t] * p, temperature=[0.0] * p, top_k=[0] * p,
+                                          top_p=[1.0] * p, seed=[0] * p)
+            lowerings["prefill", (p, t)] = functools.partial(self._prefill.lower, params, self.state, *inputs)
+        for k in self.step_options:
+            lowerings["decode", k] = functools.partial(self._decode.lower, params, self.state,
+                                                       np.zeros(self.num_slots, bool), steps=k)
+        todo = {key: lower for key, lower in lowerings.items() if key not in self._programs}
+        if todo:
+            workers = workers or min(len(todo), os.cpu_count() or 1, MAX_COMPILE_WORKERS)
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="energon-compile") as pool:
+                futures = {key: pool.submit(lambda lower=lower: lower().compile()) for key, lower in todo.items()}
+                concurrent.futures.wait(futures.values())
+            self._programs.update({key: f.result() for key, f in futures.items()})  # the first failure raises
+        compiled_s = time.perf_counter() - t0
+        for p, t in self.prefill_shapes:  # each program once: the device side of a first run (module loads)
             self.prefill_batch(list(range(p)), [[PAD_ID] * t] * p, temperature=[0.0] * p, top_k=[0] * p,
                                top_p=[1.0] * p, seed=[0] * p)
         for k in self.step_options:
@@ -299,7 +346,8 @@ class SlotEngine:
         self.state = self.fresh_state()
         jax.block_until_ready(self.state)
         took = time.perf_counter() - t0
-        log.info("compiled %d prefill shapes (rows x tokens) %s and decode steps %s for %d slots in %.1f s",
+        log.info("compiled %d prefill shapes (rows x tokens) %s and decode steps %s for %d slots in %.1f s "
+                 "(%.1f s compiling on %s threads), ran each once in %.1f s",
                  len(self.prefill_shapes), [f"{p}x{t}" for p, t in self.prefill_shapes], list(self.step_options),
-                 self.num_slots, took)
+                 self.num_slots, took, compiled_s, workers if todo else 0, took - compiled_s)
         return took
