@@ -2,7 +2,11 @@
 stand-in Bert model (nothing compiles): `energon serve` printed http://0.0.0.0:PORT, a URL no client
 can open, and logged two "ready" lines."""
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -302,3 +306,53 @@ def test_embeddings_name_the_served_model_and_refuse_another():
                                      "type": "invalid_request_error", "code": 404}
     finally:
         server.stop()
+
+
+# `energon serve` (cli_verbs._run) around FakeBert, in a process of its own: argv[1] is the port;
+# argv[2] "hang" gives the model a warm-up that never ends (a compile still running)
+SERVE_FAKE_BERT = """
+import sys, threading
+sys.path.insert(0, {tests!r})
+from test_serving_startup import FakeBert
+from energon_jax.serving import cli_verbs
+model = FakeBert()
+if sys.argv[2] == "hang":
+    model.warmup = threading.Event().wait
+cli_verbs._setup_logging("info")
+sys.exit(cli_verbs._run(model, host="127.0.0.1", port=int(sys.argv[1]), max_batch_size=2, max_queue=4,
+                        name="fake", shutdown_timeout=5))
+""".format(tests=os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("warm_up", ["done", "hang"])
+def test_sigterm_runs_what_follows_serve_http_and_still_ends_by_the_signal(warm_up):
+    """uvicorn raises SIGTERM again once it has shut down, and the default handler ended the process
+    there: nothing after serve_http in cli_verbs._run ran (its stop, its last log lines). Now it does,
+    and the process still ends by SIGTERM, 143 to a shell (README's exit codes), also while the
+    warm-up runs (no interpreter exit under it)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_FAKE_BERT, str(port), warm_up], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wait_for = "ready: " if warm_up == "done" else "Uvicorn running on "
+    try:
+        lines = []
+        for line in proc.stdout:  # until that line (or the end of a process that failed)
+            lines.append(line)
+            if wait_for in line:
+                break
+        assert wait_for in lines[-1], "".join(lines)
+        if warm_up == "done":
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": ["abc"], "normalize": False},
+                           timeout=10)
+            assert r.status_code == 200 and r.json()["data"][0]["embedding"] == [3.0, 1.0], r.text
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines) + rest
+    assert proc.returncode == -signal.SIGTERM, text
+    after = text[text.index("Finished server process"):].splitlines()[1:]  # uvicorn's last line
+    expected = ["terminated (SIGTERM); stopped"] + (["exiting during the warm-up"] if warm_up == "hang" else [])
+    assert [x.split(" energon_jax.serving: ", 1)[-1] for x in after] == expected, text
+    assert "Traceback" not in text and ("ready: " in text) == (warm_up == "done"), text

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import runpy
+import signal
 import socket
 import sys
 import types
@@ -141,6 +142,21 @@ def _setup_logging(level: str) -> None:
         logging.getLogger("jax").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+class _Terminated(BaseException):
+    """SIGTERM, as an exception in the main thread (a BaseException, as KeyboardInterrupt is)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _flush_logs() -> None:
+    """Before a process leaves without the interpreter's exit (os._exit, or the signal's default action)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, request_timeout=None,
          shutdown_timeout=30.0, log_level="info", name=None, **server_options) -> int:
     """server_options: further `Server` keywords (prefill sizes, batch_wait, prefill_window, overlap)."""
@@ -156,24 +172,37 @@ def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, reques
     log.info("serving %s on %s (%scompiling before /health reports ready)", server.name, http_url(host, port),
              f"{note}; " if note else "")
     code = 0
+    # uvicorn raises SIGTERM again after its graceful shutdown, under the handler it found: the
+    # default one ends the process inside serve_http, before the stop and the lines below run
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
         server.serve_http(host=host, port=port, log_level=log_level if log_level != "trace" else "debug",
                           shutdown_timeout=shutdown_timeout)
     except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown
         log.info("interrupted; stopped")
         code = 130
+    except _Terminated:
+        log.info("terminated (SIGTERM); stopped")
+        code = 143
     except OSError as e:  # the port was taken between the check and the bind
         print(f"energon serve: error: {e}", file=sys.stderr)
         code = 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     server.stop()
     warm = getattr(server, "warmup_thread", None)
-    if warm is not None and warm.is_alive():
-        # the warm-up thread is inside an XLA compile, which nothing interrupts; an interpreter
-        # exiting under it aborts in C++ ("terminate called ..."): leave without waiting
+    compiling = warm is not None and warm.is_alive()
+    if compiling:
         log.info("exiting during the warm-up")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if compiling or code == 143:
+        # Leave without the interpreter's exit: under a warm-up thread inside an XLA compile (which
+        # nothing interrupts) it aborts in C++ ("terminate called ..."); and after SIGTERM by the
+        # signal, as uvicorn left (README: 143 to a shell; a supervisor sees SIGTERM, not a failure).
+        _flush_logs()
+        if code == 143:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
         os._exit(code or 130)
     return code
 
