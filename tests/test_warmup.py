@@ -64,3 +64,33 @@ def test_warmup_on_one_thread_and_bad_worker_counts(folder):
     took = eng.warmup(workers=1)
     assert took > 0 and set(eng._programs) == ({("prefill", shape) for shape in eng.prefill_shapes}
                                                | {("decode", k) for k in eng.step_options})
+
+
+@pytest.mark.parametrize("mesh", [dict(), dict(dp=2, tp=2)], ids=["one-device", "dp2-tp2"])
+def test_bert_warmup_compiles_on_threads_and_encodes_the_same(tiny_bert_factory, mesh, monkeypatch):
+    import energon_jax as ej
+    from energon_jax.engine import steps as engine_steps
+
+    folder = tiny_bert_factory("base")[0]
+    tracing = []
+    bump = engine_steps.CompileCounter.__setitem__
+    monkeypatch.setattr(engine_steps.CompileCounter, "__setitem__",
+                        lambda counter, key, value: (tracing.append(threading.current_thread().name),
+                                                     bump(counter, key, value))[1])
+    # its own max_seq_len: programs compiled by other tests' loads of this folder are not this one's
+    model = ej.load_sharded_model(folder, max_seq_len=24, **mesh)
+    view = model.fixed_shapes(4)
+    ids = [[101, 7, 9, 102], [101] + list(range(20, 38)) + [102], [101, 5, 102]]
+    view.warmup(["mean", "cls"], workers=2)
+    assert len(tracing) == 2 * len(view.token_buckets()) and set(tracing) == {"energon-compile_0", "energon-compile_1"}
+    got = {p: view.encode(ids, pooling=p) for p in ("mean", "cls")}
+    assert len(tracing) == 2 * len(view.token_buckets())  # served from the warmed-up programs
+    warmed = dict(view._programs)
+    view._programs.clear()  # the same shapes through the jitted step, compiled on first call
+    try:
+        for p in got:
+            np.testing.assert_array_equal(got[p], view.encode(ids, pooling=p))
+            np.testing.assert_allclose(got[p], model.encode(ids, pooling=p), atol=2e-5, rtol=0)  # unbounded shapes
+    finally:
+        view._programs.update(warmed)
+    assert len(tracing) > 2 * len(view.token_buckets())

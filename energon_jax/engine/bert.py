@@ -26,7 +26,7 @@ from energon_jax.engine.base import ShardedModel, token_matrix
 from energon_jax.engine.packing import (MIN_SEQ_BUCKET, PackedChunk, check_sequences, pack_chunk, pack_microbatches,
                                         plan_chunks, token_buckets)
 from energon_jax.engine.pipeline import pipelined_microbatches
-from energon_jax.engine.steps import CompileCounter, bucket
+from energon_jax.engine.steps import CompileCounter, bucket, check_workers, compile_concurrently
 from energon_jax.loading import check_max_seq_len, pad_rows, place_params, stack_layers
 from energon_jax.runtime.checks import check_int
 from energon_jax.runtime.distributed import check_same_call, is_multiprocess, to_host
@@ -183,9 +183,10 @@ def _compiled_step(config: BertConfig, dtype, mesh, attention_impl: str):
     (engine/gpt._compiled_steps): models loaded twice share their compiled programs, and so their
     `compile_counts`. The step closes over nothing else: params are its argument (the cache keeps
     no model's weights alive), and the attention (impl, max length, a `fixed_shapes` view's choice)
-    and pooling are static arguments, part of each program's own jit key."""
+    and pooling are static arguments, part of each program's own jit key. The dict holds the
+    programs `BertModel.warmup` compiled, shared the same way: {(input shapes, attention, head): program}."""
     counter = CompileCounter()
-    return counter, make_bert_step(config, dtype, counter, mesh)
+    return counter, make_bert_step(config, dtype, counter, mesh), {}
 
 
 def _as_token_array(x) -> np.ndarray | None:
@@ -252,7 +253,7 @@ class BertModel(ShardedModel):
         takes that impl's step (and its `compile_counts`); a `fixed_shapes` view made before keeps its own."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={impl!r} is not supported; accepted: {ATTENTION_IMPLS}")
-        self.compile_counts, self._step = _compiled_step(self.config, self.dtype, self.mesh, impl)
+        self.compile_counts, self._step, self._programs = _compiled_step(self.config, self.dtype, self.mesh, impl)
         self._attention_impl = impl
 
     @property
@@ -295,15 +296,27 @@ class BertModel(ShardedModel):
         most = min(self.max_tokens_per_chunk, self.seq_slots * self.max_seq_len)
         return token_buckets(most, cap=self.max_tokens_per_chunk)
 
-    def warmup(self, poolings: Sequence[str] | None = None) -> None:
+    def warmup(self, poolings: Sequence[str] | None = None, workers: int | None = None) -> None:
         """Compile every program `encode` can run on this `fixed_shapes` view: one per token bucket
-        and pooling (default: every pooling this checkpoint has), on streams of padding only."""
+        and pooling (default: every pooling this checkpoint has), on streams of padding only, at once
+        on `workers` threads (steps.compile_concurrently), then run each once. Later dispatches of
+        those shapes, from any view or load of this model, go through these programs."""
+        check_workers(workers)
         poolings = poolings or [p for p in POOLINGS if p != "pooler" or self.config.has_pooler]
-        for t in self.token_buckets():
-            padding = pack_chunk(np.zeros(0, np.int64), [], [], max_tokens=self.max_tokens_per_chunk, num_tokens=t,
-                                 num_seq_slots=self.seq_slots)
+        pads = [[pack_chunk(np.zeros(0, np.int64), [], [], max_tokens=self.max_tokens_per_chunk, num_tokens=t,
+                            num_seq_slots=self.seq_slots)] * self.num_streams for t in self.token_buckets()]
+        lowerings = {}
+        for parts in pads:
+            arrays, attention, _ = self._step_inputs(parts)
             for pooling in poolings:
-                jax.block_until_ready(self._dispatch([padding] * self.num_streams, pooling)[0])
+                key = self._program_key(arrays, attention, pooling)
+                if key not in self._programs:
+                    lowerings[key] = functools.partial(self._step.lower, self.params, *arrays, attention=attention,
+                                                       head=pooling)
+        self._programs.update(compile_concurrently(lowerings, workers)[0])
+        for parts in pads:
+            for pooling in poolings:
+                jax.block_until_ready(self._dispatch(parts, pooling)[0])
 
     # ----------------------------------------------------------------- inputs
     def _check_ids(self, ids: np.ndarray, where: str) -> np.ndarray:
@@ -419,8 +432,17 @@ class BertModel(ShardedModel):
     def _dispatch(self, parts: list[PackedChunk], head: str):
         """Start one dispatch's packed streams through the step: (its result, its shape for EncodeStats)."""
         arrays, attention, max_len = self._step_inputs(parts)
-        out = self._step(self.params, *arrays, attention=attention, head=head)
+        compiled = self._programs.get(self._program_key(arrays, attention, head))
+        if compiled is not None:
+            out = compiled(self.params, *arrays)
+        else:
+            out = self._step(self.params, *arrays, attention=attention, head=head)
         return out, (parts[0].computed_tokens * len(parts), len(parts[0].cu_seqlens) - 1, max_len)
+
+    @staticmethod
+    def _program_key(arrays, attention, head: str) -> tuple:
+        """What picks a step's program besides the params: its inputs' shapes and dtypes and its static arguments."""
+        return tuple((a.shape, str(a.dtype)) for a in arrays), attention, head
 
     def _run(self, ids, types, head: str) -> list[tuple[PackedChunk, np.ndarray]]:
         """Run every packed chunk through the step: (packed stream, its result) pairs.

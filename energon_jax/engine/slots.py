@@ -20,11 +20,9 @@ samples for that prompt alone.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import time
 
 import jax
@@ -32,14 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.engine.sampling import SamplingParams, row_keys, step_keys
-from energon_jax.engine.steps import PAD_ID, CompileCounter, bucket
+from energon_jax.engine.steps import PAD_ID, CompileCounter, bucket, check_workers, compile_concurrently
 from energon_jax.runtime.sharding import CACHE_AXES, logical_to_sharding
 
 log = logging.getLogger(__name__)
-
-# Threads that compile `SlotEngine.warmup`'s programs at once, at most: XLA's own compile of each
-# program is multithreaded too, so more threads than this mostly share the same cores.
-MAX_COMPILE_WORKERS = 8
 
 
 @jax.tree_util.register_dataclass
@@ -310,36 +304,24 @@ class SlotEngine:
     def warmup(self, workers: int | None = None) -> float:
         """Compile every prefill bucket and decode step count, then run each once; returns seconds taken.
 
-        The programs compile concurrently on `workers` threads (default: one per program, at most
-        the CPU count and MAX_COMPILE_WORKERS): XLA compiles outside Python's lock, and serially a
-        24-layer model's 19 serving programs took 136 s to compile on an H200 (BENCHMARKS.md,
-        Serving, session 17). Later calls dispatch through these compiled programs, so nothing
-        compiles twice. A program that fails to compile raises here, after the others finished.
-        """
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers={workers!r} must be an int >= 1 (or None: one per program, at most "
-                             f"{MAX_COMPILE_WORKERS})")
+        The programs compile at once on `workers` threads (steps.compile_concurrently), and later
+        calls dispatch through them, so nothing compiles twice."""
+        check_workers(workers)
         t0 = time.perf_counter()
         params = self.model.params
-        lowerings = {}
-        for p, t in self.prefill_shapes:
-            inputs = self._prefill_inputs(list(range(p)), [[PAD_ID] * t] * p, temperature=[0.0] * p, top_k=[0] * p,
-                                          top_p=[1.0] * p, seed=[0] * p)
-            lowerings["prefill", (p, t)] = functools.partial(self._prefill.lower, params, self.state, *inputs)
+        pads = {(p, t): dict(slots=list(range(p)), prompts=[[PAD_ID] * t] * p, temperature=[0.0] * p, top_k=[0] * p,
+                             top_p=[1.0] * p, seed=[0] * p) for p, t in self.prefill_shapes}  # prompts of padding
+        lowerings = {("prefill", shape): functools.partial(self._prefill.lower, params, self.state,
+                                                           *self._prefill_inputs(**pad)) for shape, pad in pads.items()}
         for k in self.step_options:
             lowerings["decode", k] = functools.partial(self._decode.lower, params, self.state,
                                                        np.zeros(self.num_slots, bool), steps=k)
-        todo = {key: lower for key, lower in lowerings.items() if key not in self._programs}
-        if todo:
-            workers = workers or min(len(todo), os.cpu_count() or 1, MAX_COMPILE_WORKERS)
-            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="energon-compile") as pool:
-                futures = {key: pool.submit(lambda lower=lower: lower().compile()) for key, lower in todo.items()}
-                concurrent.futures.wait(futures.values())
-            self._programs.update({key: f.result() for key, f in futures.items()})  # the first failure raises
+        programs, workers = compile_concurrently(
+            {key: lower for key, lower in lowerings.items() if key not in self._programs}, workers)
+        self._programs.update(programs)
         compiled_s = time.perf_counter() - t0
-        for p, t in self.prefill_shapes:  # each program once: the device side of a first run (module loads)
-            self.prefill_batch(list(range(p)), [[PAD_ID] * t] * p, temperature=[0.0] * p, top_k=[0] * p,
-                               top_p=[1.0] * p, seed=[0] * p)
+        for pad in pads.values():  # each program once: the device side of a first run (module loads)
+            self.prefill_batch(**pad)
         for k in self.step_options:
             self.decode(k, np.zeros(self.num_slots, bool))
         jax.block_until_ready(self.state)
@@ -349,5 +331,5 @@ class SlotEngine:
         log.info("compiled %d prefill shapes (rows x tokens) %s and decode steps %s for %d slots in %.1f s "
                  "(%.1f s compiling on %s threads), ran each once in %.1f s",
                  len(self.prefill_shapes), [f"{p}x{t}" for p, t in self.prefill_shapes], list(self.step_options),
-                 self.num_slots, took, compiled_s, workers if todo else 0, took - compiled_s)
+                 self.num_slots, took, compiled_s, workers, took - compiled_s)
         return took
