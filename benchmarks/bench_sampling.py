@@ -62,7 +62,10 @@ def components(vocab: int):
     ops = [
         ("argmax", lambda x, k: jnp.argmax(x, -1)),
         ("jax.random.categorical (Gumbel-max over V)", lambda x, k: jax.vmap(jax.random.categorical)(k, x)),
-        ("sort_key_val over V (the sampler's sort)", lambda x, k: jax.lax.sort_key_val(-x, ids(x))[1][:, 0]),
+        ("sort_key_val over V", lambda x, k: jax.lax.sort_key_val(-x, ids(x))[1][:, 0]),
+        ("sort_key_val over V, stable (the sampler's sort)",
+         lambda x, k: jax.lax.sort_key_val(-x, ids(x), is_stable=True)[1][:, 0]),
+        ("sort over V by (value, id): two keys", lambda x, k: jax.lax.sort((-x, ids(x)), num_keys=2)[1][:, 0]),
         ("sort values over V", lambda x, k: jnp.sort(x, -1)[:, -1]),
         ("cumsum over V", lambda x, k: jnp.cumsum(x, -1)[:, -1]),
     ]
