@@ -55,10 +55,11 @@ def compile_concurrently(lowerings: dict[Hashable, Callable], workers: int | Non
     """{key: lower()} -> ({key: lower().compile()}, threads used), compiled on a thread pool.
 
     A warm-up compiles every program a server can run before it serves. XLA compiles outside
-    Python's lock, so the programs compile at once: serially, GPT-2 medium's 19 serving programs
-    took 136 s on an H200, on 8 threads 43.5 s (BENCHMARKS.md, Serving, session 18). Each program
-    is lowered (traced) in its worker too. workers: None = one per program, at most the CPU count
-    and MAX_COMPILE_WORKERS. A program that fails raises here, after the others finished."""
+    Python's lock, so programs can compile at once: GPT-2 medium's 19 serving programs took 120.8 s
+    one after another on an H200 and 45.1 s on 8 threads (benchmarks/warmup.py, BENCHMARKS.md
+    Serving, session 18); bert-base's were slower on threads (BertModel.warmup). Each program is
+    lowered (traced) in its worker too. workers: None = one per program, at most the CPU count and
+    MAX_COMPILE_WORKERS. A program that fails raises here, after the others finished."""
     check_workers(workers)
     if not lowerings:
         return {}, 0
