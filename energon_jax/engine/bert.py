@@ -299,7 +299,7 @@ class BertModel(ShardedModel):
     def warmup(self, poolings: Sequence[str] | None = None, workers: int | None = 1) -> None:
         """Compile every program `encode` can run on this `fixed_shapes` view: one per token bucket
         and pooling (default: every pooling this checkpoint has), on streams of padding only, on
-        `workers` threads (steps.compile_concurrently; None: one per program, at most 8), then run
+        `workers` threads (steps.compile_concurrently; None: its default), then run
         each once. Later dispatches of those shapes, from any view or load of this model, go through
         these programs.
 
