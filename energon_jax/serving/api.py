@@ -249,6 +249,7 @@ class Server:
                  embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True,
                  batch_wait: float = 0.02, switch_interval: float | None = 0.0005, tune_gc: bool = True,
                  prefill_window: float = 0.1):
+        options = dict(locals())  # the arguments, for _check_kind_options (before any other name is bound)
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
@@ -264,11 +265,7 @@ class Server:
         self.kind = "gpt" if hasattr(model, "generate") else "bert" if hasattr(model, "encode") else None
         if self.kind is None:
             raise TypeError(f"{type(model).__name__} has neither generate (GPT) nor encode (Bert)")
-        _check_kind_options(self.kind, dict(
-            decode_steps=decode_steps, cache_len=cache_len, request_timeout=request_timeout,
-            max_prefill_tokens=max_prefill_tokens,
-            max_prefill_batch=max_prefill_batch, prefill_batch_tokens=prefill_batch_tokens, batch_wait=batch_wait,
-            prefill_window=prefill_window, overlap=overlap, embed_max_wait=embed_max_wait))
+        _check_kind_options(self.kind, {k: v for k, v in options.items() if k in _GPT_ONLY + _BERT_ONLY})
         self.max_batch_size = check_int("max_batch_size", max_batch_size, 1)  # True was taken as 1
         self.max_queue = check_int("max_queue", max_queue, 0)
         self.request_timeout = check_timeout(request_timeout, "request_timeout")
