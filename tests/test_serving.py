@@ -834,8 +834,8 @@ def test_embedding_batcher_survives_cancelled_futures():
 def test_an_embedding_request_larger_than_a_batch_is_split_in_order():
     """One request with many inputs made one batch of all of them (past max_batch, the size the
     Server warmed up for, and one encode call as long as the request liked): it is now split
-    across batches of at most max_batch sequences, its result joined in input order, and the
-    requests behind it fill the room its last piece leaves."""
+    across batches of at most max_batch sequences, its result joined in input order, and after
+    each piece its rest goes behind the requests waiting then."""
     from energon_jax.serving.loop import EmbeddingBatcher
 
     class ListEncoder(FakeEncoder):  # pooling="none" gives a list of per-token arrays, as BertModel's
@@ -847,14 +847,18 @@ def test_an_embedding_request_larger_than_a_batch_is_split_in_order():
     batcher = EmbeddingBatcher(enc, max_batch=4, max_wait=0.05)
     big = [[i + 1] * (i % 3 + 1) for i in range(10)]
     futures = [batcher.submit(big), batcher.submit([[7], [8, 8], [9]]), batcher.submit([[5, 5]], pooling="none")]
+    finished = []
+    for i, f in enumerate(futures):
+        f.add_done_callback(lambda _, i=i: finished.append(i))
     batcher.start()  # all three wait in the queue: the batches are deterministic
     try:
         np.testing.assert_array_equal(futures[0].result(10), FakeEncoder().encode(big))
         np.testing.assert_array_equal(futures[1].result(10), [[1, 7], [2, 16], [1, 9]])
         (tokens,) = futures[2].result(10)
         np.testing.assert_array_equal(tokens, [[2, 10], [2, 10]])
-        # big[0:4], big[4:8], big[8:10] + two of the next, its last one + the pooling="none" request
-        assert enc.calls == [4, 4, 4, 1, 1], enc.calls
+        # big[0:4]; the two waiting requests (one call per pooling); big[4:8]; big[8:10]
+        assert enc.calls == [4, 3, 1, 4, 2], enc.calls
+        assert finished == [1, 2, 0]
     finally:
         batcher.stop()
 
@@ -868,6 +872,83 @@ def test_an_embedding_request_larger_than_a_batch_is_split_in_order():
         np.testing.assert_array_equal(after.result(10), [[1, 4]])
         assert batcher.alive and max(enc.calls) <= 2
     finally:
+        batcher.stop()
+
+
+class SteppedEncoder(FakeEncoder):
+    """A FakeEncoder whose each encode call waits for its own `step()`; `wait_calls(n)` waits until
+    n calls have begun."""
+
+    def __init__(self):
+        super().__init__()
+        self._steps, self._began = threading.Semaphore(0), threading.Semaphore(0)
+
+    def step(self):
+        self._steps.release()
+
+    def wait_calls(self, n):
+        for _ in range(n):
+            assert self._began.acquire(timeout=10)
+
+    def encode(self, inputs, **kw):
+        self._began.release()
+        assert self._steps.acquire(timeout=10)
+        return super().encode(inputs, **kw)
+
+
+def test_a_small_embedding_request_waits_for_one_piece_of_a_large_one_not_all_of_it():
+    """The rest of a split request led every following batch, so requests arriving behind a large
+    one waited for all of it (a 10,000-input request held up a one-sentence query for its whole
+    run). Its rest now goes behind the requests that arrived while its piece was encoded."""
+    from energon_jax.serving.loop import EmbeddingBatcher
+
+    enc = SteppedEncoder()
+    batcher = EmbeddingBatcher(enc, max_batch=4, max_wait=0.001)
+    batcher.start()
+    try:
+        big = batcher.submit([[1]] * 12)
+        enc.wait_calls(1)  # big[0:4] is being encoded
+        small, pair = batcher.submit([[5]]), batcher.submit([[6], [7, 7]])
+        order = []
+        for name, f in (("big", big), ("small", small), ("pair", pair)):
+            f.add_done_callback(lambda _, name=name: order.append(name))
+        for _ in range(4):
+            enc.step()
+        np.testing.assert_array_equal(small.result(10), [[1, 5]])
+        np.testing.assert_array_equal(pair.result(10), [[1, 6], [2, 14]])
+        np.testing.assert_array_equal(big.result(10), [[1, 1]] * 12)
+        # big[0:4]; the two that arrived + big[4:5] in the room left; big[5:9]; big[9:12]
+        assert enc.calls == [4, 4, 4, 3] and order == ["small", "pair", "big"], (enc.calls, order)
+    finally:
+        for _ in range(4):
+            enc.step()
+        batcher.stop()
+
+
+def test_the_embedding_queue_bound_counts_requests_taken_off_the_queue_but_not_yet_encoded():
+    from energon_jax.serving.loop import EmbeddingBatcher
+    from energon_jax.serving.scheduler import QueueFull
+
+    enc = SteppedEncoder()
+    batcher = EmbeddingBatcher(enc, max_batch=1, max_wait=0.001, max_queue=2)
+    batcher.start()
+    try:
+        first = batcher.submit([[1]])
+        enc.wait_calls(1)
+        waiting = [batcher.submit([[2]]), batcher.submit([[3]])]
+        with pytest.raises(QueueFull, match=r"the embedding queue is full \(2 requests\)"):
+            batcher.submit([[4]])
+        enc.step()
+        enc.wait_calls(1)  # the second is being encoded; the third waits, off the queue
+        later = batcher.submit([[4]])
+        with pytest.raises(QueueFull):
+            batcher.submit([[5]])
+        for _ in range(3):
+            enc.step()
+        assert [f.result(10)[0, 1] for f in [first, *waiting, later]] == [1, 2, 3, 4]
+    finally:
+        for _ in range(4):
+            enc.step()
         batcher.stop()
 
 

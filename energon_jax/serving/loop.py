@@ -228,10 +228,12 @@ class EmbeddingBatcher:
     `encoder.encode(all_sequences, pooling=, normalize=)` per (pooling, normalize) group.
 
     A batch never holds more than `max_batch` sequences: a request with more inputs than the
-    batch has room for is split across consecutive batches (its result joined in input order),
-    so one large request neither makes an encode call past the size the Server warmed up for
-    nor keeps the batcher in one call for as long as it likes. Requests are served in arrival
-    order; the rest of a split request leads the next batch.
+    batch has room for is split across batches (its result joined in input order), so one large
+    request neither makes an encode call past the size the Server warmed up for nor keeps the
+    batcher in one call for as long as it likes. Batches take requests in arrival order, and the
+    rest of a split request goes behind the requests that arrived while its piece was encoded:
+    a small request waits behind a large one for at most the large one's piece in progress, not
+    for all of it, and several large ones take turns.
 
     The encoder packs sequences by total tokens with no padding computed (BertModel.encode), so
     gathering concurrent requests fills one packed batch instead of many small ones.
@@ -245,6 +247,9 @@ class EmbeddingBatcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self._queue: queue.Queue = queue.Queue()
+        # requests taken off the queue with inputs not yet in a batch, in the order they get room
+        # (only the batcher thread changes it; submit reads its length for the queue bound)
+        self._pending: collections.deque[_EmbedJob] = collections.deque()
         self._accepting = True
         self._lock = threading.Lock()  # submit's accepting check + put, and stop's flag + sentinel
         self._thread = threading.Thread(target=self._run, name="energon-embedding-batcher", daemon=True)
@@ -263,48 +268,63 @@ class EmbeddingBatcher:
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down and admits no new requests")
-            if self._queue.qsize() >= self.max_queue:
+            if self._queue.qsize() + len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the embedding queue is full ({self.max_queue} requests); retry later")
             fut: concurrent.futures.Future = concurrent.futures.Future()
             self._queue.put(_EmbedJob(list(inputs), pooling, bool(normalize), fut))
         return fut
 
-    def _run(self) -> None:
-        carry: _EmbedJob | None = None  # a split request whose next piece leads the next batch
+    def _admit(self, job: _EmbedJob | None) -> bool:
+        """A job off the queue joins the pending ones (a future its caller cancelled is skipped; the
+        others can no longer be cancelled, so setting their results cannot fail: a cancelled one's
+        set_result killed this thread). False for stop()'s sentinel."""
+        if job is None:
+            return False
+        if job.future.set_running_or_notify_cancel():
+            self._pending.append(job)
+        return True
+
+    def _take_arrivals(self) -> bool:
+        """Every job queued so far joins the pending ones; False once stop()'s sentinel is read."""
         while True:
-            if carry is not None and carry.future.done():  # an earlier piece failed
-                carry = None
-            if carry is not None and not self._accepting:
-                carry.future.set_exception(ShuttingDown("the server stopped before this request was encoded"))
-                carry = None
-            if carry is not None:
-                job, carry = carry, None
-            else:
-                job = self._queue.get()
-                if job is None:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if not self._admit(job):
+                return False
+
+    def _run(self) -> None:
+        pending = self._pending
+        carry: _EmbedJob | None = None  # split by the last batch: its rest goes behind the arrivals
+        accepting = True  # False once the sentinel is read: what came before it is still encoded
+        while True:
+            if not pending and carry is None:
+                if not accepting or not self._admit(self._queue.get()):
                     return
-                # a future its caller cancelled is skipped; the others can no longer be cancelled,
-                # so setting their results cannot fail (a cancelled one's set_result killed this thread)
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-            pieces = [job.take(self.max_batch)]
-            count = pieces[0][2] - pieces[0][1]
-            carry = None if job.all_taken else job
-            end = time.monotonic() + self.max_wait
-            while count < self.max_batch:
+            accepting = accepting and self._take_arrivals()
+            if carry is not None and not carry.future.done():  # done: an earlier piece failed
+                if self._accepting:
+                    pending.append(carry)
+                else:
+                    carry.future.set_exception(ShuttingDown("the server stopped before this request was encoded"))
+            carry = None
+            if not pending:
+                continue
+            end = time.monotonic() + self.max_wait  # room left: wait a little for more
+            while accepting and sum(len(j.inputs) - j.taken for j in pending) < self.max_batch:
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, end - time.monotonic()))
+                    job = self._queue.get(timeout=max(0.0, end - time.monotonic()))
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                if not nxt.future.set_running_or_notify_cancel():
-                    continue
-                pieces.append(nxt.take(self.max_batch - count))
+                accepting = self._admit(job)
+            pieces, count = [], 0
+            while pending and count < self.max_batch:
+                job = pending.popleft()
+                pieces.append(job.take(self.max_batch - count))
                 count += pieces[-1][2] - pieces[-1][1]
-                if not nxt.all_taken:
-                    carry = nxt  # the batch is full
+                if not job.all_taken:
+                    carry = job  # the batch is full
             try:
                 self._encode(pieces)
             except Exception as e:  # a bug here must fail this batch, not every later request
