@@ -64,6 +64,9 @@ def _worker(spec_path: str, out_path: str) -> None:
                                       mesh.devices.reshape(-1, mesh.shape["tensor"])]
     model = ej.load_sharded_model(spec["gpt"], **GPT_LAYOUT)
     out["gpt"] = _gpt_results(model)
+    per_device = model.param_bytes_per_device()  # all 8 devices, in the mesh's order
+    out["weight_bytes"] = [per_device.get(d) for d in model.mesh.devices.flat]
+    out["memory_report_lines"] = len(model.memory_report().splitlines())
     # a random seed is drawn on process 0 and used by all (same shapes as above: no new compile)
     out["unseeded"] = [o.token_ids for o in model.generate(PROMPTS, max_new_tokens=MAX_NEW, temperature=1.0)]
     try:  # different prompts on each process: an error on both, not a hang
@@ -180,8 +183,12 @@ def test_two_processes_equal_one(tiny_gpt2_factory, tiny_bert_factory, tmp_path)
         assert r["tensor_groups_processes"] == [[0]] * 2 + [[1]] * 2  # tensor groups stay within a host
         assert "processes [1] were called with inputs that differ" in r["mismatch_error"]
     # every process returns the same, to the last bit
-    for key in ("gpt", "unseeded", "converted_greedy", "bert", "converted_pp", "bert_converted_pp"):
+    for key in ("gpt", "unseeded", "converted_greedy", "bert", "converted_pp", "bert_converted_pp", "weight_bytes"):
         assert results[0][key] == results[1][key], key
+    # each process reports every device's weights, as one process with the same mesh does
+    one = ej.load_sharded_model(gpt_folder, **GPT_LAYOUT)
+    assert results[0]["weight_bytes"] == [one.param_bytes_per_device()[d] for d in one.mesh.devices.flat]
+    assert results[0]["memory_report_lines"] == 2 + 8
     got = results[0]["gpt"]
     assert got["greedy"] == one_gpt["greedy"] == hf_tokens == results[0]["converted_greedy"]
     assert got["reasons"] == one_gpt["reasons"]

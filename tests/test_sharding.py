@@ -101,6 +101,11 @@ def test_weight_bytes_per_device_bound(gpt2_folder, tp, pp):
                 if any(k in jax.tree_util.keystr(path) for k in ("ln_", "out_bias", "proj_bias")))
     per_device = model.param_bytes_per_device()
     assert len(per_device) == tp * pp
+    held = {}  # what the shards occupy, read from the arrays
+    for _, x in leaves:
+        for shard in x.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    assert per_device == held
     assert max(per_device.values()) <= total / (tp * pp) + small
     # No device holds a whole vocabulary matrix.
     wte = model.params["wte"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import math
 
 import jax
 import numpy as np
@@ -59,11 +60,14 @@ class ShardedModel:
         return put_global(np.asarray(value), NamedSharding(self.mesh, PartitionSpec()))
 
     def param_bytes_per_device(self) -> dict:
-        """Bytes of parameters held by each device (what its shards really occupy)."""
+        """Bytes of parameters held by each device of the mesh, this process's and the other
+        processes' alike: from each array's sharding (the index every device holds), so nothing is
+        read and no process needs another's shards."""
         per_device = collections.Counter()
         for arr in jax.tree.leaves(self.params):
-            for shard in arr.addressable_shards:
-                per_device[shard.device] += shard.data.nbytes
+            for device, index in arr.sharding.devices_indices_map(arr.shape).items():
+                per_device[device] += arr.dtype.itemsize * math.prod(
+                    len(range(*part.indices(dim))) for part, dim in zip(index, arr.shape))
         return dict(per_device)
 
     def kv_cache_bytes_per_device(self, batch: int, length: int) -> int:
@@ -71,7 +75,7 @@ class ShardedModel:
         return 0
 
     def memory_report(self, batch: int = 1, length: int | None = None) -> str:
-        """Weights and KV cache per device, as text (one line per device)."""
+        """Weights and KV cache per device of the mesh (every process's), as text (one line per device)."""
         length = length or self.max_seq_len
         kv = self.kv_cache_bytes_per_device(batch, length)
         lines = [f"{self!r}", f"mesh {dict(self.mesh.shape)}; KV cache for batch={batch}, length={length}"]
