@@ -446,10 +446,15 @@ class BertModel(ShardedModel):
             out = self._step(self.params, *arrays, attention=attention, head=head)
         return out, (parts[0].computed_tokens * len(parts), len(parts[0].cu_seqlens) - 1, max_len)
 
-    @staticmethod
-    def _program_key(arrays, attention, head: str) -> tuple:
-        """What picks a step's program besides the params: its inputs' shapes and dtypes and its static arguments."""
-        return tuple((a.shape, str(a.dtype)) for a in arrays), attention, head
+    def _program_key(self, arrays, attention, head: str) -> tuple:
+        """What a step's program was compiled for: the params' shapes, dtypes and shardings (every
+        load of a model shares the programs, but a model built or placed otherwise must not call
+        them: a Compiled refuses other shardings), its inputs' shapes and dtypes and its static
+        arguments. The params' part is computed once per params object."""
+        if getattr(self, "_params_key_of", None) is not self.params:
+            self._params_key = tuple((x.shape, str(x.dtype), x.sharding) for x in jax.tree.leaves(self.params))
+            self._params_key_of = self.params
+        return self._params_key, tuple((a.shape, str(a.dtype)) for a in arrays), attention, head
 
     def _run(self, ids, types, head: str) -> list[tuple[PackedChunk, np.ndarray]]:
         """Run every packed chunk through the step: (packed stream, its result) pairs.

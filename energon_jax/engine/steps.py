@@ -58,19 +58,29 @@ def compile_concurrently(lowerings: dict[Hashable, Callable], workers: int | Non
     Python's lock, so programs can compile at once: GPT-2 medium's 19 serving programs took 120.8 s
     one after another on an H200 and 45.1 s on 8 threads (benchmarks/warmup.py, BENCHMARKS.md
     Serving, session 18); bert-base's were slower on threads (BertModel.warmup). Each program is
-    lowered (traced) in its worker too. workers: None = on a GPU one per program, at most the CPU
-    count and MAX_COMPILE_WORKERS; elsewhere one (XLA's CPU compiler already uses the cores: on a
-    2-core machine 12 programs of a 1-layer model took 34.8 s on 2 threads against 32.0 s on one).
-    A program that fails raises here, after the others finished."""
+    lowered (traced) in the calling thread, so the caller's thread-local jax settings (matmul
+    precision, x64, ...) apply as they do to a jit call, while the programs lowered before it
+    compile. workers: None = on a GPU one per program, at most the CPU count and
+    MAX_COMPILE_WORKERS; elsewhere one (XLA's CPU compiler already uses the cores: on a 2-core
+    machine 12 programs of a 1-layer model took 34.8 s on 2 threads against 32.0 s on one).
+    A program that fails, or a KeyboardInterrupt, raises here; compiles not yet begun are dropped."""
     check_workers(workers)
     if not lowerings:
         return {}, 0
     if workers is None:
         workers = min(len(lowerings), os.cpu_count() or 1, MAX_COMPILE_WORKERS) if jax.default_backend() == "gpu" else 1
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="energon-compile") as pool:
-        futures = {key: pool.submit(lambda lower=lower: lower().compile()) for key, lower in lowerings.items()}
-        concurrent.futures.wait(futures.values())
-    return {key: f.result() for key, f in futures.items()}, workers
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="energon-compile")
+    futures = {}
+    try:
+        for key, lower in lowerings.items():
+            futures[key] = pool.submit(lower().compile)
+        concurrent.futures.wait(futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION)
+        compiled = {key: f.result() for key, f in futures.items()}
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # the one compiling finishes; the rest never start
+        raise
+    pool.shutdown()
+    return compiled, workers
 
 
 @dataclasses.dataclass(frozen=True)
