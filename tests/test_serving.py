@@ -925,6 +925,31 @@ def test_a_small_embedding_request_waits_for_one_piece_of_a_large_one_not_all_of
         batcher.stop()
 
 
+def test_an_embedding_request_waiting_behind_batches_can_still_be_cancelled():
+    """Requests taken off the queue to wait their turn were marked running at once, so a caller
+    could no longer cancel one several batches from being encoded: it was encoded anyway."""
+    from energon_jax.serving.loop import EmbeddingBatcher
+
+    enc = SteppedEncoder()
+    batcher = EmbeddingBatcher(enc, max_batch=2, max_wait=0.001)
+    batcher.start()
+    try:
+        first = batcher.submit([[1], [2]])
+        enc.wait_calls(1)
+        backlog = [batcher.submit([[10 + i]]) for i in range(6)]
+        enc.step()
+        enc.wait_calls(1)  # backlog[0:2] is being encoded; the other four wait their turn
+        assert backlog[-1].cancel() and backlog[-1].cancelled()
+        for _ in range(3):
+            enc.step()
+        assert [f.result(10)[0, 1] for f in [first] + backlog[:-1]] == [1, 10, 11, 12, 13, 14]
+        assert enc.calls == [2, 2, 2, 1]  # the cancelled one was never encoded
+    finally:
+        for _ in range(4):
+            enc.step()
+        batcher.stop()
+
+
 def test_the_embedding_queue_bound_counts_requests_taken_off_the_queue_but_not_yet_encoded():
     from energon_jax.serving.loop import EmbeddingBatcher
     from energon_jax.serving.scheduler import QueueFull
@@ -984,12 +1009,12 @@ def test_an_embedding_request_racing_stop_is_answered_not_lost():
 
     paused, go = threading.Event(), threading.Event()
 
-    class PausingQueue(queue_mod.Queue):  # submit's qsize() waits for `go`: stop() runs meanwhile
-        def qsize(self):
+    class PausingQueue(queue_mod.Queue):  # submit's put waits for `go`, after its check: stop() runs meanwhile
+        def put(self, item, *args, **kwargs):
             if threading.current_thread().name == "submitter" and not go.is_set():
                 paused.set()
                 go.wait(10)
-            return super().qsize()
+            return super().put(item, *args, **kwargs)
 
     batcher = EmbeddingBatcher(FakeEncoder(), max_wait=0.001)
     batcher._queue = PausingQueue()

@@ -248,10 +248,12 @@ class EmbeddingBatcher:
         self.metrics = metrics
         self._queue: queue.Queue = queue.Queue()
         # requests taken off the queue with inputs not yet in a batch, in the order they get room
-        # (only the batcher thread changes it; submit reads its length for the queue bound)
+        # (the batcher thread's alone); their futures stay pending, so a caller can still cancel
         self._pending: collections.deque[_EmbedJob] = collections.deque()
+        self._waiting = 0  # requests submitted and not yet in a batch (queued or pending): max_queue's count
         self._accepting = True
-        self._lock = threading.Lock()  # submit's accepting check + put, and stop's flag + sentinel
+        # submit's accepting check + count + put, stop's flag + sentinel, and the batcher's count down
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="energon-embedding-batcher", daemon=True)
         self.batches = 0
 
@@ -268,21 +270,27 @@ class EmbeddingBatcher:
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down and admits no new requests")
-            if self._queue.qsize() + len(self._pending) >= self.max_queue:
+            if self._waiting >= self.max_queue:
                 raise QueueFull(f"the embedding queue is full ({self.max_queue} requests); retry later")
             fut: concurrent.futures.Future = concurrent.futures.Future()
             self._queue.put(_EmbedJob(list(inputs), pooling, bool(normalize), fut))
+            self._waiting += 1
         return fut
 
     def _admit(self, job: _EmbedJob | None) -> bool:
-        """A job off the queue joins the pending ones (a future its caller cancelled is skipped; the
-        others can no longer be cancelled, so setting their results cannot fail: a cancelled one's
-        set_result killed this thread). False for stop()'s sentinel."""
+        """A job off the queue joins the pending ones; False for stop()'s sentinel."""
         if job is None:
             return False
-        if job.future.set_running_or_notify_cancel():
-            self._pending.append(job)
+        self._pending.append(job)
         return True
+
+    def _start(self, job: _EmbedJob) -> bool:
+        """A job's first piece goes into a batch: it no longer counts as waiting, and its future can
+        no longer be cancelled, so setting its result cannot fail (a cancelled one's set_result
+        killed this thread). False if its caller cancelled it while it waited: it is skipped."""
+        with self._lock:
+            self._waiting -= 1
+        return job.future.set_running_or_notify_cancel()
 
     def _take_arrivals(self) -> bool:
         """Every job queued so far joins the pending ones; False once stop()'s sentinel is read."""
@@ -321,6 +329,8 @@ class EmbeddingBatcher:
             pieces, count = [], 0
             while pending and count < self.max_batch:
                 job = pending.popleft()
+                if job.taken == 0 and not self._start(job):
+                    continue
                 pieces.append(job.take(self.max_batch - count))
                 count += pieces[-1][2] - pieces[-1][1]
                 if not job.all_taken:
