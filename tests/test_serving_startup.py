@@ -145,6 +145,32 @@ def test_energon_serve_names_a_url_a_client_can_open(monkeypatch, caplog):
         "serving fake on http://[::1]:8006 (compiling before /health reports ready)"], caplog.messages
 
 
+def test_energon_serve_runs_off_the_main_thread_and_leaves_sigterm_as_it_found_it(monkeypatch):
+    """_run's SIGTERM handler (what follows serve_http runs after SIGTERM) raised "signal only works
+    in main thread" when _run ran on another thread, as an embedding application may run it."""
+    import threading
+
+    from energon_jax.serving import Server, cli_verbs
+
+    monkeypatch.setattr(Server, "serve_http", lambda self, **kw: None)
+    before = signal.getsignal(signal.SIGTERM)
+    got = {}
+
+    def serve():
+        try:
+            got["rc"] = cli_verbs._run(FakeBert(), host="127.0.0.1", port=8007, max_batch_size=2, max_queue=4,
+                                       name="fake")
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            got["error"] = e
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join(60)
+    assert got == {"rc": 0}
+    assert cli_verbs._run(FakeBert(), host="127.0.0.1", port=8007, max_batch_size=2, max_queue=4, name="fake") == 0
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_embed_refuses_a_bare_string():
     """server.embed("hello") embedded each character of the string (list("hello")) without a word."""
     from energon_jax.serving import Server

@@ -9,6 +9,7 @@ import runpy
 import signal
 import socket
 import sys
+import threading
 import types
 
 from energon_jax.cli import add_parallel_args
@@ -173,10 +174,13 @@ def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, reques
              f"{note}; " if note else "")
     code = 0
     # uvicorn raises SIGTERM again after its graceful shutdown, under the handler it found: the
-    # default one ends the process inside serve_http, before the stop and the lines below run
-    previous = signal.getsignal(signal.SIGTERM)
+    # default one ends the process inside serve_http, before the stop and the lines below run.
+    # Only the main thread handles signals (off it, uvicorn installs no handlers either).
+    handles = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if handles else None
     try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        if handles:
+            signal.signal(signal.SIGTERM, _raise_terminated)
         server.serve_http(host=host, port=port, log_level=log_level if log_level != "trace" else "debug",
                           shutdown_timeout=shutdown_timeout)
     except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown
@@ -189,7 +193,8 @@ def _run(model, *, host, port, max_batch_size, max_queue, decode_steps=8, reques
         print(f"energon serve: error: {e}", file=sys.stderr)
         code = 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if handles:  # None: a handler not set from Python; the default is the nearest
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     server.stop()
     warm = getattr(server, "warmup_thread", None)
     compiling = warm is not None and warm.is_alive()
