@@ -284,7 +284,7 @@ class EmbeddingBatcher:
         self._pending.append(job)
         return True
 
-    def _start(self, job: _EmbedJob) -> bool:
+    def _begin(self, job: _EmbedJob) -> bool:
         """A job's first piece goes into a batch: it no longer counts as waiting, and its future can
         no longer be cancelled, so setting its result cannot fail (a cancelled one's set_result
         killed this thread). False if its caller cancelled it while it waited: it is skipped."""
@@ -329,7 +329,7 @@ class EmbeddingBatcher:
             pieces, count = [], 0
             while pending and count < self.max_batch:
                 job = pending.popleft()
-                if job.taken == 0 and not self._start(job):
+                if job.taken == 0 and not self._begin(job):
                     continue
                 pieces.append(job.take(self.max_batch - count))
                 count += pieces[-1][2] - pieces[-1][1]
