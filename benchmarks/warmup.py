@@ -9,7 +9,7 @@ program compiles cold, as on a fresh machine, and no process reuses another's au
   (64 slots, cache 1,024, the Server's prefill defaults): 14 prefill and 5 decode programs.
 - bert: bert-base shapes with random bf16 weights, a Server's view of 64 sequences (`fixed_shapes(64)`),
   mean and cls pooling.
-workers 0 is the default: one thread per program, at most steps.MAX_COMPILE_WORKERS.
+workers 0 is the default (steps.default_compile_workers).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def child(kind: str, workers: int, layers: int) -> dict:
     sys.path.insert(0, HERE)
     import jax
 
-    from energon_jax.engine.steps import MAX_COMPILE_WORKERS
+    from energon_jax.engine.steps import default_compile_workers
 
     if kind == "gpt":
         from serve import random_gpt2
@@ -51,7 +51,7 @@ def child(kind: str, workers: int, layers: int) -> dict:
         t0 = time.perf_counter()
         view.warmup(["mean", "cls"], workers=workers or None)
         seconds = time.perf_counter() - t0
-    threads = workers or min(programs, os.cpu_count() or 1, MAX_COMPILE_WORKERS)
+    threads = workers or default_compile_workers(programs)
     return {"kind": kind, "threads": threads, "programs": programs, "seconds": round(seconds, 1),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 

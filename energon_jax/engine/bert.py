@@ -26,7 +26,7 @@ from energon_jax.engine.base import ShardedModel, token_matrix
 from energon_jax.engine.packing import (MIN_SEQ_BUCKET, PackedChunk, check_sequences, pack_chunk, pack_microbatches,
                                         plan_chunks, token_buckets)
 from energon_jax.engine.pipeline import pipelined_microbatches
-from energon_jax.engine.steps import CompileCounter, bucket, check_workers, compile_concurrently
+from energon_jax.engine.steps import CompileCounter, bucket, compile_concurrently
 from energon_jax.loading import check_max_seq_len, pad_rows, place_params, stack_layers
 from energon_jax.runtime.checks import check_int
 from energon_jax.runtime.distributed import check_same_call, is_multiprocess, to_host
@@ -308,7 +308,6 @@ class BertModel(ShardedModel):
         where GPT-2 medium's took 120.8 s against 45.1 s. Why was not measured; unlike GPT's
         Pallas kernels, Bert's varlen kernel is compiled by jax-triton in Python as each program is
         lowered."""
-        check_workers(workers)
         poolings = poolings or [p for p in POOLINGS if p != "pooler" or self.config.has_pooler]
         pads = [[pack_chunk(np.zeros(0, np.int64), [], [], max_tokens=self.max_tokens_per_chunk, num_tokens=t,
                             num_seq_slots=self.seq_slots)] * self.num_streams for t in self.token_buckets()]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.engine.sampling import SamplingParams, row_keys, step_keys
-from energon_jax.engine.steps import PAD_ID, CompileCounter, bucket, check_workers, compile_concurrently
+from energon_jax.engine.steps import PAD_ID, CompileCounter, bucket, compile_concurrently
 from energon_jax.runtime.sharding import CACHE_AXES, logical_to_sharding
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,6 @@ class SlotEngine:
 
         The programs compile at once on `workers` threads (steps.compile_concurrently), and later
         calls dispatch through them, so nothing compiles twice."""
-        check_workers(workers)
         t0 = time.perf_counter()
         params = self.model.params
         pads = {(p, t): dict(slots=list(range(p)), prompts=[[PAD_ID] * t] * p, temperature=[0.0] * p, top_k=[0] * p,

@@ -43,11 +43,15 @@ class CompileCounter(collections.Counter):
 MAX_COMPILE_WORKERS = 8
 
 
-def check_workers(workers) -> int | None:
+def check_workers(workers) -> None:
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers={workers!r} must be an int >= 1 (or None: on a GPU one per program, at most "
                          f"{MAX_COMPILE_WORKERS})")
-    return workers
+
+
+def default_compile_workers(programs: int) -> int:
+    """compile_concurrently's threads for `programs` programs when none are asked for."""
+    return min(programs, os.cpu_count() or 1, MAX_COMPILE_WORKERS) if jax.default_backend() == "gpu" else 1
 
 
 def compile_concurrently(lowerings: dict[Hashable, Callable], workers: int | None = None
@@ -60,15 +64,14 @@ def compile_concurrently(lowerings: dict[Hashable, Callable], workers: int | Non
     Serving, session 18); bert-base's were slower on threads (BertModel.warmup). Each program is
     lowered (traced) in the calling thread, so the caller's thread-local jax settings (matmul
     precision, x64, ...) apply as they do to a jit call, while the programs lowered before it
-    compile. workers: None = on a GPU one per program, at most the CPU count and
-    MAX_COMPILE_WORKERS; elsewhere one (XLA's CPU compiler already uses the cores: on a 2-core
-    machine 12 programs of a 1-layer model took 34.8 s on 2 threads against 32.0 s on one).
+    compile. workers: None = default_compile_workers: on a GPU one per program, at most the CPU
+    count and MAX_COMPILE_WORKERS; elsewhere one (XLA's CPU compiler already uses the cores: on a
+    2-core machine 12 programs of a 1-layer model took 34.8 s on 2 threads against 32.0 s on one).
     A program that fails, or a KeyboardInterrupt, raises here; compiles not yet begun are dropped."""
     check_workers(workers)
     if not lowerings:
         return {}, 0
-    if workers is None:
-        workers = min(len(lowerings), os.cpu_count() or 1, MAX_COMPILE_WORKERS) if jax.default_backend() == "gpu" else 1
+    workers = workers or default_compile_workers(len(lowerings))
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="energon-compile")
     futures = {}
     try:
