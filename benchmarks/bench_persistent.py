@@ -162,6 +162,23 @@ def _kernel(x_ref, g1_ref, be1_ref, wq_ref, bq_ref, wo_ref, bo_ref, g2_ref, be2_
                 epilogue(acc, j, s, cols)
             return carry
 
+        if cfg.get("clamp") and items <= g:
+            # one item a program, no loop and no branch around the K loop: the programs past the last
+            # item redo it and store the same values
+            it = jnp.minimum(pid, items - 1)
+            j, s = it // splits, it % splits
+            cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+            def step1(c, acc):
+                ks = pl.ds(pl.multiple_of((s * ksteps + c) * bk, bk), bk)
+                w = w_ref[cols, ks]
+                a = a_ref[:, ks]
+                if swap:
+                    return acc + jax.lax.dot_general(w, a, (((1,), (1,)), ((), ())), preferred_element_type=f32).T
+                return acc + jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+
+            epilogue(jax.lax.fori_loop(0, ksteps, step1, jnp.zeros((m, bn), f32)), j, s, cols)
+            return
         jax.lax.fori_loop(0, pl.cdiv(items, g), item, 0)
 
     def n1():
@@ -252,12 +269,12 @@ def workspace(m, e, f, cfg):
             jnp.zeros((m, f), bf), jnp.zeros((cfg["G4"][2], m, e), f32), jnp.zeros((4,), jnp.int32))
 
 
-def layer_pallas(x, p, ws, cfg, *, launches="one", sync=True, interpret=False):
+def layer_pallas(x, p, ws, cfg, *, launches="one", sync=True, interpret=False, phases=PHASES):
     """One layer through the kernel: launches "one" (persistent, barriers unless sync=False) or
     "seven" (one launch a phase; y is the last launch's). ws: the workspace (workspace()), threaded
     from call to call, updated in place. Returns (y, ws)."""
     weights = (*p["ln1"], *p["qkv"], *p["out"], *p["ln2"], *p["fc"], *p["proj"])
-    groups = [PHASES] if launches == "one" else [(ph,) for ph in PHASES]
+    groups = [phases] if launches == "one" else [(ph,) for ph in phases]
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -294,14 +311,17 @@ def cpu_check():
     cfg = {"programs": 24, "warps": 4, "stages": 3, "G1": (16, 64, False), "G2": (16, 32, 2, True),
            "G3": (32, 64, True), "G4": (16, 64, 4, False)}
     x, params = case(m, e, f, 2, seed=1)
-    ws = workspace(m, e, f, cfg)
-    y_ref, y = x, x
-    for p in params:
-        y_ref = layer_xla(y_ref, p)
-        y, ws = layer_pallas(y, p, ws, cfg, launches="seven", interpret=True)
-    err = rel_l2(y, y_ref)
-    say(f"cpu check (interpreter, seven launches, 2 layers, M{m} E{e} F{f}): rel L2 {err:.2e}")
-    return err < 2e-2
+    ok = True
+    for c in (cfg, dict(cfg, clamp=True)):
+        ws = workspace(m, e, f, c)
+        y_ref, y = x, x
+        for p in params:
+            y_ref = layer_xla(y_ref, p)
+            y, ws = layer_pallas(y, p, ws, c, launches="seven", interpret=True)
+        err = rel_l2(y, y_ref)
+        say(f"cpu check (interpreter, seven launches, 2 layers, M{m} E{e} F{f}, {label(c)}): rel L2 {err:.2e}")
+        ok &= err < 2e-2
+    return ok
 
 
 def time_us(fn, *args, inner=3, repeats=7):
@@ -324,6 +344,8 @@ def main():
     parser.add_argument("--embed", type=int, default=1024)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--cpu-check", action="store_true")
+    parser.add_argument("--probe", action="store_true",
+                        help="time each phase alone and GEMM-phase settings, one launch, no barriers (timing only)")
     args = parser.parse_args()
     if args.cpu_check:
         sys.exit(0 if cpu_check() else 1)
@@ -382,6 +404,9 @@ def main():
         return per
 
     cfg = default_cfg(sms)
+    if args.probe:
+        probe(cfg, sms, timed, check)
+        return
     check(cfg, "seven")
     good_one = check(cfg, "one")
     base = timed("XLA", layer_xla, False)
@@ -413,8 +438,35 @@ def main():
             fh.write("\n".join(LINES) + "\n")
 
 
+def probe(cfg, sms, timed, check):
+    """Where the kernel's time goes: each phase alone in one launch without barriers (wrong results,
+    timing only), an empty launch, then the GEMM phases under settings that put more bytes in flight
+    per SM."""
+    cfg = dict(cfg, stages=4)
+    check(dict(cfg, clamp=True), "one")
+    for phases in ((), *((ph,) for ph in PHASES)):
+        timed(f"phases {'+'.join(phases) or 'none'} alone, {label(cfg)}",
+              functools.partial(layer_pallas, cfg=cfg, sync=False, phases=phases), True, cfg)
+    for g1, g3, g4, warps, stages, programs, clamp in (
+            ((32, 128, True), (32, 128, True), (32, 128, 4, True), 4, 4, sms, True),
+            ((32, 256, True), (32, 256, True), (32, 256, 4, True), 4, 4, sms, True),
+            ((32, 256, True), (32, 256, True), (32, 256, 4, True), 8, 4, sms, True),
+            ((32, 512, True), (32, 512, True), (32, 512, 4, True), 4, 2, sms, True),
+            ((32, 512, True), (32, 512, True), (32, 512, 4, True), 8, 2, sms, True),
+            ((32, 1024, True), (32, 1024, True), (32, 1024, 4, True), 8, 1, sms, True),
+            ((32, 1024, True), (32, 1024, True), (32, 1024, 4, True), 4, 1, sms, True),
+            ((16, 256, True), (16, 256, True), (16, 256, 8, True), 4, 4, 2 * sms, False),
+            ((16, 512, True), (16, 512, True), (16, 512, 8, True), 4, 2, 2 * sms, False),
+            ((32, 256, True), (32, 256, True), (32, 256, 4, True), 4, 4, 2 * sms, False),
+            ((64, 256, True), (64, 256, True), (32, 256, 4, True), 8, 4, sms, False)):
+        trial = dict(cfg, G1=g1, G3=g3, G4=g4, warps=warps, stages=stages, programs=programs, clamp=clamp)
+        for ph in ("G1", "G3", "G4"):
+            timed(f"{ph} alone, {label(trial)}", functools.partial(layer_pallas, cfg=trial, sync=False, phases=(ph,)),
+                  True, trial)
+
+
 def label(cfg):
-    return (f"G{cfg['programs']} w{cfg['warps']} s{cfg['stages']} qkv{cfg['G1']} out{cfg['G2']} fc{cfg['G3']}"
+    return (f"{'clamped ' if cfg.get('clamp') else ''}G{cfg['programs']} w{cfg['warps']} s{cfg['stages']} qkv{cfg['G1']} out{cfg['G2']} fc{cfg['G3']}"
             f" proj{cfg['G4']}").replace(" ", " ").replace("True", "T").replace("False", "F")
 
 
