@@ -50,6 +50,7 @@ import time
 import numpy as np
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -344,6 +345,8 @@ def main():
     parser.add_argument("--embed", type=int, default=1024)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--cpu-check", action="store_true")
+    parser.add_argument("--trace", action="store_true",
+                        help="profile the chain of each form and list its kernels per layer (GPU time against wall)")
     parser.add_argument("--probe", action="store_true",
                         help="time each phase alone and GEMM-phase settings, one launch, no barriers (timing only)")
     args = parser.parse_args()
@@ -407,6 +410,9 @@ def main():
     if args.probe:
         probe(cfg, sms, timed, check)
         return
+    if args.trace:
+        trace(x, params, m, e, f, dict(cfg, stages=4))
+        return
     check(cfg, "seven")
     good_one = check(cfg, "one")
     base = timed("XLA", layer_xla, False)
@@ -436,6 +442,37 @@ def main():
     if os.environ.get("OUT"):
         with io.open(os.path.join(os.environ["OUT"], "persistent.txt"), "w") as fh:
             fh.write("\n".join(LINES) + "\n")
+
+
+def trace(x, params, m, e, f, cfg):
+    """Each form's chain under the profiler: its kernels per layer, GPU-busy time against wall."""
+    import tempfile
+
+    from profile_decode import summarise, trace_kernels
+
+    forms = {"XLA": (layer_xla, False),
+             "empty launch": (functools.partial(layer_pallas, cfg=cfg, sync=False, phases=()), True),
+             "one launch, no barriers": (functools.partial(layer_pallas, cfg=cfg, sync=False), True),
+             "one launch": (functools.partial(layer_pallas, cfg=cfg), True),
+             "seven launches": (functools.partial(layer_pallas, cfg=cfg, launches="seven"), True)}
+    for name, (fn, with_ws) in forms.items():
+        def passes(x, ps, ws, fn=fn, with_ws=with_ws):
+            def body(i, carry):
+                xc, w = carry
+                for p in ps:
+                    xc, w = fn(xc, p, w) if with_ws else (fn(xc, p), w)
+                return xc, w
+            return jax.lax.fori_loop(0, REPEATS, body, (x, ws))
+        run = jax.jit(passes)
+        ws = workspace(m, e, f, cfg) if with_ws else ()
+        jax.block_until_ready(run(x, params, ws))
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(x, params, ws))
+        wall = time.perf_counter() - t0
+        say(f"--- {name}: kernels per layer (a chain of {len(params)} layers x {REPEATS} passes)")
+        kernels = trace_kernels(lambda: jax.block_until_ready(run(x, params, ws)), tempfile.mkdtemp())
+        out = summarise(kernels, len(params) * REPEATS, wall, top=12)
+        say(f"{name}: {out}")
 
 
 def probe(cfg, sms, timed, check):
