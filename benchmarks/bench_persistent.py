@@ -347,6 +347,8 @@ def main():
     parser.add_argument("--cpu-check", action="store_true")
     parser.add_argument("--trace", action="store_true",
                         help="profile the chain of each form and list its kernels per layer (GPU time against wall)")
+    parser.add_argument("--launch-cost", action="store_true",
+                        help="time empty Pallas launches in the chain, with and without the workspace and weights")
     parser.add_argument("--probe", action="store_true",
                         help="time each phase alone and GEMM-phase settings, one launch, no barriers (timing only)")
     args = parser.parse_args()
@@ -413,6 +415,9 @@ def main():
     if args.trace:
         trace(x, params, m, e, f, dict(cfg, stages=4))
         return
+    if args.launch_cost:
+        launch_cost(x, params, m, e, f, cfg, timed)
+        return
     check(cfg, "seven")
     good_one = check(cfg, "one")
     base = timed("XLA", layer_xla, False)
@@ -442,6 +447,47 @@ def main():
     if os.environ.get("OUT"):
         with io.open(os.path.join(os.environ["OUT"], "persistent.txt"), "w") as fh:
             fh.write("\n".join(LINES) + "\n")
+
+
+def _empty_kernel(*refs):
+    del refs
+
+
+def launch_cost(x, params, m, e, f, cfg, timed):
+    """What one empty launch a layer costs in the chain, by what it is passed: x only; x and the
+    layer's 12 weights; x and the workspace aliased in place (as layer_pallas); x and the workspace
+    as fresh outputs."""
+    from jax.experimental.pallas import triton as plgpu
+
+    extra = {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=1)}
+    g = cfg["programs"]
+
+    def xs_only(xc, p, ws):
+        return pl.pallas_call(_empty_kernel, out_shape=jax.ShapeDtypeStruct(xc.shape, xc.dtype), grid=(g,),
+                              **extra)(xc), ws
+
+    def with_weights(xc, p, ws):
+        weights = (*p["ln1"], *p["qkv"], *p["out"], *p["ln2"], *p["fc"], *p["proj"])
+        return pl.pallas_call(_empty_kernel, out_shape=jax.ShapeDtypeStruct(xc.shape, xc.dtype), grid=(g,),
+                              **extra)(xc, *weights), ws
+
+    def aliased(xc, p, ws):
+        shapes = (jax.ShapeDtypeStruct(xc.shape, xc.dtype), *(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in ws))
+        y, *ws = pl.pallas_call(_empty_kernel, out_shape=shapes, grid=(g,),
+                                input_output_aliases={1 + i: 1 + i for i in range(len(ws))}, **extra)(xc, *ws)
+        return y, tuple(ws)
+
+    def fresh(xc, p, ws):
+        shapes = (jax.ShapeDtypeStruct(xc.shape, xc.dtype), *(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in ws))
+        y, *_ = pl.pallas_call(_empty_kernel, out_shape=shapes, grid=(g,), **extra)(xc)
+        return y, ws
+
+    for name, fn in (("x only", xs_only), ("x + 12 weights", with_weights), ("x + workspace aliased", aliased),
+                     ("x + workspace as fresh outputs", fresh)):
+        for grid_note in ("",):
+            timed(f"empty launch, {name}{grid_note}", fn, True, cfg)
+    timed("empty launch as layer_pallas passes it", functools.partial(layer_pallas, cfg=cfg, sync=False, phases=()),
+          True, cfg)
 
 
 def trace(x, params, m, e, f, cfg):
