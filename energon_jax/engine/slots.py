@@ -327,8 +327,10 @@ class SlotEngine:
         self.state = self.fresh_state()
         jax.block_until_ready(self.state)
         took = time.perf_counter() - t0
-        log.info("compiled %d prefill shapes (rows x tokens) %s and decode steps %s for %d slots in %.1f s "
-                 "(%.1f s compiling on %s threads), ran each once in %.1f s",
+        compiling = (f"{compiled_s:.1f} s compiling {len(programs)} on {workers} threads" if programs
+                     else "all compiled before")
+        log.info("warmed up %d prefill shapes (rows x tokens) %s and decode steps %s for %d slots in %.1f s "
+                 "(%s), ran each once in %.1f s",
                  len(self.prefill_shapes), [f"{p}x{t}" for p, t in self.prefill_shapes], list(self.step_options),
-                 self.num_slots, took, compiled_s, workers, took - compiled_s)
+                 self.num_slots, took, compiling, took - compiled_s)
         return took
