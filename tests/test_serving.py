@@ -153,6 +153,52 @@ def test_a_cache_length_off_the_powers_of_two_is_warmed_up(model):
     assert dict(eng.compile_counts) == compiled
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    # int() took these: 40.7 as 40, True as 1, "48" as 48
+    (dict(cache_len=40.7), r"cache_len=40.7 must be an int in \[1, 128\] \(the model's max_seq_len\)"),
+    (dict(cache_len=True), r"cache_len=True must be an int"),
+    (dict(cache_len="48"), r"cache_len='48' must be an int"),
+    (dict(cache_len=129), r"cache_len=129 must be an int in \[1, 128\]"),
+    (dict(prefill_batch_tokens=True), r"prefill_batch_tokens=True must be an int >= 1"),  # was 1 token
+    (dict(decode_steps=3), r"decode_steps=3 must be a power of two >= 1"),
+    (dict(max_batch_size=0), r"max_batch_size=0 must be an int >= 1"),
+])
+def test_gpt_server_options_are_checked(model, kwargs, match):
+    from energon_jax.serving import Server
+
+    assert model.max_seq_len == 128
+    with pytest.raises(ValueError, match=match):
+        Server(model, **{"max_batch_size": 2, **kwargs})
+
+
+def test_gpt_server_takes_numpy_ints(model):
+    """np.int64 max_batch_size failed naming num_slots (the engine's name for it), and
+    decode_steps=np.int64(4) was no power of two."""
+    from energon_jax.serving import Server
+
+    server = Server(model, max_batch_size=np.int64(2), decode_steps=np.int64(4), cache_len=np.int32(32),
+                    max_prefill_batch=np.int64(2), prefill_batch_tokens=np.int64(64), max_queue=np.int64(3))
+    eng = server.engine
+    assert (eng.num_slots, eng.step_options, eng.cache_len, eng.max_prefill_batch, eng.prefill_batch_tokens) == (
+        2, (1, 2, 4), 32, 2, 64)
+    assert all(type(x) is int for x in (eng.num_slots, eng.cache_len, server.scheduler.max_queue))
+
+
+def test_generate_cancels_the_prompts_it_queued_when_a_later_one_is_refused(model):
+    """Server.generate submitted prompt by prompt: when one raised (a bad token id, a full queue),
+    those queued before it ran on to the end for nobody, holding slots."""
+    from energon_jax.serving import Server
+
+    server = Server(model, max_batch_size=2, cache_len=CACHE_LEN, tune_gc=False).start(warmup=False)
+    try:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            server.generate([[5, 6, 7], [8, 9], [10 ** 6]], max_tokens=40)
+        assert server.scheduler.requests == {} and server.scheduler.queue_depth == 0
+        assert server.generate([[5, 6, 7]], max_tokens=3)[0].finish_reason == "length"
+    finally:
+        server.stop()
+
+
 def test_batched_prefill_equals_one_at_a_time(model):
     """Prompts prefilled together (padded rows, mixed lengths, one dispatch) sample what each
     prefilled alone samples, and decode on from the same state."""
@@ -658,6 +704,10 @@ def test_energon_routes(served):
      "prompt: token id 1000000 outside the vocabulary"),
     ("/v1/completions", json.dumps({"prompt": "", "max_tokens": 2}).encode(), "prompt is empty ('')"),
     ("/v1/completions", json.dumps({"prompt": "a", "n": 3}).encode(), "n=3"),
+    # were ignored without a word: a penalty or a bias the answer did not apply
+    ("/v1/completions", json.dumps({"prompt": "a", "presence_penalty": 0.5, "logit_bias": {"7": -100}}).encode(),
+     'presence_penalty=0.5, logit_bias={"7": -100.0}: not supported; send presence_penalty=0.0, logit_bias=null'),
+    ("/v1/completions", json.dumps({"prompt": "a", "best_of": 2, "suffix": "x"}).encode(), "best_of=2, suffix=\"x\""),
     # JSON's Infinity / NaN parse to Python floats: they answered 200 (sampling at an infinite temperature)
     ("/v1/completions", b'{"prompt": "a", "max_tokens": 2, "temperature": Infinity}', "temperature=inf must be"),
     ("/v1/completions", b'{"prompt": "a", "max_tokens": 2, "temperature": NaN}', "temperature=nan"),
@@ -683,9 +733,22 @@ def test_bad_input_is_4xx_with_a_message(served, path, content, match):
     assert match in r.json()["error"]["message"], r.json()
 
 
+def test_openai_fields_at_their_defaults_are_taken(served):
+    body = {"prompt": [5, 6], "max_tokens": 2, "temperature": 0, "n": 1, "best_of": 1, "presence_penalty": 0,
+            "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None, "echo": False, "logprobs": None, "user": "u"}
+    r = httpx.post(served.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["token_ids"]) == 2
+
+
 def test_bad_get_input_is_4xx(served):
     r = httpx.get(served.url + "/run_hf_gpt2/I%20do?max_seq_length=1", timeout=30)
     assert r.status_code == 400 and "max_seq_length=1" in r.json()["error"]["message"]
+    # past the context: the error named max_tokens, a field of another route
+    r = httpx.get(served.url + "/run/I%20do?max_seq_length=500", timeout=30)
+    assert r.status_code == 400, r.text
+    assert "max_seq_length=500 must be at most 65" in r.json()["error"]["message"]
+    assert httpx.get(served.url + "/run/I%20do?max_seq_length=65", timeout=60).status_code == 200
     r = httpx.get(served.url + "/run_hf_gpt2/I%20do?max_seq_length=abc", timeout=30)
     assert r.status_code == 400
     r = httpx.get(served.url + "/run/%FF%FE?max_seq_length=16", timeout=30)  # not UTF-8: decoded with U+FFFD
@@ -960,21 +1023,45 @@ def test_the_embedding_queue_bound_counts_requests_taken_off_the_queue_but_not_y
     try:
         first = batcher.submit([[1]])
         enc.wait_calls(1)
-        waiting = [batcher.submit([[2]]), batcher.submit([[3]])]
-        with pytest.raises(QueueFull, match=r"the embedding queue is full \(2 requests\)"):
-            batcher.submit([[4]])
-        enc.step()
-        enc.wait_calls(1)  # the second is being encoded; the third waits, off the queue
-        later = batcher.submit([[4]])
-        with pytest.raises(QueueFull):
+        # the next batch's one request and max_queue=2 behind it
+        waiting = [batcher.submit([[2]]), batcher.submit([[3]]), batcher.submit([[4]])]
+        with pytest.raises(QueueFull, match=r"the embedding queue is full \(2 requests beyond the 1 a batch takes\)"):
             batcher.submit([[5]])
-        for _ in range(3):
-            enc.step()
-        assert [f.result(10)[0, 1] for f in [first, *waiting, later]] == [1, 2, 3, 4]
-    finally:
+        enc.step()
+        enc.wait_calls(1)  # the second is being encoded; the third and fourth wait, off the queue
+        later = batcher.submit([[5]])
+        with pytest.raises(QueueFull):
+            batcher.submit([[6]])
         for _ in range(4):
             enc.step()
+        assert [f.result(10)[0, 1] for f in [first, *waiting, later]] == [1, 2, 3, 4, 5]
+    finally:
+        for _ in range(5):
+            enc.step()
         batcher.stop()
+
+
+def test_a_bert_server_with_max_queue_0_takes_a_batch_worth_of_requests():
+    """max_queue counts requests beyond what the next batch takes, as a GPT server's beyond its free
+    slots: max_queue=0 refused every embedding request."""
+    from energon_jax.serving import Server
+    from energon_jax.serving.scheduler import QueueFull
+
+    enc = SteppedEncoder()
+    server = Server(enc, max_batch_size=2, max_queue=0, embed_max_wait=0.001, tune_gc=False).start(warmup=False)
+    try:
+        first = server.embed_async([[1]])
+        enc.wait_calls(1)
+        nxt = [server.embed_async([[2]]), server.embed_async([[3]])]
+        with pytest.raises(QueueFull):
+            server.embed_async([[4]])
+        for _ in range(2):
+            enc.step()
+        assert [f.result(10)[0, 1] for f in [first, *nxt]] == [1, 2, 3]
+    finally:
+        for _ in range(3):
+            enc.step()
+        server.stop()
 
 
 def test_stopping_ends_a_split_embedding_request_between_batches():

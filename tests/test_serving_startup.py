@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -382,3 +383,172 @@ def test_sigterm_runs_what_follows_serve_http_and_still_ends_by_the_signal(warm_
     expected = ["terminated (SIGTERM); stopped"] + (["exiting during the warm-up"] if warm_up == "hang" else [])
     assert [x.split(" energon_jax.serving: ", 1)[-1] for x in after] == expected, text
     assert "Traceback" not in text and ("ready: " in text) == (warm_up == "done"), text
+
+
+class GatedBert(FakeBert):
+    """A FakeBert whose warm-up waits for `go` (or raises `error`) and counts its runs."""
+
+    def __init__(self, error: Exception | None = None):
+        super().__init__()
+        self.began, self.go, self.error = threading.Semaphore(0), threading.Event(), error
+        self.warmup = self._gated
+
+    def _gated(self):
+        self.warmed += 1
+        self.began.release()
+        assert self.go.wait(30)
+        if self.error is not None:
+            raise self.error
+
+
+def wait_health(url, status, timeout=30.0):
+    end = time.monotonic() + timeout
+    while True:
+        r = httpx.get(url + "/health", timeout=5)
+        if r.status_code == status or time.monotonic() > end:
+            return r
+        time.sleep(0.02)
+
+
+def batcher_threads() -> int:
+    return sum(t.name == "energon-embedding-batcher" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_port_in_use_starts_no_warm_up_and_a_retry_starts_the_server_once():
+    """start_http on a busy port left its warm-up running, and a retry on another port started a
+    second: two engine loops then shared one decode state (requests failed with "Buffer has been
+    deleted or donated" or got another's tokens). The warm-up now starts once the port is bound,
+    and a second front end while one warms up starts nothing more."""
+    from energon_jax.serving import Server
+
+    model = GatedBert()
+    server = Server(model, max_batch_size=2, name="fake", tune_gc=False)
+    before = batcher_threads()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(OSError, match="could not listen"):
+            server.start_http(port=busy.getsockname()[1], log_level="critical")
+    assert (model.warmed, server.warmup_thread, server.starting) == (0, None, False)
+    try:
+        first = server.start_http(port=free_port())
+        assert model.began.acquire(timeout=10)
+        assert server.starting and wait_health(first.url, 503, 0).json()["status"] == "starting"
+        second = server.start_http(port=free_port())  # while the first warms up
+        assert server.start_in_background() is None  # nor by any other route
+        model.go.set()
+        for http in (first, second):
+            assert wait_health(http.url, 200).json()["status"] == "ok"
+            r = httpx.post(http.url + "/v1/embeddings", json={"input": ["abc"], "normalize": False}, timeout=10)
+            assert r.json()["data"][0]["embedding"] == [3.0, 1.0]
+        assert model.warmed == 1 and batcher_threads() == before + 1
+    finally:
+        model.go.set()
+        server.stop()
+    assert batcher_threads() == before
+
+
+def test_stop_during_the_warm_up_starts_nothing_after_it():
+    """stop() while the background warm-up compiled: the warm-up went on to start the engine loop
+    and tune the process (GC freeze, switch interval) of a server that had been stopped."""
+    import gc
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.api import _GCTuning
+    from energon_jax.serving.scheduler import ShuttingDown
+
+    model = GatedBert()
+    interval, users = sys.getswitchinterval(), _GCTuning._users
+    server = Server(model, max_batch_size=2, name="fake", switch_interval=0.0007)
+    thread = server.start_in_background()
+    assert server.start_in_background() is None  # one start at a time
+    assert model.began.acquire(timeout=10)
+    server.stop()
+    model.go.set()
+    thread.join(10)
+    assert not thread.is_alive() and not server.ready and server.batcher is None
+    assert batcher_threads() == 0 and server.start_error is None
+    assert sys.getswitchinterval() == interval and _GCTuning._users == users
+    if users == 0:
+        assert gc.get_freeze_count() == 0
+    with pytest.raises(ShuttingDown, match="has been stopped; a Server starts once: make a new one"):
+        server.start()  # it started nothing and served nothing before
+    with pytest.raises(ShuttingDown, match="not running"):
+        server.embed([["a"]])
+
+
+def test_a_failed_warm_up_reports_failed_and_a_later_start_can_succeed():
+    """A warm-up that raised left /health at 503 "starting" with Retry-After, for ever."""
+    from fastapi.testclient import TestClient
+
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+    from energon_jax.serving.scheduler import ShuttingDown
+
+    model = GatedBert(error=RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+    model.go.set()
+    server = Server(model, max_batch_size=2, name="fake", tune_gc=False)
+    with TestClient(create_app(server, stop_server=False)) as client:  # its lifespan starts the server
+        server.warmup_thread.join(10)
+        r = client.get("/health")
+        assert r.status_code == 503 and "retry-after" not in r.headers
+        assert r.json() == {"status": "failed", "model": "fake",
+                            "error": "start-up failed: RuntimeError: RESOURCE_EXHAUSTED: out of memory; "
+                                     "see the server log"}
+        r = client.post("/v1/embeddings", json={"input": ["abc"]})
+        assert r.status_code == 503 and "retry-after" not in r.headers
+        assert "start-up failed (RuntimeError: RESOURCE_EXHAUSTED" in r.json()["error"]["message"]
+        with pytest.raises(ShuttingDown, match=r"the start-up of fake failed \(RuntimeError"):
+            server.embed([["a"]])
+        model.error = None  # the cause mended: start() tries again
+        server.start()
+        assert client.get("/health").json()["status"] == "ok" and server.start_error is None
+        assert client.post("/v1/embeddings", json={"input": ["abc"], "normalize": False}).status_code == 200
+    server.stop()
+
+
+def test_start_waits_for_a_start_in_progress():
+    """`with server:` (or start()) while start_http's warm-up runs waits for it instead of starting
+    a second engine."""
+    from energon_jax.serving import Server
+
+    model = GatedBert()
+    server = Server(model, max_batch_size=2, name="fake", tune_gc=False)
+    server.start_in_background()
+    assert model.began.acquire(timeout=10)
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (server.start(), done.set()))
+    waiter.start()
+    assert not done.wait(0.3)  # blocked behind the warm-up
+    model.go.set()
+    assert done.wait(10) and server.ready and model.warmed == 1
+    with server:  # runs already: nothing more
+        assert model.warmed == 1 and server.embed([[1, 2]])[0, 0] == 2.0
+    assert not server.ready
+
+
+def test_switch_interval_stays_set_until_the_last_server_stops():
+    """Each server saved the interval it found and put it back at its stop: servers stopped in the
+    order they started left the first one's interval set after both had stopped (and the first
+    stop put Python's default back under a server still running)."""
+    from energon_jax.serving import Server
+
+    before = sys.getswitchinterval()
+    a = Server(FakeBert(), max_batch_size=2, tune_gc=False, switch_interval=0.0009).start()
+    b = Server(FakeBert(), max_batch_size=2, tune_gc=False, switch_interval=0.0007).start()
+    c = Server(FakeBert(), max_batch_size=2, tune_gc=False, switch_interval=None).start()
+    d = None
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.0007)  # the smallest asked for
+        a.stop()
+        a.stop()  # a second stop releases nothing more
+        assert sys.getswitchinterval() == pytest.approx(0.0007)  # b still runs
+        d = Server(FakeBert(), max_batch_size=2, tune_gc=False, switch_interval=0.0011).start()
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+        b.stop()
+        assert sys.getswitchinterval() == pytest.approx(0.0011)  # c asked for none
+    finally:
+        for s in (a, b, c, d):
+            if s is not None:
+                s.stop()
+    assert sys.getswitchinterval() == before

@@ -31,6 +31,7 @@ import numpy as np
 
 from energon_jax.engine.sampling import SamplingParams, row_keys, step_keys
 from energon_jax.engine.steps import PAD_ID, CompileCounter, bucket, compile_concurrently
+from energon_jax.runtime.checks import check_int
 from energon_jax.runtime.sharding import CACHE_AXES, logical_to_sharding
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,10 @@ def default_prefill_batch() -> int:
 
 def check_power_of_two(name: str, value) -> int:
     """decode_steps and max_prefill_batch: each is a power of two (the compiled step counts and
-    prefill rows are its powers of two)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+    prefill rows are its powers of two); numpy integers too, as `check_int` takes them."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or value & (value - 1):
         raise ValueError(f"{name}={value!r} must be a power of two >= 1")
-    return value
+    return int(value)
 
 
 class SlotEngine:
@@ -79,9 +80,8 @@ class SlotEngine:
 
     def __init__(self, model, num_slots: int, *, decode_steps: int = 8, cache_len: int | None = None,
                  max_prefill_batch: int | None = None, prefill_batch_tokens: int = 8192):
-        if not isinstance(num_slots, int) or num_slots < 1:
-            raise ValueError(f"num_slots={num_slots!r} must be an int >= 1")
-        check_power_of_two("decode_steps", decode_steps)
+        num_slots = check_int("num_slots", num_slots, 1)
+        decode_steps = check_power_of_two("decode_steps", decode_steps)
         dp = model.mesh.shape["data"]
         if num_slots % dp:
             raise ValueError(f"num_slots={num_slots} (a Server's max_batch_size) must be a multiple of the "
@@ -90,14 +90,13 @@ class SlotEngine:
         self.model = model
         self.runner = model.runner
         self.num_slots = num_slots
-        self.cache_len = model.max_seq_len if cache_len is None else int(cache_len)
-        if not 1 <= self.cache_len <= model.max_seq_len:
-            raise ValueError(f"cache_len={cache_len!r} must be in [1, {model.max_seq_len}] (the model's max_seq_len)")
+        # int() took 40.7, True and "48"
+        self.cache_len = (model.max_seq_len if cache_len is None else
+                          check_int("cache_len", cache_len, 1, model.max_seq_len, " (the model's max_seq_len)"))
         if max_prefill_batch is None:
             max_prefill_batch = default_prefill_batch()
-        check_power_of_two("max_prefill_batch", max_prefill_batch)
-        if not isinstance(prefill_batch_tokens, int) or prefill_batch_tokens < 1:
-            raise ValueError(f"prefill_batch_tokens={prefill_batch_tokens!r} must be an int >= 1")
+        max_prefill_batch = check_power_of_two("max_prefill_batch", max_prefill_batch)
+        prefill_batch_tokens = check_int("prefill_batch_tokens", prefill_batch_tokens, 1)  # True was 1
         self.step_options = tuple(1 << i for i in range(decode_steps.bit_length()))
         self.max_prefill_batch = min(max_prefill_batch, num_slots)
         self.prefill_batch_tokens = prefill_batch_tokens

@@ -126,6 +126,31 @@ class _GCTuning:
                 cls._saved = None
 
 
+class _SwitchInterval:
+    """Python's thread switch interval while Servers that set one run (process-wide, counted as
+    `_GCTuning` is): the smallest interval any running one asked for, and the interval found at
+    the first start restored at the last stop (saved and restored per server, two servers stopped in
+    the order they started left the first one's interval set after both had stopped)."""
+
+    _lock = threading.Lock()
+    _active: list[float] = []
+    _saved: float | None = None
+
+    @classmethod
+    def acquire(cls, interval: float) -> None:
+        with cls._lock:
+            if not cls._active:
+                cls._saved = sys.getswitchinterval()
+            cls._active.append(interval)
+            sys.setswitchinterval(min(cls._active))
+
+    @classmethod
+    def release(cls, interval: float) -> None:
+        with cls._lock:
+            cls._active.remove(interval)
+            sys.setswitchinterval(min(cls._active) if cls._active else cls._saved)
+
+
 _mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
 _mailboxes_lock = threading.Lock()
 
@@ -230,8 +255,8 @@ class Server:
     None: 16 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
     batch_wait: while the engine is idle, requests arriving within 2 ms of each other are gathered
     for up to this many seconds and start as one batch (`Scheduler.admission_delay`); 0: at once.
-    switch_interval: Python's thread switch interval while the server runs (process-wide, restored by
-    stop(); None leaves it). The engine loop and the HTTP event loop take turns at the GIL, and at
+    switch_interval: Python's thread switch interval while the server runs (process-wide: the smallest
+    of the running servers', restored when the last of them stops, `_SwitchInterval`; None leaves it). The engine loop and the HTTP event loop take turns at the GIL, and at
     Python's default 5 ms each can wait that long for the other: GPT-2 medium served 73% of offline
     throughput at 0.5 ms against 68% at 5 ms (H100, benchmarks/serve.py, BENCHMARKS.md).
     overlap: dispatch each engine iteration before reading back the previous one's tokens, so
@@ -260,7 +285,7 @@ class Server:
         if switch_interval is not None and not (is_finite_number(switch_interval) and switch_interval > 0):
             raise ValueError(f"switch_interval={switch_interval!r} must be a number of seconds > 0, or None")
         self.switch_interval = switch_interval
-        self._saved_switch_interval: float | None = None
+        self._switch_set = False
         self.name = name or os.path.basename(str(getattr(model, "source", "")).rstrip("/")) or "model"
         self.kind = "gpt" if hasattr(model, "generate") else "bert" if hasattr(model, "encode") else None
         if self.kind is None:
@@ -273,6 +298,13 @@ class Server:
         self.detokenize = tok.decode if tok is not None else None
         self.ready = False
         self.stopping = False
+        # start(), start_in_background() and stop() under one lock: a second start while one ran
+        # (a retried start_http) made two engine loops share one decode state, and a stop() during
+        # the warm-up was undone when the warm-up went on to start the loop
+        self._lifecycle = threading.Condition()
+        self._starting = False
+        self.start_error: str | None = None  # why the last start failed (None: it did not)
+        self.warmup_thread: threading.Thread | None = None  # start_in_background's
         # set by start(): seconds the warm-up compiled for (0.0 when it compiled nothing), whether
         # it ran, and the whole start's seconds
         self.warmup_seconds: float | None = None
@@ -283,15 +315,15 @@ class Server:
         if self.kind == "gpt":
             from energon_jax.engine.slots import SlotEngine
 
-            self.engine = SlotEngine(model, max_batch_size, decode_steps=decode_steps, cache_len=cache_len,
+            self.engine = SlotEngine(model, self.max_batch_size, decode_steps=decode_steps, cache_len=cache_len,
                                      max_prefill_batch=max_prefill_batch, prefill_batch_tokens=prefill_batch_tokens)
             self.context_len = self.engine.cache_len
-            self.scheduler = Scheduler(max_batch_size, max_queue=max_queue, context_len=self.context_len,
+            self.scheduler = Scheduler(self.max_batch_size, max_queue=self.max_queue, context_len=self.context_len,
                                        detokenize=self.detokenize, decode_step_options=self.engine.step_options,
                                        max_prefill_tokens=max_prefill_tokens, batch_wait=batch_wait,
                                        prefill_window=prefill_window)
             self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.slots_in_use,
-                                   max_batch_size)
+                                   self.max_batch_size)
             self.scheduler.on_finish = self.metrics.record_finished
             self.scheduler.on_tokens = self.metrics.record_tokens
         else:
@@ -301,50 +333,115 @@ class Server:
                 raise ValueError(f"embed_max_wait={embed_max_wait!r} must be a number of seconds >= 0")
             self.context_len = model.max_seq_len
             # chunks of at most max_batch_size sequences: one program per token bucket, all warmed up
-            self.encoder = model.fixed_shapes(max_batch_size) if hasattr(model, "fixed_shapes") else model
-            self.metrics = Metrics(num_slots=max_batch_size)
-            self._embed_args = dict(max_batch=max_batch_size, max_wait=embed_max_wait, max_queue=max_queue)
+            self.encoder = model.fixed_shapes(self.max_batch_size) if hasattr(model, "fixed_shapes") else model
+            self.metrics = Metrics(num_slots=self.max_batch_size)
+            self._embed_args = dict(max_batch=self.max_batch_size, max_wait=embed_max_wait, max_queue=self.max_queue)
 
     # ------------------------------------------------------------- lifecycle
     def start(self, warmup: bool = True) -> "Server":
-        """Compile every bucket (unless warmup=False), then start the background loop."""
+        """Compile every bucket (unless warmup=False), then start the background loop. Returns at once
+        when the server runs already; waits for a start in progress in another thread (and starts
+        again if that one failed). A stopped Server does not start again: make a new one."""
+        if self._claim_start(wait=True):
+            self._start_claimed(warmup)
+        return self
+
+    def start_in_background(self, warmup: bool = True, on_ready=None) -> threading.Thread | None:
+        """start() on a daemon thread, kept as `warmup_thread` (a process leaving while it compiles
+        must not wait on it, cli_verbs._run); None when the server runs or is starting already. A
+        failed start is logged and kept in `start_error` (/health answers "failed"); on_ready() runs
+        after a start that succeeded."""
+        if not self._claim_start(wait=False):
+            return None
+
+        def run():
+            try:
+                self._start_claimed(warmup)
+            except ShuttingDown as e:
+                log.info("%s", e)
+                return
+            except Exception:
+                log.exception("start-up of %s failed", self.name)
+                return
+            if on_ready is not None:
+                on_ready()
+
+        self.warmup_thread = threading.Thread(target=run, name="energon-warmup", daemon=True)
+        self.warmup_thread.start()
+        return self.warmup_thread
+
+    @property
+    def starting(self) -> bool:
+        """A start (its warm-up) is in progress."""
+        return self._starting
+
+    def _claim_start(self, wait: bool) -> bool:
+        """True if the caller is to start this server; False when it runs already (or, with
+        wait=False, another start is in progress)."""
+        with self._lifecycle:
+            while wait and self._starting:
+                self._lifecycle.wait()
+            if self.stopping:
+                raise ShuttingDown(f"the server for {self.name} has been stopped; a Server starts once: "
+                                   "make a new one")
+            if self.ready or self._starting:
+                return False
+            self._starting, self.start_error = True, None
+            return True
+
+    def _start_claimed(self, warmup: bool) -> None:
         from energon_jax.serving.loop import EmbeddingBatcher, EngineLoop, SlotExecutor
 
-        t0 = time.perf_counter()
-        if self.switch_interval is not None and self._saved_switch_interval is None:
-            self._saved_switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(self.switch_interval)
-        warmed = bool(warmup) and (self.kind == "gpt" or hasattr(self.encoder, "warmup"))
-        warm_s = 0.0  # nothing compiled without a warm-up: /health and the metric say 0, not the start-up time
-        if warmed:
-            t_warm = time.perf_counter()
-            (self.engine if self.kind == "gpt" else self.encoder).warmup()
-            warm_s = time.perf_counter() - t_warm
-        if self.kind == "gpt":
-            self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics, overlap=self.overlap)
-            self.loop.start()
-        else:
-            self.batcher = EmbeddingBatcher(self.encoder, metrics=self.metrics, **self._embed_args)
-            self.batcher.start()
-        if self.tune_gc and not self._gc_tuned:
-            _GCTuning.acquire()
-            self._gc_tuned = True
-        self.startup_seconds = time.perf_counter() - t0
-        self.warmup_seconds, self.warmed_up = warm_s, warmed
-        self.metrics.warmup_seconds.set(warm_s)
+        try:
+            t0 = time.perf_counter()
+            warmed = bool(warmup) and (self.kind == "gpt" or hasattr(self.encoder, "warmup"))
+            warm_s = 0.0  # nothing compiled without a warm-up: /health and the metric say 0, not the start-up time
+            if warmed:
+                t_warm = time.perf_counter()
+                (self.engine if self.kind == "gpt" else self.encoder).warmup()
+                warm_s = time.perf_counter() - t_warm
+            with self._lifecycle:
+                if self.stopping:  # stop() ran during the warm-up: nothing is started behind its back
+                    raise ShuttingDown(f"the server for {self.name} was stopped during its warm-up; it did not start")
+                if self.kind == "gpt":
+                    self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics,
+                                           overlap=self.overlap)
+                    self.loop.start()
+                else:
+                    self.batcher = EmbeddingBatcher(self.encoder, metrics=self.metrics, **self._embed_args)
+                    self.batcher.start()
+                if self.switch_interval is not None:
+                    _SwitchInterval.acquire(self.switch_interval)
+                    self._switch_set = True
+                if self.tune_gc:
+                    _GCTuning.acquire()
+                    self._gc_tuned = True
+                self.startup_seconds = time.perf_counter() - t0
+                self.warmup_seconds, self.warmed_up = warm_s, warmed
+                self.metrics.warmup_seconds.set(warm_s)
+                self.ready = True
+        except ShuttingDown:
+            raise
+        except BaseException as e:
+            self.start_error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            with self._lifecycle:
+                self._starting = False
+                self._lifecycle.notify_all()
         # not "ready": behind HTTP, the routes log the one "ready: URL (routes)" line right after this
         capacity = (f"{self.max_batch_size} slots" if self.kind == "gpt"
                     else f"embedding batches of {self.max_batch_size} sequences")
         done = (f"warmed up in {self.warmup_seconds:.1f} s" if warmed else
                 f"started in {self.startup_seconds:.1f} s, without a warm-up (each shape compiles on first use)")
         log.info("%s (%s) %s: %s, queue %d", self.name, self.kind, done, capacity, self.max_queue)
-        self.ready = True
-        return self
 
     def stop(self, drain_timeout: float = 0.0) -> None:
         """Stop admitting, let requests in flight finish for up to `drain_timeout` s, then end the rest
-        (finish_reason "error")."""
-        self.stopping = True
+        (finish_reason "error"). A warm-up in progress goes on compiling (nothing interrupts it) but
+        starts nothing after."""
+        with self._lifecycle:  # after this, a start in progress sees it and starts no loop
+            self.stopping = True
         if self.loop is not None:
             if drain_timeout > 0:
                 self.loop.drain(drain_timeout)
@@ -356,17 +453,17 @@ class Server:
         for http in self._http:
             http.stop()
         self._http.clear()
-        if self._saved_switch_interval is not None:
-            sys.setswitchinterval(self._saved_switch_interval)
-            self._saved_switch_interval = None
-        with _GCTuning._lock:  # stop() may run in two threads at once (drain and lifespan)
-            release, self._gc_tuned = self._gc_tuned, False
-        if release:
+        with self._lifecycle:  # stop() may run in two threads at once (drain and lifespan)
+            switch, self._switch_set = self._switch_set, False
+            gc_tuned, self._gc_tuned = self._gc_tuned, False
+        if switch:
+            _SwitchInterval.release(self.switch_interval)
+        if gc_tuned:
             _GCTuning.release()
         self.ready = False
 
     def __enter__(self) -> "Server":
-        return self.start() if not self.ready else self
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -387,6 +484,8 @@ class Server:
         if self.kind != kind:
             raise ValueError(f"{what} needs a {'GPT' if kind == 'gpt' else 'Bert'} model; "
                              f"{self.name} is a {self.kind} model")
+        if self.start_error is not None and not self.ready and not self.stopping:
+            raise ShuttingDown(f"the start-up of {self.name} failed ({self.start_error}); see the log")
         if not self.ready or self.stopping:
             raise ShuttingDown(f"the server for {self.name} is not running")
         if self.failed:
@@ -435,8 +534,14 @@ class Server:
         seed = kwargs.pop("seed", None)
         if seed is not None:
             seed = resolve_seed(seed)
-        handles = [self.submit(p, **kwargs, seed=None if seed is None else (seed + i) & 0xFFFFFFFF)
-                   for i, p in enumerate(prompts)]
+        handles = []
+        try:
+            for i, p in enumerate(prompts):
+                handles.append(self.submit(p, **kwargs, seed=None if seed is None else (seed + i) & 0xFFFFFFFF))
+        except BaseException:  # a bad prompt or a full queue: the ones queued before it would run for nobody
+            for h in handles:
+                h.cancel()
+            raise
         return [h.result() for h in handles]
 
     # ------------------------------------------------------------- encoding

@@ -115,6 +115,18 @@ class CompletionBody(BaseModel):
     n: int = 1
     echo: bool = False
     logprobs: int | None = None
+    # OpenAI fields taken only at the values that change nothing (`UNSUPPORTED_AT`): ignored
+    # like the fields this model does not know, a presence_penalty or a logit_bias was dropped
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+
+
+# CompletionBody's fields that are supported only at these values (the first: the one to send)
+UNSUPPORTED_AT = dict(n=(1,), echo=(False,), logprobs=(None,), best_of=(1, None), presence_penalty=(0.0,),
+                      frequency_penalty=(0.0,), logit_bias=(None, {}), suffix=(None, ""))
 
 
 class EmbeddingBody(BaseModel):
@@ -164,26 +176,30 @@ def _schema(schema: type[BaseModel]) -> dict:
 
 
 # ---------------------------------------------------------------------- app
-def create_app(server, stop_server: bool = True, address: tuple[str, int] | None = None) -> FastAPI:
-    """The FastAPI app for a `Server`; the app starts the server (warm-up in the background) and
-    /health answers 503 until it is ready. stop_server: the app's shutdown stops the server too.
-    address: the (host, port) it is served on; once the warm-up is done the log says where to send
-    requests (`ready_message`)."""
+def start_serving(server, address: tuple[str, int] | None = None) -> None:
+    """Start `server` in the background for an HTTP front end (unless it runs, is starting, or was
+    stopped: the routes then answer 503); the ready line (`ready_message`) once it is up."""
+    if server.stopping:
+        return
+    on_ready = None if address is None else (lambda: log.info("%s", ready_message(*address, server.kind)))
+    try:
+        server.start_in_background(on_ready=on_ready)
+    except ShuttingDown:  # stopped between the check and the claim
+        pass
 
-    def warm():
-        try:
-            server.start()
-        except Exception:  # the log says why; /health stays 503
-            log.exception("start-up failed")
-            return
-        if address is not None:
-            log.info("%s", ready_message(*address, server.kind))
+
+def create_app(server, stop_server: bool = True, address: tuple[str, int] | None = None,
+               start_server: bool = True) -> FastAPI:
+    """The FastAPI app for a `Server`; /health answers 503 until the server is ready. start_server:
+    the app's start-up starts the server (warm-up in the background, `Server.start_in_background`;
+    nothing when it runs or is starting already); False leaves that to the caller (run_http and
+    BackgroundHTTP start it once the port is bound, so a port in use starts no warm-up).
+    stop_server: the app's shutdown stops the server too. address: the (host, port) it is served
+    on; once the warm-up is done the log says where to send requests (`ready_message`)."""
 
     async def lifespan(app):
-        if not server.ready:
-            # kept on the server: a process leaving while it compiles must not wait on it (cli_verbs._run)
-            server.warmup_thread = threading.Thread(target=warm, name="energon-warmup", daemon=True)
-            server.warmup_thread.start()
+        if start_server:
+            start_serving(server, address)
         yield
         if stop_server:
             await asyncio.to_thread(server.stop, 0.0)
@@ -204,9 +220,16 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
     app.add_middleware(_CountRequests, counter=metrics.http)
 
     # ------------------------------------------------------------- helpers
+    def start_failed() -> bool:
+        """The last start raised (a warm-up that failed), and no other start is under way."""
+        return server.start_error is not None and not server.ready and not server.starting
+
     def check_ready():
         if server.stopping:
             raise HTTPError(503, "the server is shutting down and admits no new requests", retry_after=5)
+        if start_failed():
+            raise HTTPError(503, f"the server's start-up failed ({server.start_error}; see /health and the server "
+                                 "log); the server must be restarted")
         if not server.ready:
             raise HTTPError(503, "the model is still compiling (see /health); retry shortly", retry_after=5)
         if server.failed:
@@ -274,6 +297,9 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         if server.failed:  # no Retry-After: a dead engine thread does not come back
             return JSONResponse({"status": "failed", "model": server.name,
                                  "error": "the engine thread stopped after an error; see the server log"}, 503)
+        if start_failed() and not server.stopping:  # nor here: it is not compiling any more
+            return JSONResponse({"status": "failed", "model": server.name,
+                                 "error": f"start-up failed: {server.start_error}; see the server log"}, 503)
         state = "stopping" if server.stopping else "starting"
         return JSONResponse({"status": state, "model": server.name}, 503, headers={"Retry-After": "5"})
 
@@ -304,6 +330,10 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         if max_seq_length <= tokens:
             raise HTTPError(400, f"max_seq_length={max_seq_length} must exceed the prompt's {tokens} tokens "
                                  "(it counts prompt + generated tokens)")
+        if max_seq_length > server.context_len + 1:  # else the error named max_tokens, which nobody sent
+            raise HTTPError(400, f"max_seq_length={max_seq_length} must be at most {server.context_len + 1}: "
+                                 f"prompt + generated tokens fill the server's context of {server.context_len} "
+                                 "positions (the last generated token takes none)")
         handle = await collect(submit(text, asyncio.get_running_loop(), max_tokens=max_seq_length - tokens), request)
         return {"text": text + text_or_ids(handle), "generated": text_or_ids(handle),
                 "finish_reason": handle.finish_reason}
@@ -331,9 +361,11 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
     async def completions(request: Request):
         body = await _parse(request, CompletionBody)
         check_model(body.model)
-        if body.n != 1 or body.echo or body.logprobs is not None:
-            raise HTTPError(400, f"n={body.n}, echo={body.echo}, logprobs={body.logprobs}: only n=1, echo=false "
-                                 "and logprobs=null are supported")
+        bad = [k for k, ok in UNSUPPORTED_AT.items() if getattr(body, k) not in ok]
+        if bad:
+            raise HTTPError(400, f"{', '.join(f'{k}={json.dumps(getattr(body, k))}' for k in bad)}: not supported; "
+                                 f"send {', '.join(f'{k}={json.dumps(UNSUPPORTED_AT[k][0])}' for k in bad)} "
+                                 "or leave them out")
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -460,13 +492,19 @@ class _CancellingStream(StreamingResponse):
 
 
 # ---------------------------------------------------------------- running
-def _uvicorn_server():
+def _uvicorn_server(on_listening=None):
     """uvicorn.Server, its "Uvicorn running on URL" line naming `http_url`'s URL: uvicorn's own
     named the bind address, http://0.0.0.0:PORT for a wildcard, which no client can open. (An
-    override of a private method: a uvicorn without it logs its own line again, nothing worse.)"""
+    override of a private method: a uvicorn without it logs its own line again, nothing worse.)
+    on_listening(): called once the port is bound (uvicorn's start-up exits before, when it is not)."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if on_listening is not None and self.started:
+                on_listening()
+
         def _log_started_message(self, listeners, *args, **kwargs) -> None:
             config = self.config
             if config.fd is not None or config.uds is not None or getattr(config, "ssl", None) or not listeners:
@@ -486,7 +524,7 @@ def run_http(server, *, host: str = "127.0.0.1", port: int = 8005, log_level: st
     for up to `shutdown_timeout` s, end the rest with an error response, then exit."""
     import uvicorn
 
-    class _Server(_uvicorn_server()):
+    class _Server(_uvicorn_server(on_listening=lambda: start_serving(server, (host, port)))):
         draining = False
 
         def handle_exit(self, sig, frame):
@@ -497,7 +535,7 @@ def run_http(server, *, host: str = "127.0.0.1", port: int = 8005, log_level: st
                                  daemon=True).start()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(create_app(server, address=(host, port)), host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(create_app(server, start_server=False), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 5, access_log=log_level == "debug")
     try:
         _Server(config).run()
@@ -517,10 +555,10 @@ class BackgroundHTTP:
         self.host, self.port = host, port
         self.url = http_url(host, port)  # where to send requests: the loopback for a wildcard bind
         # timeout_graceful_shutdown: a connection still open at stop() is closed after 5 s
-        config = uvicorn.Config(create_app(server, stop_server=False, address=(host, port)), host=host, port=port,
-                                log_level=log_level,
-                                access_log=log_level == "debug", timeout_graceful_shutdown=5)
-        self._uvicorn = _uvicorn_server()(config)
+        config = uvicorn.Config(create_app(server, stop_server=False, start_server=False), host=host, port=port,
+                                log_level=log_level, access_log=log_level == "debug", timeout_graceful_shutdown=5)
+        # the warm-up starts once the port is bound: a port in use leaves nothing compiling
+        self._uvicorn = _uvicorn_server(on_listening=lambda: start_serving(server, (host, port)))(config)
         self._thread = threading.Thread(target=self._run, name=f"energon-http-{port}", daemon=True)
         self._thread.start()
         end = time.monotonic() + startup_timeout

@@ -270,8 +270,11 @@ class EmbeddingBatcher:
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down and admits no new requests")
-            if self._waiting >= self.max_queue:
-                raise QueueFull(f"the embedding queue is full ({self.max_queue} requests); retry later")
+            # like a GPT server's free slots: up to max_batch requests wait for the next batch
+            # without counting as queued (max_queue=0 refused every request)
+            if self._waiting >= self.max_batch + self.max_queue:
+                raise QueueFull(f"the embedding queue is full ({self.max_queue} requests beyond the "
+                                f"{self.max_batch} a batch takes); retry later")
             fut: concurrent.futures.Future = concurrent.futures.Future()
             self._queue.put(_EmbedJob(list(inputs), pooling, bool(normalize), fut))
             self._waiting += 1
