@@ -515,6 +515,30 @@ def test_streaming_chunks_join_to_the_full_text(served):
     assert chunks[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
 
 
+def test_a_stream_that_times_out_after_some_tokens_ends_with_all_its_text(served):
+    """A streamed request ended by its timeout got an error event in place of its last chunk,
+    which dropped the text held back for a stop string; the whole answer gives that text with
+    finish_reason "timeout", and so does the stream now."""
+    sched = served.srv.scheduler
+    body = {"prompt": [5, 6], "max_tokens": 62, "temperature": 0, "stop": ["zzzzzzzz"], "stream": True}
+    for _attempt in range(3):  # ended by the timeout before it ran to its end (62 tokens)
+        with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            ended = sched.cancel(next(iter(sched.requests)), reason="timeout")  # as the timeout ends it
+            chunks, done = read_sse(lines)
+        if ended:
+            break
+    assert ended, "the request finished before it could be timed out"
+    chunks = [json.loads(first[6:])] + chunks
+    assert done and not any("error" in c for c in chunks), chunks
+    assert chunks[-1]["choices"][0]["finish_reason"] == "timeout"
+    ids = sum((c["choices"][0]["token_ids"] for c in chunks), [])
+    assert 0 < len(ids) < 62
+    assert "".join(c["choices"][0]["text"] for c in chunks) == served.srv.detokenize(ids)
+    assert chunks[-1]["usage"]["completion_tokens"] == len(ids)
+
+
 def test_token_id_mode_streams_join_to_the_whole_text(tiny_gpt2_factory):
     """Without a tokenizer the text is the token ids spaced ("5 6 7"): the streamed chunks joined
     to " 5 6 7", each one's ids led by a space."""
@@ -846,6 +870,68 @@ class GatedEncoder(FakeEncoder):
         self.entered.set()
         assert self.release.wait(10)
         return super().encode(inputs, **kw)
+
+
+def test_an_embedding_client_that_goes_away_is_not_encoded():
+    """/v1/embeddings went on encoding a request whose client had disconnected."""
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    enc = GatedEncoder()
+    server = Server(enc, max_batch_size=2, embed_max_wait=0.001, tune_gc=False).start(warmup=False)
+    web = Uvicorn(create_app(server))
+    try:
+        web.wait_healthy()
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(
+            web.url + "/v1/embeddings", json={"input": [[1, 2]], "normalize": False}, timeout=30)))
+        t.start()
+        assert enc.entered.wait(10)  # the first is being encoded; the second waits behind it
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(web.url + "/v1/embeddings", json={"input": [[3], [4], [5]]}, timeout=0.3)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and 'route="/v1/embeddings",status="499"' not in \
+                httpx.get(web.url + "/metrics", timeout=5).text:
+            time.sleep(0.1)
+        enc.release.set()
+        t.join(10)
+        assert first["r"].json()["data"][0]["embedding"] == [2.0, 3.0]
+        time.sleep(0.1)
+        assert enc.calls == [1]  # the gone client's three inputs were never encoded
+    finally:
+        enc.release.set()
+        web.stop()
+        server.stop()
+
+
+def test_cancel_ends_a_split_embedding_request_between_batches():
+    from energon_jax.serving.loop import EmbeddingBatcher, EmbeddingCancelled
+
+    enc = SteppedEncoder()
+    batcher = EmbeddingBatcher(enc, max_batch=1, max_wait=0.001)
+    batcher.start()
+    try:
+        fut = batcher.submit([[1], [2], [3]])
+        enc.wait_calls(1)  # its first piece is being encoded
+        assert batcher.cancel(fut)
+        enc.step()
+        with pytest.raises(EmbeddingCancelled):
+            fut.result(10)
+        assert not batcher.cancel(fut)  # done
+        later = batcher.submit([[7]])
+        enc.step()
+        assert later.result(10)[0, 1] == 7 and enc.calls == [1, 1]  # its other two pieces never ran
+        waiting = batcher.submit([[8]])
+        enc.wait_calls(1)
+        behind = batcher.submit([[9]])
+        assert batcher.cancel(behind) and behind.cancelled()  # still queued: a plain cancel
+        enc.step()
+        assert waiting.result(10)[0, 1] == 8
+    finally:
+        for _ in range(3):
+            enc.step()
+        batcher.stop()
+    assert enc.calls == [1, 1, 1]
 
 
 def test_embeddings_are_batched_across_requests():

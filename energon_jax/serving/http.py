@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from energon_jax.serving.loop import EmbeddingCancelled
 from energon_jax.serving.scheduler import QueueFull, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,12 @@ def ready_message(host: str, port: int, kind: str) -> str:
             f"/docs{'; ' + note if note else ''})")
 
 
-async def _cancel_on_disconnect(request: Request, handle) -> None:
-    """Cancel `handle` once its client has gone, checked every DISCONNECT_POLL_S whether or not
-    tokens arrive (checked only after a quiet spell, a gone client kept its slot to the end)."""
+async def _cancel_on_disconnect(request: Request, cancel) -> None:
+    """cancel() once the client has gone, checked every DISCONNECT_POLL_S whether or not tokens
+    arrive (checked only after a quiet spell, a gone client kept its slot to the end)."""
     while not await request.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_S)
-    handle.cancel()
+    cancel()
 
 
 # ------------------------------------------------------------------ schemas
@@ -252,7 +253,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
 
     async def collect(handle, request: Request):
         """Wait for the whole generation; a client that goes away cancels it."""
-        watch = asyncio.create_task(_cancel_on_disconnect(request, handle))
+        watch = asyncio.create_task(_cancel_on_disconnect(request, handle.cancel))
         try:
             while not handle.done:  # the handle's fields are final once done is set
                 await handle._queue.get()
@@ -320,7 +321,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
 
     async def run_text(text: str, max_seq_length: int, request: Request):
         if server.kind == "bert":
-            return {"text": text, "embedding": (await embed([text], "mean", False))[0]}
+            return {"text": text, "embedding": (await embed([text], "mean", False, request))[0]}
         if not text:
             raise HTTPError(400, "the text is empty")
         try:
@@ -394,24 +395,35 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         async def events():
             sent = 0  # token ids streamed so far: in token-id mode a chunk's ids are spaced from the last chunk's
             async for delta in handle:
-                if delta.finished and delta.finish_reason in ("error", "timeout", "cancelled"):
-                    err = {"message": f"generation ended: {delta.finish_reason}"
-                                      + (f" ({delta.error})" if delta.error else ""), "type": "server_error"}
-                    yield f"data: {json.dumps({'error': err})}\n\n"
+                # a timeout after some tokens ends the stream as the whole answer ends (200, finish_reason
+                # "timeout"), with the text held back for a stop string or a split character; only one that
+                # came before any token, an error or a cancel is an error event (after that text)
+                failed = delta.finished and (delta.finish_reason in ("error", "cancelled")
+                                             or delta.finish_reason == "timeout" and not handle.token_ids)
+                if failed and not (delta.token_ids or delta.text):
+                    yield error_event(delta)
                     break
                 text = delta.text
                 if text is None:  # the chunks join to text_or_ids' "5 6 7", not " 5 6 7"
                     text = (" " if sent and delta.token_ids else "") + " ".join(map(str, delta.token_ids))
                     sent += len(delta.token_ids)
+                final = delta.finished and not failed
                 chunk = envelope({"text": text, "token_ids": delta.token_ids,
-                                  "finish_reason": delta.finish_reason if delta.finished else None},
-                                 usage() if delta.finished else None)
+                                  "finish_reason": delta.finish_reason if final else None}, usage() if final else None)
                 yield f"data: {json.dumps(chunk)}\n\n"
+                if failed:
+                    yield error_event(delta)
+                    break
             yield "data: [DONE]\n\n"
+
+        def error_event(delta) -> str:
+            err = {"message": f"generation ended: {delta.finish_reason}" + (f" ({delta.error})" if delta.error else ""),
+                   "type": "server_error"}
+            return f"data: {json.dumps({'error': err})}\n\n"
 
         return _CancellingStream(events(), handle.cancel)
 
-    async def embed(inputs, pooling, normalize):
+    async def embed(inputs, pooling, normalize, request: Request):
         check_ready()
         if server.kind != "bert":
             raise HTTPError(400, f"{server.name} is a {server.kind} model; /v1/embeddings needs a Bert model")
@@ -423,12 +435,21 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             raise HTTPError(503, str(e), retry_after=5) from None
         except (ValueError, TypeError) as e:
             raise HTTPError(400, str(e)) from None
+        # a client gone before its answer frees the batcher of it (a long request went on being
+        # encoded for nobody)
+        watch = asyncio.create_task(_cancel_on_disconnect(request, lambda: server.batcher.cancel(fut)))
         try:
             out = await asyncio.wrap_future(fut)
         except (ValueError, TypeError) as e:
             raise HTTPError(400, str(e)) from None
         except ShuttingDown as e:
             raise HTTPError(503, str(e), retry_after=5) from None
+        except (EmbeddingCancelled, asyncio.CancelledError):
+            if not watch.done():  # not our cancel: this task itself was cancelled
+                raise
+            raise HTTPError(499, "client disconnected") from None
+        finally:
+            watch.cancel()
         return [[float(x) for x in row] for row in out]
 
     @app.post("/v1/embeddings", openapi_extra=_schema(EmbeddingBody))
@@ -440,7 +461,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             inputs = [inputs]
         if not inputs:
             raise HTTPError(400, "input is empty; give a string, a list of strings or token-id lists")
-        vectors = await embed(inputs, body.pooling, body.normalize)
+        vectors = await embed(inputs, body.pooling, body.normalize, request)
         tok = getattr(server.model, "tokenizer", None)
         n_tokens = sum(len(x) if isinstance(x, list) else len(tok.encode(x)) if tok else 0 for x in inputs)
         return {"object": "list", "model": server.name,

@@ -190,6 +190,10 @@ class EngineLoop:
         self.scheduler.fail_all("error", "the server stopped before this request finished")
 
 
+class EmbeddingCancelled(Exception):
+    """An embedding request ended by `EmbeddingBatcher.cancel` after its encoding had begun."""
+
+
 class _EmbedJob:
     """One embedding request: its inputs go to batches in consecutive pieces of at most
     `max_batch` inputs, and its future gets the pieces' results joined in input order."""
@@ -280,6 +284,23 @@ class EmbeddingBatcher:
             self._waiting += 1
         return fut
 
+    def cancel(self, future: concurrent.futures.Future) -> bool:
+        """End a submitted request whose caller has gone (an HTTP client that disconnected): one still
+        waiting is never encoded, one split over batches gets no more of them (the piece in progress
+        finishes), and its future fails with `EmbeddingCancelled`. False if it was done already."""
+        with self._lock:  # the batcher settles futures under it too: no result set after this
+            if future.cancel():
+                return True
+            if future.done():
+                return False
+            future.set_exception(EmbeddingCancelled("the request was cancelled while it was encoded"))
+            return True
+
+    def _fail(self, future: concurrent.futures.Future, error: BaseException) -> None:
+        with self._lock:
+            if not future.done():
+                future.set_exception(error)
+
     def _admit(self, job: _EmbedJob | None) -> bool:
         """A job off the queue joins the pending ones; False for stop()'s sentinel."""
         if job is None:
@@ -318,7 +339,7 @@ class EmbeddingBatcher:
                 if self._accepting:
                     pending.append(carry)
                 else:
-                    carry.future.set_exception(ShuttingDown("the server stopped before this request was encoded"))
+                    self._fail(carry.future, ShuttingDown("the server stopped before this request was encoded"))
             carry = None
             if not pending:
                 continue
@@ -343,8 +364,7 @@ class EmbeddingBatcher:
             except Exception as e:  # a bug here must fail this batch, not every later request
                 log.exception("embedding batch failed")
                 for job, _, _ in pieces:
-                    if not job.future.done():
-                        job.future.set_exception(e)
+                    self._fail(job.future, e)
 
     def _encode(self, pieces) -> None:
         groups: dict[tuple[str, bool], list] = {}
@@ -360,15 +380,16 @@ class EmbeddingBatcher:
                     for item in items:
                         self._encode([item])
                 else:
-                    items[0][0].future.set_exception(e)
+                    self._fail(items[0][0].future, e)
                 continue
             self.batches += 1
             if self.metrics is not None:
                 self.metrics.embedded.inc(len(flat))
             i = 0
-            for job, lo, hi in items:
-                job.finish_piece(hi, out[i: i + hi - lo])
-                i += hi - lo
+            with self._lock:  # not past a cancel()
+                for job, lo, hi in items:
+                    job.finish_piece(hi, out[i: i + hi - lo])
+                    i += hi - lo
 
     def stop(self) -> None:
         with self._lock:  # every job submitted before this is ahead of the sentinel
