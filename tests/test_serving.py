@@ -525,7 +525,8 @@ def test_a_stream_that_times_out_after_some_tokens_ends_with_all_its_text(served
         with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
-            ended = sched.cancel(next(iter(sched.requests)), reason="timeout")  # as the timeout ends it
+            running = list(sched.requests)  # empty if it has finished already
+            ended = bool(running) and sched.cancel(running[0], reason="timeout")  # as the timeout ends it
             chunks, done = read_sse(lines)
         if ended:
             break
@@ -889,10 +890,11 @@ def test_an_embedding_client_that_goes_away_is_not_encoded():
         assert enc.entered.wait(10)  # the first is being encoded; the second waits behind it
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(web.url + "/v1/embeddings", json={"input": [[3], [4], [5]]}, timeout=0.3)
-        end = time.monotonic() + 10
-        while time.monotonic() < end and 'route="/v1/embeddings",status="499"' not in \
-                httpx.get(web.url + "/metrics", timeout=5).text:
-            time.sleep(0.1)
+        end, gone = time.monotonic() + 10, False
+        while time.monotonic() < end and not gone:
+            gone = 'route="/v1/embeddings",status="499"' in httpx.get(web.url + "/metrics", timeout=5).text
+            time.sleep(0.05)
+        assert gone  # the disconnect was seen while the first request still held the batcher
         enc.release.set()
         t.join(10)
         assert first["r"].json()["data"][0]["embedding"] == [2.0, 3.0]
@@ -932,6 +934,57 @@ def test_cancel_ends_a_split_embedding_request_between_batches():
             enc.step()
         batcher.stop()
     assert enc.calls == [1, 1, 1]
+
+
+def test_a_done_callback_may_call_back_into_the_batcher():
+    """Futures were settled under the batcher's lock, so a done callback that submitted again
+    (or cancelled) deadlocked the batcher, and every later submit and stop() with it."""
+    from energon_jax.serving.loop import EmbeddingBatcher
+
+    batcher = EmbeddingBatcher(FakeEncoder(), max_batch=2, max_wait=0.001)
+    batcher.start()
+    chained = []
+    try:
+        first = batcher.submit([[1]])
+        first.add_done_callback(lambda f: chained.append(batcher.submit([[1, 2, 3]])))
+        first.add_done_callback(lambda f: batcher.cancel(f))
+        assert first.result(10)[0, 1] == 1
+        end = time.monotonic() + 10
+        while not chained and time.monotonic() < end:
+            time.sleep(0.01)
+        assert chained[0].result(10)[0, 1] == 6 and batcher.submit([[4]]).result(10)[0, 1] == 4
+    finally:
+        stopper = threading.Thread(target=batcher.stop)
+        stopper.start()
+        stopper.join(20)
+    assert not stopper.is_alive()
+
+
+def test_a_cancelled_embedding_request_frees_its_place_in_the_queue_at_once():
+    """A queued request cancelled (its client gone) counted against max_queue until the batcher
+    reached it: new requests got 429 with nothing live waiting."""
+    from energon_jax.serving.loop import EmbeddingBatcher
+    from energon_jax.serving.scheduler import QueueFull
+
+    enc = SteppedEncoder()
+    batcher = EmbeddingBatcher(enc, max_batch=1, max_wait=0.001, max_queue=1)
+    batcher.start()
+    try:
+        first = batcher.submit([[1]])
+        enc.wait_calls(1)
+        queued = [batcher.submit([[2]]), batcher.submit([[3]])]
+        with pytest.raises(QueueFull):
+            batcher.submit([[4]])
+        assert batcher.cancel(queued[0]) and queued[1].cancel()  # ours, and the Future's own
+        later = [batcher.submit([[4]]), batcher.submit([[5]])]
+        for _ in range(3):
+            enc.step()
+        assert [f.result(10)[0, 1] for f in [first, *later]] == [1, 4, 5]
+        assert enc.calls == [1, 1, 1] and batcher._waiting == 0 and not batcher._jobs
+    finally:
+        for _ in range(3):
+            enc.step()
+        batcher.stop()
 
 
 def test_embeddings_are_batched_across_requests():

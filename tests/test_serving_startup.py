@@ -414,6 +414,32 @@ def batcher_threads() -> int:
     return sum(t.name == "energon-embedding-batcher" and t.is_alive() for t in threading.enumerate())
 
 
+def test_every_front_end_logs_its_ready_line(caplog):
+    """A second front end started while the first one's warm-up ran (or after it) never said
+    "ready: URL" for its address."""
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import ready_message
+
+    model = GatedBert()
+    server = Server(model, max_batch_size=2, name="fake", tune_gc=False)
+    ports = [free_port() for _ in range(3)]
+    try:
+        with caplog.at_level(logging.INFO, logger="energon_jax.serving"):
+            server.start_http(port=ports[0])
+            assert model.began.acquire(timeout=10)
+            server.start_http(port=ports[1])  # while the first warms up
+            model.go.set()
+            end = time.monotonic() + 10
+            while time.monotonic() < end and sum("ready: " in m for m in caplog.messages) < 2:
+                time.sleep(0.02)
+            server.start_http(port=ports[2])  # once it runs
+        ready = sorted(m for m in caplog.messages if m.startswith("ready: "))
+        assert ready == sorted(ready_message("127.0.0.1", p, "bert") for p in ports), caplog.messages
+    finally:
+        model.go.set()
+        server.stop()
+
+
 def test_a_port_in_use_starts_no_warm_up_and_a_retry_starts_the_server_once():
     """start_http on a busy port left its warm-up running, and a retry on another port started a
     second: two engine loops then shared one decode state (requests failed with "Buffer has been
@@ -458,7 +484,7 @@ def test_stop_during_the_warm_up_starts_nothing_after_it():
     from energon_jax.serving.scheduler import ShuttingDown
 
     model = GatedBert()
-    interval, users = sys.getswitchinterval(), _GCTuning._users
+    interval, users, batchers = sys.getswitchinterval(), _GCTuning._users, batcher_threads()
     server = Server(model, max_batch_size=2, name="fake", switch_interval=0.0007)
     thread = server.start_in_background()
     assert server.start_in_background() is None  # one start at a time
@@ -467,7 +493,7 @@ def test_stop_during_the_warm_up_starts_nothing_after_it():
     model.go.set()
     thread.join(10)
     assert not thread.is_alive() and not server.ready and server.batcher is None
-    assert batcher_threads() == 0 and server.start_error is None
+    assert batcher_threads() == batchers and server.start_error is None
     assert sys.getswitchinterval() == interval and _GCTuning._users == users
     if users == 0:
         assert gc.get_freeze_count() == 0

@@ -67,7 +67,9 @@ def test_warmup_compiles_on_threads_and_serves_the_same_tokens(folder, mesh, mon
     assert len(tracing) > len(programs)  # the lazy engine traced its programs as it went
 
 
-def test_warmup_on_one_thread_and_bad_worker_counts(folder):
+def test_warmup_on_one_thread_and_bad_worker_counts(folder, caplog):
+    import logging
+
     import energon_jax as ej
     from energon_jax.engine.slots import SlotEngine
 
@@ -77,9 +79,15 @@ def test_warmup_on_one_thread_and_bad_worker_counts(folder):
         with pytest.raises(ValueError, match=rf"workers={bad!r} must be an int >= 1"):
             eng.warmup(workers=bad)
     assert not eng._programs  # refused before compiling anything
-    took = eng.warmup(workers=1)
+    with caplog.at_level(logging.INFO, logger="energon_jax.engine.slots"):
+        took = eng.warmup(workers=1)
+        eng.warmup(workers=1)
     assert took > 0 and set(eng._programs) == ({("prefill", shape) for shape in eng.prefill_shapes}
                                                | {("decode", k) for k in eng.step_options})
+    # the log says what compiled; a second warm-up compiled nothing (it said "compiling on 0 threads")
+    first, again = [m for m in caplog.messages if m.startswith("warmed up")]
+    assert f"compiling {len(eng._programs)} on 1 thread)" in first, first
+    assert "(all compiled before)" in again and "compiling" not in again, again
 
 
 @pytest.mark.parametrize("mesh", [dict(), dict(dp=2, tp=2)], ids=["one-device", "dp2-tp2"])

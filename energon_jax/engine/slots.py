@@ -326,8 +326,8 @@ class SlotEngine:
         self.state = self.fresh_state()
         jax.block_until_ready(self.state)
         took = time.perf_counter() - t0
-        compiling = (f"{compiled_s:.1f} s compiling {len(programs)} on {workers} threads" if programs
-                     else "all compiled before")
+        compiling = (f"{compiled_s:.1f} s compiling {len(programs)} on {workers} thread{'s' * (workers != 1)}"
+                     if programs else "all compiled before")
         log.info("warmed up %d prefill shapes (rows x tokens) %s and decode steps %s for %d slots in %.1f s "
                  "(%s), ran each once in %.1f s",
                  len(self.prefill_shapes), [f"{p}x{t}" for p, t in self.prefill_shapes], list(self.step_options),

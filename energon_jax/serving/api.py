@@ -303,6 +303,7 @@ class Server:
         # the warm-up was undone when the warm-up went on to start the loop
         self._lifecycle = threading.Condition()
         self._starting = False
+        self._on_ready: list = []  # start_in_background's callbacks for the start in progress
         self.start_error: str | None = None  # why the last start failed (None: it did not)
         self.warmup_thread: threading.Thread | None = None  # start_in_background's
         # set by start(): seconds the warm-up compiled for (0.0 when it compiled nothing), whether
@@ -349,9 +350,17 @@ class Server:
     def start_in_background(self, warmup: bool = True, on_ready=None) -> threading.Thread | None:
         """start() on a daemon thread, kept as `warmup_thread` (a process leaving while it compiles
         must not wait on it, cli_verbs._run); None when the server runs or is starting already. A
-        failed start is logged and kept in `start_error` (/health answers "failed"); on_ready() runs
-        after a start that succeeded."""
-        if not self._claim_start(wait=False):
+        failed start is logged and kept in `start_error` (/health answers "failed"). on_ready()
+        runs once the server is up: at once if it runs already, after the start in progress if
+        there is one."""
+        with self._lifecycle:
+            claimed = self._claim_start(wait=False)
+            if on_ready is not None and (claimed or self._starting):  # run by the start that succeeds
+                self._on_ready.append(on_ready)
+                on_ready = None
+        if on_ready is not None:  # it runs already
+            on_ready()
+        if not claimed:
             return None
 
         def run():
@@ -359,12 +368,8 @@ class Server:
                 self._start_claimed(warmup)
             except ShuttingDown as e:
                 log.info("%s", e)
-                return
             except Exception:
                 log.exception("start-up of %s failed", self.name)
-                return
-            if on_ready is not None:
-                on_ready()
 
         self.warmup_thread = threading.Thread(target=run, name="energon-warmup", daemon=True)
         self.warmup_thread.start()
@@ -404,30 +409,34 @@ class Server:
                 if self.stopping:  # stop() ran during the warm-up: nothing is started behind its back
                     raise ShuttingDown(f"the server for {self.name} was stopped during its warm-up; it did not start")
                 if self.kind == "gpt":
-                    self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics,
-                                           overlap=self.overlap)
-                    self.loop.start()
+                    worker = self.loop = EngineLoop(self.scheduler, SlotExecutor(self.engine), self.metrics,
+                                                    overlap=self.overlap)
                 else:
-                    self.batcher = EmbeddingBatcher(self.encoder, metrics=self.metrics, **self._embed_args)
-                    self.batcher.start()
+                    worker = self.batcher = EmbeddingBatcher(self.encoder, metrics=self.metrics, **self._embed_args)
                 if self.switch_interval is not None:
                     _SwitchInterval.acquire(self.switch_interval)
                     self._switch_set = True
                 if self.tune_gc:
                     _GCTuning.acquire()
                     self._gc_tuned = True
+                worker.start()  # the last step that can fail: a start that raised leaves no thread running
                 self.startup_seconds = time.perf_counter() - t0
                 self.warmup_seconds, self.warmed_up = warm_s, warmed
                 self.metrics.warmup_seconds.set(warm_s)
                 self.ready = True
+                on_ready, self._on_ready = self._on_ready, []
         except ShuttingDown:
             raise
         except BaseException as e:
             self.start_error = f"{type(e).__name__}: {e}"
+            self.loop = self.batcher = None
+            self._release_process_settings()
             raise
         finally:
             with self._lifecycle:
                 self._starting = False
+                if not self.ready:
+                    self._on_ready = []
                 self._lifecycle.notify_all()
         # not "ready": behind HTTP, the routes log the one "ready: URL (routes)" line right after this
         capacity = (f"{self.max_batch_size} slots" if self.kind == "gpt"
@@ -435,6 +444,8 @@ class Server:
         done = (f"warmed up in {self.warmup_seconds:.1f} s" if warmed else
                 f"started in {self.startup_seconds:.1f} s, without a warm-up (each shape compiles on first use)")
         log.info("%s (%s) %s: %s, queue %d", self.name, self.kind, done, capacity, self.max_queue)
+        for callback in on_ready:
+            callback()
 
     def stop(self, drain_timeout: float = 0.0) -> None:
         """Stop admitting, let requests in flight finish for up to `drain_timeout` s, then end the rest
@@ -453,14 +464,19 @@ class Server:
         for http in self._http:
             http.stop()
         self._http.clear()
-        with self._lifecycle:  # stop() may run in two threads at once (drain and lifespan)
+        self._release_process_settings()
+        self.ready = False
+
+    def _release_process_settings(self) -> None:
+        """The switch interval and GC settings this server holds, released once (stop() may run in
+        two threads at once: the drain and the lifespan)."""
+        with self._lifecycle:
             switch, self._switch_set = self._switch_set, False
             gc_tuned, self._gc_tuned = self._gc_tuned, False
         if switch:
             _SwitchInterval.release(self.switch_interval)
         if gc_tuned:
             _GCTuning.release()
-        self.ready = False
 
     def __enter__(self) -> "Server":
         return self.start()

@@ -198,12 +198,14 @@ class _EmbedJob:
     """One embedding request: its inputs go to batches in consecutive pieces of at most
     `max_batch` inputs, and its future gets the pieces' results joined in input order."""
 
-    __slots__ = ("inputs", "pooling", "normalize", "future", "taken", "parts")
+    __slots__ = ("inputs", "pooling", "normalize", "future", "taken", "parts", "counted", "cancelled")
 
     def __init__(self, inputs: list, pooling: str, normalize: bool, future: concurrent.futures.Future):
         self.inputs, self.pooling, self.normalize, self.future = inputs, pooling, normalize, future
         self.taken = 0  # inputs handed to batches so far
         self.parts: list = []  # results of the pieces encoded so far, in order
+        self.counted = True  # in the batcher's count of waiting requests (max_queue's)
+        self.cancelled = False  # EmbeddingBatcher.cancel after it began: no more pieces
 
     def take(self, room: int) -> tuple["_EmbedJob", int, int]:
         """The next piece, (job, start, end), of at most `room` inputs."""
@@ -217,7 +219,7 @@ class _EmbedJob:
 
     def finish_piece(self, end: int, out) -> None:
         self.parts.append(out)
-        if end >= len(self.inputs) and not self.future.done():
+        if end >= len(self.inputs) and not self.future.done() and not self.cancelled:
             if len(self.parts) == 1:
                 result = self.parts[0]
             elif all(isinstance(p, np.ndarray) for p in self.parts):
@@ -255,6 +257,7 @@ class EmbeddingBatcher:
         # (the batcher thread's alone); their futures stay pending, so a caller can still cancel
         self._pending: collections.deque[_EmbedJob] = collections.deque()
         self._waiting = 0  # requests submitted and not yet in a batch (queued or pending): max_queue's count
+        self._jobs: dict[concurrent.futures.Future, _EmbedJob] = {}  # by future, until it is settled (cancel's)
         self._accepting = True
         # submit's accepting check + count + put, stop's flag + sentinel, and the batcher's count down
         self._lock = threading.Lock()
@@ -280,26 +283,52 @@ class EmbeddingBatcher:
                 raise QueueFull(f"the embedding queue is full ({self.max_queue} requests beyond the "
                                 f"{self.max_batch} a batch takes); retry later")
             fut: concurrent.futures.Future = concurrent.futures.Future()
-            self._queue.put(_EmbedJob(list(inputs), pooling, bool(normalize), fut))
+            job = _EmbedJob(list(inputs), pooling, bool(normalize), fut)
+            self._jobs[fut] = job
+            self._queue.put(job)
             self._waiting += 1
+        fut.add_done_callback(lambda f: self._done(job))
         return fut
+
+    def _done(self, job: _EmbedJob) -> None:
+        """A job's future is settled. One cancelled while it waited (by cancel(), its caller, or an
+        asyncio wrapper) frees its place in the queue at once, not when the batcher reaches it."""
+        with self._lock:
+            self._jobs.pop(job.future, None)
+        if job.future.cancelled():
+            self._uncount(job)
 
     def cancel(self, future: concurrent.futures.Future) -> bool:
         """End a submitted request whose caller has gone (an HTTP client that disconnected): one still
-        waiting is never encoded, one split over batches gets no more of them (the piece in progress
-        finishes), and its future fails with `EmbeddingCancelled`. False if it was done already."""
-        with self._lock:  # the batcher settles futures under it too: no result set after this
-            if future.cancel():
-                return True
-            if future.done():
+        waiting is never encoded; one whose encoding began gets no more batches (the piece in
+        progress finishes) and then fails with `EmbeddingCancelled`. False if it was done already.
+        Only the batcher thread settles a future once it runs, and never under a lock (a done
+        callback may call back into the batcher)."""
+        if future.cancel():
+            return True
+        with self._lock:
+            job = self._jobs.get(future)
+            if job is None or future.done():
                 return False
-            future.set_exception(EmbeddingCancelled("the request was cancelled while it was encoded"))
+            job.cancelled = True
             return True
 
-    def _fail(self, future: concurrent.futures.Future, error: BaseException) -> None:
+    def _uncount(self, job: _EmbedJob) -> None:
         with self._lock:
-            if not future.done():
-                future.set_exception(error)
+            if job.counted:
+                job.counted = False
+                self._waiting -= 1
+
+    @staticmethod
+    def _fail(future: concurrent.futures.Future, error: BaseException) -> None:
+        if not future.done():
+            future.set_exception(error)
+
+    def _settle_cancelled(self, job: _EmbedJob) -> bool:
+        """Fail a job cancel() flagged; True if it was."""
+        if job.cancelled:
+            self._fail(job.future, EmbeddingCancelled("the request was cancelled while it was encoded"))
+        return job.cancelled
 
     def _admit(self, job: _EmbedJob | None) -> bool:
         """A job off the queue joins the pending ones; False for stop()'s sentinel."""
@@ -312,8 +341,7 @@ class EmbeddingBatcher:
         """A job's first piece goes into a batch: it no longer counts as waiting, and its future can
         no longer be cancelled, so setting its result cannot fail (a cancelled one's set_result
         killed this thread). False if its caller cancelled it while it waited: it is skipped."""
-        with self._lock:
-            self._waiting -= 1
+        self._uncount(job)
         return job.future.set_running_or_notify_cancel()
 
     def _take_arrivals(self) -> bool:
@@ -335,8 +363,8 @@ class EmbeddingBatcher:
                 if not accepting or not self._admit(self._queue.get()):
                     return
             accepting = accepting and self._take_arrivals()
-            if carry is not None and not carry.future.done():  # done: an earlier piece failed
-                if self._accepting:
+            if carry is not None and not carry.future.done() and not self._settle_cancelled(carry):
+                if self._accepting:  # (done: an earlier piece failed)
                     pending.append(carry)
                 else:
                     self._fail(carry.future, ShuttingDown("the server stopped before this request was encoded"))
@@ -354,6 +382,8 @@ class EmbeddingBatcher:
             while pending and count < self.max_batch:
                 job = pending.popleft()
                 if job.taken == 0 and not self._begin(job):
+                    continue
+                if self._settle_cancelled(job):  # cancel() came while this batch gathered
                     continue
                 pieces.append(job.take(self.max_batch - count))
                 count += pieces[-1][2] - pieces[-1][1]
@@ -386,10 +416,11 @@ class EmbeddingBatcher:
             if self.metrics is not None:
                 self.metrics.embedded.inc(len(flat))
             i = 0
-            with self._lock:  # not past a cancel()
-                for job, lo, hi in items:
-                    job.finish_piece(hi, out[i: i + hi - lo])
-                    i += hi - lo
+            for job, lo, hi in items:
+                job.finish_piece(hi, out[i: i + hi - lo])
+                if hi >= len(job.inputs):
+                    self._settle_cancelled(job)  # its last piece came after cancel()
+                i += hi - lo
 
     def stop(self) -> None:
         with self._lock:  # every job submitted before this is ahead of the sentinel
