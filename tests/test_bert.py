@@ -298,6 +298,9 @@ def test_bad_input_errors(minilm):
         minilm.encode([[]])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         minilm.encode([[101, 99999, 102]])
+    # past int64: a list of ints out of the vocabulary, not of the wrong type (it said "expected ... int token ids")
+    with pytest.raises(ValueError, match=rf"texts_or_ids\[1\]: token id -{2 ** 70} outside the vocabulary"):
+        minilm.encode([[101], [101, -2 ** 70, 102]])
     with pytest.raises(TypeError, match=r"texts_or_ids\[0\] is float"):
         minilm.encode([1.5])
     long_text = "token " * 600  # past sentence_bert_config.json's 256, MiniLM's max_seq_len

@@ -540,9 +540,10 @@ def test_a_stream_that_times_out_after_some_tokens_ends_with_all_its_text(served
     assert chunks[-1]["usage"]["completion_tokens"] == len(ids)
 
 
-def test_token_id_mode_streams_join_to_the_whole_text(tiny_gpt2_factory):
+def test_a_model_without_a_tokenizer_over_http(tiny_gpt2_factory):
     """Without a tokenizer the text is the token ids spaced ("5 6 7"): the streamed chunks joined
-    to " 5 6 7", each one's ids led by a space."""
+    to " 5 6 7", each one's ids led by a space. Text prompts and stop strings are refused with
+    what to send instead."""
     from fastapi.testclient import TestClient
 
     import energon_jax as ej
@@ -552,7 +553,8 @@ def test_token_id_mode_streams_join_to_the_whole_text(tiny_gpt2_factory):
     folder, _ = tiny_gpt2_factory(seed=3)  # no tokenizer files: token-id mode
     model = ej.load_sharded_model(folder)
     assert model.tokenizer is None
-    server = Server(model, max_batch_size=2, decode_steps=2, cache_len=32, tune_gc=False).start(warmup=False)
+    server = Server(model, max_batch_size=2, decode_steps=2, cache_len=32, tune_gc=False, name="tiny").start(
+        warmup=False)
     try:
         client = TestClient(create_app(server))  # no lifespan: the server already runs
         body = {"prompt": [5, 6, 7], "max_tokens": 7, "temperature": 0}
@@ -565,6 +567,28 @@ def test_token_id_mode_streams_join_to_the_whole_text(tiny_gpt2_factory):
         assert done and sum(bool(t) for t in texts) >= 2, texts  # several chunks carry ids
         assert "".join(texts) == full["text"], texts
         assert sum((c["choices"][0]["token_ids"] for c in chunks), []) == full["token_ids"]
+
+        # text routes: the model's error said to pass list[int], which they refuse; the answer
+        # points at the route that takes token ids
+        for method, path, kw in (("POST", "/generation", dict(json={"prompt": "hi", "max_tokens": 2})),
+                                 ("GET", "/run/1%202%203", {}), ("GET", "/run_hf_gpt2/hi", {}),
+                                 ("POST", "/v1/completions", dict(json={"prompt": "hi"}))):
+            r = client.request(method, path, **kw)
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["error"]["message"] == (
+                'tiny has no tokenizer, so it takes no text: send the prompt as token ids to POST /v1/completions '
+                '("prompt": [1, 2, 3])'), path
+        # stops: strings cannot match without a tokenizer; token ids (vLLM's stop_token_ids) can
+        r = client.post("/v1/completions", json={**body, "stop": ["x"]})
+        assert r.status_code == 400 and r.json()["error"]["message"] == (
+            "stop=['x']: stop strings need a tokenizer, and tiny has none; send stop_token_ids (a list of ints) "
+            "instead"), r.text
+        third = full["token_ids"][2]
+        r = client.post("/v1/completions", json={**body, "stop_token_ids": [third]})
+        got = r.json()["choices"][0]
+        assert got["finish_reason"] == "stop" and got["token_ids"] == full["token_ids"][:full["token_ids"].index(third) + 1]
+        r = client.post("/v1/completions", json={**body, "stop_token_ids": [10 ** 6]})
+        assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], r.text
     finally:
         server.stop()
 
@@ -1341,6 +1365,20 @@ def test_embeddings_of_a_real_bert_equal_encode():
         np.testing.assert_allclose(r.json()["embedding"], bert.encode(["hello world"])[0], atol=1e-5)
         r = httpx.post(web.url + "/v1/embeddings", json={"input": "x", "pooling": "max"}, timeout=10)
         assert r.status_code == 400 and "pooling" in r.json()["error"]["message"]
+        # an error names the input as the body does: the model's texts_or_ids[i] counted within its
+        # own call (a split request's later piece started again at 0), and no truncate= to pass
+        long = "word " * 100
+        for inputs, want in (([long], "input[0] has 102 tokens, more than max_seq_len=64 (of the model's 512 "
+                                      "positions; load with a larger max_seq_len)"),
+                             (["ok", " "], "input[1] is empty (' ')"),
+                             ([[2 ** 70]], f"input[0]: token id {2 ** 70} outside the vocabulary [0, 30522)"),
+                             (["a"] * 9 + [long], "input[9] has 102 tokens")):  # in the second batch of 8
+            r = httpx.post(web.url + "/v1/embeddings", json={"input": inputs}, timeout=30)
+            assert r.status_code == 400, r.text
+            message = r.json()["error"]["message"]
+            assert message.startswith(want) and "truncate" not in message and "texts" not in message, message
+        r = httpx.get(web.url + "/run/" + long.replace(" ", "%20"), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("the text has 102 tokens"), r.text
     finally:
         web.stop()
 

@@ -364,6 +364,10 @@ class BertModel(ShardedModel):
                 if not arr.size:
                     raise ValueError(f"texts_or_ids[{i}] is an empty token list; a sequence needs at least one token")
                 ids, types = (arr[: self.max_seq_len] if truncate else arr), None
+            elif isinstance(item, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+                # ints past int64 (numpy made an object array of them): out of any vocabulary, not of the wrong type
+                raise ValueError(f"texts_or_ids[{i}]: token id {max(item, key=abs)} outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
             else:
                 raise TypeError(f"texts_or_ids[{i}] is {type(item).__name__} {str(item)[:40]!r}; expected str, "
                                 "a (str, str) pair or a list of int token ids")

@@ -112,6 +112,7 @@ class CompletionBody(BaseModel):
     top_k: int = 0
     stream: bool = False
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's field: stops for a model without a tokenizer too
     seed: int | None = None
     n: int = 1
     echo: bool = False
@@ -237,11 +238,19 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             raise HTTPError(503, "the engine thread stopped after an error (see /health and the server log); "
                                  "the server must be restarted")
 
+    def check_text_prompt(prompt) -> None:
+        """A model loaded without a tokenizer takes token ids, which only /v1/completions carries (the
+        model's own error said to pass list[int], which the text routes refuse)."""
+        if isinstance(prompt, str) and server.detokenize is None:
+            raise HTTPError(400, f"{server.name} has no tokenizer, so it takes no text: send the prompt as token ids "
+                                 'to POST /v1/completions ("prompt": [1, 2, 3])')
+
     def submit(prompt, aio_loop, **kw):
         check_ready()
         if server.kind != "gpt":
             raise HTTPError(400, f"{server.name} is a {server.kind} model: it encodes (POST /v1/embeddings) "
                                  "and cannot generate text")
+        check_text_prompt(prompt)
         try:
             return server.submit(prompt, aio_loop=aio_loop, **kw)
         except QueueFull as e:
@@ -321,9 +330,11 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
 
     async def run_text(text: str, max_seq_length: int, request: Request):
         if server.kind == "bert":
-            return {"text": text, "embedding": (await embed([text], "mean", False, request))[0]}
+            return {"text": text, "embedding": (await embed([text], "mean", False, request, field="the text"))[0]}
         if not text:
             raise HTTPError(400, "the text is empty")
+        check_ready()
+        check_text_prompt(text)
         try:
             tokens = len(server.encode_prompt(text))
         except (ValueError, TypeError) as e:
@@ -358,6 +369,13 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         await collect(handle, request)
         return {"text": text_or_ids(handle)}
 
+    def stops(body: CompletionBody) -> list:
+        strings = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if strings and server.detokenize is None:  # the model's error asked for token ids in `stop`
+            raise HTTPError(400, f"stop={strings!r}: stop strings need a tokenizer, and {server.name} has none; "
+                                 "send stop_token_ids (a list of ints) instead")
+        return strings + list(body.stop_token_ids or [])
+
     @app.post("/v1/completions", openapi_extra=_schema(CompletionBody))
     async def completions(request: Request):
         body = await _parse(request, CompletionBody)
@@ -373,7 +391,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                 raise HTTPError(400, f"prompt is a list of {len(prompt)} strings; send one prompt per request")
             prompt = prompt[0]
         handle = submit(prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens, temperature=body.temperature,
-                        top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop)
+                        top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops(body))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def envelope(choice: dict, usage: dict | None = None) -> dict:
@@ -423,7 +441,15 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
 
         return _CancellingStream(events(), handle.cancel)
 
-    async def embed(inputs, pooling, normalize, request: Request):
+    async def embed(inputs, pooling, normalize, request: Request, field: str = "input"):
+        """The embeddings of `inputs`; an error about one of them names it as the body does: input[i]
+        (the Server's inputs[i]), or `field` for /run's one text."""
+
+        def bad_input(e: Exception) -> HTTPError:
+            message = str(e)
+            return HTTPError(400, message.replace("inputs[0]", field) if field != "input"
+                             else message.replace("inputs[", "input["))
+
         check_ready()
         if server.kind != "bert":
             raise HTTPError(400, f"{server.name} is a {server.kind} model; /v1/embeddings needs a Bert model")
@@ -434,14 +460,14 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         except ShuttingDown as e:
             raise HTTPError(503, str(e), retry_after=5) from None
         except (ValueError, TypeError) as e:
-            raise HTTPError(400, str(e)) from None
+            raise bad_input(e) from None
         # a client gone before its answer frees the batcher of it (a long request went on being
         # encoded for nobody)
         watch = asyncio.create_task(_cancel_on_disconnect(request, lambda: server.batcher.cancel(fut)))
         try:
             out = await asyncio.wrap_future(fut)
         except (ValueError, TypeError) as e:
-            raise HTTPError(400, str(e)) from None
+            raise bad_input(e) from None
         except ShuttingDown as e:
             raise HTTPError(503, str(e), retry_after=5) from None
         except (EmbeddingCancelled, asyncio.CancelledError):
@@ -517,16 +543,25 @@ def _uvicorn_server(on_listening=None):
     """uvicorn.Server, its "Uvicorn running on URL" line naming `http_url`'s URL: uvicorn's own
     named the bind address, http://0.0.0.0:PORT for a wildcard, which no client can open. (An
     override of a private method: a uvicorn without it logs its own line again, nothing worse.)
-    on_listening(): called once the port is bound (uvicorn's start-up exits before, when it is not)."""
+    on_listening(): called once the port is bound (uvicorn's start-up exits before, when it is not),
+    before that line, so a client (or a signal) that sees it finds the warm-up under way."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets=sockets)
-            if on_listening is not None and self.started:
+        _listening = False
+
+        def _now_listening(self) -> None:
+            if on_listening is not None and not self._listening:
+                self._listening = True
                 on_listening()
 
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # a uvicorn that never called _log_started_message still starts it
+                self._now_listening()
+
         def _log_started_message(self, listeners, *args, **kwargs) -> None:
+            self._now_listening()  # bound: called only after the listening sockets exist
             config = self.config
             if config.fd is not None or config.uds is not None or getattr(config, "ssl", None) or not listeners:
                 return super()._log_started_message(listeners, *args, **kwargs)

@@ -6,6 +6,7 @@ import collections
 import concurrent.futures
 import logging
 import queue
+import re
 import threading
 import time
 
@@ -188,6 +189,16 @@ class EngineLoop:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         self.scheduler.fail_all("error", "the server stopped before this request finished")
+
+
+def request_error(e: BaseException, offset: int) -> BaseException:
+    """The encoder's error about one request's piece, in the request's terms: the model names the
+    inputs of its own call (texts_or_ids[i], texts[i]), which for a piece starting at input
+    `offset` of the request is inputs[offset + i]; and a Server has no truncate= to pass."""
+    if type(e) not in (ValueError, TypeError):
+        return e
+    message = re.sub(r"\btexts(?:_or_ids)?\[(\d+)\]", lambda m: f"inputs[{int(m.group(1)) + offset}]", str(e))
+    return type(e)(message.replace("; pass truncate=True to cut it", ""))
 
 
 class EmbeddingCancelled(Exception):
@@ -410,7 +421,8 @@ class EmbeddingBatcher:
                     for item in items:
                         self._encode([item])
                 else:
-                    self._fail(items[0][0].future, e)
+                    job, lo, _ = items[0]
+                    self._fail(job.future, request_error(e, lo))
                 continue
             self.batches += 1
             if self.metrics is not None:
