@@ -7,7 +7,9 @@ Each verb lives with its level: `generate` here, `convert`/`inspect` in `energon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import re
 import sys
 import time
 
@@ -24,15 +26,83 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the checkpoint's)")
 
 
+def flag_names(names) -> dict[str, str]:
+    """Python names (`max_new_tokens`) -> the flags a verb takes for them (`--max-new-tokens`)."""
+    return {n: "--" + n.replace("_", "-") for n in names}
+
+
+@contextlib.contextmanager
+def named_as(names: dict[str, str], prefix: str = ""):
+    """A ValueError raised inside, its library names (`max_new_tokens=-1 must be ...`, a message that
+    begins `prompts[0] is empty`) rewritten as the user typed them (`--max-new-tokens=-1`, a config
+    file's key) and `prefix` (the file) put first; other errors pass unchanged.
+
+    names: Python name -> the user's; a name holding "=" (`overlap=False`) is replaced whole."""
+    try:
+        yield
+    except ValueError as e:
+        text, found = str(e), 0
+        for name, user in names.items():
+            end = r"(?![\w.])" if "=" in name else "(?==)"  # `name=value` anywhere, `name ...`/`name:` first
+            pattern = rf"(?:^|(?<=[\s,(])){re.escape(name)}{end}|^{re.escape(name)}(?=[\s:])"
+            text, n = re.subn(pattern, lambda m: user, text)
+            found += n
+        if not found:
+            raise
+        raise ValueError(text if text.startswith(prefix) else prefix + text) from None
+
+
+def model_kind(path) -> str | None:
+    """"gpt" or "bert" (as `Server.kind` names them): what the model folder or preset `path` holds,
+    read from its config file without loading it; None where that file cannot tell (the load says why)."""
+    from energon_jax.convert.hf_files import read_config, read_json_object
+    from energon_jax.loading import CONVERTED_MARKER, resolve_path
+
+    try:
+        folder = resolve_path(path)
+        if (folder / CONVERTED_MARKER).is_file():
+            model_type = read_json_object(folder / CONVERTED_MARKER, "converted-folder metadata").get("architecture")
+        else:
+            model_type = read_config(folder).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return {"gpt2": "gpt", "bert": "bert"}.get(model_type)
+
+
+# generate's Python names -> its flags (and the prompt argument), for named_as
+GENERATE_NAMES = {**flag_names(("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "max_seq_len",
+                                "tp", "pp", "dp")), "prompts[0]": "the prompt"}
+
+
+def _bert_refusal(model) -> ValueError:
+    return ValueError(f"{model} is a Bert model (encoder); it embeds text rather than generating it: use "
+                      f"`energon serve {model}` (POST /v1/embeddings) or BertModel.encode()")
+
+
 def _generate(args) -> int:
+    from energon_jax.engine.sampling import resolve_seed, validate_sampling
+    from energon_jax.runtime.checks import check_int
+
+    with named_as(GENERATE_NAMES):  # before the model loads: a bad flag should not cost a load
+        check_int("max_new_tokens", args.max_new_tokens, 0)
+        validate_sampling(args.temperature, args.top_k, args.top_p)
+        if args.seed is not None:  # None: generate draws one
+            resolve_seed(args.seed)
+        if not args.prompt:
+            raise ValueError("the prompt is empty ('')")
+        if model_kind(args.model) == "bert":
+            raise _bert_refusal(args.model)
+        return _load_and_generate(args)
+
+
+def _load_and_generate(args) -> int:
     import energon_jax as ej
 
     t0 = time.perf_counter()
     model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
                                   max_seq_len=args.max_seq_len)
     if not isinstance(model, ej.GPTModel):
-        raise ValueError(f"{args.model} is a Bert model (encoder); it embeds text rather than generating it: use "
-                         f"`energon serve {args.model}` (POST /v1/embeddings) or BertModel.encode()")
+        raise _bert_refusal(args.model)
     prompt, stop = args.prompt, args.stop
     if model.tokenizer is None:
         try:

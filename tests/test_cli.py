@@ -214,3 +214,141 @@ def test_generate_options_have_help_and_dtype_choices(capsys):
                      "[0, 2**32 - 1]", "repeatable", "token ids only", "max_new_tokens - 1 must fit",
                      "{bfloat16,float16,float32}"]:
         assert expected in text, expected
+
+
+# ------------------------------------------- checked before the load, named as the user typed them
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Make a model load fail the test: what is refused before it must not reach it."""
+    import energon_jax as ej
+
+    def load(*args, **kwargs):
+        raise AssertionError(f"the model was loaded: load_sharded_model{args}")
+
+    monkeypatch.setattr(ej, "load_sharded_model", load)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["x", "--top-p", "0", "--max-new-tokens", "-1", "--tp", "2"], "--max-new-tokens=-1 must be an int >= 0"),
+    (["x", "--top-p", "0", "--tp", "2"], "--top-p=0.0 must be a number in (0, 1]"),
+    (["x", "--temperature", "-1"], "--temperature=-1.0 must be a finite number >= 0"),
+    (["x", "--top-k", "-1"], "--top-k=-1 must be an int in [0, "),
+    (["x", "--seed", "-1"], "--seed=-1 must be an int in [0, 4294967295]"),
+    ([""], "the prompt is empty ('')"),
+])
+def test_generate_checks_its_flags_before_loading(no_load, capsys, argv, match):
+    rc, _, err = _generate(capsys, PRESET, *argv)
+    assert rc == 2 and err.startswith("energon generate: error: ") and match in err, err
+
+
+def test_generate_refuses_a_bert_before_loading(tiny_bert_factory, no_load, capsys):
+    folder, _ = tiny_bert_factory()
+    rc, _, err = _generate(capsys, folder, "hello")
+    assert rc == 2 and f"{folder} is a Bert model (encoder)" in err and "energon serve" in err, err
+
+
+def test_model_kind_reads_the_config_only(tiny_bert_factory, tmp_path):
+    from energon_jax.cli import model_kind
+
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "energon_config.json").write_text('{"architecture": "bert"}')
+    assert model_kind(PRESET) == "gpt" and model_kind(tiny_bert_factory()[0]) == "bert"
+    assert model_kind(converted) == "bert"
+    assert model_kind("no-such-model") is None and model_kind(tmp_path) is None  # the load says why
+
+
+def test_generate_errors_after_the_load_name_the_flags(tiny_gpt2_factory, capsys):
+    rc, _, err = _generate(capsys, PRESET, "x", "--max-seq-len", 1000)
+    assert rc == 2 and "--max-seq-len=1000 must be an int in [1, 256]" in err, err
+    rc, _, err = _generate(capsys, PRESET, "The for statement", "--max-new-tokens", 8, "--max-seq-len", 4)
+    assert rc == 2 and "the prompt has 3 tokens; with --max-new-tokens=8 it needs 10 positions" in err, err
+    rc, _, err = _generate(capsys, tiny_gpt2_factory()[0], ",")  # token-id mode: no ids
+    assert rc == 2 and "the prompt is empty ([])" in err, err
+    rc, _, err = _generate(capsys, PRESET, "x", "--tp", 0)
+    assert rc == 2 and "--tp=0 must be a positive int" in err, err
+
+
+def test_serve_refuses_gpt_options_for_a_bert_before_loading(tiny_bert_factory, no_load, capsys):
+    folder, _ = tiny_bert_factory()
+    for flags, match in ((["--batch-wait", "0", "--no-overlap"],
+                          "--batch-wait=0.0, --no-overlap: only a GPT model's Server uses them; this model is bert"),
+                         (["--request-timeout", "5"], "--request-timeout=5.0: only a GPT model's Server uses it")):
+        assert main(["serve", str(folder), "--port", str(_free_port())] + flags) == 2
+        err = capsys.readouterr().err
+        assert f"energon serve: error: {match}" in err, err
+
+
+def test_serve_errors_name_the_flags(no_load, capsys):
+    assert main(["serve", PRESET, "--host", "no.such.host.invalid"]) == 2
+    assert "energon serve: error: --host='no.such.host.invalid' is no address to listen on" in capsys.readouterr().err
+
+
+def test_serve_load_errors_name_the_flags(capsys):
+    assert main(["serve", PRESET, "--max-seq-len", "999", "--port", str(_free_port())]) == 2
+    assert "energon serve: error: --max-seq-len=999 must be an int in [1, 256]" in capsys.readouterr().err
+
+
+def _service_init(tmp_path, capsys, text):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"server_port = {_free_port()}\nlog_level = 'warning'\n" + text)
+    rc = main(["service", "init", "--config_file", str(cfg)])
+    return rc, capsys.readouterr().err.replace(str(cfg), "cfg.py")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model_class = 'tiny-gpt2-pydoc'\ndecode_steps = 3\n", "cfg.py: decode_steps=3 must be a power of two >= 1"),
+    ("model_class = 'tiny-gpt2-pydoc'\nmodel_type = 'bert'\n",
+     "cfg.py: model_type='bert' but tiny-gpt2-pydoc holds a gpt model"),
+    ("model_class = 'tiny-gpt2-pydoc'\nserver_host = 'no.such.host.invalid'\n",
+     "cfg.py: server_host='no.such.host.invalid' is no address to listen on"),
+    ("model_class = 'tiny-gpt2-pydoc'\ntokenizer_path = 'no-such-tokenizer'\n",
+     "cfg.py: tokenizer_path: 'no-such-tokenizer' not found: it is neither a model folder nor a preset name"),
+    ("model_class = 'tiny-gpt2-pydoc'\ntokenizer_path = '/'\n",
+     "cfg.py: tokenizer_path='/' (/) has no tokenizer files"),
+])
+def test_service_init_refuses_before_loading_naming_the_key(tmp_path, no_load, capsys, text, match):
+    rc, err = _service_init(tmp_path, capsys, text)
+    assert rc == 2 and err.startswith("energon service: error: ") and match in err, err
+
+
+def test_service_init_refuses_gpt_options_for_a_bert_before_loading(tiny_bert_factory, tmp_path, no_load, capsys):
+    rc, err = _service_init(tmp_path, capsys, f"checkpoint = {str(tiny_bert_factory()[0])!r}\nbatch_wait = 0\n"
+                                              "overlap = False\n")
+    assert rc == 2 and "cfg.py: batch_wait=0, overlap=False: only a GPT model's Server uses them" in err, err
+
+
+@pytest.mark.parametrize("text, match", [
+    ("tp_init_size = 0\n", "cfg.py: tp_init_size=0 must be a positive int"),
+    ("pp_init_size = 0\n", "cfg.py: pp_init_size=0 must be a positive int"),
+    ("max_seq_len = 1000\n", "cfg.py: max_seq_len=1000 must be an int in [1, 256]"),
+])
+def test_service_init_load_errors_name_the_key(tmp_path, capsys, text, match):
+    rc, err = _service_init(tmp_path, capsys, f"model_class = {PRESET!r}\n" + text)
+    assert rc == 2 and match in err, err
+
+
+def test_service_init_takes_a_tokenizer_preset_and_no_request_timeout(tiny_gpt2_factory, tmp_path, monkeypatch,
+                                                                       capsys):
+    from energon_jax.serving import cli_verbs
+    from energon_jax.tokenizer import Tokenizer
+
+    seen = {}
+    monkeypatch.setattr(cli_verbs, "_run", lambda model, **kw: seen.update(kw, tokenizer=model.tokenizer) or 0)
+    rc, err = _service_init(tmp_path, capsys, f"checkpoint = {str(tiny_gpt2_factory()[0])!r}\n"
+                                              f"tokenizer_path = {PRESET!r}\nrequest_timeout = None\n")
+    assert rc == 0, err
+    assert seen["request_timeout"] is None  # no timeout, as the error for a bad one says
+    want = Tokenizer.from_folder(PRESETS_DIR / PRESET).encode("The for statement")
+    assert seen["tokenizer"] is not None and seen["tokenizer"].encode("The for statement") == want
+    (tmp_path / "cfg.py").write_text("checkpoint = 'x'\nrequest_timeout = 'soon'\n")
+    with pytest.raises(ValueError, match="request_timeout='soon' must be a number or None"):
+        cli_verbs.read_config(tmp_path / "cfg.py")

@@ -12,7 +12,7 @@ import sys
 import threading
 import types
 
-from energon_jax.cli import add_parallel_args
+from energon_jax.cli import add_parallel_args, flag_names, model_kind, named_as
 from energon_jax.serving.api import check_host, check_port, check_shutdown_timeout
 from energon_jax.serving.scheduler import check_timeout
 
@@ -32,6 +32,8 @@ EXTRA_KEYS: dict[str, type | tuple[type, ...]] = {
     "decode_steps": int, "max_prefill_tokens": int, "max_prefill_batch": int, "prefill_batch_tokens": int,
     "batch_wait": _SECONDS, "prefill_window": _SECONDS, "overlap": bool, "embed_max_wait": _SECONDS,
 }
+# Keys that may be None: the flag's default (request_timeout None: no timeout).
+NONE_KEYS = ("request_timeout", "max_prefill_batch", "max_seq_len")
 # Keys whose type does not settle their value: checked at reading with the library's own check.
 VALUE_CHECKS = {"request_timeout": check_timeout, "shutdown_timeout": check_shutdown_timeout,
                 "server_host": check_host, "server_port": check_port}
@@ -39,6 +41,13 @@ VALUE_CHECKS = {"request_timeout": check_timeout, "shutdown_timeout": check_shut
 IGNORED_KEYS = ("host", "port", "backend", "engine_server")
 MODEL_TYPES = ("gpt", "bert")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# The Python names of the options (Server's, load_sharded_model's, serve_http's) -> `energon serve`'s
+# flags and a config file's keys, for the errors they raise (cli.named_as).
+SERVE_FLAGS = {**flag_names(["max_batch_size", "tp", "pp", "dp", "host", "port"]
+                            + [k for k in EXTRA_KEYS if k not in ("overlap", "embed_max_wait")]),
+               "overlap=False": "--no-overlap"}
+CONFIG_NAMES = {**{k: k for k in ["max_batch_size", *EXTRA_KEYS]}, "tp": "tp_init_size", "pp": "pp_init_size",
+                "host": "server_host", "port": "server_port"}
 
 
 def add_parsers(sub) -> None:
@@ -120,7 +129,7 @@ def check_serve_options(max_batch_size, max_queue, request_timeout, options: dic
     from energon_jax.engine.slots import check_power_of_two
     from energon_jax.serving.scheduler import Scheduler
 
-    try:
+    with named_as(SERVE_FLAGS if flags else {}):
         check_int("max_batch_size", max_batch_size, 1)
         Scheduler(max_batch_size, max_queue=max_queue, context_len=1,
                   **{k: options[k] for k in ("max_prefill_tokens", "batch_wait", "prefill_window") if k in options})
@@ -129,11 +138,20 @@ def check_serve_options(max_batch_size, max_queue, request_timeout, options: dic
         if options.get("max_prefill_batch") is not None:
             check_power_of_two("max_prefill_batch", options["max_prefill_batch"])
         check_int("prefill_batch_tokens", options.get("prefill_batch_tokens", 8192), 1)
-    except ValueError as e:
-        name, sep, rest = str(e).partition("=")
-        if flags and sep and name.isidentifier():
-            raise ValueError(f"--{name.replace('_', '-')}={rest}") from None
-        raise
+
+
+def check_model_kind(path, options: dict) -> str | None:
+    """Before the load: the kind of model `path` holds (cli.model_kind; None where its config cannot
+    tell), with the Server options of the other kind refused as the Server would refuse them."""
+    import inspect
+
+    from energon_jax.serving import api
+
+    kind = model_kind(path)
+    if kind is not None:
+        defaults = {k: p.default for k, p in inspect.signature(api.Server.__init__).parameters.items()}
+        api._check_kind_options(kind, {k: options.get(k, defaults[k]) for k in api._GPT_ONLY + api._BERT_ONLY})
+    return kind
 
 
 def _setup_logging(level: str) -> None:
@@ -219,13 +237,16 @@ def _serve(args) -> int:
     check_port(args.port, "--port")
     check_shutdown_timeout(args.shutdown_timeout, "--shutdown-timeout")
     check_serve_options(args.max_batch_size, args.max_queue, args.request_timeout, batching_options(args))
-    check_http_ready(args.host, args.port)
-    _setup_logging(args.log_level)
-    model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
-                                  max_seq_len=args.max_seq_len)
-    return _run(model, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
-                log_level=args.log_level, name=str(args.model), **batching_options(args))
+    with named_as(SERVE_FLAGS):
+        check_model_kind(args.model, dict(batching_options(args), request_timeout=args.request_timeout))
+        check_http_ready(args.host, args.port)
+        _setup_logging(args.log_level)
+        model = ej.load_sharded_model(args.model, tp=args.tp, pp=args.pp, dp=args.dp, dtype=args.dtype,
+                                      max_seq_len=args.max_seq_len)
+        return _run(model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                    max_queue=args.max_queue, request_timeout=args.request_timeout,
+                    shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, name=str(args.model),
+                    **batching_options(args))
 
 
 def read_config(path: str) -> dict:
@@ -257,9 +278,11 @@ def read_config(path: str) -> dict:
         if k == "model_class" and callable(v):
             raise ValueError(f"{path}: model_class={v!r} is an Energon model builder; give a model folder or "
                              "preset name (str), or use checkpoint=")
+        if v is None and k in NONE_KEYS:
+            continue
         if not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
             kind = "a number" if want == _SECONDS else want.__name__
-            raise ValueError(f"{path}: {k}={v!r} must be {kind}")
+            raise ValueError(f"{path}: {k}={v!r} must be {kind}{' or None' if k in NONE_KEYS else ''}")
         if k in VALUE_CHECKS:
             try:
                 VALUE_CHECKS[k](v, k)
@@ -282,33 +305,53 @@ def _lower_case(path) -> bool:
     return sentence_lower_case(resolve_path(path))
 
 
+def _check_model_type(cfg: dict, config_file: str, path, kind: str | None) -> None:
+    if kind is not None and cfg.get("model_type", kind) != kind:
+        raise ValueError(f"{config_file}: model_type={cfg['model_type']!r} but {path} holds a {kind} model")
+
+
 def _service_init(args) -> int:
+    cfg = read_config(args.config_file)
+    with named_as(CONFIG_NAMES, prefix=f"{args.config_file}: "):
+        return _serve_config(cfg, args.config_file)
+
+
+def _serve_config(cfg: dict, config_file: str) -> int:
     import energon_jax as ej
+    from energon_jax.loading import resolve_path
     from energon_jax.tokenizer import Tokenizer
 
-    cfg = read_config(args.config_file)
+    options = {k: cfg[k] for k in EXTRA_KEYS if k in cfg}
     check_serve_options(cfg.get("max_batch_size", 16), cfg.get("max_queue", 64), cfg.get("request_timeout"),
-                        {k: cfg[k] for k in EXTRA_KEYS if k in cfg}, flags=False)
+                        options, flags=False)
+    path = cfg.get("checkpoint") or cfg["model_class"]
+    kind = check_model_kind(path, options)  # before the load, as the checks below
+    _check_model_type(cfg, config_file, path, kind)
+    tok = None
+    if "tokenizer_path" in cfg:  # a folder or a preset name, as the model's path
+        try:
+            folder = resolve_path(cfg["tokenizer_path"])
+        except OSError as e:
+            raise type(e)(f"{config_file}: tokenizer_path: {e}") from None
+        # the model folder's sentence-transformers do_lower_case holds whichever files tokenize
+        tok = Tokenizer.from_folder(folder, lower_case=kind != "gpt" and _lower_case(path))
+        if tok is None:
+            raise FileNotFoundError(f"{config_file}: tokenizer_path={cfg['tokenizer_path']!r} ({folder}) has no "
+                                    "tokenizer files")
     check_http_ready(cfg.get("server_host", "127.0.0.1"), cfg.get("server_port", 8005))
     level = cfg.get("log_level", "info").lower()
     _setup_logging(level)
-    path = cfg.get("checkpoint") or cfg["model_class"]
     if "checkpoint" in cfg and "model_class" in cfg and cfg["model_class"] != cfg["checkpoint"]:
         log.info("model_class=%r and checkpoint=%r: loading the checkpoint", cfg["model_class"], cfg["checkpoint"])
     model = ej.load_sharded_model(path, tp=cfg.get("tp_init_size", 1), pp=cfg.get("pp_init_size", 1),
                                   dtype="float16" if cfg.get("half") else None, max_seq_len=cfg.get("max_seq_len"))
     kind = "gpt" if hasattr(model, "generate") else "bert"
-    if "model_type" in cfg and cfg["model_type"] != kind:
-        raise ValueError(f"{args.config_file}: model_type={cfg['model_type']!r} but {path} holds a {kind} model")
-    if "tokenizer_path" in cfg:
-        # the model folder's sentence-transformers do_lower_case holds whichever files tokenize
-        tok = Tokenizer.from_folder(cfg["tokenizer_path"], lower_case=kind == "bert" and _lower_case(path))
-        if tok is None:
-            raise FileNotFoundError(f"{args.config_file}: tokenizer_path={cfg['tokenizer_path']!r} has no tokenizer files")
+    _check_model_type(cfg, config_file, path, kind)  # again: the config may not have told
+    if tok is not None:
         model.tokenizer = tok
     if cfg.get("rm_padding") is False and kind == "bert":
         log.info("rm_padding=False: sequences are packed anyway (the results equal padded encoding)")
-    options = {k: cfg[k] for k in EXTRA_KEYS if k in cfg and k not in ("max_seq_len", "max_queue")}
+    options = {k: v for k, v in options.items() if k not in ("max_seq_len", "max_queue")}
     return _run(model, host=cfg.get("server_host", "127.0.0.1"), port=cfg.get("server_port", 8005),
                 max_batch_size=cfg.get("max_batch_size", 16), max_queue=cfg.get("max_queue", 64), log_level=level,
                 name=str(path), **options)
