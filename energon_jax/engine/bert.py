@@ -296,18 +296,17 @@ class BertModel(ShardedModel):
         most = min(self.max_tokens_per_chunk, self.seq_slots * self.max_seq_len)
         return token_buckets(most, cap=self.max_tokens_per_chunk)
 
-    def warmup(self, poolings: Sequence[str] | None = None, workers: int | None = 1) -> None:
+    def warmup(self, poolings: Sequence[str] | None = None, workers: int | None = None) -> None:
         """Compile every program `encode` can run on this `fixed_shapes` view: one per token bucket
         and pooling (default: every pooling this checkpoint has), on streams of padding only, on
-        `workers` threads (steps.compile_concurrently; None: its default), then run
-        each once. Later dispatches of those shapes, from any view or load of this model, go through
-        these programs.
+        `workers` threads (steps.compile_concurrently; None: its default, 8 on a GPU, 1 on CPU),
+        then run each once. Later dispatches of those shapes, from any view or load of this model,
+        go through these programs.
 
-        One thread by default: bert-base's 42 programs took 92.1 s to compile one after another on
-        an H200 and 121.8 s on 8 threads (benchmarks/warmup.py, BENCHMARKS.md Serving, session 18),
-        where GPT-2 medium's took 120.8 s against 45.1 s. Why was not measured; unlike GPT's
-        Pallas kernels, Bert's varlen kernel is compiled by jax-triton in Python as each program is
-        lowered."""
+        bert-base's 42 programs took 91.1 s one after another on an H200 and 65.5 s on 8 threads
+        (benchmarks/warmup.py, BENCHMARKS.md Serving, session 20). Session 18 had measured 121.8 s
+        on 8 threads, before each program was lowered in the calling thread (063a8b0), and had made
+        one thread the default."""
         poolings = poolings or [p for p in POOLINGS if p != "pooler" or self.config.has_pooler]
         pads = [[pack_chunk(np.zeros(0, np.int64), [], [], max_tokens=self.max_tokens_per_chunk, num_tokens=t,
                             num_seq_slots=self.seq_slots)] * self.num_streams for t in self.token_buckets()]

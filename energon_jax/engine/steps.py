@@ -61,7 +61,7 @@ def compile_concurrently(lowerings: dict[Hashable, Callable], workers: int | Non
     A warm-up compiles every program a server can run before it serves. XLA compiles outside
     Python's lock, so programs can compile at once: GPT-2 medium's 19 serving programs took 120.8 s
     one after another on an H200 and 45.1 s on 8 threads (benchmarks/warmup.py, BENCHMARKS.md
-    Serving, session 18); bert-base's were slower on threads (BertModel.warmup). Each program is
+    Serving, session 18); bert-base's 42 took 91.1 s against 65.5 s (session 20). Each program is
     lowered (traced) in the calling thread, so the caller's thread-local jax settings (matmul
     precision, x64, ...) apply as they do to a jit call, while the programs lowered before it
     compile. workers: None = default_compile_workers: on a GPU one per program, at most the CPU
