@@ -227,12 +227,13 @@ _GPT_ONLY = ("decode_steps", "cache_len", "request_timeout", "max_prefill_tokens
 _BERT_ONLY = ("embed_max_wait",)
 
 
-def _check_kind_options(kind: str, options: dict) -> None:
-    """Refuse an option set away from its default on the kind of model it does not apply to
-    (it would be ignored without a word)."""
+def check_kind_options(kind: str, options: dict) -> None:
+    """Refuse a Server option set away from its default on the kind of model ("gpt" or "bert") it
+    does not apply to (it would be ignored without a word); options left out are at their defaults.
+    The CLI calls it before a model loads, when the kind is read from the model's config."""
     defaults = {k: p.default for k, p in inspect.signature(Server.__init__).parameters.items()}
     foreign, other = (_BERT_ONLY, "Bert") if kind == "gpt" else (_GPT_ONLY, "GPT")
-    given = [f"{k}={options[k]!r}" for k in foreign if options[k] != defaults[k]]
+    given = [f"{k}={options[k]!r}" for k in foreign if k in options and options[k] != defaults[k]]
     if given:
         raise ValueError(f"{', '.join(given)}: only a {other} model's Server uses "
                          f"{'it' if len(given) == 1 else 'them'}; this model is {kind}")
@@ -274,7 +275,7 @@ class Server:
                  embed_max_wait: float = 0.005, name: str | None = None, overlap: bool = True,
                  batch_wait: float = 0.02, switch_interval: float | None = 0.0005, tune_gc: bool = True,
                  prefill_window: float = 0.1):
-        options = dict(locals())  # the arguments, for _check_kind_options (before any other name is bound)
+        options = dict(locals())  # the arguments, for check_kind_options (before any other name is bound)
         from energon_jax.serving.metrics import Metrics
 
         self.model = model
@@ -290,7 +291,7 @@ class Server:
         self.kind = "gpt" if hasattr(model, "generate") else "bert" if hasattr(model, "encode") else None
         if self.kind is None:
             raise TypeError(f"{type(model).__name__} has neither generate (GPT) nor encode (Bert)")
-        _check_kind_options(self.kind, {k: v for k, v in options.items() if k in _GPT_ONLY + _BERT_ONLY})
+        check_kind_options(self.kind, options)
         self.max_batch_size = check_int("max_batch_size", max_batch_size, 1)  # True was taken as 1
         self.max_queue = check_int("max_queue", max_queue, 0)
         self.request_timeout = check_timeout(request_timeout, "request_timeout")

@@ -143,14 +143,11 @@ def check_serve_options(max_batch_size, max_queue, request_timeout, options: dic
 def check_model_kind(path, options: dict) -> str | None:
     """Before the load: the kind of model `path` holds (cli.model_kind; None where its config cannot
     tell), with the Server options of the other kind refused as the Server would refuse them."""
-    import inspect
-
     from energon_jax.serving import api
 
     kind = model_kind(path)
     if kind is not None:
-        defaults = {k: p.default for k, p in inspect.signature(api.Server.__init__).parameters.items()}
-        api._check_kind_options(kind, {k: options.get(k, defaults[k]) for k in api._GPT_ONLY + api._BERT_ONLY})
+        api.check_kind_options(kind, options)
     return kind
 
 
