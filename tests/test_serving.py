@@ -1,6 +1,7 @@
 """Serving end to end: a real uvicorn server on 127.0.0.1 (random free port) around a tiny GPT-2
 with a byte-level BPE tokenizer, plus the slot engine, embeddings batching and SIGTERM shutdown."""
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -931,12 +932,9 @@ def test_an_embedding_client_that_goes_away_is_not_encoded():
 
 
 def test_cancel_ends_a_split_embedding_request_between_batches():
-    from energon_jax.serving.loop import EmbeddingBatcher, EmbeddingCancelled
+    from energon_jax.serving.loop import EmbeddingCancelled
 
-    enc = SteppedEncoder()
-    batcher = EmbeddingBatcher(enc, max_batch=1, max_wait=0.001)
-    batcher.start()
-    try:
+    with stepped_batcher(max_batch=1) as (enc, batcher):
         fut = batcher.submit([[1], [2], [3]])
         enc.wait_calls(1)  # its first piece is being encoded
         assert batcher.cancel(fut)
@@ -953,10 +951,6 @@ def test_cancel_ends_a_split_embedding_request_between_batches():
         assert batcher.cancel(behind) and behind.cancelled()  # still queued: a plain cancel
         enc.step()
         assert waiting.result(10)[0, 1] == 8
-    finally:
-        for _ in range(3):
-            enc.step()
-        batcher.stop()
     assert enc.calls == [1, 1, 1]
 
 
@@ -987,13 +981,9 @@ def test_a_done_callback_may_call_back_into_the_batcher():
 def test_a_cancelled_embedding_request_frees_its_place_in_the_queue_at_once():
     """A queued request cancelled (its client gone) counted against max_queue until the batcher
     reached it: new requests got 429 with nothing live waiting."""
-    from energon_jax.serving.loop import EmbeddingBatcher
     from energon_jax.serving.scheduler import QueueFull
 
-    enc = SteppedEncoder()
-    batcher = EmbeddingBatcher(enc, max_batch=1, max_wait=0.001, max_queue=1)
-    batcher.start()
-    try:
+    with stepped_batcher(max_batch=1, max_queue=1) as (enc, batcher):
         first = batcher.submit([[1]])
         enc.wait_calls(1)
         queued = [batcher.submit([[2]]), batcher.submit([[3]])]
@@ -1005,10 +995,6 @@ def test_a_cancelled_embedding_request_frees_its_place_in_the_queue_at_once():
             enc.step()
         assert [f.result(10)[0, 1] for f in [first, *later]] == [1, 4, 5]
         assert enc.calls == [1, 1, 1] and batcher._waiting == 0 and not batcher._jobs
-    finally:
-        for _ in range(3):
-            enc.step()
-        batcher.stop()
 
 
 def test_embeddings_are_batched_across_requests():
@@ -1122,16 +1108,29 @@ class SteppedEncoder(FakeEncoder):
         return super().encode(inputs, **kw)
 
 
+@contextlib.contextmanager
+def stepped_batcher(**kwargs):
+    """(SteppedEncoder, a started EmbeddingBatcher over it); at the end every call still waiting
+    is let through and the batcher stopped."""
+    from energon_jax.serving.loop import EmbeddingBatcher
+
+    enc = SteppedEncoder()
+    batcher = EmbeddingBatcher(enc, max_wait=0.001, **kwargs)
+    batcher.start()
+    try:
+        yield enc, batcher
+    finally:
+        for _ in range(16):
+            enc.step()
+        batcher.stop()
+
+
 def test_a_small_embedding_request_waits_for_one_piece_of_a_large_one_not_all_of_it():
     """The rest of a split request led every following batch, so requests arriving behind a large
     one waited for all of it (a 10,000-input request held up a one-sentence query for its whole
     run). Its rest now goes behind the requests that arrived while its piece was encoded."""
-    from energon_jax.serving.loop import EmbeddingBatcher
 
-    enc = SteppedEncoder()
-    batcher = EmbeddingBatcher(enc, max_batch=4, max_wait=0.001)
-    batcher.start()
-    try:
+    with stepped_batcher(max_batch=4) as (enc, batcher):
         big = batcher.submit([[1]] * 12)
         enc.wait_calls(1)  # big[0:4] is being encoded
         small, pair = batcher.submit([[5]]), batcher.submit([[6], [7, 7]])
@@ -1145,21 +1144,13 @@ def test_a_small_embedding_request_waits_for_one_piece_of_a_large_one_not_all_of
         np.testing.assert_array_equal(big.result(10), [[1, 1]] * 12)
         # big[0:4]; the two that arrived + big[4:5] in the room left; big[5:9]; big[9:12]
         assert enc.calls == [4, 4, 4, 3] and order == ["small", "pair", "big"], (enc.calls, order)
-    finally:
-        for _ in range(4):
-            enc.step()
-        batcher.stop()
 
 
 def test_an_embedding_request_waiting_behind_batches_can_still_be_cancelled():
     """Requests taken off the queue to wait their turn were marked running at once, so a caller
     could no longer cancel one several batches from being encoded: it was encoded anyway."""
-    from energon_jax.serving.loop import EmbeddingBatcher
 
-    enc = SteppedEncoder()
-    batcher = EmbeddingBatcher(enc, max_batch=2, max_wait=0.001)
-    batcher.start()
-    try:
+    with stepped_batcher(max_batch=2) as (enc, batcher):
         first = batcher.submit([[1], [2]])
         enc.wait_calls(1)
         backlog = [batcher.submit([[10 + i]]) for i in range(6)]
@@ -1170,20 +1161,12 @@ def test_an_embedding_request_waiting_behind_batches_can_still_be_cancelled():
             enc.step()
         assert [f.result(10)[0, 1] for f in [first] + backlog[:-1]] == [1, 10, 11, 12, 13, 14]
         assert enc.calls == [2, 2, 2, 1]  # the cancelled one was never encoded
-    finally:
-        for _ in range(4):
-            enc.step()
-        batcher.stop()
 
 
 def test_the_embedding_queue_bound_counts_requests_taken_off_the_queue_but_not_yet_encoded():
-    from energon_jax.serving.loop import EmbeddingBatcher
     from energon_jax.serving.scheduler import QueueFull
 
-    enc = SteppedEncoder()
-    batcher = EmbeddingBatcher(enc, max_batch=1, max_wait=0.001, max_queue=2)
-    batcher.start()
-    try:
+    with stepped_batcher(max_batch=1, max_queue=2) as (enc, batcher):
         first = batcher.submit([[1]])
         enc.wait_calls(1)
         # the next batch's one request and max_queue=2 behind it
@@ -1198,10 +1181,6 @@ def test_the_embedding_queue_bound_counts_requests_taken_off_the_queue_but_not_y
         for _ in range(4):
             enc.step()
         assert [f.result(10)[0, 1] for f in [first, *waiting, later]] == [1, 2, 3, 4, 5]
-    finally:
-        for _ in range(5):
-            enc.step()
-        batcher.stop()
 
 
 def test_a_bert_server_with_max_queue_0_takes_a_batch_worth_of_requests():
