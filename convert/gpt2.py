@@ -54,16 +54,30 @@ def config_from_hf(hf: dict, where="config.json") -> GPT2Config:
         eos += tuple(i for i in _eos_ids(gen.get("eos_token_id"), generation, "eos_token_id") if i not in eos)
     return GPT2Config(
         vocab_size=hf["vocab_size"],
-        n_positions=hf.get("n_positions", 1024),
-        n_embd=hf.get("n_embd", 768),
-        n_layer=hf.get("n_layer", 12),
-        n_head=hf.get("n_head", 12),
+        n_positions=_size(hf, "n_positions", 1024, where),
+        n_embd=_size(hf, "n_embd", 768, where),
+        n_layer=_size(hf, "n_layer", 12, where),
+        n_head=_size(hf, "n_head", 12, where),
         n_inner=hf.get("n_inner"),
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
         scale_attn_weights=hf.get("scale_attn_weights", True),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos,
     )
+
+
+# GPT2Config.attribute_map: Hugging Face takes these names for the same sizes
+_HF_ALIASES = {"n_positions": "max_position_embeddings", "n_embd": "hidden_size", "n_layer": "num_hidden_layers",
+               "n_head": "num_attention_heads"}
+
+
+def _size(hf: dict, key: str, default: int, where):
+    """A size under its GPT-2 name or its HF alias (a config giving num_attention_heads was read with
+    the default 12 heads: no tensor shape says how many there are); both, disagreeing, is an error."""
+    alias = _HF_ALIASES[key]
+    if key in hf and alias in hf and hf[key] != hf[alias]:
+        raise CheckpointError(f"{where}: {key}={hf[key]!r} and {alias}={hf[alias]!r} are one setting and disagree")
+    return hf.get(key, hf.get(alias, default))
 
 
 def _eos_ids(value, where, key) -> tuple[int, ...]:

@@ -121,15 +121,22 @@ class TensorSource:
         self.files: list[Path] = []
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
-        if index.is_file():
-            weight_map = _read_weight_map(index)
-            shards = {f: SafetensorsFile(self.folder / f) for f in sorted(set(weight_map.values()))}
-            self._where = {name: shards[f] for name, f in weight_map.items()}
-            self.files = [self.folder / f for f in shards]
-        elif single.is_file():
+        # Hugging Face's order, the numbers' reference: a model.safetensors first, so a stale index
+        # (or stale shards) beside it, which save_pretrained leaves, is not what gets read
+        if single.is_file():
             st = SafetensorsFile(single)
             self._where = {name: st for name in st.keys()}
             self.files = [single]
+        elif index.is_file():
+            weight_map = _read_weight_map(index)
+            shards = {f: SafetensorsFile(self.folder / f) for f in sorted(set(weight_map.values()))}
+            held = {f: set(shard.keys()) for f, shard in shards.items()}
+            absent = [(name, f) for name, f in weight_map.items() if name not in held[f]]
+            if absent:  # a KeyError at the first read before
+                raise CheckpointError(f"{index}: weight_map puts tensors in shards that do not hold them: "
+                                      + ", ".join(f"{name!r} in {f}" for name, f in absent[:5]))
+            self._where = {name: shards[f] for name, f in weight_map.items()}
+            self.files = [self.folder / f for f in shards]
         elif (self.folder / "pytorch_model.bin").is_file():
             path = self.folder / "pytorch_model.bin"
             state = _load_torch_bin(path)

@@ -588,8 +588,20 @@ def _drop_vocab_size(src: Path) -> tuple[str, ...]:
 
 
 def _index(src: Path, text: str) -> tuple[str, ...]:
+    (src / "model.safetensors").unlink()  # the one file is read first, before any index (HF's order)
     (src / "model.safetensors.index.json").write_text(text)
     return (str(src / "model.safetensors.index.json"),)
+
+
+def _misplaced_tensor(src: Path) -> tuple[str, ...]:
+    """A shard that lacks a tensor the index puts in it (a raw KeyError at the first read before)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    wte = next(k for k in tensors if k.endswith("wte.weight"))
+    save_file({k: v for k, v in tensors.items() if k != wte}, str(src / "one.safetensors"))
+    return (*_index(src, json.dumps({"weight_map": {k: "one.safetensors" for k in tensors}})),
+            f"weight_map puts tensors in shards that do not hold them: {wte!r} in one.safetensors")
 
 
 def _short_data_offsets(src: Path) -> tuple[str, ...]:
@@ -612,6 +624,7 @@ MALFORMED = {
     "index of bad JSON": lambda src: (*_index(src, '{"weight_map": {'), "not valid JSON"),
     "index naming a missing shard": lambda src: (*_index(src, '{"weight_map": {"wte.weight": "nope.safetensors"}}'),
                                                  "nope.safetensors"),
+    "index naming a tensor its shard lacks": lambda src: _misplaced_tensor(src),
     "data_offsets that disagree with the shape": _short_data_offsets,
 }
 

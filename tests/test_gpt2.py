@@ -200,7 +200,7 @@ def test_seeds_are_ints_in_the_uint32_range(tiny_gpt2_factory, capsys):
     capsys.readouterr()
     assert cli.main(["generate", str(folder), "1 2", "--seed", "-1"]) == 2
     err = capsys.readouterr().err
-    assert "energon generate: error: seed=-1 must be an int in [0, 4294967295]" in err and "Traceback" not in err
+    assert "energon generate: error: --seed=-1 must be an int in [0, 4294967295]" in err and "Traceback" not in err
 
 
 def test_padded_vocabulary_is_never_sampled(tiny_gpt2_factory):
@@ -488,6 +488,56 @@ def test_pytorch_bin_and_sharded_safetensors(tiny_gpt2_factory, tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     for sub in ("bin", "sharded"):
         np.testing.assert_allclose(ej.load_sharded_model(tmp_path / sub).logits(ids), expected, atol=1e-6)
+
+
+def test_a_folder_with_stale_shards_or_a_stale_index_reads_what_hf_reads(tiny_gpt2_factory, tmp_path):
+    """save_pretrained leaves files of an earlier save: an index beside a new model.safetensors was
+    refused (its shards were gone), and a model.safetensors beside new shards was passed over for
+    them. Hugging Face reads model.safetensors first; so does the loader."""
+    from transformers import GPT2LMHeadModel
+
+    folder, hf = tiny_gpt2_factory()
+    _, other = tiny_gpt2_factory(seed=7)
+    ids = np.arange(1, 12)[None]
+    stale_index = tmp_path / "stale_index"
+    other.save_pretrained(stale_index, max_shard_size="20KB")
+    hf.save_pretrained(stale_index)  # deletes the shards, keeps the index
+    assert (stale_index / "model.safetensors.index.json").is_file()
+    stale_single = tmp_path / "stale_single"
+    hf.save_pretrained(stale_single)
+    other.save_pretrained(stale_single, max_shard_size="20KB")  # leaves model.safetensors as it was
+    assert (stale_single / "model.safetensors").is_file()
+    for sub in (stale_index, stale_single):
+        with torch.no_grad():
+            want = GPT2LMHeadModel.from_pretrained(sub).eval()(torch.tensor(ids)).logits.numpy()
+        np.testing.assert_allclose(ej.load_sharded_model(sub).logits(ids), want, atol=1e-5)
+
+
+def test_hf_alias_names_of_the_sizes(tiny_gpt2_factory, tmp_path):
+    """HF's GPT2Config takes num_attention_heads (and hidden_size, num_hidden_layers,
+    max_position_embeddings) for n_head (...): read as absent, the head count fell back to 12,
+    which no tensor shape contradicts, and the logits were wrong."""
+    from transformers import GPT2LMHeadModel
+
+    folder, _ = tiny_gpt2_factory()
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["n_head"] != 12
+    src = tmp_path / "alias"
+    shutil.copytree(folder, src)
+    aliased = {k: v for k, v in cfg.items() if k not in ("n_head", "n_embd", "n_layer", "n_positions")}
+    aliased.update(num_attention_heads=cfg["n_head"], hidden_size=cfg["n_embd"], num_hidden_layers=cfg["n_layer"],
+                   max_position_embeddings=cfg["n_positions"])
+    (src / "config.json").write_text(json.dumps(aliased))
+    ids = np.arange(1, 12)[None]
+    with torch.no_grad():
+        want = GPT2LMHeadModel.from_pretrained(src).eval()(torch.tensor(ids)).logits.numpy()
+    model = ej.load_sharded_model(src)
+    assert model.config.n_head == cfg["n_head"]
+    np.testing.assert_allclose(model.logits(ids), want, atol=1e-5)
+    (src / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": cfg["n_head"] + 2}))
+    with pytest.raises(ValueError, match=rf"n_head={cfg['n_head']} and num_attention_heads={cfg['n_head'] + 2} "
+                                         "are one setting and disagree"):
+        ej.load_sharded_model(src)
 
 
 def test_bfloat16_load(tiny_gpt2_factory):
