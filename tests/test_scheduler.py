@@ -94,6 +94,22 @@ def test_stop_token_and_stop_string():
     assert streamed[-1].finished and streamed[-1].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("steps", [(1,), (1, 2, 4, 8)])
+def test_several_stop_strings_cut_where_the_first_is_complete(steps):
+    """"bcde" starts before "cd" but ends after it: the served cut depended on how many tokens an
+    update brought ("b" when "d" came alone, "" when "d" and "e" came together), and offline
+    generate's said "". The match that ends first decides, however the tokens come."""
+    from energon_jax.engine.sampling import cut_at_stop_string
+
+    sched, eng = make(1, detokenize=detok, decode_step_options=steps)
+    req = sched.add_request([0], SamplingOptions(max_tokens=10, stop_strings=("bcde", "cd")))
+    run(sched, eng)
+    assert (req.text, req.output_ids, req.finish_reason) == ("b", [1, 2, 3], "stop")
+    assert cut_at_stop_string([1, 2, 3, 4, 5, 6], detok([1, 2, 3, 4, 5, 6]), ("bcde", "cd"), detok) == ("b", [1, 2, 3])
+    # ending together: the one that starts first (the longer)
+    assert cut_at_stop_string([1, 2, 3, 4], "bcde", ("de", "cde"), detok) == ("b", [1, 2, 3, 4])
+
+
 def test_stop_string_keeps_the_token_that_completes_its_last_character():
     """A token that ends inside a UTF-8 character decodes to U+FFFD: that prefix is as long as the
     text up to the stop string's end without containing it, so the next token is kept as well."""

@@ -200,6 +200,25 @@ def test_generate_cancels_the_prompts_it_queued_when_a_later_one_is_refused(mode
         server.stop()
 
 
+def test_generate_cancels_the_rest_when_waiting_for_one_is_interrupted(model, monkeypatch):
+    """Ctrl-C (or a failed request) while Server.generate waited left the other prompts decoding."""
+    from energon_jax.serving import Server
+    from energon_jax.serving.api import RequestHandle
+
+    server = Server(model, max_batch_size=2, cache_len=CACHE_LEN, tune_gc=False).start(warmup=False)
+
+    def interrupted(handle, timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RequestHandle, "result", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server.generate([[5, 6, 7], [8, 9], [10, 11]], max_tokens=40)
+        assert server.scheduler.requests == {} and server.scheduler.queue_depth == 0
+    finally:
+        server.stop()
+
+
 def test_batched_prefill_equals_one_at_a_time(model):
     """Prompts prefilled together (padded rows, mixed lengths, one dispatch) sample what each
     prefilled alone samples, and decode on from the same state."""

@@ -77,15 +77,21 @@ def check_stop_strings(stop_strings, detokenizes: bool) -> None:
 
 
 def cut_at_stop_string(body: list[int], text: str, stop_strings, detokenize) -> tuple[str, list[int]] | None:
-    """Where the earliest of `stop_strings` occurs in `text` (the text of token ids `body`): the
-    text before it and the fewest tokens whose own text holds the whole stop string (as
-    `GPTModel.generate` and the serving scheduler keep them); None if none occurs. A prefix that
-    ends inside a UTF-8 character decodes to U+FFFD, so its length alone reaches the stop
-    string's end a token early: the prefix's text must contain it."""
+    """Where the first of `stop_strings` to be complete occurs in `text` (the text of token ids
+    `body`): the text before it and the fewest tokens whose own text holds the whole stop string
+    (as `GPTModel.generate` and the serving scheduler keep them); None if none occurs.
+
+    First to be complete: the match that ends first (of two ending together, the one starting
+    first). The scheduler stops as soon as one is, so the match that starts first, which may end
+    later, was not found the same way for every grouping of tokens into updates: with stops
+    "bcde" and "cd", "bcdef" cut at "b" when "d" came alone and at "" when "d" and "e" came
+    together, and offline `generate` said "". A prefix that ends inside a UTF-8 character decodes
+    to U+FFFD, so its length alone reaches the stop string's end a token early: the prefix's
+    text must contain it."""
     hits = [(text.find(s), s) for s in stop_strings if s in text]
     if not hits:
         return None
-    cut, s = min(hits)
+    cut, s = min(hits, key=lambda hit: (hit[0] + len(hit[1]), hit[0]))
     upto = text[: cut + len(s)]
     k = next((k for k in range(1, len(body) + 1) if detokenize(body[:k]).startswith(upto)), len(body))
     return text[:cut], body[:k]

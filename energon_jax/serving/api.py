@@ -249,8 +249,8 @@ class Server:
     QueueFull). decode_steps: most decode steps per dispatch.
     cache_len: positions per slot (default: the model's max_seq_len); prompt + max_tokens must fit.
     request_timeout: seconds (> 0) after which a request is ended with finish_reason "timeout"; None: never.
-    max_prefill_tokens: prompt tokens admitted per engine iteration (beyond the first request)
-    when every slot is busy; more while fewer requests run (`Scheduler.prefill_budget`).
+    max_prefill_tokens: prompt tokens admitted per engine iteration when every slot is busy (the
+    first waiting request whatever its length); more while fewer requests run (`Scheduler.prefill_budget`).
     max_prefill_batch / prefill_batch_tokens: prompts admitted together are prefilled in batches of
     up to this many rows and rows x bucketed length tokens (each such shape is compiled at start;
     None: 16 on GPUs, 1 on CPU, see `engine.slots.default_prefill_batch`).
@@ -555,11 +555,11 @@ class Server:
         try:
             for i, p in enumerate(prompts):
                 handles.append(self.submit(p, **kwargs, seed=None if seed is None else (seed + i) & 0xFFFFFFFF))
-        except BaseException:  # a bad prompt or a full queue: the ones queued before it would run for nobody
+            return [h.result() for h in handles]
+        except BaseException:  # a bad prompt, a full queue, a failed request, Ctrl-C: the others ran for nobody
             for h in handles:
                 h.cancel()
             raise
-        return [h.result() for h in handles]
 
     # ------------------------------------------------------------- encoding
     def embed_async(self, inputs, *, pooling: str = "mean", normalize: bool = False):

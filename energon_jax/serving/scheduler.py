@@ -142,8 +142,9 @@ class Scheduler:
     detokenize: ids -> text (None: token-id mode; stop strings are then refused).
     decode_step_options: the decode step counts the engine has compiled (ascending powers of two);
       a decode dispatch runs the largest that wastes no slot-steps while requests wait.
-    max_prefill_tokens: prompt tokens admitted per iteration beyond the first request when every
-      slot is busy, so that long prompt bursts interleave with the decode of running requests.
+    max_prefill_tokens: prompt tokens admitted per iteration when every slot is busy (the first
+      waiting request is admitted whatever its length, and counts), so that long prompt bursts
+      interleave with the decode of running requests.
       With fewer running requests the budget grows as num_slots / running (`prefill_budget`).
     context_len: prompt + max_tokens - 1 positions must fit (the decode cache length).
     batch_wait / arrival_gap: while nothing runs, requests that arrive close together (each within
