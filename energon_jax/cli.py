@@ -201,5 +201,22 @@ def _silence_stdout() -> None:
         pass
 
 
+def run() -> None:
+    """The `energon` command: main(), with a Ctrl-C that main passes on (to its Python callers)
+    ending the process by SIGINT, as the shell's 130 says, without the interpreter's traceback
+    (the verb has said what was interrupted)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        import os
+        import signal
+
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130  # where SIGINT does not end a process
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -342,6 +342,21 @@ def _wait_mid_write(proc, out: Path, timeout=60.0):
     raise AssertionError(f"conversion never got mid-write (exit {proc.poll()}): {proc.stderr.read()[-2000:]}")
 
 
+def test_ctrl_c_half_way_ends_by_sigint_without_a_traceback(tmp_path):
+    """The `energon` command printed the interpreter's KeyboardInterrupt traceback after its own
+    "interrupted; OUT not written" line (cli.run ends the process by the signal instead)."""
+    src = tmp_path / "hf"
+    _bench().write_random_gpt2(src, n_embd=256, n_layer=8, vocab=8192, n_positions=128, n_head=4)
+    out = tmp_path / "out"
+    proc = _start_convert(src, out)
+    _wait_mid_write(proc, out)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == -signal.SIGINT  # 130 to a shell
+    err = proc.stderr.read()
+    assert f"interrupted; {out} not written" in err and "Traceback" not in err, err
+    assert _leftovers(out) == []
+
+
 def test_killed_half_way_leaves_no_out(tmp_path):
     src = tmp_path / "hf"
     _bench().write_random_gpt2(src, n_embd=256, n_layer=8, vocab=8192, n_positions=128, n_head=4)
