@@ -252,9 +252,12 @@ def checkpoint_dtype(hf: dict, source: "TensorSource", names) -> CheckpointDtype
         break
     if not ranked:
         return CheckpointDtype("float32", stored, "no floating-point weights" + unusable)
+    # float64 weights: jax computes in float32 unless x64 is on (it is not here), and a float64
+    # folder loaded as float32 with a warning per array
+    name, wide = (ranked[0], "") if ranked[0] in DTYPES else ("float32", f", as float32 (not one of {list(DTYPES)})")
     if len(ranked) == 1:
-        return CheckpointDtype(ranked[0], stored, "the weights" + unusable)
-    return CheckpointDtype(ranked[0], stored, f"most parameters of the mixed {stored} weights"
+        return CheckpointDtype(name, stored, "the weights" + wide + unusable)
+    return CheckpointDtype(name, stored, f"most parameters of the mixed {stored} weights" + wide
                            + (unusable or "; config.json gives no dtype") + "; --dtype chooses another")
 
 

@@ -593,6 +593,28 @@ def test_checkpoint_dtype_is_a_float_dtype():
     assert checkpoint_dtype({"dtype": None, "torch_dtype": "float16"}, src, ["b"]).name == "float16"
     plain = checkpoint_dtype({"torch_dtype": 5}, src, ["b"])
     assert (plain.name, plain.plain) == ("float32", True) and "torch_dtype=5 is not one of" in plain.reason
+    # float64 weights were a float64 "default", which no --dtype offers and jax ran as float32
+    wide = checkpoint_dtype({}, _FakeSource({"e": (np.float64, (8,))}), ["e"])
+    assert (wide.name, wide.stored, wide.plain) == ("float32", "float64", False) and "as float32" in wide.reason
+
+
+def test_a_float64_checkpoint_converts_and_loads_as_float32(tiny_gpt2_factory, tmp_path):
+    import warnings
+
+    folder, hf = tiny_gpt2_factory()
+    src = tmp_path / "f64"
+    hf.double().save_pretrained(src)
+    shutil.copy(folder / "config.json", src)  # the float32 config: no dtype that would decide
+    assert _convert(src, tmp_path / "out") == 0
+    meta = json.loads((tmp_path / "out" / "energon_config.json").read_text())
+    assert meta["dtype"] == "float32", meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # jax warned once per float64 array it truncated
+        models = [ej.load_sharded_model(p) for p in (src, tmp_path / "out")]
+    want = ej.load_sharded_model(folder).logits(TOKENS)
+    for m in models:
+        assert str(m.dtype) == "float32"
+        np.testing.assert_allclose(m.logits(TOKENS), want, atol=1e-5)
 
 
 def _drop_vocab_size(src: Path) -> tuple[str, ...]:
