@@ -142,6 +142,11 @@ class TensorSource:
             state = _load_torch_bin(path)
             self._where = {name: state for name in state}
             self.files = [path]
+        elif (self.folder / "pytorch_model.bin.index.json").is_file():
+            raise CheckpointError(
+                f"{self.folder}: sharded pytorch_model-*.bin checkpoints (pytorch_model.bin.index.json) are not "
+                "supported; re-save the model as safetensors first, e.g. transformers.AutoModel.from_pretrained("
+                "folder).save_pretrained(new_folder)")
         else:
             raise CheckpointError(
                 f"{self.folder}: no weight file; expected model.safetensors, model.safetensors.index.json "

@@ -367,6 +367,9 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise ValueError(f"OUT {out} {'is' if out.resolve() == src.resolve() else 'holds'} SRC {src}; replacing "
                          f"it would delete the source: choose an OUT outside SRC's folders")
+    if (src / CONFIG_FILE).is_file():  # else "no weight file", about a folder that holds a whole model
+        raise ValueError(f"SRC {src} is an `energon convert` output already ({CONFIG_FILE}): load it as it is, "
+                         "or convert the Hugging Face folder it came from")
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output already exists; pass --force to replace it")
     _check_out_parent(out)

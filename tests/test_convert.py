@@ -666,6 +666,23 @@ MALFORMED = {
 }
 
 
+def _sharded_bin(src: Path) -> tuple[str, ...]:
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
+    return str(src), "sharded pytorch_model-*.bin checkpoints (pytorch_model.bin.index.json) are not supported"
+
+
+MALFORMED["sharded pytorch_model.bin"] = _sharded_bin
+
+
+def test_a_converted_folder_as_src_is_named_as_one(converted, tmp_path, capsys):
+    """It was told "no weight file"."""
+    assert _convert(converted, tmp_path / "again") == 2
+    err = capsys.readouterr().err
+    assert f"SRC {converted} is an `energon convert` output already (energon_config.json)" in err, err
+    assert not (tmp_path / "again").exists()
+
+
 @pytest.mark.parametrize("case", MALFORMED)
 def test_malformed_input_names_the_file_and_key(hf_gpt2, tmp_path, capsys, case):
     """These gave KeyError or numpy reshape tracebacks, or a JSON error without the file's name."""
