@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from energon_jax.serving.scheduler import (EngineOutput, QueueFull, SamplingOptions, Scheduler, ShuttingDown,
-                                           Status)
+from energon_jax.serving.scheduler import (EngineOutput, QueueFull, SamplingOptions, Scheduler, SchedulerOutput,
+                                           ShuttingDown, Status)
 
 
 class FakeEngine:
@@ -123,6 +123,157 @@ def test_stop_string_keeps_the_token_that_completes_its_last_character():
     assert req.finish_reason == "stop" and req.text == "a"
     assert req.output_ids == list("a\u00e9".encode())  # not [a, 0xC3]: its text holds the whole stop string
     assert "".join(d.text for d in streamed) == "a" and sum((d.token_ids for d in streamed), []) == req.output_ids
+
+
+# ------------------------------------------------ incremental detokenization (Scheduler._text_of)
+BPE_CORPUS = ["Un café naïve à Paris, s'il vous plaît.\n", "日本語のテキストと絵文字 🙂🚀 も。\n",
+              "The quick brown fox jumps over the lazy dog.\n", "def add(a, b):\n    return a + b  # ½ ≠ π\n",
+              "Ünïcödé ñ ß ø € 中文 한국어 🎉👍🏽\n"] * 4
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A real byte-level BPE, trained here, whose merges split multibyte characters across tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(BPE_CORPUS, vocab_size=320, min_frequency=1, show_progress=False)
+    return tok
+
+
+class FullDecodeScheduler(Scheduler):
+    """The reference: the whole body decoded after every update (the scheduler before the window)."""
+
+    def _text_of(self, req, body):
+        return self.detokenize(body)
+
+
+def stream_through(sched_cls, detokenize, tokens, sizes, stop_strings=()):
+    """Feed `tokens` to a fresh scheduler in updates of `sizes` (the prefill brings the first);
+    returns (request, every req.text after an update, the streamed deltas)."""
+    sched = sched_cls(1, context_len=len(tokens) + 2, detokenize=detokenize)
+    deltas = []
+    req = sched.add_request([0], SamplingOptions(max_tokens=len(tokens), stop_strings=tuple(stop_strings)),
+                            sink=deltas.append)
+    out = sched.schedule()
+    sched.update_from_output(out, EngineOutput({req.request_id: tokens[0]}))
+    texts, i = [req.text], 1
+    for k in sizes:
+        if req.finished or i >= len(tokens):
+            break
+        step = SchedulerOutput([], k, [True], {0: req})
+        sched.update_from_output(step, EngineOutput({}, [[t] for t in tokens[i: i + k]]))
+        texts.append(req.text)
+        i += k
+    assert req.finished
+    return req, texts, deltas
+
+
+def check_exact(detokenize, tokens, sizes, stop_strings=()):
+    """The windowed scheduler gives what decoding the whole body after every update gives; returns
+    (its request, its deltas, ids it decoded, ids the reference decoded)."""
+    counts = [0, 0]
+
+    def counting(i):
+        def decode(ids):
+            counts[i] += len(ids)
+            return detokenize(ids)
+        return decode
+
+    req, texts, deltas = stream_through(Scheduler, counting(0), tokens, sizes, stop_strings)
+    ref, ref_texts, ref_deltas = stream_through(FullDecodeScheduler, counting(1), tokens, sizes, stop_strings)
+    assert texts == ref_texts
+    fields = lambda ds: [(d.text, d.token_ids, d.finished, d.finish_reason) for d in ds]  # noqa: E731
+    assert fields(deltas) == fields(ref_deltas)
+    assert (req.text, req.output_ids, req.finish_reason) == (ref.text, ref.output_ids, ref.finish_reason)
+    if not stop_strings:
+        assert req.text == detokenize(req.output_ids) and texts[-1] == req.text
+    return req, deltas, counts[0], counts[1]
+
+
+def random_streams(rng, encode, vocab_size, count):
+    """Token streams of real text (multibyte characters split as the BPE splits them) and of random ids
+    (bytes that need not form UTF-8), mixed."""
+    words = " ".join(BPE_CORPUS).split()
+    for _ in range(count):
+        if rng.random() < 0.5:
+            ids = encode(" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))))
+        else:
+            ids = [rng.randrange(vocab_size) for _ in range(rng.randint(5, 80))]
+        if rng.random() < 0.5:  # a random stretch spliced into real text
+            ids[rng.randrange(len(ids)):0] = [rng.randrange(vocab_size) for _ in range(rng.randint(1, 6))]
+        yield ids
+
+
+def random_sizes(rng, n):
+    return [rng.randint(1, 8) for _ in range(n)]
+
+
+def test_windowed_text_equals_the_full_decode_through_a_byte_level_bpe(bpe):
+    import random
+
+    rng = random.Random(0)
+    decode, vocab = bpe.decode, bpe.get_vocab_size()
+    decoded = full = 0
+    for ids in random_streams(rng, lambda s: bpe.encode(s).ids, vocab, 300):
+        stops = ()
+        if rng.random() < 0.5:  # stop strings taken from the stream's text, so that most of them hit
+            text = decode(ids).replace("\ufffd", "")
+            starts = [rng.randrange(max(1, len(text))) for _ in range(rng.randint(1, 3))]
+            stops = tuple(dict.fromkeys(text[a: a + rng.randint(1, 3)] for a in starts if text[a: a + 1]))
+        req, deltas, windowed, reference = check_exact(decode, ids, random_sizes(rng, len(ids)), stops)
+        assert "".join(d.text for d in deltas) == req.text  # a byte-level BPE never changes earlier text
+        decoded, full = decoded + windowed, full + reference
+    assert decoded < 0.7 * full  # the window was used, not only the fallback
+
+
+def non_concatenative_detokenizers():
+    """Ids 0-25 are letters, 26 a space, 27 a period, 28 an empty text; made non-concatenative by a
+    rule on the whole text, each of which the window check must catch."""
+    def base(ids):
+        return "".join({26: " ", 27: ".", 28: ""}.get(t, chr(ord("a") + t % 26)) for t in ids)
+
+    def merged(ids):  # "q" then "u" (adjacent ids 16, 20) is one character
+        return base(ids).replace("qu", "\u01eb")
+
+    return {
+        "strips leading spaces": lambda ids: base(ids).lstrip(" "),
+        "pair to one character": merged,
+        "space clean-up": lambda ids: base(ids).replace(" .", ".").replace(" q", "Q"),
+        "capitalized start": lambda ids: base(ids)[:1].upper() + base(ids)[1:],
+    }
+
+
+@pytest.mark.parametrize("name", list(non_concatenative_detokenizers()))
+def test_a_detokenizer_that_is_not_concatenative_still_gives_the_full_decode(name):
+    import random
+
+    detokenize = non_concatenative_detokenizers()[name]
+    rng = random.Random(1)
+    weights = [1] * 26 + [8, 3, 2]  # many spaces, periods and empty texts around the letters
+    weights[16] = weights[20] = 6
+    for _ in range(300):
+        ids = rng.choices(range(29), weights, k=rng.randint(2, 60))
+        stops = rng.choice([(), (".",), ("Q", " a"), (detokenize(ids[3:5]),)])
+        check_exact(detokenize, ids, random_sizes(rng, len(ids)), tuple(s for s in stops if s))
+
+
+@pytest.mark.parametrize("steps", [(1,), (1, 2, 4, 8, 16)])
+def test_decode_work_grows_with_the_tokens_not_their_square(steps):
+    """Decoding the whole output after every update cost n^2 / 2 ids over n tokens (45,150 for 300
+    tokens a token at a time); the window decodes each token a few times."""
+    decoded = []
+
+    def counting(ids):
+        decoded.append(len(ids))
+        return detok(ids)
+
+    n = 300
+    sched, eng = make(1, detokenize=counting, decode_step_options=steps, context_len=n + 2)
+    req = sched.add_request([0], SamplingOptions(max_tokens=n))
+    run(sched, eng, max_iters=n + 1)
+    assert len(req.output_ids) == n and req.text == detok(req.output_ids)
+    assert sum(decoded) <= 4 * n, sum(decoded)
 
 
 def test_decode_steps_stop_where_a_waiting_request_can_enter():

@@ -104,6 +104,12 @@ class Request:
     finish_time: float | None = None
     cancel_requested: bool = False
     scheduled: int = 0  # output tokens the engine has been asked for (some may still be on the way)
+    # Incremental detokenization (Scheduler._text_of): the first `settled_ids` output ids have the
+    # text `text[:settled_chars]`, which ended without U+FFFD; `context_ids` (<= settled_ids) is
+    # where the previous settled stretch began, the left context of the next window.
+    settled_ids: int = 0
+    settled_chars: int = 0
+    context_ids: int = 0
 
     @property
     def finished(self) -> bool:
@@ -399,11 +405,41 @@ class Scheduler:
         if self.detokenize is None:
             return reason
         body = req.output_ids[:-1] if reason == "stop" else req.output_ids
-        req.text = self.detokenize(body)
+        req.text = self._text_of(req, body)
         cut = cut_at_stop_string(body, req.text, opts.stop_strings, self.detokenize)
         if cut is not None:
             (req.text, req.output_ids), reason = cut, "stop"
         return reason
+
+    def _text_of(self, req: Request, body: list[int]) -> str:
+        """detokenize(body), decoding only the ids since the last settled offset and a left context.
+
+        Decoding all of body after every update cost its length each time, so the square of it over
+        a request (a byte-level BPE decode costs ~0.17 us a token: 64 requests at 2,048 tokens spent
+        ~22 ms of host time an iteration). The window ids[p:] (p = context_ids < s = settled_ids)
+        stands in for the full decode only where it checks out: its settled part decoded alone,
+        decode(ids[p:s]), is not empty (a rule for the start of a text, such as a stripped leading
+        space, acts on it, not on the new text), is the end of the settled text (the left edge
+        joins: no UTF-8 character or merged pair is cut there) and is a prefix of decode(ids[p:])
+        (the new ids changed no earlier text). Otherwise the whole body is decoded, as before. So
+        the text is the full decode's for any detokenizer whose rules reach no further back than
+        the window (byte-level BPE, pairs merged into one character, space clean-up), concatenative
+        or not. The settled offset advances only over text that ends without U+FFFD (an incomplete
+        character can still change), though a window's text may end in one (the same bytes end the
+        full text); an output that keeps ending in U+FFFD decodes a growing window until one
+        completes."""
+        s, p = req.settled_ids, req.context_ids
+        text = None
+        if s:
+            settled = self.detokenize(body[p:s])
+            window = self.detokenize(body[p:])
+            if settled and window.startswith(settled) and req.text.endswith(settled, 0, req.settled_chars):
+                text = req.text[: req.settled_chars] + window[len(settled):]
+        if text is None:
+            text = self.detokenize(body)
+        if not text.endswith("\ufffd") and len(body) > s:
+            req.context_ids, req.settled_ids, req.settled_chars = s, len(body), len(text)
+        return text
 
     def _emit(self, req: Request, final: bool = False) -> None:
         text = None
