@@ -110,6 +110,26 @@ def test_several_stop_strings_cut_where_the_first_is_complete(steps):
     assert cut_at_stop_string([1, 2, 3, 4], "bcde", ("de", "cde"), detok) == ("b", [1, 2, 3, 4])
 
 
+def test_the_cut_finds_its_tokens_in_a_few_decodes():
+    """The fewest tokens holding the stop string were searched one prefix at a time from the first:
+    a stop at token 2,000 decoded ~2M ids in one engine iteration."""
+    from energon_jax.engine.sampling import cut_at_stop_string
+
+    decoded = []
+
+    def counting(ids):
+        decoded.append(len(ids))
+        return detok(ids)
+
+    body = [0] * 1998 + [1, 2, 3, 4]  # "a" * 1998 + "bcde"
+    assert cut_at_stop_string(body, detok(body), ("cd",), counting) == ("a" * 1998 + "b", body[:2001])
+    assert sum(decoded) < 20 * len(body), sum(decoded)
+    # a tokenizer whose longer prefixes stop holding the text: the bisection's answer fails its
+    # check, and the scan from the first token finds the cut
+    flaky = lambda ids: detok(ids) if len(ids) <= 2 else "zzz"
+    assert cut_at_stop_string([0, 1, 2, 3, 4], "abcde", ("b",), flaky) == ("a", [0, 1])
+
+
 def test_stop_string_keeps_the_token_that_completes_its_last_character():
     """A token that ends inside a UTF-8 character decodes to U+FFFD: that prefix is as long as the
     text up to the stop string's end without containing it, so the next token is kept as well."""
@@ -349,6 +369,27 @@ def test_deadline_expires_waiting_and_running():
     now[0] = 6.0
     sched.schedule()
     assert a.finish_reason == "timeout" and a.output_ids and sched.slots_in_use == 0
+
+
+def test_time_per_output_token_stops_at_the_last_token():
+    """TPOT counted a cancelled or timed-out request's idle time after its last token as time
+    between its tokens."""
+    from energon_jax.serving.metrics import Metrics
+
+    now = [0.0]
+    sched, eng = make(1, clock=lambda: now[0], decode_step_options=(1,))
+    metrics = Metrics()
+    sched.on_finish = metrics.record_finished
+    req = sched.add_request([1], SamplingOptions(max_tokens=50))
+    for t in (1.0, 2.0, 3.0):  # the prefill's token and a decode step's at 1 s, then one a second
+        now[0] = t
+        out = sched.schedule()
+        sched.update_from_output(out, eng.execute(out))
+    now[0] = 100.0
+    assert sched.cancel(req.request_id) and len(req.output_ids) == 4
+    tpot = metrics.registry.get_sample_value("energon_time_per_output_token_seconds_sum")
+    assert tpot == pytest.approx(2 / 3), tpot  # (3 - 1) s over 3 gaps, not (100 - 1) / 3
+    assert metrics.registry.get_sample_value("energon_request_latency_seconds_sum") == pytest.approx(100.0)
 
 
 def test_bad_requests():
