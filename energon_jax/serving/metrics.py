@@ -61,8 +61,8 @@ class Metrics:
             return
         self.ttft.observe(req.first_token_time - req.arrival)
         self.latency.observe(req.finish_time - req.arrival)
-        if len(req.output_ids) > 1:
-            self.tpot.observe((req.finish_time - req.first_token_time) / (len(req.output_ids) - 1))
+        if len(req.output_ids) > 1:  # to its last token: a cancel or a timeout later is no token's time
+            self.tpot.observe((req.last_token_time - req.first_token_time) / (len(req.output_ids) - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -101,6 +101,7 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None  # when its last kept token arrived
     finish_time: float | None = None
     cancel_requested: bool = False
     scheduled: int = 0  # output tokens the engine has been asked for (some may still be on the way)
@@ -382,6 +383,7 @@ class Scheduler:
                 before = len(req.output_ids)
                 reason = self._append(req, new_ids[req.request_id])
                 kept += max(0, len(req.output_ids) - before)
+                req.last_token_time = now
                 if reason:
                     self._finish(req, reason)
                     done.append(req)
