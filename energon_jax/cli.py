@@ -90,6 +90,8 @@ def _generate(args) -> int:
             resolve_seed(args.seed)
         if not args.prompt:
             raise ValueError("the prompt is empty ('')")
+        if "" in args.stop:  # the model's own check comes after the load
+            raise ValueError("--stop='' is empty; a stop string needs at least one character")
         if model_kind(args.model) == "bert":
             raise _bert_refusal(args.model)
         return _load_and_generate(args)

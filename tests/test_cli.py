@@ -243,6 +243,7 @@ def no_load(monkeypatch):
     (["x", "--top-k", "-1"], "--top-k=-1 must be an int in [0, "),
     (["x", "--seed", "-1"], "--seed=-1 must be an int in [0, 4294967295]"),
     ([""], "the prompt is empty ('')"),
+    (["x", "--stop", "a", "--stop", ""], "--stop='' is empty; a stop string needs at least one character"),
 ])
 def test_generate_checks_its_flags_before_loading(no_load, capsys, argv, match):
     rc, _, err = _generate(capsys, PRESET, *argv)
