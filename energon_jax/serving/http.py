@@ -181,12 +181,10 @@ def _schema(schema: type[BaseModel]) -> dict:
 def start_serving(server, address: tuple[str, int] | None = None) -> None:
     """Start `server` in the background for an HTTP front end (unless it runs, is starting, or was
     stopped: the routes then answer 503); the ready line (`ready_message`) once it is up."""
-    if server.stopping:
-        return
     on_ready = None if address is None else (lambda: log.info("%s", ready_message(*address, server.kind)))
     try:
         server.start_in_background(on_ready=on_ready)
-    except ShuttingDown:  # stopped between the check and the claim
+    except ShuttingDown:  # stopped: nothing to start
         pass
 
 

@@ -230,7 +230,7 @@ class _EmbedJob:
 
     def finish_piece(self, end: int, out) -> None:
         self.parts.append(out)
-        if end >= len(self.inputs) and not self.future.done() and not self.cancelled:
+        if end >= len(self.inputs) and not self.future.done():
             if len(self.parts) == 1:
                 result = self.parts[0]
             elif all(isinstance(p, np.ndarray) for p in self.parts):
@@ -429,9 +429,8 @@ class EmbeddingBatcher:
                 self.metrics.embedded.inc(len(flat))
             i = 0
             for job, lo, hi in items:
-                job.finish_piece(hi, out[i: i + hi - lo])
-                if hi >= len(job.inputs):
-                    self._settle_cancelled(job)  # its last piece came after cancel()
+                if not self._settle_cancelled(job):  # cancel() came while this piece was encoded
+                    job.finish_piece(hi, out[i: i + hi - lo])
                 i += hi - lo
 
     def stop(self) -> None:
