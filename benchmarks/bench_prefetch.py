@@ -106,7 +106,7 @@ def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv
             t = ref.shape[1]
             mask = jnp.full((BLOCK_S, D), i < t)
             w = plgpu.load(ref.at[prog, jnp.minimum(i, t - 1)], mask=mask, other=0.0, eviction_policy=pf_evict)
-            sink = sink + jnp.sum(jax.lax.dot_general(q_rd, w, dims, preferred_element_type=f32)[0])
+            sink = sink + jnp.sum(jax.lax.dot_general(q_rd, w, dims, preferred_element_type=f32))  # 16 equal rows
         return m_new, l * alpha + jnp.sum(pc.astype(f32), axis=1), acc * alpha[:, None] + pv, sink
 
     init = (jnp.full((16,), -jnp.inf, f32), jnp.zeros((16,), f32), jnp.zeros((16, D), f32), jnp.zeros((), f32))
