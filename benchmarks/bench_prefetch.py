@@ -72,7 +72,7 @@ def tiles_of(w):
     return w.reshape(PROGRAMS, t, BLOCK_S, D)
 
 
-def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv_evict, pf_evict):
+def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv_evict, pf_evict, vmask, read_only, bs):
     from jax.experimental.pallas import triton as plgpu
 
     pf_refs, (o_ref, sink_ref, k_ref, v_ref) = rest[:n_pf], rest[n_pf:]
@@ -85,16 +85,25 @@ def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv
     k_new = qkv_ref[b, 1, h, :].astype(cdt)
     v_new = qkv_ref[b, 2, h, :].astype(cdt)
     q_rd = jnp.broadcast_to(q.astype(cdt)[None, :], (16, D))
-    offs = jnp.arange(BLOCK_S)
+    offs = jnp.arange(bs)
     dims = (((1,), (1,)), ((), ()))
 
     def step(i, carry):
         m, l, acc, sink = carry
-        start = pl.multiple_of(i * BLOCK_S, BLOCK_S)
-        k = plgpu.load(k_in_ref.at[b, h, pl.ds(start, BLOCK_S), :], eviction_policy=kv_evict)
-        v = plgpu.load(v_in_ref.at[b, h, pl.ds(start, BLOCK_S), :], eviction_policy=kv_evict)
+        start = pl.multiple_of(i * bs, bs)
         live = start + offs < pos
-        v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+        if vmask == "load":  # masked loads: dead rows read as 0, no select between load and dot
+            mask = jnp.broadcast_to(live[:, None], (bs, D))
+            k = plgpu.load(k_in_ref.at[b, h, pl.ds(start, bs), :], mask=mask, other=0.0, eviction_policy=kv_evict)
+            v = plgpu.load(v_in_ref.at[b, h, pl.ds(start, bs), :], mask=mask, other=0.0, eviction_policy=kv_evict)
+        else:
+            k = plgpu.load(k_in_ref.at[b, h, pl.ds(start, bs), :], eviction_policy=kv_evict)
+            v = plgpu.load(v_in_ref.at[b, h, pl.ds(start, bs), :], eviction_policy=kv_evict)
+        if vmask == "where":
+            v = jnp.where(live[:, None], v, jnp.zeros_like(v))
+        if read_only:  # the loads and both dots, no softmax: what the walk costs without its max / exp2
+            sc = jax.lax.dot_general(q_rd, k, dims, preferred_element_type=f32).astype(cdt)
+            return m, l, acc + jax.lax.dot_general(sc, v, (((1,), (0,)), ((), ())), preferred_element_type=f32), sink
         s = jax.lax.dot_general(q_rd, k, dims, preferred_element_type=f32)
         s = jnp.where(live[None, :], s * scale_log2, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -110,7 +119,7 @@ def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv
         return m_new, l * alpha + jnp.sum(pc.astype(f32), axis=1), acc * alpha[:, None] + pv, sink
 
     init = (jnp.full((16,), -jnp.inf, f32), jnp.zeros((16,), f32), jnp.zeros((16, D), f32), jnp.zeros((), f32))
-    m, l, acc, sink = jax.lax.fori_loop(0, (pos + BLOCK_S - 1) // BLOCK_S, step, init)
+    m, l, acc, sink = jax.lax.fori_loop(0, (pos + bs - 1) // bs, step, init)
     first = jnp.arange(16) == 0
     m = jnp.max(jnp.where(first, m, -jnp.inf))
     l = jnp.sum(jnp.where(first, l, 0.0))
@@ -127,12 +136,13 @@ def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv
     v_ref[b, h, pos, :] = v_new
 
 
-def pf_attention(qkv, kc, vc, positions, prefetch, *, scale, kv_evict, pf_evict, warps=4, stages=3, interpret=False):
+def pf_attention(qkv, kc, vc, positions, prefetch, *, scale, kv_evict, pf_evict, warps=4, stages=3, interpret=False,
+                 vmask="where", read_only=False, bs=BLOCK_S):
     from jax.experimental.pallas import triton as plgpu
 
     pf = [tiles_of(w) for w in prefetch]
     kernel = functools.partial(_pf_kernel, n_pf=len(pf), scale_log2=scale * LOG2E, kv_evict=kv_evict,
-                               pf_evict=pf_evict)
+                               pf_evict=pf_evict, vmask=vmask, read_only=read_only, bs=bs)
     caches = (jax.ShapeDtypeStruct(kc.shape, kc.dtype), jax.ShapeDtypeStruct(vc.shape, vc.dtype))
     out = pl.pallas_call(kernel, out_shape=(jax.ShapeDtypeStruct((B, N, D), qkv.dtype),
                                             jax.ShapeDtypeStruct((B, N), jnp.float32), *caches),
@@ -154,6 +164,11 @@ def make_step(mode: str):
         if mode == "kernel":
             return da._decode_append_pallas(qkv, kc, vc, positions, scale=scale, block_s=BLOCK_S, splits=1,
                                             num_warps=4, num_stages=3, interpret=False)
+        if mode.startswith("v:"):  # v:vmask/bs/warps/stages[/read]: attention variants, no prefetch
+            opts = mode[2:].split("/")
+            return pf_attention(qkv, kc, vc, positions, (), scale=scale, kv_evict=None, pf_evict=None,
+                                vmask=opts[0], bs=int(opts[1]), warps=int(opts[2]), stages=int(opts[3]),
+                                read_only=len(opts) > 4)
         _, kv, pf_set, pf = mode.split(":")  # pf:<kv evict>:<which>:<pf evict>
         sets = {"none": 0, "mlp": 3, "all": 4}
         return pf_attention(qkv, kc, vc, positions, prefetch[:sets[pf_set]], scale=scale,
@@ -200,6 +215,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--trace", action="store_true", help="also sum each mode's GPU kernels from a profiler trace")
+    ap.add_argument("--top", type=int, default=14, help="kernels listed per traced mode")
     args = ap.parse_args()
     print(f"# jax {jax.__version__}, {jax.devices()[0].device_kind}")
     key = jax.random.PRNGKey(0)
@@ -246,7 +262,7 @@ def main() -> None:
                 xx.block_until_ready()
             t0 = time.perf_counter()
             kernels = trace_kernels(run, f"/tmp/prof_{mode.replace(':', '_')}")
-            row["trace"] = summarise(kernels, args.steps * L, time.perf_counter() - t0, top=14)
+            row["trace"] = summarise(kernels, args.steps * L, time.perf_counter() - t0, top=args.top)
         results[mode] = row
         print(json.dumps(row), flush=True)
     print(json.dumps(results))
