@@ -90,7 +90,8 @@ def add_parsers(sub) -> None:
                         "`energon inspect SRC` shows it)")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint is written for (recorded)")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint is written for (recorded)")
-    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--force", action="store_true",
+                   help="replace OUT if it is an earlier `energon convert` output or an empty folder")
     c.add_argument("--buffer-mb", type=_positive_mb, default=64.0,
                    help="host memory buffered between writes, beyond the tensor being converted (default 64)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")

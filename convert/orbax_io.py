@@ -235,6 +235,32 @@ def _temp_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _is_converted_folder(folder: Path) -> bool:
+    """Whether `folder` holds an energon_config.json of this converter's FORMAT (any version)."""
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _check_replaceable(out: Path) -> None:
+    """--force replaces OUT as a whole, so it takes only an earlier `energon convert` output or an
+    empty folder: `energon convert SRC ~/models --force` must not delete ~/models."""
+    if out.is_dir():
+        try:
+            empty = not any(out.iterdir())
+        except OSError:
+            empty = False
+        if empty or _is_converted_folder(out):
+            return
+        what = f"a folder that is not an `energon convert` output (it has no {CONFIG_FILE} of format {FORMAT!r})"
+    else:
+        what = "a file"
+    raise FileExistsError(f"{out}: exists and is {what}; --force replaces only an earlier `energon convert` "
+                          f"output or an empty folder: remove {out} yourself or choose another OUT")
+
+
 def _check_out_parent(out: Path) -> None:
     """Before any work: OUT's folder (or, where it is missing and will be made, its nearest existing
     ancestor) is a writable folder. The error names OUT and that folder, not the temp folder that
@@ -372,6 +398,8 @@ def convert_checkpoint(src, out, *, dtype: str | None = None, tp: int = 1, pp: i
                          "or convert the Hugging Face folder it came from")
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output already exists; pass --force to replace it")
+    if out.exists():
+        _check_replaceable(out)
     _check_out_parent(out)
     hf = read_config(src)
     arch = architecture(hf.get("model_type"), src / "config.json")

@@ -298,13 +298,38 @@ def test_bad_options(hf_gpt2, tmp_path, capsys):
 
 def test_existing_out_needs_force(hf_gpt2, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert _convert(hf_gpt2[0], out) == 0
+    (out / "stale.txt").write_text("from the earlier conversion")
     assert _convert(hf_gpt2[0], out) == 2
-    assert "--force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert "--force" in capsys.readouterr().err and (out / "stale.txt").is_file()
     assert _leftovers(out) == ["out"]
     assert _convert(hf_gpt2[0], out, "--force") == 0
-    assert not (out / "keep.txt").exists() and (out / "energon_config.json").is_file()
+    assert not (out / "stale.txt").exists() and (out / "energon_config.json").is_file()
+    assert _leftovers(out) == ["out"]
+
+
+def test_force_replaces_an_empty_folder(hf_gpt2, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _convert(hf_gpt2[0], out, "--force") == 0
+    assert (out / "energon_config.json").is_file() and _leftovers(out) == ["out"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "foreign config"])
+def test_force_refuses_an_out_that_is_not_a_conversion(hf_gpt2, tmp_path, capsys, kind):
+    """--force replaced any OUT as a whole: `energon convert SRC ~/models --force` deleted ~/models."""
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        if kind == "foreign config":
+            (out / "energon_config.json").write_text('{"format": "something else"}')
+    assert _convert(hf_gpt2[0], out, "--force") == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and ("a file" if kind == "file" else "not an `energon convert` output") in err, err
+    assert (out.read_text() if kind == "file" else (out / "keep.txt").read_text()) == "mine"
     assert _leftovers(out) == ["out"]
 
 
@@ -730,7 +755,7 @@ def test_force_replaces_a_symlinked_out_and_leaves_what_it_pointed_to(hf_gpt2, t
     """The moved-aside link was given to rmtree, which refuses links (silently, ignore_errors): a
     .out.old-* link stayed behind."""
     target = tmp_path / "elsewhere"
-    target.mkdir()
+    assert _convert(hf_gpt2[0], target) == 0
     (target / "keep.txt").write_text("mine")
     out = tmp_path / "out"
     out.symlink_to(target, target_is_directory=True)
@@ -763,7 +788,7 @@ def test_interrupt_during_the_final_rename_says_out_was_written(hf_gpt2, tmp_pat
     CLI said OUT was not written although it was complete (a SIGTERM ended the process silently)."""
     out = tmp_path / "out"
     if force:
-        out.mkdir()
+        assert _convert(hf_gpt2[0], out) == 0
         (out / "old.txt").write_text("replaced")
     real = orbax_io._replace
 
@@ -805,7 +830,7 @@ def test_second_interrupt_waits_for_both_renames_of_force(hf_gpt2, tmp_path, cap
 def test_force_puts_the_old_out_back_when_the_new_one_cannot_take_its_place(hf_gpt2, tmp_path, monkeypatch):
     """The old OUT was moved aside first; a failing second rename left it there and no OUT at all."""
     out = tmp_path / "out"
-    out.mkdir()
+    assert _convert(hf_gpt2[0], out) == 0
     (out / "keep.txt").write_text("mine")
     real = os.replace
 
