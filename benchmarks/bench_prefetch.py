@@ -72,18 +72,31 @@ def tiles_of(w):
     return w.reshape(PROGRAMS, t, BLOCK_S, D)
 
 
-def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv_evict, pf_evict, vmask, read_only, bs):
+def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv_evict, pf_evict, vmask, read_only, bs,
+               parts=0):
     from jax.experimental.pallas import triton as plgpu
 
-    pf_refs, (o_ref, sink_ref, k_ref, v_ref) = rest[:n_pf], rest[n_pf:]
+    pf_refs, rest = rest[:n_pf], rest[n_pf:]
+    if parts:  # qkv_ref holds the QKV GEMM's float32 partial sums [parts, B, 3, N, D]; rest[0] the bias [3, N, D]
+        bias_ref, rest = rest[0], rest[1:]
+    o_ref, sink_ref, k_ref, v_ref = rest
     f32 = jnp.float32
     b, h = pl.program_id(0), pl.program_id(1)
     prog = b * N + h
     pos = jnp.clip(pos_ref[b], 0, S - 1)
-    q = qkv_ref[b, 0, h, :]
+    if parts:
+        def row(c):
+            x = bias_ref[c, h, :].astype(jnp.float32)
+            for j in range(parts):
+                x = x + qkv_ref[j, b, c, h, :]
+            return x.astype(k_in_ref.dtype)  # rounded as the bf16 projection output would be
+        q, k_new, v_new = row(0), row(1), row(2)
+    else:
+        q = qkv_ref[b, 0, h, :]
     cdt = k_in_ref.dtype
-    k_new = qkv_ref[b, 1, h, :].astype(cdt)
-    v_new = qkv_ref[b, 2, h, :].astype(cdt)
+    if not parts:
+        k_new = qkv_ref[b, 1, h, :].astype(cdt)
+        v_new = qkv_ref[b, 2, h, :].astype(cdt)
     q_rd = jnp.broadcast_to(q.astype(cdt)[None, :], (16, D))
     offs = jnp.arange(bs)
     dims = (((1,), (1,)), ((), ()))
@@ -137,19 +150,22 @@ def _pf_kernel(pos_ref, qkv_ref, k_in_ref, v_in_ref, *rest, n_pf, scale_log2, kv
 
 
 def pf_attention(qkv, kc, vc, positions, prefetch, *, scale, kv_evict, pf_evict, warps=4, stages=3, interpret=False,
-                 vmask="where", read_only=False, bs=BLOCK_S):
+                 vmask="where", read_only=False, bs=BLOCK_S, bias=None):
+    """bias None: qkv [B, 3, N, D]. Else qkv is the QKV GEMM's float32 partials [P, B, 3, N, D], summed
+    with bias [3, N, D] in the kernel (what XLA's fusion after its split-K GEMM does)."""
     from jax.experimental.pallas import triton as plgpu
 
     pf = [tiles_of(w) for w in prefetch]
     kernel = functools.partial(_pf_kernel, n_pf=len(pf), scale_log2=scale * LOG2E, kv_evict=kv_evict,
-                               pf_evict=pf_evict, vmask=vmask, read_only=read_only, bs=bs)
+                               pf_evict=pf_evict, vmask=vmask, read_only=read_only, bs=bs,
+                               parts=0 if bias is None else qkv.shape[0])
     caches = (jax.ShapeDtypeStruct(kc.shape, kc.dtype), jax.ShapeDtypeStruct(vc.shape, vc.dtype))
-    out = pl.pallas_call(kernel, out_shape=(jax.ShapeDtypeStruct((B, N, D), qkv.dtype),
+    out = pl.pallas_call(kernel, out_shape=(jax.ShapeDtypeStruct((B, N, D), kc.dtype),
                                             jax.ShapeDtypeStruct((B, N), jnp.float32), *caches),
                          grid=(B, N), input_output_aliases={2: 2, 3: 3},  # the caches, updated in place
                          interpret=interpret,
                          compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))(
-        positions, qkv, kc, vc, *pf)
+        positions, qkv, kc, vc, *pf, *([] if bias is None else [bias]))
     o, _sink, kc, vc = out
     return o, kc, vc
 
@@ -178,8 +194,19 @@ def make_step(mode: str):
         kcs, vcs = list(kcs), list(vcs)
         for i, p in enumerate(params):
             h = layer_norm(x, p["g1"], p["b1"])
-            qkv = project(h, p["w_qkv"], 1, p["b_qkv"])  # [B, 3, N, D]
-            if mode.startswith("layer"):
+            if mode.startswith("s:"):  # s:P: QKV as P float32 partials, summed in the attention kernel
+                parts = int(mode[2:])
+                w = p["w_qkv"].reshape(3, N, D, parts, E // parts)
+                qkv = jnp.einsum("bpk,cndpk->pbcnd", h.reshape(B, parts, E // parts), w,
+                                 preferred_element_type=jnp.float32)
+                o, kcs[i], vcs[i] = pf_attention(qkv, kcs[i], vcs[i], positions, (), scale=scale, kv_evict=None,
+                                                 pf_evict=None, bias=p["b_qkv"])
+                qkv = None
+            else:
+                qkv = project(h, p["w_qkv"], 1, p["b_qkv"])  # [B, 3, N, D]
+            if qkv is None:
+                pass
+            elif mode.startswith("layer"):
                 o = qkv[:, 0]
             else:
                 nxt = params[(i + 1) % L]["w_qkv"]
