@@ -203,16 +203,45 @@ def _silence_stdout() -> None:
         pass
 
 
+def _in_gc_callback(frame) -> bool:
+    """Whether `frame` runs inside one of gc.callbacks (jax registers one)."""
+    import gc
+
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGINT's handler under `energon`: KeyboardInterrupt, as Python's own, except inside a gc
+    callback. An exception raised there is printed as "Exception ignored in ..." and dropped, so a
+    Ctrl-C that came while jax's callback ran (often, while a model loads) was lost: the command went
+    on and exited 0. There the interrupt is sent again from a thread, to be raised once the callback
+    has returned."""
+    if _in_gc_callback(frame):
+        import _thread
+        import threading
+
+        threading.Timer(0.01, _thread.interrupt_main, (signum,)).start()
+        return
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """The `energon` command: main(), with a Ctrl-C that main passes on (to its Python callers)
     ending the process by SIGINT, as the shell's 130 says, without the interpreter's traceback
     (the verb has said what was interrupted)."""
+    import os
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         code = main()
     except KeyboardInterrupt:
-        import os
-        import signal
-
         sys.stderr.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)

@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -353,3 +354,49 @@ def test_service_init_takes_a_tokenizer_preset_and_no_request_timeout(tiny_gpt2_
     (tmp_path / "cfg.py").write_text("checkpoint = 'x'\nrequest_timeout = 'soon'\n")
     with pytest.raises(ValueError, match="request_timeout='soon' must be a number or None"):
         cli_verbs.read_config(tmp_path / "cfg.py")
+
+
+def test_ctrl_c_inside_a_gc_callback_is_not_lost():
+    """A Ctrl-C that came while jax's gc callback ran raised KeyboardInterrupt inside the callback,
+    where Python prints and drops it: `energon generate` went on and exited 0. Run in a child
+    process, as `energon` installs its handler: a gc callback sends SIGINT and lets it be handled
+    inside itself; the interrupt must still reach the main code."""
+    code = textwrap.dedent("""
+        import gc, os, signal, sys, time
+        from energon_jax import cli
+        signal.signal(signal.SIGINT, cli._interrupt)
+        fired = []
+        def callback(phase, info):
+            if phase == "start" and not fired:
+                fired.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # bytecodes: the handler runs here, inside the callback
+                    pass
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+            gc.callbacks.remove(callback)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            print("interrupted", bool(fired))
+            sys.exit(0)
+        print("lost")
+        sys.exit(1)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "interrupted True", (done.stdout, done.stderr)
+
+
+def test_importing_the_package_does_not_import_jax():
+    """The `energon` command installs its Ctrl-C handler (cli.run) after importing energon_jax.cli;
+    jax registers its gc callback on import, so a package that imported jax eagerly left the import
+    itself open to a lost Ctrl-C. The public names still resolve."""
+    code = ("import sys, energon_jax, energon_jax.cli\n"
+            "assert 'jax' not in sys.modules, 'jax imported'\n"
+            "from energon_jax import load_sharded_model, Server, initialize_distributed\n"
+            "assert set(energon_jax.__all__) <= set(dir(energon_jax))\n"
+            "print(initialize_distributed.__module__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "energon_jax.runtime.distributed", done.stderr
