@@ -1361,6 +1361,9 @@ def test_embeddings_of_a_real_bert_equal_encode():
         r = httpx.get(web.url + "/run/hello%20world", timeout=60)
         assert r.status_code == 200
         np.testing.assert_allclose(r.json()["embedding"], bert.encode(["hello world"])[0], atol=1e-5)
+        # max_seq_length (GPT's prompt + generated tokens) was ignored on a Bert model: refused
+        r = httpx.get(web.url + "/run/hello%20world?max_seq_length=3", timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("max_seq_length=3: "), r.text
         r = httpx.post(web.url + "/v1/embeddings", json={"input": "x", "pooling": "max"}, timeout=10)
         assert r.status_code == 400 and "pooling" in r.json()["error"]["message"]
         # an error names the input as the body does: the model's texts_or_ids[i] counted within its

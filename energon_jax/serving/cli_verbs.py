@@ -56,15 +56,15 @@ def add_parsers(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8005, help="TCP port, 1-65535 (default 8005)")
     add_parallel_args(s)
-    s.add_argument("--max-batch-size", type=int, default=16, help="decode slots (concurrent generations)")
-    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 429")
+    s.add_argument("--max-batch-size", type=int, default=16, help="decode slots (concurrent generations; default %(default)s)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 429 (default %(default)s)")
     s.add_argument("--max-seq-len", type=int, default=None, help="positions per slot (default: the model's)")
     s.add_argument("--request-timeout", type=float, default=None,
                    help="seconds (> 0) before a request is ended (default: no timeout)")
     add_batching_args(s)
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds (>= 0) to let requests in flight finish")
-    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+                   help="on SIGTERM, seconds (>= 0) to let requests in flight finish (default %(default)s)")
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default %(default)s)")
     s.set_defaults(func=_serve)
 
     svc = sub.add_parser("service", help="Energon's service verbs")
@@ -79,16 +79,16 @@ def add_parsers(sub) -> None:
 def add_batching_args(p: argparse.ArgumentParser) -> None:
     """The GPT `Server`'s batching flags (with its defaults), for `energon serve` and benchmarks/serve.py;
     `batching_options(args)` turns them into Server keywords."""
-    p.add_argument("--decode-steps", type=int, default=8, help="most decode steps per dispatch (a power of two)")
+    p.add_argument("--decode-steps", type=int, default=8, help="most decode steps per dispatch, a power of two (default %(default)s)")
     p.add_argument("--max-prefill-tokens", type=int, default=4096,
-                   help="prompt tokens admitted per iteration while every slot is busy")
+                   help="prompt tokens admitted per iteration while every slot is busy (default %(default)s)")
     p.add_argument("--max-prefill-batch", type=int, default=None,
                    help="prompts per prefill dispatch, a power of two (1: one at a time; default: 16 on GPUs, 1 on CPU)")
-    p.add_argument("--prefill-batch-tokens", type=int, default=8192, help="rows x bucket tokens per prefill dispatch")
+    p.add_argument("--prefill-batch-tokens", type=int, default=8192, help="rows x bucket tokens per prefill dispatch (default %(default)s)")
     p.add_argument("--batch-wait", type=float, default=0.02,
-                   help="seconds an idle engine gathers a burst of arrivals (0: admit at once)")
+                   help="seconds an idle engine gathers a burst of arrivals (0: admit at once; default %(default)s)")
     p.add_argument("--prefill-window", type=float, default=0.1,
-                   help="seconds an idle engine only prefills while a burst keeps arriving (0: off)")
+                   help="seconds an idle engine only prefills while a burst keeps arriving (0: off; default %(default)s)")
     p.add_argument("--no-overlap", action="store_true",
                    help="wait for each engine iteration's tokens before dispatching the next")
 

@@ -326,9 +326,15 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         check_model(model)
         return model_entry()
 
-    async def run_text(text: str, max_seq_length: int, request: Request):
+    async def run_text(text: str, max_seq_length: int | None, request: Request):
         if server.kind == "bert":
+            if max_seq_length is not None:  # it used to be ignored: the embedding came back whole
+                raise HTTPError(400, f"max_seq_length={max_seq_length}: it is a GPT model's prompt + generated "
+                                     f"tokens; {server.name} is a Bert model, whose /run embeds the whole text "
+                                     "(refused beyond its max_seq_len): leave it out")
             return {"text": text, "embedding": (await embed([text], "mean", False, request, field="the text"))[0]}
+        if max_seq_length is None:
+            max_seq_length = 16  # Energon's default
         if not text:
             raise HTTPError(400, "the text is empty")
         check_ready()
@@ -349,12 +355,12 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                 "finish_reason": handle.finish_reason}
 
     @app.get("/run_hf_gpt2/{text:path}")
-    async def run_hf_gpt2(text: str, request: Request, max_seq_length: int = 16):
+    async def run_hf_gpt2(text: str, request: Request, max_seq_length: int | None = None):
         """Energon's hf_gpt2 example: the prompt followed by its continuation, up to max_seq_length tokens in all."""
         return await run_text(text, max_seq_length, request)
 
     @app.get("/run/{text:path}")
-    async def run(text: str, request: Request, max_seq_length: int = 16):
+    async def run(text: str, request: Request, max_seq_length: int | None = None):
         """Energon's README route: generation for GPT models, the mean-pooled embedding for Bert models."""
         return await run_text(text, max_seq_length, request)
 
