@@ -1,0 +1,90 @@
+"""`energon serve` end to end, as a user starts it: the bundled preset (a real tokenizer) behind the
+real CLI, then /health until ready, completions (plain, streamed, with a stop string) and SIGTERM.
+
+    python3 -P benchmarks/cli_smoke.py [--model tiny-gpt2-pydoc] [--port 8123]
+
+The tests run the same routes on CPU in-process; this checks the installed command on the machine
+it runs on (the GPU machine: `energon` is not on its PATH, so it runs `python -m energon_jax.cli`).
+Prints one JSON line per check and exits 1 if any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def request(url: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, str]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny-gpt2-pydoc")
+    ap.add_argument("--port", type=int, default=8123)
+    args = ap.parse_args()
+    base = f"http://127.0.0.1:{args.port}"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "energon_jax.cli", "serve", args.model, "--port", str(args.port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = []
+
+    def check(name: str, ok: bool, **info) -> None:
+        results.append(ok)
+        print(json.dumps({"check": name, "ok": ok, **info}), flush=True)
+
+    try:
+        status, ready_s = None, None
+        while time.perf_counter() - t0 < 300 and proc.poll() is None:
+            try:
+                status, _ = request(base + "/health", timeout=5)
+            except OSError:
+                status = None
+            if status == 200:
+                ready_s = time.perf_counter() - t0
+                break
+            time.sleep(0.5)
+        check("health 200", status == 200, seconds_to_ready=ready_s)
+        prompt = "The with statement"
+        body = {"model": args.model, "prompt": prompt, "max_tokens": 48, "temperature": 0}
+        status, text = request(base + "/v1/completions", body)
+        plain = json.loads(text)["choices"][0]["text"] if status == 200 else None
+        check("completion", status == 200 and bool(plain), status=status, text=plain)
+        status, text = request(base + "/v1/completions", {**body, "stream": True})
+        chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        streamed = "".join(c["choices"][0]["text"] for c in chunks)
+        check("streamed equals plain", status == 200 and streamed == plain and text.rstrip().endswith("[DONE]"),
+              chunks=len(chunks))
+        stop = plain[len(plain) // 3: len(plain) // 3 + 3] if plain else "x"
+        status, text = request(base + "/v1/completions", {**body, "stop": [stop]})
+        cut = json.loads(text)["choices"][0] if status == 200 else {}
+        check("stop string", status == 200 and cut.get("finish_reason") == "stop"
+              and plain.startswith(cut.get("text", "?")) and stop not in cut.get("text", stop),
+              stop=stop, text=cut.get("text"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    check("SIGTERM exit 143", proc.returncode in (143, -signal.SIGTERM), returncode=proc.returncode)
+    check("ready line logged", "ready: http://127.0.0.1" in out, log_tail=out.strip().splitlines()[-3:])
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
