@@ -28,6 +28,8 @@ def request(url: str, body: dict | None = None, timeout: float = 120.0) -> tuple
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+    except OSError as e:  # refused, reset: the server is gone
+        return 0, repr(e)
 
 
 def main() -> int:
@@ -37,7 +39,8 @@ def main() -> int:
     args = ap.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "energon_jax.cli", "serve", args.model, "--port", str(args.port)],
+    # -P: not the source tree in the working folder (its energon_jax has no kernels / convert subpackages)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "energon_jax.cli", "serve", args.model, "--port", str(args.port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = []
 
@@ -48,10 +51,7 @@ def main() -> int:
     try:
         status, ready_s = None, None
         while time.perf_counter() - t0 < 300 and proc.poll() is None:
-            try:
-                status, _ = request(base + "/health", timeout=5)
-            except OSError:
-                status = None
+            status, _ = request(base + "/health", timeout=5)
             if status == 200:
                 ready_s = time.perf_counter() - t0
                 break
