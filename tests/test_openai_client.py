@@ -266,3 +266,14 @@ def test_embedding_errors(bert_served, bert_client):
     with pytest.raises(openai.BadRequestError) as e:
         bert_client.embeddings.create(model=bert_served.name, input=["ok", " "])
     assert e.value.body["message"].startswith("input[1] is empty")
+
+
+def test_embeddings_dimensions_is_refused_unless_the_models_width(bert_served, bert_client):
+    """`dimensions` (OpenAI's truncated embeddings) was ignored: asked for 64, the client got 384."""
+    width = len(bert_served.bert.encode(["a"])[0])
+    got = bert_client.embeddings.create(model=bert_served.name, input="a", dimensions=width)
+    assert len(got.data[0].embedding) == width
+    with pytest.raises(openai.BadRequestError) as e:
+        bert_client.embeddings.create(model=bert_served.name, input="a", dimensions=64)
+    assert e.value.body["message"] == (f"dimensions=64: {bert_served.name}'s embeddings have {width} dimensions and "
+                                       f"are not truncated; send dimensions={width} or leave it out")

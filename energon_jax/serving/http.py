@@ -141,6 +141,7 @@ class EmbeddingBody(BaseModel):
     normalize: bool = True
     # base64: the little-endian float32 bytes, as OpenAI's; the openai client asks for it unless told "float"
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # OpenAI's truncation: taken only at the model's own width
 
 
 class HTTPError(Exception):
@@ -495,6 +496,9 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         if not inputs:
             raise HTTPError(400, "input is empty; give a string, a list of strings or token-id lists")
         vectors = await embed(inputs, body.pooling, body.normalize, request)
+        if body.dimensions is not None and body.dimensions != len(vectors[0]):  # it was ignored: the whole vector
+            raise HTTPError(400, f"dimensions={body.dimensions}: {server.name}'s embeddings have {len(vectors[0])} "
+                                 f"dimensions and are not truncated; send dimensions={len(vectors[0])} or leave it out")
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
         tok = getattr(server.model, "tokenizer", None)
