@@ -88,6 +88,22 @@ def test_completion_sampling_takes_the_seed(client, model):
     assert k1.text == greedy.text
 
 
+def test_completion_prompts_of_every_type_the_client_takes(client):
+    """The client's prompt types: a string, strings, token ids, token-id lists. A one-element list
+    is one prompt; a list of token-id lists was refused with pydantic's error about every type."""
+    ids = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0)
+    for prompt in ([[5, 6, 7]], (x for x in [[5, 6, 7]])):  # the client takes any iterable
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+        assert got.choices[0].text == ids.choices[0].text and got.usage == ids.usage
+    text = client.completions.create(model="tiny", prompt="def add", max_tokens=4, temperature=0)
+    assert client.completions.create(model="tiny", prompt=["def add"], max_tokens=4,
+                                     temperature=0).choices[0].text == text.choices[0].text
+    for prompt, what in (([[5, 6], [7]], "2 token-id lists"), (["a", "b", "c"], "3 strings")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+        assert e.value.body["message"] == f"prompt is a list of {what}; send one prompt per request"
+
+
 def test_async_client_concurrent_and_streamed(client):
     import asyncio
 

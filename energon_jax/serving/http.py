@@ -107,7 +107,7 @@ class CompletionBody(BaseModel):
     # OpenAI clients send fields with default values; strict: JSON true is not 1, nor 2.0 an int
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]  # the lists: one prompt (the openai client's types)
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -394,9 +394,10 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                                  f"send {', '.join(f'{k}={json.dumps(UNSUPPORTED_AT[k][0])}' for k in bad)} "
                                  "or leave them out")
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise HTTPError(400, f"prompt is a list of {len(prompt)} strings; send one prompt per request")
+                what = "strings" if isinstance(prompt[0], str) else "token-id lists"
+                raise HTTPError(400, f"prompt is a list of {len(prompt)} {what}; send one prompt per request")
             prompt = prompt[0]
         handle = submit(prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens, temperature=body.temperature,
                         top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops(body))
