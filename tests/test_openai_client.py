@@ -137,6 +137,33 @@ def test_streamed_completion_joins_to_the_whole_answer(client):
         assert "\n" not in "".join(c.choices[0].text for c in stream)
 
 
+def test_stream_options_include_usage_adds_a_usage_chunk(client):
+    """OpenAI's include_usage: one more chunk before [DONE], with `choices: []` and the request's
+    usage (it was ignored); vLLM's continuous_usage_stats puts the usage so far on every chunk."""
+    kw = dict(model="tiny", prompt="for i in range(10):", max_tokens=12, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage and chunks[-1].id == chunks[0].id
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    running = list(client.completions.create(**kw, stream=True, extra_body={
+        "stream_options": {"continuous_usage_stats": True}}))
+    done = [c.usage.completion_tokens for c in running]
+    assert all(c.choices for c in running) and done == sorted(done) and done[-1] == whole.usage.completion_tokens
+    assert done[0] == len(running[0].choices[0].model_extra["token_ids"])
+
+
+def test_stream_options_errors(client):
+    kw = dict(model="tiny", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:  # OpenAI's own rule
+        client.completions.create(**kw, extra_body={"stream_options": {"include_usage": True}})
+    assert e.value.body["message"] == ("stream_options is only taken with stream=true; "
+                                       "send stream=true or leave it out")
+    with pytest.raises(openai.BadRequestError) as e:  # a misspelt option is named, not dropped
+        client.completions.create(**kw, stream=True, stream_options={"include_usge": True})
+    assert "stream_options.include_usge" in e.value.body["message"]
+
+
 def stream_ended_by_the_server(served, client, reason, error=None):
     """The chunks of a stream that the scheduler ends (as a timeout or an engine failure ends it)
     after its first chunk, and what the client raised (None)."""
@@ -293,3 +320,6 @@ def test_embeddings_dimensions_is_refused_unless_the_models_width(bert_served, b
         bert_client.embeddings.create(model=bert_served.name, input="a", dimensions=64)
     assert e.value.body["message"] == (f"dimensions=64: {bert_served.name}'s embeddings have {width} dimensions and "
                                        f"are not truncated; send dimensions={width} or leave it out")
+    with pytest.raises(openai.BadRequestError) as e:  # checked before anything is encoded: not input's error
+        bert_client.embeddings.create(model=bert_served.name, input=[" "], dimensions=64)
+    assert e.value.body["message"].startswith("dimensions=64: ")

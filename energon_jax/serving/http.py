@@ -103,6 +103,14 @@ class GenerationBody(BaseModel):
     temperature: float | None = None
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options` (include_usage) and vLLM's continuous_usage_stats."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # a misspelt option is named, not dropped
+    include_usage: bool = False  # a last chunk of `choices: []` and the request's usage, before [DONE]
+    continuous_usage_stats: bool = False  # the usage so far on every chunk
+
+
 class CompletionBody(BaseModel):
     # OpenAI clients send fields with default values; strict: JSON true is not 1, nor 2.0 an int
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -113,6 +121,7 @@ class CompletionBody(BaseModel):
     top_p: float = 1.0
     top_k: int = 0
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's field: stops for a model without a tokenizer too
     seed: int | None = None
@@ -399,6 +408,8 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                 what = "strings" if isinstance(prompt[0], str) else "token-id lists"
                 raise HTTPError(400, f"prompt is a list of {len(prompt)} {what}; send one prompt per request")
             prompt = prompt[0]
+        if body.stream_options is not None and not body.stream:  # OpenAI's and vLLM's 400
+            raise HTTPError(400, "stream_options is only taken with stream=true; send stream=true or leave it out")
         handle = submit(prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens, temperature=body.temperature,
                         top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops(body))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -419,6 +430,8 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             return envelope({"text": text_or_ids(handle), "token_ids": handle.token_ids,
                              "finish_reason": handle.finish_reason}, usage())
 
+        options = body.stream_options or StreamOptions()
+
         async def events():
             sent = 0  # token ids streamed so far: in token-id mode a chunk's ids are spaced from the last chunk's
             async for delta in handle:
@@ -435,12 +448,17 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                     text = (" " if sent and delta.token_ids else "") + " ".join(map(str, delta.token_ids))
                     sent += len(delta.token_ids)
                 final = delta.finished and not failed
+                # the last choice chunk carries the usage whatever the options (the README's contract
+                # before stream_options was read); continuous_usage_stats puts it on every chunk
                 chunk = envelope({"text": text, "token_ids": delta.token_ids,
-                                  "finish_reason": delta.finish_reason if final else None}, usage() if final else None)
+                                  "finish_reason": delta.finish_reason if final else None},
+                                 usage() if final or options.continuous_usage_stats else None)
                 yield f"data: {json.dumps(chunk)}\n\n"
                 if failed:
                     yield error_event(delta)
                     break
+                if final and options.include_usage:  # OpenAI's form: no choices, the whole request's usage
+                    yield f"data: {json.dumps(dict(envelope({}, usage()), choices=[]))}\n\n"
             yield "data: [DONE]\n\n"
 
         def error_event(delta) -> str:
@@ -496,10 +514,11 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             inputs = [inputs]
         if not inputs:
             raise HTTPError(400, "input is empty; give a string, a list of strings or token-id lists")
+        width = server.model.config.hidden_size if server.kind == "bert" else None  # every pooling's width
+        if body.dimensions is not None and width is not None and body.dimensions != width:  # before any encoding
+            raise HTTPError(400, f"dimensions={body.dimensions}: {server.name}'s embeddings have {width} "
+                                 f"dimensions and are not truncated; send dimensions={width} or leave it out")
         vectors = await embed(inputs, body.pooling, body.normalize, request)
-        if body.dimensions is not None and body.dimensions != len(vectors[0]):  # it was ignored: the whole vector
-            raise HTTPError(400, f"dimensions={body.dimensions}: {server.name}'s embeddings have {len(vectors[0])} "
-                                 f"dimensions and are not truncated; send dimensions={len(vectors[0])} or leave it out")
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
         tok = getattr(server.model, "tokenizer", None)
