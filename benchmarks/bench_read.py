@@ -9,7 +9,8 @@ measured, not assumed:
 - XLA: a reduce fusion over the live positions, and a copy (read + write) for the copy rate;
 - Pallas (Triton lowering, the attention kernel's own stack): the attention's walk without any
   arithmetic but a sum, over tile sizes, warps, stages and runs per row;
-- the attention kernel itself at the same shape;
+- the attention kernel itself at the same shape (its caches donated, as in a decode loop), over
+  tiles and runs per row (flash-decoding splits, their merge's kernel counted);
 - if torch with CUDA and triton are importable: a @triton.jit read with plain loads and one with
   TMA tensor descriptors (Hopper's bulk copies), launched from torch, timed with CUDA events.
 Every JAX variant reads `--pairs` distinct (K, V) pairs per call, so nothing is served from L2; its
@@ -79,11 +80,30 @@ def xla_copy(k, v, *, live):
     return k + jnp.ones((), k.dtype), v + jnp.ones((), v.dtype)
 
 
-def attention(k, v, *, live, qkv):
+def attention(k, v, *, live, qkv, **kw):
+    """The decode step's kernel (write + attend) at position `live`, and its merge when split."""
     from energon_jax.kernels import decode_append as dap
 
     positions = jnp.full((k.shape[0],), live, jnp.int32)
-    return dap.decode_append_attention(qkv, k, v, positions, scale=0.125, impl="triton")
+    return dap.decode_append_attention(qkv, k, v, positions, scale=0.125, impl="triton", **kw)
+
+
+def attention_us_per_pair(pairs, out_dir, **kw) -> tuple[float, int, list]:
+    """As gpu_us_per_pair for the attention, with the caches donated and carried from call to call
+    as in a decode loop (an undonated cache is copied before the in-place write: 2 more kernels)."""
+    run = jax.jit(lambda ps: [attention(k, v, **kw)[1:] for k, v in ps], donate_argnums=0)
+    pairs = run(pairs)
+    jax.block_until_ready(pairs)
+    reps, box = 5, [pairs]
+
+    def go():
+        for _ in range(reps):
+            box[0] = run(box[0])
+        jax.block_until_ready(box[0])
+
+    kernels = trace_kernels(go, out_dir)
+    calls = reps * len(pairs)
+    return sum(us for _, us in kernels) / calls, round(len(kernels) / calls), box[0]
 
 
 def gpu_us_per_pair(fn, pairs, out_dir) -> tuple[float, int]:
@@ -198,12 +218,12 @@ def main() -> None:
              for i in range(args.pairs)]
     qkv = jax.random.normal(keys[-1], (args.batch, 3, args.heads, 64), jnp.bfloat16)
     variants = [("xla reduce (live)", functools.partial(xla_read, live=args.live)),
-                ("xla copy (read+write, bytes counted twice)", functools.partial(xla_copy, live=args.live)),
-                ("decode_append attention (the kernel)", functools.partial(attention, live=args.live, qkv=qkv))]
+                ("xla copy (read+write, bytes counted twice)", functools.partial(xla_copy, live=args.live))]
     for block, splits, warps, stages, masked in [(32, 1, 4, 3, True), (32, 1, 4, 3, False), (64, 1, 4, 3, False),
                                                  (128, 1, 8, 3, False), (32, 2, 4, 3, False), (64, 2, 4, 4, False),
                                                  (32, 1, 4, 5, False), (32, 1, 8, 3, False), (128, 1, 4, 2, False),
-                                                 (64, 4, 4, 3, False)]:
+                                                 (64, 4, 4, 3, False), (32, 2, 4, 3, True), (32, 2, 4, 2, False),
+                                                 (32, 3, 4, 3, False), (128, 2, 8, 3, False)]:
         name = f"pallas read block {block} runs {splits} warps {warps} stages {stages}{' masked' if masked else ''}"
         variants.append((name, functools.partial(pallas_read, live=args.live, block_s=block, splits=splits,
                                                  warps=warps, stages=stages, masked=masked)))
@@ -221,6 +241,18 @@ def main() -> None:
             rows.append({"variant": name, "us": us, "kernels": n_kernels, "tb_s": rate})
             print(f"{name:60s} {us:8.2f} us GPU ({n_kernels} kernels)  {rate:5.2f} TB/s  "
                   f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+        for block, splits, warps, stages in [(32, 1, 4, 3), (32, 2, 4, 3), (64, 2, 4, 3), (128, 1, 8, 3),
+                                             (128, 1, 4, 2), (32, 4, 4, 3), (64, 1, 4, 3)]:
+            name = f"attention (decode_append) block {block} runs {splits} warps {warps} stages {stages}"
+            try:
+                us, n_kernels, pairs = attention_us_per_pair(pairs, os.path.join(tmp, name.replace(" ", "_")),
+                                                             live=args.live, qkv=qkv, block_s=block, splits=splits,
+                                                             num_warps=warps, num_stages=stages)
+            except Exception as e:
+                print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            rows.append({"variant": name, "us": us, "kernels": n_kernels, "tb_s": live_bytes / us / 1e6})
+            print(f"{name:60s} {us:8.2f} us GPU ({n_kernels} kernels)  {live_bytes / us / 1e6:5.2f} TB/s", flush=True)
     del pairs
     if not args.no_torch:
         rows += torch_variants(args, live_bytes)
