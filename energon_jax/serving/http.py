@@ -514,11 +514,15 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             inputs = [inputs]
         if not inputs:
             raise HTTPError(400, "input is empty; give a string, a list of strings or token-id lists")
-        width = server.model.config.hidden_size if server.kind == "bert" else None  # every pooling's width
-        if body.dimensions is not None and width is not None and body.dimensions != width:  # before any encoding
-            raise HTTPError(400, f"dimensions={body.dimensions}: {server.name}'s embeddings have {width} "
-                                 f"dimensions and are not truncated; send dimensions={width} or leave it out")
+        def check_dimensions(width: int | None) -> None:
+            if body.dimensions is not None and width is not None and body.dimensions != width:
+                raise HTTPError(400, f"dimensions={body.dimensions}: {server.name}'s embeddings have {width} "
+                                     f"dimensions and are not truncated; send dimensions={width} or leave it out")
+
+        # before any encoding where the model says its width (every pooling's), else on the vectors
+        check_dimensions(getattr(getattr(server.model, "config", None), "hidden_size", None))
         vectors = await embed(inputs, body.pooling, body.normalize, request)
+        check_dimensions(len(vectors[0]))
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
         tok = getattr(server.model, "tokenizer", None)
