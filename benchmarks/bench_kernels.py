@@ -112,8 +112,8 @@ def check_decode():
 # (B, N, S, live length): the target shape (GPT-2 XL heads, context 2,048), then GPT-2
 # medium's batch-32 decode at ~1,000 tokens of context, as benchmarks/decode.py runs it end to end
 DECODE_SHAPES = ((32, 25, 2048, 2048), (32, 16, 1024, 992))
-# the fused step also at one and four slots (16 and 64 rows: several runs per row)
-APPEND_SHAPES = DECODE_SHAPES + ((1, 16, 1024, 992), (4, 16, 1024, 992))
+# the fused step also at one, four and eight slots (16, 64 and 128 rows: several runs per row)
+APPEND_SHAPES = DECODE_SHAPES + ((1, 16, 1024, 992), (4, 16, 1024, 992), (8, 16, 1024, 992))
 CHAIN = 24  # calls per dispatch in the chained timing (GPT-2 medium's layers)
 
 
@@ -315,6 +315,9 @@ def bench_varlen(tiles_list):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time several tile configurations")
+    parser.add_argument("--append-configs", default=None, metavar="BLOCK_S,WARPS,STAGES[,SPLITS];...",
+                        help="time these fused-step settings after the default ones (SPLITS left out: chosen "
+                             "from the rows), instead of --sweep's list for that kernel")
     parser.add_argument("--kernels", default="decode,append,prefill,varlen",
                         help="comma-separated subset of decode,append,prefill,varlen")
     args = parser.parse_args()
@@ -332,6 +335,14 @@ def main():
 
     decode_tiles = [da.DecodeTiles()]
     append_configs = [(dap.DEFAULT_BLOCK_S, 4, 3, None), (dap.DEFAULT_BLOCK_S, 4, 3, 1)]
+    if args.append_configs:
+        try:
+            given = [tuple(int(x) for x in c.split(",")) for c in args.append_configs.split(";") if c]
+        except ValueError:
+            parser.error(f"--append-configs {args.append_configs!r}: expected BLOCK_S,WARPS,STAGES[,SPLITS];...")
+        if any(len(c) not in (3, 4) for c in given):
+            parser.error(f"--append-configs {args.append_configs!r}: each setting is 3 or 4 ints")
+        append_configs += [c if len(c) == 4 else (*c, None) for c in given]
     flash_tiles = [pa.FlashTiles()]
     varlen_tiles = [va.FlashTiles()]
     if sweep:
@@ -343,7 +354,7 @@ def main():
                              (64, 512, 4, 3, True), (128, 512, 8, 3, True), (32, 4096, 4, 4, True),
                              (64, 4096, 4, 3, True), (64, 4096, 4, 4, True), (128, 4096, 4, 3, True),
                              (128, 4096, 8, 3, True))]
-        append_configs += [(32, 4, 4, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 3, 1),
+        append_configs += [] if args.append_configs else [(32, 4, 4, 1), (64, 4, 2, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 3, 1),
                            (128, 8, 3, 1), (128, 8, 2, 1), (32, 4, 3, 2), (32, 4, 3, 4), (32, 2, 3, None),
                            (16, 4, 3, None)]
         more = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4))
