@@ -26,8 +26,13 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/python examples/demo.py
 
+# 2 workers, one test file at a time each (--dist loadfile: a file's module fixtures, such as a
+# served model, are built once). Each worker is a jax process with 8 simulated devices, a few GB:
+# `make test TEST_WORKERS=0` runs the suite in this process alone.
+TEST_WORKERS ?= 2
+
 test: install-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
