@@ -200,6 +200,85 @@ def test_a_stream_that_times_out_after_some_tokens_ends_cleanly(served, client):
     assert chunks[-1].usage.completion_tokens == sum(len(c.choices[0].model_extra["token_ids"]) for c in chunks)
 
 
+# ------------------------------------------------------------- logprobs, echo
+@pytest.fixture(scope="module")
+def hf_scores(gpt_folder):
+    """log_softmax of the served model's logits under Hugging Face's PyTorch GPT-2 (the reference)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(gpt_folder).eval()
+
+    def scores(ids):
+        with torch.no_grad():
+            return torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    return scores
+
+
+def check_logprobs(lp, ids, first, scores, tok, top):
+    """One choice's logprobs against HF for the tokens ids[first:] (of the sequence ids)."""
+    want = scores(ids)
+    assert lp.tokens == [tok.decode([t]) for t in ids[first:]]
+    for j in range(first, len(ids)):
+        k = j - first
+        if j == 0:
+            assert lp.token_logprobs[k] is None and lp.top_logprobs[k] is None
+            continue
+        assert lp.token_logprobs[k] == pytest.approx(want[j - 1, ids[j]], abs=2e-4)
+        # HF's `top` most likely there, then the token's own: a string two ids decode to (a split
+        # UTF-8 byte's U+FFFD) keeps the later id's value, as in a dict built in that order
+        expected = {tok.decode([int(t)]): want[j - 1, t] for t in np.argsort(-want[j - 1], kind="stable")[:top]}
+        expected[tok.decode([ids[j]])] = want[j - 1, ids[j]]
+        got = lp.top_logprobs[k]
+        assert got.keys() == expected.keys() and list(got.values()) == pytest.approx(list(expected.values()), abs=2e-4)
+    assert lp.text_offset == [len(tok.decode(ids[first:first + k])) for k in range(len(ids) - first)]
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_as_hf(client, model, hf_scores):
+    """lm-eval-harness' loglikelihood request: the prompt echoed and scored, nothing generated."""
+    prompt = "The quick brown fox jumps over the lazy dog."
+    ids = model.encode_prompts([prompt])[0]
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    choice = got.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length" and choice.model_extra["token_ids"] == []
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), 0)
+    check_logprobs(choice.logprobs, ids, 0, hf_scores, model.tokenizer, 3)
+    assert "".join(choice.logprobs.tokens) == prompt
+    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True)  # no logprobs asked
+    assert plain.choices[0].text == prompt and plain.choices[0].logprobs is None
+
+
+def test_logprobs_of_a_generated_completion(client, model, hf_scores):
+    prompt = "for i in range(10):"
+    ids = model.encode_prompts([prompt])[0]
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    choice = got.choices[0]
+    out = choice.model_extra["token_ids"]
+    assert choice.text == model.generate([prompt], max_new_tokens=6)[0].text
+    check_logprobs(choice.logprobs, ids + out, len(ids), hf_scores, model.tokenizer, 2)
+    # greedy: each token is the most likely one where it was chosen
+    best = hf_scores(ids + out)[len(ids) - 1:-1].max(axis=1)
+    assert choice.logprobs.token_logprobs == pytest.approx(best.tolist(), abs=2e-4)
+    echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
+                                       echo=True).choices[0]
+    assert echoed.text == prompt + choice.text
+    assert echoed.logprobs.token_logprobs[len(ids):] == pytest.approx(choice.logprobs.token_logprobs)
+    assert all(len(d) == 1 for d in echoed.logprobs.top_logprobs[1:])  # logprobs=0: the token's own only
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(logprobs=21), "logprobs=21: must be an int in [0, 20]"),
+    (dict(logprobs=-1), "logprobs=-1: must be an int in [0, 20]"),
+    (dict(max_tokens=0), "max_tokens=0 generates nothing: it takes echo=true"),
+    (dict(stream=True, logprobs=1), "logprobs=1: not supported with stream=true"),
+    (dict(stream=True, echo=True, max_tokens=0), "echo=true: not supported with stream=true"),
+])
+def test_logprobs_and_echo_errors(client, kw, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="a", **kw)
+    assert e.value.body["message"].startswith(message), e.value.body
+
+
 # ------------------------------------------------------------------ models
 def test_models_list_and_retrieve(client):
     page = client.models.list()

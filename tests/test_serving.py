@@ -609,6 +609,18 @@ def test_a_model_without_a_tokenizer_over_http(tiny_gpt2_factory):
         assert got["finish_reason"] == "stop" and got["token_ids"] == full["token_ids"][:full["token_ids"].index(third) + 1]
         r = client.post("/v1/completions", json={**body, "stop_token_ids": [10 ** 6]})
         assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], r.text
+        # echo and logprobs: the ids spaced, each token its id, offsets into that text
+        got = client.post("/v1/completions", json={**body, "echo": True, "logprobs": 1}).json()["choices"][0]
+        ids = [5, 6, 7] + full["token_ids"]
+        assert got["text"] == " ".join(map(str, ids)) and got["token_ids"] == full["token_ids"]
+        lp = got["logprobs"]
+        assert lp["tokens"] == [str(t) for t in ids] and lp["token_logprobs"][0] is None
+        assert [got["text"][o:o + len(t)] for o, t in zip(lp["text_offset"], lp["tokens"])] == lp["tokens"]
+        want = model.token_logprobs(ids, top=1)
+        assert lp["token_logprobs"][1:] == pytest.approx(want.chosen.tolist())
+        assert [d[str(ids[j])] for j, d in enumerate(lp["top_logprobs"]) if j] == lp["token_logprobs"][1:]
+        scored = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 0, "echo": True}).json()
+        assert scored["choices"][0]["text"] == "5 6 7" and scored["usage"]["completion_tokens"] == 0
     finally:
         server.stop()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,24 @@ class GenerationOutput:
     text: str | None  # None in token-id mode (no tokenizer)
     token_ids: list[int]  # new tokens only; a stop token that ended generation is included
     finish_reason: str  # "length" | "stop"
+
+
+class TokenLogprobs(NamedTuple):
+    """`GPTModel.token_logprobs` of a sequence of T tokens: float32 log-probabilities of tokens 1..T-1."""
+
+    chosen: np.ndarray  # [T - 1]: of each token given those before it
+    top_ids: np.ndarray  # [T - 1, top] int32: the most likely tokens at each position, most likely first
+    top_logprobs: np.ndarray  # [T - 1, top]: theirs
+
+
+@functools.partial(jax.jit, static_argnames=("vocab", "top"))
+def _score_tokens(logits_btv, ids_bt, *, vocab: int, top: int):
+    """The log-softmax over the real vocabulary (the table's padding columns cut) of the logits at
+    positions 0..T-2, taken at the next token, and its `top` largest entries."""
+    lp = jax.nn.log_softmax(logits_btv[:, :-1, :vocab].astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, ids_bt[:, 1:, None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(lp, top)
+    return chosen, top_ids.astype(jnp.int32), top_lp
 
 
 def attention_kernels(config, mesh, impl: str) -> AttentionKernels | None:
@@ -225,6 +243,28 @@ class GPTModel(ShardedModel):
         if not out.is_fully_addressable:  # several processes: gather the whole batch on each
             return to_host(out)[:b, :t, : self.config.vocab_size].astype(np.float32)
         return np.asarray(out[:b, :t, : self.config.vocab_size], dtype=np.float32)
+
+    def token_logprobs(self, token_ids: Sequence[int], *, top: int = 0) -> TokenLogprobs:
+        """How likely the model finds each token of one sequence after those before it: the float32
+        log-softmax of its logits (no temperature, top_k or top_p), for token_ids[1:] (the first
+        has no context). With top > 0, also the `top` most likely tokens at each of those positions,
+        most likely first. This is what a completions server's `logprobs` and `echo` report. The
+        logits stay on the devices; only these [T - 1] and [T - 1, top] arrays come back."""
+        ids = self._check_ids(token_ids, "token_ids")
+        t = len(ids)
+        if not ids:
+            raise ValueError("token_ids is empty; it needs at least one token")
+        if t > self.max_seq_len:
+            raise ValueError(f"token_ids has {t} tokens, more than the context of {self.max_seq_len}")
+        top = check_int("top", top, 0, self.config.vocab_size)
+        padded = np.full((self.dp_rows(1), bucket(t, self.max_seq_len)), PAD_ID, np.int32)
+        padded[0, :t] = ids
+        check_same_call("token_logprobs", padded, top)
+        rows = self.put_rows(padded)
+        logits = self._forward(self.params, rows, self.put_rows(np.full((len(padded),), t, np.int32)))
+        out = _score_tokens(logits, rows, vocab=self.config.vocab_size, top=top)
+        chosen, top_ids, top_lp = (to_host(x) if not x.is_fully_addressable else np.asarray(x) for x in out)
+        return TokenLogprobs(chosen[0, : t - 1], top_ids[0, : t - 1], top_lp[0, : t - 1])
 
     # --------------------------------------------------------------- generate
     def stop_token_ids(self, stop) -> tuple[list[int], list[str]]:

@@ -138,8 +138,12 @@ class CompletionBody(BaseModel):
 
 
 # CompletionBody's fields that are supported only at these values (the first: the one to send)
-UNSUPPORTED_AT = dict(n=(1,), echo=(False,), logprobs=(None,), best_of=(1, None), presence_penalty=(0.0,),
+UNSUPPORTED_AT = dict(n=(1,), best_of=(1, None), presence_penalty=(0.0,),
                       frequency_penalty=(0.0,), logit_bias=(None, {}), suffix=(None, ""))
+
+
+# the most `logprobs` a completion takes (vLLM's default max_logprobs; OpenAI's legacy API took 5)
+MAX_LOGPROBS = 20
 
 
 class EmbeddingBody(BaseModel):
@@ -410,27 +414,112 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             prompt = prompt[0]
         if body.stream_options is not None and not body.stream:  # OpenAI's and vLLM's 400
             raise HTTPError(400, "stream_options is only taken with stream=true; send stream=true or leave it out")
-        handle = submit(prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens, temperature=body.temperature,
-                        top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops(body))
+        check_scoring(body)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def envelope(choice: dict, usage: dict | None = None) -> dict:
             out = {"id": cid, "object": "text_completion", "created": created, "model": server.name,
-                   "choices": [dict(index=0, logprobs=None, **choice)]}
+                   "choices": [{"index": 0, "logprobs": None, **choice}]}
             if usage is not None:
                 out["usage"] = usage
             return out
 
-        def usage() -> dict:
-            n_prompt, n_out = len(handle.prompt_ids), len(handle.token_ids)
+        def counts(n_prompt: int, n_out: int) -> dict:
             return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
-        if not body.stream:
+        if body.max_tokens == 0:  # echo=true (check_scoring): the prompt scored, nothing generated
+            prompt_ids = encode(prompt)
+            text, out_ids, finish = "", [], "length"
+        else:
+            handle = submit(prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens,
+                            temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+                            stop=stops(body))
+            if body.stream:
+                return stream(handle, envelope, lambda: counts(len(handle.prompt_ids), len(handle.token_ids)),
+                              body.stream_options or StreamOptions())
             await collect(handle, request)
-            return envelope({"text": text_or_ids(handle), "token_ids": handle.token_ids,
-                             "finish_reason": handle.finish_reason}, usage())
+            prompt_ids, text, out_ids, finish = (handle.prompt_ids, text_or_ids(handle), handle.token_ids,
+                                                 handle.finish_reason)
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = await completion_logprobs(prompt_ids, out_ids, body.logprobs, body.echo)
+        if body.echo:
+            text = echoed(prompt, prompt_ids, out_ids, text)
+        return envelope({"text": text, "token_ids": out_ids, "finish_reason": finish, "logprobs": logprobs},
+                        counts(len(prompt_ids), len(out_ids)))
 
-        options = body.stream_options or StreamOptions()
+    def check_scoring(body: CompletionBody) -> None:
+        """echo, logprobs and max_tokens=0, in the values the completions route takes."""
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+            raise HTTPError(400, f"logprobs={body.logprobs}: must be an int in [0, {MAX_LOGPROBS}] "
+                                 "(the most likely tokens a position reports), or left out")
+        if body.stream and (body.echo or body.logprobs is not None):
+            given = ", ".join(k for k, on in (("echo=true", body.echo), (f"logprobs={body.logprobs}",
+                                                                          body.logprobs is not None)) if on)
+            raise HTTPError(400, f"{given}: not supported with stream=true; send stream=false for them")
+        if body.max_tokens == 0 and not body.echo:
+            raise HTTPError(400, "max_tokens=0 generates nothing: it takes echo=true (the prompt, scored with "
+                                 "logprobs); send max_tokens >= 1 otherwise")
+
+    def encode(prompt) -> list[int]:
+        """The prompt's token ids for a request that generates nothing (submit encodes the others)."""
+        check_ready()
+        if server.kind != "gpt":
+            raise HTTPError(400, f"{server.name} is a {server.kind} model and cannot score text")
+        check_text_prompt(prompt)
+        try:
+            return server.encode_prompt(prompt)
+        except (ValueError, TypeError) as e:
+            raise HTTPError(400, str(e)) from None
+
+    def echoed(prompt, prompt_ids: list[int], out_ids: list[int], text: str) -> str:
+        """echo=true's text: the prompt as sent (a token-id prompt detokenized), then the completion."""
+        if server.detokenize is None:  # token-id mode: one spaced list of ids, as text_or_ids spaces them
+            return " ".join(map(str, list(prompt_ids) + list(out_ids)))
+        return (prompt if isinstance(prompt, str) else server.detokenize(prompt_ids)) + text
+
+    async def completion_logprobs(prompt_ids: list[int], out_ids: list[int], top: int, echo: bool) -> dict:
+        """OpenAI's completion logprobs: for each token shown (the prompt's too with echo) its string,
+        its log-probability after the tokens before it (None for the first of the prompt), the `top`
+        most likely strings there with theirs (and the token's own, as vLLM adds it; ids that decode
+        to one string, such as split UTF-8 bytes' U+FFFD, share one entry), and its offset
+        in the returned text. Scored in one forward pass over prompt + completion, after the
+        generation (GPTModel.token_logprobs: the model's own distribution, no temperature or filters)."""
+        score = getattr(server.model, "token_logprobs", None)
+        if score is None:
+            raise HTTPError(400, f"logprobs: {server.name} cannot score tokens")
+        ids = list(prompt_ids) + list(out_ids)
+        first = 0 if echo else len(prompt_ids)
+
+        def build() -> dict:
+            scored = score(ids, top=top)
+            piece = server.detokenize or (lambda one: str(one[0]))
+            tokens = [piece([t]) for t in ids[first:]]
+            token_lp, top_lp = [], []
+            for j in range(first, len(ids)):
+                if j == 0:  # the sequence's first token: nothing before it
+                    token_lp.append(None)
+                    top_lp.append(None)
+                    continue
+                own = float(scored.chosen[j - 1])
+                entry = {piece([int(t)]): float(v) for t, v in zip(scored.top_ids[j - 1], scored.top_logprobs[j - 1])}
+                entry[piece([ids[j]])] = own  # the token's own value under its string, whatever shares it
+                token_lp.append(own)
+                top_lp.append(entry)
+            shown = ids[first:]
+            if server.detokenize is None:  # "5 6 7": each id and a space
+                offsets = list(np.cumsum([0] + [len(x) + 1 for x in tokens[:-1]]).tolist())
+            else:  # a prefix's decoded length: a character split over tokens is counted once
+                offsets = [len(server.detokenize(shown[:k])) for k in range(len(shown))]
+            return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top_lp, "text_offset": offsets}
+
+        try:
+            return await asyncio.to_thread(build)  # a forward pass: off the event loop
+        except ValueError as e:
+            raise HTTPError(400, f"logprobs: {e}") from None
+
+    def stream(handle, envelope, usage, options: StreamOptions):
+        """The SSE response of a streamed completion."""
 
         async def events():
             sent = 0  # token ids streamed so far: in token-id mode a chunk's ids are spaced from the last chunk's
