@@ -43,6 +43,27 @@ def test_parity_with_hf(tiny_gpt2_factory, overrides):
         assert ours.finish_reason == ("stop" if len(theirs) < 32 else "length")
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_token_logprobs_match_hf_log_softmax(tiny_gpt2_factory, tp):
+    folder, hf = tiny_gpt2_factory()
+    model = ej.load_sharded_model(folder, tp=tp, dp=2)  # logits split over the vocabulary under tp
+    ids = np.random.RandomState(5).randint(0, 101, 19).tolist()
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    got = model.token_logprobs(ids, top=4)
+    assert got.chosen.shape == (18,) and got.top_ids.shape == got.top_logprobs.shape == (18, 4)
+    assert np.abs(got.chosen - want[np.arange(18), ids[1:]]).max() <= 1e-4
+    assert (got.top_ids == np.argsort(-want[:-1], axis=1)[:, :4]).all()
+    assert np.abs(got.top_logprobs - np.sort(want[:-1], axis=1)[:, ::-1][:, :4]).max() <= 1e-4
+    assert model.token_logprobs(ids[:1]).chosen.shape == (0,)  # one token: nothing to score
+    for bad, kw, message in (([], {}, "token_ids is empty"), ([1, 101], {}, "token id 101 outside the vocabulary"),
+                             ([1] * 129, {}, "token_ids has 129 tokens, more than the context of 128"),
+                             ([1, 2], dict(top=102), r"top=102 must be an int in \[0, 101\]"),
+                             ([1, 2], dict(top=True), "top=True")):
+        with pytest.raises(ValueError, match=message):
+            model.token_logprobs(bad, **kw)
+
+
 def test_gelu_pytorch_tanh_matches_hf(tiny_gpt2_factory):
     """HF's "gelu_pytorch_tanh" is gelu_new's formula: it was refused as an unsupported option."""
     folder, hf = tiny_gpt2_factory(activation_function="gelu_pytorch_tanh")
