@@ -307,6 +307,25 @@ def test_bad_input_errors(minilm):
     with pytest.raises(ValueError, match=r"602 tokens, more than max_seq_len=256 \(of the model.s 512 positions; "
                        r"load with a larger max_seq_len\); pass truncate=True"):
         minilm.encode([long_text])
+    # flags are bools: "false" normalised the embeddings, "no" truncated
+    for kw, message in ((dict(normalize="false"), "normalize='false' must be True or False"),
+                        (dict(normalize=None), "normalize=None must be True or False"),
+                        (dict(truncate="no"), "truncate='no' must be True or False")):
+        with pytest.raises(ValueError, match=message):
+            minilm.encode(["x"], **kw)
+    assert np.linalg.norm(minilm.encode(["x"], normalize=np.bool_(True))) == pytest.approx(1.0)
+
+
+def test_truncate_below_the_special_tokens_says_so(minilm_path):
+    """truncate=True with max_seq_len under [CLS] ... [SEP]: the tokenizer cannot cut there, and the
+    error told the caller to pass the truncate=True they had passed."""
+    import energon_jax as ej
+
+    for length, item, what in ((1, "hello world", "a text"), (2, ("hello", "world"), "a pair")):
+        model = ej.load_sharded_model(minilm_path, max_seq_len=length)
+        with pytest.raises(ValueError, match=rf"texts_or_ids\[0\] cannot be truncated to max_seq_len={length}: "
+                                             f"{what} needs more tokens than that"):
+            model.encode([item], truncate=True)
 
 
 def test_truncate(minilm, minilm_path):

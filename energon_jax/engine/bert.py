@@ -28,7 +28,7 @@ from energon_jax.engine.packing import (MIN_SEQ_BUCKET, PackedChunk, check_seque
 from energon_jax.engine.pipeline import pipelined_microbatches
 from energon_jax.engine.steps import CompileCounter, bucket, compile_concurrently
 from energon_jax.loading import check_max_seq_len, pad_rows, place_params, stack_layers
-from energon_jax.runtime.checks import check_int
+from energon_jax.runtime.checks import check_bool, check_int
 from energon_jax.runtime.distributed import check_same_call, is_multiprocess, to_host
 from energon_jax.runtime.mesh import check_layout
 from energon_jax.runtime.sharding import table_multiple
@@ -339,6 +339,10 @@ class BertModel(ShardedModel):
         if len(ids) > self.max_seq_len and truncate:
             # HF truncation keeps [CLS]/[SEP] and trims the longer text of a pair first
             ids, types = tok.encode_with_types(a, b, max_length=self.max_seq_len)
+            if len(ids) > self.max_seq_len:  # the tokenizer cannot cut below the special tokens
+                raise ValueError(f"texts_or_ids[{i}] cannot be truncated to max_seq_len={self.max_seq_len}: a "
+                                 f"{'pair' if b is not None else 'text'} needs more tokens than that for its special "
+                                 f"tokens ([CLS], [SEP]) alone (it kept {len(ids)}); load with a larger max_seq_len")
         return np.asarray(ids, np.int32), np.asarray(types, np.int32)
 
     def tokenize(self, texts_or_ids, *, truncate: bool = False) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
@@ -349,6 +353,7 @@ class BertModel(ShardedModel):
         lists (used as given, token type 0). Sequences longer than `max_seq_len` raise unless
         `truncate=True` (token-id lists are then cut to `max_seq_len`).
         """
+        truncate = check_bool("truncate", truncate)
         check_input_batch(texts_or_ids, "texts_or_ids")
         items = list(texts_or_ids)
         if not items:
@@ -503,6 +508,7 @@ class BertModel(ShardedModel):
         """
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not supported; accepted: {POOLINGS}")
+        normalize = check_bool("normalize", normalize)
         if pooling == "pooler" and not self.config.has_pooler:
             raise ValueError("pooling='pooler' needs a checkpoint with a pooler (pooler.dense.*); this one has none")
         ids, types = self.tokenize(texts_or_ids, truncate=truncate)

@@ -13,3 +13,11 @@ def check_int(name: str, value, low: int, high: int | None = None, note: str = "
         return int(value)
     accepted = f">= {low}" if high is None else f"in [{low}, {high}]"
     raise ValueError(f"{name}={value!r} must be an int {accepted}{note}")
+
+
+def check_bool(name: str, value) -> bool:
+    """`value` as a bool if it is one (numpy's too), else a ValueError naming it: "false" and None
+    are not False (a truthy string normalised the embeddings)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name}={value!r} must be True or False")
