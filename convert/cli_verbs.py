@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from energon_jax.convert.hf_files import DTYPES
@@ -73,8 +74,8 @@ def _inspect(args) -> int:
 
 def _positive_mb(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--buffer-mb={text} must be > 0")
+    if not (math.isfinite(value) and value > 0):  # inf passed "> 0", then int(inf * 2**20) raised
+        raise argparse.ArgumentTypeError(f"--buffer-mb={text} must be a finite number > 0")
     return value
 
 

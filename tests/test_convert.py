@@ -294,6 +294,11 @@ def test_bad_options(hf_gpt2, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _convert(hf_gpt2[0], out, "--dtype", "int8")
     assert e.value.code != 0 and "--dtype" in capsys.readouterr().err and not out.exists()
+    for mb in ("inf", "1e400", "nan", "0", "-1"):  # inf passed the "> 0" check and crashed (exit 1)
+        with pytest.raises(SystemExit) as e:
+            _convert(hf_gpt2[0], out, "--buffer-mb", mb)
+        assert e.value.code == 2 and f"--buffer-mb={mb} must be a finite number > 0" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_existing_out_needs_force(hf_gpt2, tmp_path, capsys):
