@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from energon_jax.convert.hf_files import CheckpointError, read_json_object
+from energon_jax.convert.hf_files import CheckpointError, config_positive, config_size, read_json_object
 from energon_jax.models.bert import BERT_ACTIVATIONS, BertConfig
 
 
@@ -75,7 +75,7 @@ def config_from_hf(hf: dict, tensor_names: Iterable[str] = (), where="config.jso
         raise UnsupportedConfigError(f"unsupported Bert config option pruned_heads={hf['pruned_heads']!r}; "
                                      "only unpruned models are implemented")
     act = hf.get("hidden_act", "gelu")
-    if act not in BERT_ACTIVATIONS:
+    if not isinstance(act, str) or act not in BERT_ACTIVATIONS:  # a list was "unhashable type"
         raise UnsupportedConfigError(
             f"unsupported Bert config option hidden_act={act!r}; accepted: {sorted(BERT_ACTIVATIONS)}")
     names = set(tensor_names)
@@ -88,19 +88,21 @@ def config_from_hf(hf: dict, tensor_names: Iterable[str] = (), where="config.jso
         raise CheckpointError(f"{where}: 'vocab_size' missing; a Bert config.json must give it")
     try:
         return BertConfig(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf.get("hidden_size", 768),
-            num_hidden_layers=hf.get("num_hidden_layers", 12),
-            num_attention_heads=hf.get("num_attention_heads", 12),
-            intermediate_size=hf.get("intermediate_size", 3072),
+            vocab_size=config_size(hf, "vocab_size", None, where),
+            hidden_size=config_size(hf, "hidden_size", 768, where),
+            num_hidden_layers=config_size(hf, "num_hidden_layers", 12, where),
+            num_attention_heads=config_size(hf, "num_attention_heads", 12, where),
+            intermediate_size=config_size(hf, "intermediate_size", 3072, where),
             hidden_act=act,
-            max_position_embeddings=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            pad_token_id=hf.get("pad_token_id", 0),
+            max_position_embeddings=config_size(hf, "max_position_embeddings", 512, where),
+            type_vocab_size=config_size(hf, "type_vocab_size", 2, where),
+            layer_norm_eps=config_positive(hf, "layer_norm_eps", 1e-12, where),
+            pad_token_id=config_size(hf, "pad_token_id", 0, where, low=0, nullable=True),
             has_pooler=prefix + _POOLER in names,
             has_mlm_head=has_mlm,
         )
+    except CheckpointError:  # names the file and the key already
+        raise
     except ValueError as e:
         raise UnsupportedConfigError(f"invalid Bert config.json: {e}") from None
 

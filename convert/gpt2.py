@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from energon_jax.config import GPT2Config
-from energon_jax.convert.hf_files import CheckpointError, read_json_object
+from energon_jax.convert.hf_files import CheckpointError, config_positive, config_size, read_json_object
 
 # HF config options that change the numbers and that this module does not implement: value accepted.
 _REJECTED_IF_SET = {
@@ -52,16 +52,19 @@ def config_from_hf(hf: dict, where="config.json") -> GPT2Config:
     if generation is not None and generation.is_file():
         gen = read_json_object(generation, "generation settings")
         eos += tuple(i for i in _eos_ids(gen.get("eos_token_id"), generation, "eos_token_id") if i not in eos)
+    scale = hf.get("scale_attn_weights", True)
+    if not isinstance(scale, bool):
+        raise CheckpointError(f"{where}: scale_attn_weights={scale!r} must be true or false")
     return GPT2Config(
-        vocab_size=hf["vocab_size"],
+        vocab_size=config_size(hf, "vocab_size", None, where),
         n_positions=_size(hf, "n_positions", 1024, where),
         n_embd=_size(hf, "n_embd", 768, where),
         n_layer=_size(hf, "n_layer", 12, where),
         n_head=_size(hf, "n_head", 12, where),
-        n_inner=hf.get("n_inner"),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        scale_attn_weights=hf.get("scale_attn_weights", True),
-        bos_token_id=hf.get("bos_token_id"),
+        n_inner=config_size(hf, "n_inner", None, where, nullable=True),
+        layer_norm_epsilon=config_positive(hf, "layer_norm_epsilon", 1e-5, where),
+        scale_attn_weights=scale,
+        bos_token_id=config_size(hf, "bos_token_id", None, where, low=0, nullable=True),
         eos_token_ids=eos,
     )
 
@@ -77,7 +80,7 @@ def _size(hf: dict, key: str, default: int, where):
     alias = _HF_ALIASES[key]
     if key in hf and alias in hf and hf[key] != hf[alias]:
         raise CheckpointError(f"{where}: {key}={hf[key]!r} and {alias}={hf[alias]!r} are one setting and disagree")
-    return hf.get(key, hf.get(alias, default))
+    return config_size(hf, key if key in hf or alias not in hf else alias, default, where)
 
 
 def _eos_ids(value, where, key) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import mmap
 import os
 import struct
@@ -41,6 +42,27 @@ def read_json_object(path: Path, what: str, hint: str = "") -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: not a JSON object of {what} (got {type(value).__name__}){hint}")
     return value
+
+
+def config_size(hf: dict, key: str, default, where, *, low: int = 1, nullable: bool = False) -> int | None:
+    """config.json's `key` (or `default` when absent) as an int >= low (None too if nullable);
+    anything else is a CheckpointError naming the file, the key and the value. A string or float
+    size failed deep inside the model build ("not all arguments converted"), or 0 heads there as a
+    ZeroDivisionError."""
+    value = hf.get(key, default)
+    if value is None and nullable:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+        return value
+    raise CheckpointError(f"{where}: {key}={value!r} must be an int >= {low}{' or null' if nullable else ''}")
+
+
+def config_positive(hf: dict, key: str, default: float, where) -> float:
+    """config.json's `key` (or `default`) as a finite number > 0 (a layer norm's epsilon)."""
+    value = hf.get(key, default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise CheckpointError(f"{where}: {key}={value!r} must be a finite number > 0")
 
 
 def read_config(folder: str | os.PathLike) -> dict:

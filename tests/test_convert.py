@@ -733,6 +733,42 @@ def test_bert_config_without_vocab_size_names_the_key(hf_bert, tmp_path, capsys)
         ej.load_sharded_model(src)  # the folder is named, as convert and GPT-2 loads name it
 
 
+@pytest.mark.parametrize("kind, key, value, message", [
+    ("bert", "num_attention_heads", 0, "num_attention_heads=0 must be an int >= 1"),  # was a ZeroDivisionError
+    ("bert", "hidden_size", "32", "hidden_size='32' must be an int >= 1"),
+    ("bert", "vocab_size", 104.0, "vocab_size=104.0 must be an int >= 1"),
+    ("bert", "type_vocab_size", True, "type_vocab_size=True must be an int >= 1"),
+    ("bert", "max_position_embeddings", None, "max_position_embeddings=None must be an int >= 1"),
+    ("bert", "layer_norm_eps", "x", "layer_norm_eps='x' must be a finite number > 0"),
+    ("bert", "pad_token_id", -1, "pad_token_id=-1 must be an int >= 0 or null"),
+    ("gpt2", "n_head", "4", "n_head='4' must be an int >= 1"),
+    ("gpt2", "n_inner", 0, "n_inner=0 must be an int >= 1 or null"),
+    ("gpt2", "layer_norm_epsilon", -1e-5, "layer_norm_epsilon=-1e-05 must be a finite number > 0"),
+    ("gpt2", "scale_attn_weights", "yes", "scale_attn_weights='yes' must be true or false"),
+])
+def test_bad_config_values_name_the_file_and_key(hf_bert, hf_gpt2, tmp_path, capsys, kind, key, value, message):
+    """A size of the wrong type, or 0 heads, failed deep inside the model build with an error that
+    named neither the file nor the key (TypeError, ZeroDivisionError, a shape mismatch)."""
+    src = tmp_path / kind
+    shutil.copytree((hf_bert if kind == "bert" else hf_gpt2)[0], src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, key: value}))
+    needle = f"{src / 'config.json'}: {message}"
+    _expect_failure(capsys, tmp_path / "out", [src, tmp_path / "out"], needle)
+    with pytest.raises(orbax_io.CheckpointError) as e:
+        ej.load_sharded_model(src)
+    assert needle in str(e.value)
+
+
+def test_bert_hidden_act_of_another_type_is_named(hf_bert, tmp_path):
+    src = tmp_path / "bert"
+    shutil.copytree(hf_bert[0], src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "hidden_act": ["gelu"]}))  # was "unhashable type: 'list'"
+    with pytest.raises(ValueError, match=r"unsupported Bert config option hidden_act=\['gelu'\]; accepted: \["):
+        ej.load_sharded_model(src)
+
+
 # ------------------------------------------------------------------------------------------- load arguments
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype=5), r"dtype=5 is not supported; accepted: None, \['bfloat16', 'float16', 'float32'\]"),
