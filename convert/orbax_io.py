@@ -574,6 +574,19 @@ def read_converted_config(folder) -> dict:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} version {version!r} "
                               f"is not readable by this version (reads {FORMAT!r} version {FORMAT_VERSION}); "
                               f"convert the Hugging Face checkpoint again with `energon convert`")
+    # what the load reads: a damaged file was a raw KeyError ('hf_config') or numpy's TypeError
+    # about a dtype, and float64 loaded as float32 without a word
+    again = "; convert the Hugging Face checkpoint again with `energon convert`"
+    for key, kind in (("architecture", str), ("hf_config", dict), ("params", dict), ("source", dict),
+                      ("dtype", str)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: {key!r} is {'missing' if key not in meta else repr(meta[key])[:60]}; "
+                                  f"it must be a JSON {'string' if kind is str else 'object'}{again}")
+    if not isinstance(meta["source"].get("tensors"), list):
+        raise CheckpointError(f"{path}: 'source' lacks its list of 'tensors'{again}")
+    if meta["dtype"] not in DTYPES:
+        raise CheckpointError(f"{path}: dtype={meta['dtype']!r} is not one this library writes; accepted: "
+                              f"{list(DTYPES)}{again}")
     return meta
 
 

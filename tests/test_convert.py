@@ -769,6 +769,26 @@ def test_bert_hidden_act_of_another_type_is_named(hf_bert, tmp_path):
         ej.load_sharded_model(src)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(drop="hf_config"), "'hf_config' is missing; it must be a JSON object"),  # was KeyError: 'hf_config'
+    (dict(drop="params"), "'params' is missing; it must be a JSON object"),
+    (dict(dtype="bogus"), "dtype='bogus' is not one this library writes; accepted: ['bfloat16', 'float16', 'float32']"),
+    (dict(dtype="float64"), "dtype='float64' is not one this library writes"),  # loaded as float32, silently
+    (dict(source={}), "'source' lacks its list of 'tensors'"),
+])
+def test_a_damaged_energon_config_names_what_is_wrong(converted, tmp_path, change, message):
+    folder = tmp_path / "conv"
+    shutil.copytree(converted, folder)
+    meta = json.loads((folder / "energon_config.json").read_text())
+    meta.pop(change.pop("drop", None), None)
+    meta.update(change)
+    (folder / "energon_config.json").write_text(json.dumps(meta))
+    with pytest.raises(orbax_io.CheckpointError) as e:
+        ej.load_sharded_model(folder)
+    assert str(e.value).startswith(f"{folder / 'energon_config.json'}: {message}"), str(e.value)
+    assert str(e.value).endswith("convert the Hugging Face checkpoint again with `energon convert`")
+
+
 # ------------------------------------------------------------------------------------------- load arguments
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype=5), r"dtype=5 is not supported; accepted: None, \['bfloat16', 'float16', 'float32'\]"),
