@@ -497,6 +497,34 @@ def test_numpy_settings_are_taken_and_bools_and_ragged_rows_are_not(tiny_gpt2_fa
         model.logits([1, 2, 3])
 
 
+@pytest.mark.parametrize("stop", [b"\\", {92: "x"}, np.array(5), {5, 6}])
+def test_stop_of_another_type_is_refused(tiny_gpt2_factory, stop):
+    """stop was iterated whatever it was: b"\\" became the stop token 92 and ended generation at
+    its first token, a dict gave its keys, a 0-d array numpy's iteration error."""
+    model = ej.load_sharded_model(tiny_gpt2_factory()[0])
+    with pytest.raises(TypeError, match=rf"stop=.* must be a str, an int token id, or a list of them; got "
+                                        rf"{type(stop).__name__}"):
+        model.generate([[1, 2]], stop=stop)
+    assert model.stop_token_ids(np.array([5, 6]))[0][-2:] == [5, 6]  # a 1-d array is a list of ids
+
+
+def test_prompts_of_bools_or_not_a_list_are_refused(tiny_gpt2_factory):
+    model = ej.load_sharded_model(tiny_gpt2_factory()[0])
+    with pytest.raises(TypeError, match=r"prompts\[0\] is list; expected str or list\[int\]"):
+        model.generate([[True, False, True]])  # was the prompt [1, 0, 1]
+    for bad in (None, 5, 3.5):  # was Python's "'NoneType' object is not iterable"
+        with pytest.raises(TypeError, match=rf"prompts must be a list of str or a list of token-id lists, got "
+                                            rf"{type(bad).__name__}"):
+            model.generate(bad)
+
+
+def test_a_prompt_past_the_context_is_refused_with_max_new_tokens_0(tiny_gpt2_factory):
+    model = ej.load_sharded_model(tiny_gpt2_factory()[0])  # 128 positions
+    assert model.generate([[1] * 128], max_new_tokens=0)[0].token_ids == []
+    with pytest.raises(ValueError, match=r"prompts\[0\] has 129 tokens, more than the context of 128"):
+        model.generate([[1] * 129], max_new_tokens=0)  # was let through
+
+
 def test_pytorch_bin_and_sharded_safetensors(tiny_gpt2_factory, tmp_path):
     folder, hf = tiny_gpt2_factory()
     ids = np.arange(1, 12)[None]

@@ -157,7 +157,9 @@ def _compiled_steps(config, dtype, mesh, attention_impl):
 def _is_token_list(p) -> bool:
     if isinstance(p, (list, tuple)) and set(map(type, p)) <= {int}:  # a JSON body's ids: C loops only
         return True
-    return isinstance(p, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in p)
+    # bools are ints to Python, not token ids ([True, False] was the prompt [1, 0])
+    return isinstance(p, (list, tuple, np.ndarray)) and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p)
 
 
 class GPTModel(ShardedModel):
@@ -208,7 +210,11 @@ class GPTModel(ShardedModel):
         if isinstance(prompts, (str, bytes)) or _is_token_list(prompts) and len(prompts) and not isinstance(prompts[0], (list, tuple)):
             raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}"
                             f" {str(prompts)[:40]!r}; wrap a single prompt in a list")
-        prompts = list(prompts)
+        try:
+            prompts = list(prompts)
+        except TypeError:  # None, 5: Python's "'NoneType' object is not iterable" named nothing
+            raise TypeError(f"prompts must be a list of str or a list of token-id lists, got {type(prompts).__name__}"
+                            f" {str(prompts)[:40]!r}") from None
         if not prompts:
             raise ValueError("prompts is empty; pass at least one prompt")
         out = []
@@ -275,7 +281,15 @@ class GPTModel(ShardedModel):
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         if eos is not None and int(eos) not in ids:
             ids.append(int(eos))
-        for s in [] if stop is None else ([stop] if isinstance(stop, (str, int, np.integer)) else list(stop)):
+        if stop is None:
+            entries = []
+        elif isinstance(stop, (str, int, np.integer)):
+            entries = [stop]
+        elif isinstance(stop, (list, tuple)) or isinstance(stop, np.ndarray) and stop.ndim == 1:
+            entries = list(stop)
+        else:  # bytes were iterated into token ids, a dict into its keys
+            raise TypeError(f"stop={stop!r} must be a str, an int token id, or a list of them; got {type(stop).__name__}")
+        for s in entries:
             if isinstance(s, str):
                 if not s:
                     raise ValueError("stop contains an empty string")
@@ -299,6 +313,8 @@ class GPTModel(ShardedModel):
         ids = self.encode_prompts(prompts)
         for i, p in enumerate(ids):
             # the last new token is never fed back: it needs no position of its own
+            if len(p) > self.max_seq_len:  # max_new_tokens=0 let one token past the context through
+                raise ValueError(f"prompts[{i}] has {len(p)} tokens, more than the context of {self.max_seq_len}")
             if len(p) + max_new_tokens - 1 > self.max_seq_len:
                 raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
                                  f"{len(p) + max_new_tokens - 1} positions (the last new token is not fed back) > "
