@@ -114,3 +114,16 @@ def test_default_token_budget_is_per_replica(bert_folder):
     assert ej.load_sharded_model(bert_folder, dp=4).max_tokens_per_chunk == 4 * one
     with pytest.raises(ValueError, match="max_tokens_per_chunk=16"):
         ej.load_sharded_model(bert_folder, dp=2).max_tokens_per_chunk = 16
+
+
+def test_default_token_budget_follows_the_attention_until_set(bert_folder):
+    """A switch of attention_impl kept the budget of the impl the model was built with: from the
+    fused kernel's 65,536 tokens to XLA's attention, 4x the memory that path was sized for."""
+    model = ej.load_sharded_model(bert_folder, dp=2)
+    model.attention_impl = "triton"  # only sets the step up: nothing runs on this CPU
+    assert model.max_tokens_per_chunk == 2 * default_max_tokens("triton") > 2 * default_max_tokens("xla")
+    model.attention_impl = "xla"
+    assert model.max_tokens_per_chunk == 2 * default_max_tokens("xla")
+    model.max_tokens_per_chunk = 512  # given: kept across switches
+    model.attention_impl = "triton"
+    assert model.max_tokens_per_chunk == 512

@@ -236,10 +236,10 @@ class BertModel(ShardedModel):
         check_layout(mesh, layers=config.num_hidden_layers)  # the loaders check before loading; this guards direct use
         self.num_stages = mesh.shape["stage"]
         self.num_replicas = mesh.shape["data"]
+        self._budget_given = False  # until given, the budget follows the attention (its setter)
         self.attention_impl = attention_impl
-        # the default is a budget per data replica: each replica's stream keeps the size tuned for one device
-        self.max_tokens_per_chunk = max_tokens_per_chunk or self.num_replicas * max(default_max_tokens(attention_impl),
-                                                                                    bucket(max_seq_len))
+        if max_tokens_per_chunk is not None:
+            self.max_tokens_per_chunk = max_tokens_per_chunk
         self.last_stats: EncodeStats | None = None
         self._seq_slots: int | None = None  # None: each chunk's own bucket; see fixed_shapes
 
@@ -255,6 +255,10 @@ class BertModel(ShardedModel):
             raise ValueError(f"attention_impl={impl!r} is not supported; accepted: {ATTENTION_IMPLS}")
         self.compile_counts, self._step, self._programs = _compiled_step(self.config, self.dtype, self.mesh, impl)
         self._attention_impl = impl
+        if not self._budget_given:
+            # the default is a budget per data replica: each replica's stream keeps the size tuned for
+            # one device; it follows the impl (a switch to "xla" on a GPU kept the fused kernel's 4x budget)
+            self._max_tokens = self.num_replicas * max(default_max_tokens(impl), bucket(self.max_seq_len))
 
     @property
     def max_tokens_per_chunk(self) -> int:
@@ -266,6 +270,7 @@ class BertModel(ShardedModel):
             raise ValueError(f"max_tokens_per_chunk={n!r} must be an int >= max_seq_len={self.max_seq_len} "
                              "(one sequence must fit in a chunk)")
         self._max_tokens = int(n)
+        self._budget_given = True
 
     # ----------------------------------------------------------------- shapes
     def fixed_shapes(self, max_seqs: int) -> "BertModel":
