@@ -1,5 +1,6 @@
 """`energon serve` end to end, as a user starts it: the bundled preset (a real tokenizer) behind the
-real CLI, then /health until ready, completions (plain, streamed, with a stop string) and SIGTERM.
+real CLI, then /health until ready, completions (plain, streamed, with a stop string, with
+logprobs, a prompt scored with echo and max_tokens 0) and SIGTERM.
 
     python3 -P benchmarks/cli_smoke.py [--model tiny-gpt2-pydoc] [--port 8123]
 
@@ -73,6 +74,24 @@ def main() -> int:
         check("stop string", status == 200 and cut.get("finish_reason") == "stop"
               and plain.startswith(cut.get("text", "?")) and stop not in cut.get("text", stop),
               stop=stop, text=cut.get("text"))
+        # logprobs: the greedy tokens scored by one forward pass (GPTModel.token_logprobs) on this device
+        status, text = request(base + "/v1/completions", {**body, "logprobs": 3})
+        got = json.loads(text)["choices"][0] if status == 200 else {}
+        lp = got.get("logprobs") or {}
+        own, tops = lp.get("token_logprobs", []), lp.get("top_logprobs", [])
+        check("logprobs of the greedy completion", status == 200 and got.get("text") == plain
+              and len(own) == len(got.get("token_ids", [])) > 0 and (lambda joined: joined == plain or "\ufffd" in joined)("".join(lp.get("tokens", [])))  # split UTF-8
+              and all(x <= 0 and x >= max(d.values()) - 0.05 for x, d in zip(own, tops)),
+              worst_gap=max((max(d.values()) - x for x, d in zip(own, tops)), default=None))
+        status, text = request(base + "/v1/completions", {**body, "max_tokens": 0, "echo": True, "logprobs": 1})
+        scored = json.loads(text)["choices"][0] if status == 200 else {}
+        prompt_lp = (scored.get("logprobs") or {}).get("token_logprobs", [])
+        status2, text2 = request(base + "/v1/completions", {**body, "echo": True, "logprobs": 1})
+        both = (json.loads(text2)["choices"][0].get("logprobs") or {}).get("token_logprobs", []) if status2 == 200 else []
+        check("echo scores the prompt", status == 200 and scored.get("text") == prompt and prompt_lp[:1] == [None]
+              and len(prompt_lp) > 1 and both[len(prompt_lp):] == own and both[:1] == [None]
+              and all(abs(a - b) < 1e-3 for a, b in zip(prompt_lp[1:], both[1:len(prompt_lp)])),
+              prompt_tokens=len(prompt_lp))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
