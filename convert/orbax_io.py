@@ -563,7 +563,7 @@ def _replace(tmp: Path, out: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------------- reading
 def read_converted_config(folder) -> dict:
-    """energon_config.json of a converted folder, checked for format and version."""
+    """energon_config.json of a converted folder, checked for format, version and the keys a load reads."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; {folder} is not a folder written by `energon convert`")

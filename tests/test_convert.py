@@ -113,7 +113,8 @@ def test_mesh_that_does_not_fit_is_refused(converted):
 def test_older_format_versions(tmp_path, arch, version, readable):
     """Version 1 stored GPT-2's projections [in, out]: such a folder is refused with what to do,
     a version-1 Bert folder (unchanged layout) still reads."""
-    meta = {"format": orbax_io.FORMAT, "format_version": version, "architecture": arch}
+    meta = {"format": orbax_io.FORMAT, "format_version": version, "architecture": arch, "hf_config": {},
+            "params": {}, "source": {"tensors": []}, "dtype": "float32"}  # the keys a load reads
     (tmp_path / "energon_config.json").write_text(json.dumps(meta))
     if readable:
         assert orbax_io.read_converted_config(tmp_path)["format_version"] == version
