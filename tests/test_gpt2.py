@@ -56,12 +56,21 @@ def test_token_logprobs_match_hf_log_softmax(tiny_gpt2_factory, tp):
     assert (got.top_ids == np.argsort(-want[:-1], axis=1)[:, :4]).all()
     assert np.abs(got.top_logprobs - np.sort(want[:-1], axis=1)[:, ::-1][:, :4]).max() <= 1e-4
     assert model.token_logprobs(ids[:1]).chosen.shape == (0,)  # one token: nothing to score
+    # the context plus one: the last token is scored, never fed in (a generation at the limit ends so)
+    full = np.random.RandomState(6).randint(0, 101, 129).tolist()
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([full[:128]])).logits[0].double(), -1).numpy()
+    assert np.abs(model.token_logprobs(full).chosen - want[np.arange(128), full[1:]]).max() <= 1e-4
     for bad, kw, message in (([], {}, "token_ids is empty"), ([1, 101], {}, "token id 101 outside the vocabulary"),
-                             ([1] * 129, {}, "token_ids has 129 tokens, more than the context of 128"),
+                             ([1] * 130, {}, r"token_ids has 130 tokens; scoring them feeds 129 \(the last is not "
+                                             r"fed in\) > the context of 128"),
                              ([1, 2], dict(top=102), r"top=102 must be an int in \[0, 101\]"),
                              ([1, 2], dict(top=True), "top=True")):
         with pytest.raises(ValueError, match=message):
             model.token_logprobs(bad, **kw)
+    for bad in ("567", [5.9, 6.2], [True, 6], np.array([[5, 6]])):  # "567" and 5.9 were scored as ids
+        with pytest.raises(TypeError, match="token_ids must be a list of int token ids"):
+            model.token_logprobs(bad)
 
 
 def test_gelu_pytorch_tanh_matches_hf(tiny_gpt2_factory):

@@ -225,10 +225,13 @@ def check_logprobs(lp, ids, first, scores, tok, top):
             assert lp.token_logprobs[k] is None and lp.top_logprobs[k] is None
             continue
         assert lp.token_logprobs[k] == pytest.approx(want[j - 1, ids[j]], abs=2e-4)
-        # HF's `top` most likely there, then the token's own: a string two ids decode to (a split
-        # UTF-8 byte's U+FFFD) keeps the later id's value, as in a dict built in that order
-        expected = {tok.decode([int(t)]): want[j - 1, t] for t in np.argsort(-want[j - 1], kind="stable")[:top]}
-        expected[tok.decode([ids[j]])] = want[j - 1, ids[j]]
+        # HF's `top` most likely there and the token's own: a string two ids decode to (a split UTF-8
+        # byte's U+FFFD) shows the larger value (the own one overwrote it, and lm-eval's greedy
+        # check, own == max of the entry, said yes to a token that was not the most likely)
+        expected = {}
+        for t in [*np.argsort(-want[j - 1], kind="stable")[:top], ids[j]]:
+            key = tok.decode([int(t)])
+            expected[key] = max(expected.get(key, -np.inf), want[j - 1, t])
         got = lp.top_logprobs[k]
         assert got.keys() == expected.keys() and list(got.values()) == pytest.approx(list(expected.values()), abs=2e-4)
     assert lp.text_offset == [len(tok.decode(ids[first:first + k])) for k in range(len(ids) - first)]
@@ -244,6 +247,12 @@ def test_echo_with_max_tokens_0_scores_the_prompt_as_hf(client, model, hf_scores
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), 0)
     check_logprobs(choice.logprobs, ids, 0, hf_scores, model.tokenizer, 3)
     assert "".join(choice.logprobs.tokens) == prompt
+    # multi-byte characters split over tokens: the strings collide, each keeps its largest value
+    text = "naïve café — ünïcödé ½ ☃ 日本"
+    text_ids = model.encode_prompts([text])[0]
+    lp = client.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=5).choices[0].logprobs
+    assert "\ufffd" in "".join(lp.tokens)  # the case this checks is there
+    check_logprobs(lp, text_ids, 0, hf_scores, model.tokenizer, 5)
     plain = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True)  # no logprobs asked
     assert plain.choices[0].text == prompt and plain.choices[0].logprobs is None
 
@@ -266,12 +275,45 @@ def test_logprobs_of_a_generated_completion(client, model, hf_scores):
     assert all(len(d) == 1 for d in echoed.logprobs.top_logprobs[1:])  # logprobs=0: the token's own only
 
 
+def test_scoring_at_the_context_limit(client, served):
+    """lm-eval's loglikelihood request at max_length = the context: prompt + max_tokens - 1 fit, and
+    the scored sequence (prompt + completion) is one longer, its last token never fed in. It was a
+    400 after the generation had run."""
+    context = served.srv.context_len
+    prompt = list(range(3, 3 + context))
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True, logprobs=1).choices[0]
+    assert len(got.logprobs.token_logprobs) == context + 1 and got.logprobs.token_logprobs[0] is None
+    whole = client.completions.create(model="tiny", prompt=prompt + got.model_extra["token_ids"], max_tokens=0,
+                                      echo=True, logprobs=1).choices[0]
+    assert whole.logprobs.token_logprobs == pytest.approx(got.logprobs.token_logprobs, abs=1e-5)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=prompt + [3, 4], max_tokens=0, echo=True)
+    assert e.value.body["message"] == (f"the prompt has {context + 2} tokens; with max_tokens=0 it needs {context + 1} "
+                                       f"positions (the last token is not fed in) > the context of {context} tokens")
+
+
+def test_streamed_usage_counts_the_tokens_sent(client):
+    """continuous_usage_stats counted the handle's tokens, which the engine thread had extended past
+    what the stream had sent."""
+    for _ in range(3):
+        chunks = list(client.completions.create(model="tiny", prompt=[5, 6], max_tokens=40, temperature=0,
+                                                stop=["zzzzzzzz"], stream=True,
+                                                extra_body={"stream_options": {"continuous_usage_stats": True}}))
+        sent = np.cumsum([len(c.choices[0].model_extra["token_ids"]) for c in chunks]).tolist()
+        assert [c.usage.completion_tokens for c in chunks] == sent
+        assert all(c.usage.prompt_tokens == 2 for c in chunks)
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(logprobs=21), "logprobs=21: must be an int in [0, 20]"),
     (dict(logprobs=-1), "logprobs=-1: must be an int in [0, 20]"),
     (dict(max_tokens=0), "max_tokens=0 generates nothing: it takes echo=true"),
     (dict(stream=True, logprobs=1), "logprobs=1: not supported with stream=true"),
     (dict(stream=True, echo=True, max_tokens=0), "echo=true: not supported with stream=true"),
+    # max_tokens=0 generates nothing, and is checked as a request that does (they were taken)
+    (dict(max_tokens=0, echo=True, temperature=-5), "temperature=-5.0 must be a finite number >= 0"),
+    (dict(max_tokens=0, echo=True, top_p=7.0), "top_p=7.0 must be a number in (0, 1]"),
+    (dict(max_tokens=0, echo=True, extra_body={"stop_token_ids": [10 ** 9]}), "stop: token id 1000000000 outside"),
 ])
 def test_logprobs_and_echo_errors(client, kw, message):
     with pytest.raises(openai.BadRequestError) as e:

@@ -36,11 +36,11 @@ class TokenLogprobs(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("vocab", "top"))
-def _score_tokens(logits_btv, ids_bt, *, vocab: int, top: int):
+def _score_tokens(logits_btv, following_bt, *, vocab: int, top: int):
     """The log-softmax over the real vocabulary (the table's padding columns cut) of the logits at
-    positions 0..T-2, taken at the next token, and its `top` largest entries."""
-    lp = jax.nn.log_softmax(logits_btv[:, :-1, :vocab].astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(lp, ids_bt[:, 1:, None], axis=-1)[..., 0]
+    each position, taken at the token that follows it, and its `top` largest entries."""
+    lp = jax.nn.log_softmax(logits_btv[:, :, :vocab].astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, following_bt[:, :, None], axis=-1)[..., 0]
     top_lp, top_ids = jax.lax.top_k(lp, top)
     return chosen, top_ids.astype(jnp.int32), top_lp
 
@@ -255,20 +255,28 @@ class GPTModel(ShardedModel):
         log-softmax of its logits (no temperature, top_k or top_p), for token_ids[1:] (the first
         has no context). With top > 0, also the `top` most likely tokens at each of those positions,
         most likely first. This is what a completions server's `logprobs` and `echo` report. The
-        logits stay on the devices; only these [T - 1] and [T - 1, top] arrays come back."""
+        logits stay on the devices; only these [T - 1] and [T - 1, top] arrays come back. The last
+        token is never fed in, so T may be max_seq_len + 1 (as a generation's last token is not)."""
+        if isinstance(token_ids, (str, bytes)) or not _is_token_list(token_ids):  # "567" was [5, 6, 7], 5.9 was 5
+            raise TypeError(f"token_ids must be a list of int token ids, got {type(token_ids).__name__} "
+                            f"{str(token_ids)[:40]!r}")
         ids = self._check_ids(token_ids, "token_ids")
         t = len(ids)
         if not ids:
             raise ValueError("token_ids is empty; it needs at least one token")
-        if t > self.max_seq_len:
-            raise ValueError(f"token_ids has {t} tokens, more than the context of {self.max_seq_len}")
+        if t - 1 > self.max_seq_len:
+            raise ValueError(f"token_ids has {t} tokens; scoring them feeds {t - 1} (the last is not fed in) "
+                             f"> the context of {self.max_seq_len} tokens")
         top = check_int("top", top, 0, self.config.vocab_size)
-        padded = np.full((self.dp_rows(1), bucket(t, self.max_seq_len)), PAD_ID, np.int32)
-        padded[0, :t] = ids
+        if t == 1:  # nothing to score
+            return TokenLogprobs(np.zeros((0,), np.float32), np.zeros((0, top), np.int32), np.zeros((0, top), np.float32))
+        # positions 0..t-2 fed in; position j's logits score token j + 1 (`following`)
+        padded = np.full((2, self.dp_rows(1), bucket(t - 1, self.max_seq_len)), PAD_ID, np.int32)
+        padded[0, 0, : t - 1], padded[1, 0, : t - 1] = ids[:-1], ids[1:]
         check_same_call("token_logprobs", padded, top)
-        rows = self.put_rows(padded)
-        logits = self._forward(self.params, rows, self.put_rows(np.full((len(padded),), t, np.int32)))
-        out = _score_tokens(logits, rows, vocab=self.config.vocab_size, top=top)
+        fed, following = self.put_rows(padded[0]), self.put_rows(padded[1])
+        logits = self._forward(self.params, fed, self.put_rows(np.full((padded.shape[1],), t - 1, np.int32)))
+        out = _score_tokens(logits, following, vocab=self.config.vocab_size, top=top)
         chosen, top_ids, top_lp = (to_host(x) if not x.is_fully_addressable else np.asarray(x) for x in out)
         return TokenLogprobs(chosen[0, : t - 1], top_ids[0, : t - 1], top_lp[0, : t - 1])
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import ipaddress
 import json
 import logging
@@ -428,15 +429,16 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
         if body.max_tokens == 0:  # echo=true (check_scoring): the prompt scored, nothing generated
-            prompt_ids = encode(prompt)
+            prompt_ids = encode(prompt, body)
             text, out_ids, finish = "", [], "length"
         else:
             handle = submit(prompt, asyncio.get_running_loop(), max_tokens=body.max_tokens,
                             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
                             stop=stops(body))
             if body.stream:
-                return stream(handle, envelope, lambda: counts(len(handle.prompt_ids), len(handle.token_ids)),
-                              body.stream_options or StreamOptions())
+                def usage(n_out: int | None = None) -> dict:  # n_out: the tokens sent so far; None: all
+                    return counts(len(handle.prompt_ids), len(handle.token_ids) if n_out is None else n_out)
+                return stream(handle, envelope, usage, body.stream_options or StreamOptions())
             await collect(handle, request)
             prompt_ids, text, out_ids, finish = (handle.prompt_ids, text_or_ids(handle), handle.token_ids,
                                                  handle.finish_reason)
@@ -447,6 +449,13 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             text = echoed(prompt, prompt_ids, out_ids, text)
         return envelope({"text": text, "token_ids": out_ids, "finish_reason": finish, "logprobs": logprobs},
                         counts(len(prompt_ids), len(out_ids)))
+
+    scoring: list = []  # the app's one scoring thread, started by its first logprobs request
+
+    def scorer() -> concurrent.futures.ThreadPoolExecutor:
+        if not scoring:
+            scoring.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="energon-scoring"))
+        return scoring[0]
 
     def check_scoring(body: CompletionBody) -> None:
         """echo, logprobs and max_tokens=0, in the values the completions route takes."""
@@ -461,16 +470,25 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             raise HTTPError(400, "max_tokens=0 generates nothing: it takes echo=true (the prompt, scored with "
                                  "logprobs); send max_tokens >= 1 otherwise")
 
-    def encode(prompt) -> list[int]:
-        """The prompt's token ids for a request that generates nothing (submit encodes the others)."""
+    def encode(prompt, body: CompletionBody) -> list[int]:
+        """The prompt's token ids for a request that generates nothing, checked as submit checks the
+        others: its length against the context, and the body's sampling settings and stops."""
         check_ready()
         if server.kind != "gpt":
             raise HTTPError(400, f"{server.name} is a {server.kind} model and cannot score text")
         check_text_prompt(prompt)
+        from energon_jax.engine.sampling import validate_sampling
+
         try:
-            return server.encode_prompt(prompt)
+            ids = server.encode_prompt(prompt)
+            validate_sampling(body.temperature, body.top_k, body.top_p)
+            server.model.stop_token_ids(stops(body))
         except (ValueError, TypeError) as e:
             raise HTTPError(400, str(e)) from None
+        if len(ids) - 1 > server.context_len:  # submit's rule at max_tokens=0: the last token is not fed in
+            raise HTTPError(400, f"the prompt has {len(ids)} tokens; with max_tokens=0 it needs {len(ids) - 1} "
+                                 f"positions (the last token is not fed in) > the context of {server.context_len} tokens")
+        return ids
 
     def echoed(prompt, prompt_ids: list[int], out_ids: list[int], text: str) -> str:
         """echo=true's text: the prompt as sent (a token-id prompt detokenized), then the completion."""
@@ -492,7 +510,8 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         first = 0 if echo else len(prompt_ids)
 
         def build() -> dict:
-            scored = score(ids, top=top)
+            # always MAX_LOGPROBS, cut to `top` here: one program per length bucket, not one per value
+            scored = score(ids, top=MAX_LOGPROBS if top else 0)
             piece = server.detokenize or (lambda one: str(one[0]))
             tokens = [piece([t]) for t in ids[first:]]
             token_lp, top_lp = [], []
@@ -502,8 +521,13 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                     top_lp.append(None)
                     continue
                 own = float(scored.chosen[j - 1])
-                entry = {piece([int(t)]): float(v) for t, v in zip(scored.top_ids[j - 1], scored.top_logprobs[j - 1])}
-                entry[piece([ids[j]])] = own  # the token's own value under its string, whatever shares it
+                # ids that decode to one string (split UTF-8 bytes' U+FFFD) share an entry: the largest
+                # value, so a client's "is the token the most likely?" (max of the entry) stays true
+                entry: dict[str, float] = {}
+                for t, v in [*zip(scored.top_ids[j - 1][:top].tolist(), scored.top_logprobs[j - 1][:top].tolist()),
+                             (ids[j], own)]:
+                    key = piece([int(t)])
+                    entry[key] = max(entry.get(key, -np.inf), float(v))
                 token_lp.append(own)
                 top_lp.append(entry)
             shown = ids[first:]
@@ -514,7 +538,10 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top_lp, "text_offset": offsets}
 
         try:
-            return await asyncio.to_thread(build)  # a forward pass: off the event loop
+            # a forward pass: off the event loop, one at a time on the app's scoring thread (each
+            # holds a [T, vocab] logits array on the device beside the KV cache; the default thread
+            # pool would run ~20 at once)
+            return await asyncio.get_running_loop().run_in_executor(scorer(), build)
         except ValueError as e:
             raise HTTPError(400, f"logprobs: {e}") from None
 
@@ -524,6 +551,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         async def events():
             sent = 0  # token ids streamed so far: in token-id mode a chunk's ids are spaced from the last chunk's
             async for delta in handle:
+                streamed = sent + len(delta.token_ids)
                 # a timeout after some tokens ends the stream as the whole answer ends (200, finish_reason
                 # "timeout"), with the text held back for a stop string or a split character; only one that
                 # came before any token, an error or a cancel is an error event (after that text)
@@ -535,13 +563,14 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                 text = delta.text
                 if text is None:  # the chunks join to text_or_ids' "5 6 7", not " 5 6 7"
                     text = (" " if sent and delta.token_ids else "") + " ".join(map(str, delta.token_ids))
-                    sent += len(delta.token_ids)
+                sent = streamed
                 final = delta.finished and not failed
                 # the last choice chunk carries the usage whatever the options (the README's contract
-                # before stream_options was read); continuous_usage_stats puts it on every chunk
+                # before stream_options was read); continuous_usage_stats puts the usage so far on every
+                # chunk: the tokens sent, not the handle's, which the engine thread has extended already
                 chunk = envelope({"text": text, "token_ids": delta.token_ids,
                                   "finish_reason": delta.finish_reason if final else None},
-                                 usage() if final or options.continuous_usage_stats else None)
+                                 usage() if final else usage(streamed) if options.continuous_usage_stats else None)
                 yield f"data: {json.dumps(chunk)}\n\n"
                 if failed:
                     yield error_event(delta)
