@@ -97,7 +97,7 @@ def config_from_hf(hf: dict, tensor_names: Iterable[str] = (), where="config.jso
             max_position_embeddings=config_size(hf, "max_position_embeddings", 512, where),
             type_vocab_size=config_size(hf, "type_vocab_size", 2, where),
             layer_norm_eps=config_positive(hf, "layer_norm_eps", 1e-12, where),
-            pad_token_id=config_size(hf, "pad_token_id", 0, where, low=0, nullable=True),
+            pad_token_id=hf.get("pad_token_id", 0),  # not read by the model: HF takes -1 too
             has_pooler=prefix + _POOLER in names,
             has_mlm_head=has_mlm,
         )

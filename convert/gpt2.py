@@ -64,7 +64,7 @@ def config_from_hf(hf: dict, where="config.json") -> GPT2Config:
         n_inner=config_size(hf, "n_inner", None, where, nullable=True),
         layer_norm_epsilon=config_positive(hf, "layer_norm_epsilon", 1e-5, where),
         scale_attn_weights=scale,
-        bos_token_id=config_size(hf, "bos_token_id", None, where, low=0, nullable=True),
+        bos_token_id=hf.get("bos_token_id"),  # not read by the model: HF takes -1 too
         eos_token_ids=eos,
     )
 

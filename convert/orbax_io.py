@@ -584,9 +584,9 @@ def read_converted_config(folder) -> dict:
                                   f"it must be a JSON {'string' if kind is str else 'object'}{again}")
     if not isinstance(meta["source"].get("tensors"), list):
         raise CheckpointError(f"{path}: 'source' lacks its list of 'tensors'{again}")
-    if meta["dtype"] not in DTYPES:
-        raise CheckpointError(f"{path}: dtype={meta['dtype']!r} is not one this library writes; accepted: "
-                              f"{list(DTYPES)}{again}")
+    if meta["dtype"] not in (*DTYPES, "float64"):  # float64: older converters stored a float64 checkpoint so
+        raise CheckpointError(f"{path}: dtype={meta['dtype']!r} is not a weight dtype; accepted: "
+                              f"{[*DTYPES, 'float64']}{again}")
     return meta
 
 
@@ -675,7 +675,7 @@ def load_converted(folder, *, mesh: Mesh, dtype=None, max_seq_len=None):
     default = arch.default_max_seq_len(folder, cfg)  # from the carried files, as load_bert from the HF folder
     lower_case = arch.lower_case(folder)
     max_seq_len = check_max_seq_len(default if max_seq_len is None else max_seq_len, cfg.max_seq_len)
-    dtype = jnp.dtype(dtype or meta["dtype"])
+    dtype = jnp.dtype(dtype or ("float32" if meta["dtype"] == "float64" else meta["dtype"]))  # float64 as HF loads do
     module, example = arch.module(cfg, dtype, mesh)
     shardings = param_shardings(module, example, mesh)
     _, shapes = param_specs(module, example)

@@ -741,7 +741,6 @@ def test_bert_config_without_vocab_size_names_the_key(hf_bert, tmp_path, capsys)
     ("bert", "type_vocab_size", True, "type_vocab_size=True must be an int >= 1"),
     ("bert", "max_position_embeddings", None, "max_position_embeddings=None must be an int >= 1"),
     ("bert", "layer_norm_eps", "x", "layer_norm_eps='x' must be a finite number > 0"),
-    ("bert", "pad_token_id", -1, "pad_token_id=-1 must be an int >= 0 or null"),
     ("gpt2", "n_head", "4", "n_head='4' must be an int >= 1"),
     ("gpt2", "n_inner", 0, "n_inner=0 must be an int >= 1 or null"),
     ("gpt2", "layer_norm_epsilon", -1e-5, "layer_norm_epsilon=-1e-05 must be a finite number > 0"),
@@ -761,6 +760,30 @@ def test_bad_config_values_name_the_file_and_key(hf_bert, hf_gpt2, tmp_path, cap
     assert needle in str(e.value)
 
 
+def test_config_values_hf_takes_still_load(hf_bert, hf_gpt2, tmp_path):
+    """Ids the model never reads (pad_token_id, bos_token_id: HF takes -1) load as before the
+    config checks."""
+    for kind, extra in (("bert", {"pad_token_id": -1}), ("gpt2", {"bos_token_id": -1})):
+        src = tmp_path / kind
+        shutil.copytree((hf_bert if kind == "bert" else hf_gpt2)[0], src)
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, **extra}))
+        model = ej.load_sharded_model(src)
+        assert (model.config.pad_token_id if kind == "bert" else model.config.bos_token_id) == -1
+
+
+def test_a_converted_folder_that_stored_float64_loads_as_float32(converted, tmp_path):
+    """Converters before 7fdc77a wrote dtype float64 for a float64 checkpoint; such folders loaded as
+    float32, and still do."""
+    folder = tmp_path / "conv"
+    shutil.copytree(converted, folder)
+    meta = json.loads((folder / "energon_config.json").read_text())
+    (folder / "energon_config.json").write_text(json.dumps({**meta, "dtype": "float64"}))
+    model = ej.load_sharded_model(folder)
+    assert model.dtype == np.float32
+    np.testing.assert_array_equal(model.logits(TOKENS), ej.load_sharded_model(converted).logits(TOKENS))
+
+
 def test_bert_hidden_act_of_another_type_is_named(hf_bert, tmp_path):
     src = tmp_path / "bert"
     shutil.copytree(hf_bert[0], src)
@@ -773,8 +796,9 @@ def test_bert_hidden_act_of_another_type_is_named(hf_bert, tmp_path):
 @pytest.mark.parametrize("change, message", [
     (dict(drop="hf_config"), "'hf_config' is missing; it must be a JSON object"),  # was KeyError: 'hf_config'
     (dict(drop="params"), "'params' is missing; it must be a JSON object"),
-    (dict(dtype="bogus"), "dtype='bogus' is not one this library writes; accepted: ['bfloat16', 'float16', 'float32']"),
-    (dict(dtype="float64"), "dtype='float64' is not one this library writes"),  # loaded as float32, silently
+    (dict(dtype="bogus"), "dtype='bogus' is not a weight dtype; accepted: ['bfloat16', 'float16', 'float32', "
+                          "'float64']"),
+    (dict(dtype="int8"), "dtype='int8' is not a weight dtype; accepted: ['bfloat16', 'float16', 'float32', 'float64']"),
     (dict(source={}), "'source' lacks its list of 'tensors'"),
 ])
 def test_a_damaged_energon_config_names_what_is_wrong(converted, tmp_path, change, message):

@@ -159,6 +159,8 @@ def test_stream_options_errors(client):
         client.completions.create(**kw, extra_body={"stream_options": {"include_usage": True}})
     assert e.value.body["message"] == ("stream_options is only taken with stream=true; "
                                        "send stream=true or leave it out")
+    # the openai SDK's own include_obfuscation is taken (and does nothing here)
+    assert list(client.completions.create(**kw, stream=True, stream_options={"include_obfuscation": False}))
     with pytest.raises(openai.BadRequestError) as e:  # a misspelt option is named, not dropped
         client.completions.create(**kw, stream=True, stream_options={"include_usge": True})
     assert "stream_options.include_usge" in e.value.body["message"]

@@ -625,6 +625,30 @@ def test_a_model_without_a_tokenizer_over_http(tiny_gpt2_factory):
         server.stop()
 
 
+def test_logprobs_of_a_vocabulary_smaller_than_the_top_computed(tiny_gpt2_factory):
+    """The server scores the top 20 and cuts to `logprobs`: a 16-token vocabulary was a 400 about a
+    top=20 nobody sent, after the generation had run."""
+    from fastapi.testclient import TestClient
+
+    import energon_jax as ej
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    model = ej.load_sharded_model(tiny_gpt2_factory(vocab_size=16, bos_token_id=15, eos_token_id=15)[0])
+    server = Server(model, max_batch_size=2, decode_steps=2, cache_len=32, tune_gc=False, name="tiny").start(
+        warmup=False)
+    try:
+        client = TestClient(create_app(server))
+        r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0,
+                                                 "logprobs": 1, "echo": True})
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        assert len(lp["token_logprobs"]) == 3 + len(r.json()["choices"][0]["token_ids"])
+        assert all(1 <= len(d) <= 2 for d in lp["top_logprobs"][1:])
+    finally:
+        server.stop()
+
+
 def test_completions_name_the_served_model_and_refuse_another(served):
     """/v1/completions echoed whatever `model` the client sent: a client asking for gpt-4 was told
     gpt-4 answered. Another name is a 404 naming both (vLLM's answer); the response names the

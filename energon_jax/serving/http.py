@@ -109,6 +109,7 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)  # a misspelt option is named, not dropped
     include_usage: bool = False  # a last chunk of `choices: []` and the request's usage, before [DONE]
+    include_obfuscation: bool = False  # the openai SDK's field (random padding against side channels): no-op here
     continuous_usage_stats: bool = False  # the usage so far on every chunk
 
 
@@ -511,7 +512,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
 
         def build() -> dict:
             # always MAX_LOGPROBS, cut to `top` here: one program per length bucket, not one per value
-            scored = score(ids, top=MAX_LOGPROBS if top else 0)
+            scored = score(ids, top=min(MAX_LOGPROBS, server.model.config.vocab_size) if top else 0)
             piece = server.detokenize or (lambda one: str(one[0]))
             tokens = [piece([t]) for t in ids[first:]]
             token_lp, top_lp = [], []
