@@ -220,6 +220,8 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         if start_server:
             start_serving(server, address)
         yield
+        while scoring:  # the scoring thread, if a logprobs request started it (a later one starts another)
+            scoring.pop().shutdown(wait=False)
         if stop_server:
             await asyncio.to_thread(server.stop, 0.0)
 
