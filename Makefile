@@ -28,8 +28,9 @@ demo: install
 
 # 2 workers, one test file at a time each (--dist loadfile: a file's module fixtures, such as a
 # served model, are built once). Each worker is a jax process with 8 simulated devices, a few GB:
-# `make test TEST_WORKERS=0` runs the suite in this process alone.
-TEST_WORKERS ?= 2
+# the default, 0, runs the suite in one process: a clean-clone run on 2 workers had 2 signal tests
+# fail (a handler left by an earlier test in the worker; tests/conftest.py now restores them), not yet re-verified.
+TEST_WORKERS ?= 0
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) tests

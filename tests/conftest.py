@@ -88,3 +88,21 @@ def gpt2_with_tokenizer(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """Each test starts with the SIGINT / SIGTERM handlers the one before it started with: a
+    handler left by one test (an in-process server's, a CLI's) changed how later tests in the same
+    worker saw a signal (under xdist, which tests share a process varies from run to run)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        if signal.getsignal(sig) is not handler and handler is not None:
+            signal.signal(sig, handler)
