@@ -26,10 +26,11 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/python examples/demo.py
 
-# 2 workers, one test file at a time each (--dist loadfile: a file's module fixtures, such as a
-# served model, are built once). Each worker is a jax process with 8 simulated devices, a few GB:
-# the default, 0, runs the suite in one process: a clean-clone run on 2 workers had 2 signal tests
-# fail (a handler left by an earlier test in the worker; tests/conftest.py now restores them), not yet re-verified.
+# TEST_WORKERS=0 (the default) runs the suite in one process. TEST_WORKERS=2 runs it on 2 pytest-xdist
+# workers, a test file each (--dist loadfile: a file's module fixtures, such as a served model, are
+# built once); each worker is a jax process with 8 simulated devices, a few GB. Not the default yet:
+# a clean-clone run on 2 workers had 2 signal tests fail (a handler left by an earlier test in the
+# worker; tests/conftest.py now restores them), not re-verified since.
 TEST_WORKERS ?= 0
 
 test: install-dev
