@@ -112,3 +112,35 @@ def test_auto_on_a_gpu_counts_one_devices_decode_rows(monkeypatch):
         kernels = gpt.attention_kernels(cfg, make_mesh(tp=tp, dp=dp), "auto")
         assert kernels.decode.func is gpt._decode_by_size and kernels.decode.keywords == {"shards": shards}
     assert gpt.attention_kernels(cfg, make_mesh(), "triton").decode.keywords["impl"] == "triton"
+
+
+def _import_kernels_from_the_root(tmp_path, *python_flags, pythonpath=""):
+    """`import kernels` in a Python started in the clone's root, where kernels/ is top-level."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import kernels; print(kernels.__file__); print(getattr(kernels, 'MARK', None)); "
+            "import energon_jax.kernels as ours; print(ours.__file__)")  # -S: no editable install
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run([sys.executable, *python_flags, "-c", code], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 or "No module named 'energon_jax.kernels'" in done.stderr, done.stderr
+    return root, done.stdout.split("\n")[:3]
+
+
+def test_the_kernels_folder_does_not_shadow_an_installed_kernels_package(tmp_path):
+    # transformers >= 5.25 imports Hugging Face's `kernels` package; from the root, kernels/ came first
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("MARK = 'installed'\n")
+    root, (found, mark, ours) = _import_kernels_from_the_root(tmp_path, pythonpath=str(tmp_path))
+    assert (found, mark) == (str(tmp_path / "kernels" / "__init__.py"), "installed")
+    assert ours == os.path.join(root, "kernels", "__init__.py")  # energon_jax.kernels is still ours
+
+
+def test_with_no_kernels_package_installed_the_folder_is_what_import_kernels_gives(tmp_path):
+    # -S: no site-packages, so no other `kernels` anywhere; energon_jax comes from the root folder
+    root, (found, mark, _) = _import_kernels_from_the_root(tmp_path, "-S")
+    assert (found, mark) == (os.path.join(root, "kernels", "__init__.py"), "None")
