@@ -649,6 +649,55 @@ def test_logprobs_of_a_vocabulary_smaller_than_the_top_computed(tiny_gpt2_factor
         server.stop()
 
 
+def test_scoring_queue_is_bounded_by_max_queue(tiny_gpt2_factory):
+    """Scoring runs one request at a time, and its queue had no bound: every waiting logprobs client
+    was held. Past one scoring and max_queue waiting, a 429 with Retry-After, as generation's."""
+    import concurrent.futures
+
+    import energon_jax as ej
+    from energon_jax.serving import Server
+    from energon_jax.serving.http import create_app
+
+    model = ej.load_sharded_model(tiny_gpt2_factory()[0])
+    scoring, release = threading.Event(), threading.Event()
+    real = model.token_logprobs
+
+    def held(*args, **kw):  # the first scoring waits until the test lets it go
+        scoring.set()
+        release.wait(60)
+        return real(*args, **kw)
+
+    model.token_logprobs = held
+    server = Server(model, max_batch_size=2, max_queue=1, decode_steps=2, cache_len=32, tune_gc=False, name="tiny")
+    web = Uvicorn(create_app(server))
+    body = {"prompt": [5, 6, 7], "max_tokens": 0, "echo": True, "logprobs": 1}
+    try:
+        web.wait_healthy(120)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            post = lambda: httpx.post(web.url + "/v1/completions", json=body, timeout=60)  # noqa: E731
+            first = pool.submit(post)
+            assert scoring.wait(60)
+            second = pool.submit(post)  # waits: the queue holds max_queue=1
+            time.sleep(0.5)
+            r = post()
+            assert r.status_code == 429 and r.headers["Retry-After"] == "1", r.text
+            assert r.json()["error"]["message"] == ("the scoring queue is full (1 requests waiting for the one being "
+                                                    "scored); retry later")
+            # generation is not held by scoring
+            done = httpx.post(web.url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}, timeout=60)
+            assert done.status_code == 200, done.text
+            release.set()
+            want = real([5, 6, 7], top=1).chosen.tolist()
+            for f in (first, second):
+                assert f.result().status_code == 200, f.result().text
+                assert f.result().json()["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(want)
+        assert post().status_code == 200  # the places were given back
+    finally:
+        release.set()
+        web.stop()
+        server.stop()
+
+
 def test_completions_name_the_served_model_and_refuse_another(served):
     """/v1/completions echoed whatever `model` the client sent: a client asking for gpt-4 was told
     gpt-4 answered. Another name is a 404 naming both (vLLM's answer); the response names the

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import ipaddress
 import json
 import logging
@@ -419,6 +420,12 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
         if body.stream_options is not None and not body.stream:  # OpenAI's and vLLM's 400
             raise HTTPError(400, "stream_options is only taken with stream=true; send stream=true or leave it out")
         check_scoring(body)
+        if body.logprobs is not None:  # its place in the scoring queue, before any generating
+            with scoring_place():
+                return await completion(body, prompt, request)
+        return await completion(body, prompt, request)
+
+    async def completion(body: CompletionBody, prompt, request: Request):
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def envelope(choice: dict, usage: dict | None = None) -> dict:
@@ -454,6 +461,21 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
                         counts(len(prompt_ids), len(out_ids)))
 
     scoring: list = []  # the app's one scoring thread, started by its first logprobs request
+    scoring_taken = [0]  # logprobs requests admitted and not yet answered (the event loop's count)
+
+    @contextlib.contextmanager
+    def scoring_place():
+        """A logprobs request's place: one scoring and max_queue waiting, as the scheduler bounds
+        generation (429 + Retry-After past it). Scoring runs one request at a time, and a queue
+        without a bound kept every waiting client (lm-eval sends thousands) and its ids."""
+        if scoring_taken[0] > server.max_queue:
+            raise HTTPError(429, f"the scoring queue is full ({server.max_queue} requests waiting for the one "
+                                 "being scored); retry later", retry_after=1.0)
+        scoring_taken[0] += 1
+        try:
+            yield
+        finally:
+            scoring_taken[0] -= 1
 
     def scorer() -> concurrent.futures.ThreadPoolExecutor:
         if not scoring:
