@@ -1449,6 +1449,12 @@ def test_embeddings_of_a_real_bert_equal_encode():
         # max_seq_length (GPT's prompt + generated tokens) was ignored on a Bert model: refused
         r = httpx.get(web.url + "/run/hello%20world?max_seq_length=3", timeout=30)
         assert r.status_code == 400 and r.json()["error"]["message"].startswith("max_seq_length=3: "), r.text
+        # completions: what the model is, not the tokenizer's message about stop strings
+        for extra, does in (({"stop": "x"}, "generate"), ({"max_tokens": 0, "echo": True}, "score")):
+            r = httpx.post(web.url + "/v1/completions", json={"prompt": "hi", **extra}, timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["message"] == (
+                f"{os.path.basename(gt.get_model_path())} is a bert model: it encodes (POST /v1/embeddings) and "
+                f"cannot {does} text"), r.text
         r = httpx.post(web.url + "/v1/embeddings", json={"input": "x", "pooling": "max"}, timeout=10)
         assert r.status_code == 400 and "pooling" in r.json()["error"]["message"]
         # an error names the input as the body does: the model's texts_or_ids[i] counted within its

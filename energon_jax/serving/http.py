@@ -265,11 +265,15 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             raise HTTPError(400, f"{server.name} has no tokenizer, so it takes no text: send the prompt as token ids "
                                  'to POST /v1/completions ("prompt": [1, 2, 3])')
 
-    def submit(prompt, aio_loop, **kw):
+    def check_gpt(does: str = "generate") -> None:
+        """503 until the server is ready; then only a GPT model generates or scores text."""
         check_ready()
         if server.kind != "gpt":
             raise HTTPError(400, f"{server.name} is a {server.kind} model: it encodes (POST /v1/embeddings) "
-                                 "and cannot generate text")
+                                 f"and cannot {does} text")
+
+    def submit(prompt, aio_loop, **kw):
+        check_gpt()
         check_text_prompt(prompt)
         try:
             return server.submit(prompt, aio_loop=aio_loop, **kw)
@@ -419,6 +423,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
             prompt = prompt[0]
         if body.stream_options is not None and not body.stream:  # OpenAI's and vLLM's 400
             raise HTTPError(400, "stream_options is only taken with stream=true; send stream=true or leave it out")
+        check_gpt("score" if body.max_tokens == 0 else "generate")  # before the stops: a tokenizer's message
         check_scoring(body)
         if body.logprobs is not None:  # its place in the scoring queue, before any generating
             with scoring_place():
@@ -498,9 +503,7 @@ def create_app(server, stop_server: bool = True, address: tuple[str, int] | None
     def encode(prompt, body: CompletionBody) -> list[int]:
         """The prompt's token ids for a request that generates nothing, checked as submit checks the
         others: its length against the context, and the body's sampling settings and stops."""
-        check_ready()
-        if server.kind != "gpt":
-            raise HTTPError(400, f"{server.name} is a {server.kind} model and cannot score text")
+        check_gpt("score")
         check_text_prompt(prompt)
         from energon_jax.engine.sampling import validate_sampling
 
